@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

@@ -43,9 +43,11 @@ def test_validation_rejects_wrong_types() -> None:
     with pytest.raises(FieldError):
         JobStatus(id="1", owner="a", argv=(b"x",), state=JobState.RUNNING)  # type: ignore[arg-type]
     with pytest.raises(FieldError):
-        JobStatus.from_wire({"id": 1, "owner": "a", "argv": ["x"], "state": "running", "created": 0})
+        JobStatus.from_wire(
+            {"id": 1, "owner": "a", "argv": ["x"], "state": "running", "created": 0})
     with pytest.raises(FieldError):
-        JobStatus.from_wire({"id": 1, "owner": "a", "argv": [b"x"], "state": "bogus", "created": 0})
+        JobStatus.from_wire(
+            {"id": 1, "owner": "a", "argv": [b"x"], "state": "bogus", "created": 0})
     with pytest.raises(FieldError):
         Limits(isolate=("user",))
     with pytest.raises(FieldError):

@@ -1,0 +1,189 @@
+"""The Trio client: the same requests as the blocking one, awaitable.
+
+    import jobctl
+
+    async with jobctl.connect("::1", 8000, certificate="alice.pem", key="alice.key",
+                              ca="ca.pem") as client:
+        job = await client.start(["sleep", "10"])
+        async for event in client.stream(job.id):
+            ...
+
+No hidden background tasks: every call does its IO in the caller's task.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+import protocol as p
+
+from . import _core as core
+from ._errors import ConnectionFailed
+
+Argv = Sequence[bytes | str]
+
+
+class Client:
+    """One authenticated connection; requests run one at a time, in order."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], welcome: p.Welcome,
+                 conn: p.ClientConnection):
+        self._stream = stream
+        self._conn = conn
+        self._lock = trio.StrictFIFOLock()
+        self.welcome = welcome
+        self.identity = welcome.identity
+        self.role = welcome.role
+
+    async def _receive(self) -> Any:
+        while True:
+            event = self._conn.next_event()
+            if event is not p.NEED_DATA:
+                return event
+            try:
+                data = await self._stream.receive_some(core.RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise core.lost(exc.__cause__ or exc) from None
+            self._conn.receive_data(data)
+
+    async def _send(self, message: p.Message) -> None:
+        try:
+            await self._stream.send_all(self._conn.send(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise core.lost(exc.__cause__ or exc) from None
+
+    async def _request(self, message: p.Message, kind: type[core.R],
+                       answer_within: float = core.REQUEST_TIMEOUT) -> core.R:
+        async with self._lock:
+            await self._send(message)
+            try:
+                with trio.fail_after(answer_within):
+                    return core.expect(await self._receive(), kind)
+            except trio.TooSlowError:
+                raise ConnectionFailed(
+                    f"no answer from the server within {answer_within:g}s") from None
+            except p.ProtocolError as exc:
+                raise core.lost(exc) from None
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await self._stream.aclose()
+
+    async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
+                    env: dict[bytes, bytes] | None = None, limits: p.Limits | None = None
+                    ) -> p.JobStatus:
+        message = p.Start(
+            argv=tuple(os.fsencode(a) for a in argv),
+            cwd=os.fsencode(cwd) if cwd is not None else None,
+            env=tuple(env.items()) if env is not None else None, limits=limits)
+        return (await self._request(message, p.Started)).status
+
+    async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
+        within = core.STOP_TIMEOUT if grace is None else 3 * grace + core.REQUEST_TIMEOUT
+        return (await self._request(p.Stop(job, grace), p.Stopped, within)).status
+
+    async def status(self, job: int) -> p.JobStatus:
+        return (await self._request(p.GetStatus(job), p.StatusResult)).status
+
+    async def list(self) -> list[p.JobStatus]:
+        jobs: list[p.JobStatus] = []
+        after = 0
+        while True:
+            page = await self._request(p.ListJobs(after), p.JobList)
+            jobs.extend(page.jobs)
+            if not page.more or not page.jobs:
+                return jobs
+            after = page.jobs[-1].id
+
+    async def delete(self, job: int) -> None:
+        await self._request(p.Delete(job), p.Deleted)
+
+    def stream(self, job: int, position: int = 0) -> AsyncIterator[p.OutputChunk | p.End]:
+        """Output from ``position``, following live output; OutputChunk events then End.
+        Resume after a lost connection with the last chunk's position."""
+        return self._output(p.Stream(job, position))
+
+    def output(self, job: int, position: int = 0) -> AsyncIterator[p.OutputChunk | p.End]:
+        """Like :meth:`stream`, but only the output that exists now."""
+        return self._output(p.Output(job, position))
+
+    async def _output(self, request: p.Stream | p.Output
+                      ) -> AsyncIterator[p.OutputChunk | p.End]:
+        async with self._lock:
+            await self._send(request)
+            while True:
+                try:
+                    event = await self._receive()
+                except p.ProtocolError as exc:
+                    raise core.lost(exc) from None
+                if isinstance(event, p.OutputChunk):
+                    yield event
+                    continue
+                yield core.expect(event, p.End)
+                return
+
+
+@asynccontextmanager
+async def connect(
+    address: str = core.DEFAULT_ADDRESS,
+    port: int = core.DEFAULT_PORT,
+    *,
+    certificate: str | os.PathLike[str],
+    key: str | os.PathLike[str],
+    ca: str | os.PathLike[str],
+    server_name: str | None = None,
+    connect_timeout: float = core.CONNECT_TIMEOUT,
+) -> AsyncIterator[Client]:
+    """Connect, complete TLS 1.3, exchange hello and welcome; close on exit."""
+    ctx = core.client_context(certificate, key, ca)
+    try:
+        with trio.fail_after(connect_timeout):
+            tcp = await trio.open_tcp_stream(address, port)
+    except trio.TooSlowError:
+        raise core.connect_error(address, port, TimeoutError()) from None
+    except OSError as exc:
+        raise core.connect_error(address, port, exc) from None
+    core.set_keepalive(tcp.socket)
+    stream = trio.SSLStream(tcp, ctx, server_hostname=server_name or address)
+    try:
+        client = await _handshake(stream, connect_timeout)
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await tcp.aclose()
+        raise
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float) -> Client:
+    conn = p.ClientConnection()
+    try:
+        with trio.fail_after(within):
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                raise core.handshake_error(exc.__cause__ or exc) from None
+            try:
+                await stream.send_all(conn.send(p.Hello(software=core.SOFTWARE)))
+                while True:
+                    try:
+                        event = conn.next_event()
+                    except p.ProtocolError:
+                        raise core.refused_before_welcome(None) from None
+                    if event is not p.NEED_DATA:
+                        return Client(stream, core.check_welcome(event), conn)
+                    conn.receive_data(await stream.receive_some(core.RECEIVE_SIZE))
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                raise core.refused_before_welcome(
+                    cause if isinstance(cause, ssl.SSLError) else None) from None
+    except trio.TooSlowError:
+        raise ConnectionFailed(f"no welcome from the server within {within:g}s") from None

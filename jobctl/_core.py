@@ -1,0 +1,134 @@
+"""What the blocking and the async client share: TLS setup and the rules for
+reading the server's answers. No IO here: each client only moves bytes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Any, TypeVar
+
+import protocol as p
+
+from ._errors import ConfigError, ConnectionFailed, ServerRefused, server_error
+
+SOFTWARE = "jobctl 0.1.0"
+DEFAULT_PORT = 8000
+DEFAULT_ADDRESS = "localhost"
+#: How long a connection attempt, handshake and welcome may take.
+CONNECT_TIMEOUT = 10.0
+#: How long an ordinary request (start, status, list, delete) may wait for its answer.
+REQUEST_TIMEOUT = 60.0
+#: A stop waits for the job's whole stop sequence (three steps of the server's
+#: grace, 2 s by default, plus cleanup); this bounds the wait when the grace is
+#: the server's own.
+STOP_TIMEOUT = 300.0
+#: Bytes asked of the socket per read.
+RECEIVE_SIZE = 256 * 1024
+#: TCP keepalive: a server that vanished without a FIN is noticed in ~1 minute,
+#: which bounds the wait of a stream on a silent job.
+KEEPALIVE = (30, 10, 3)
+
+R = TypeVar("R")
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],
+                   ca: str | os.PathLike[str]) -> ssl.SSLContext:
+    """TLS 1.3 only, the server verified against ``ca`` and its name checked."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    for what, path in (("certificate", certificate), ("key", key), ("CA certificate", ca)):
+        if not Path(path).is_file():
+            raise ConfigError(f"cannot read {what} {os.fspath(path)}: no such file")
+    try:
+        ctx.load_cert_chain(certificate, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load certificate {os.fspath(certificate)} "
+                          f"with key {os.fspath(key)}: {tls_reason(exc)}") from None
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load CA certificate {os.fspath(ca)}: "
+                          f"{tls_reason(exc)}") from None
+    return ctx
+
+
+def tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def connect_error(address: str, port: int, exc: BaseException) -> ConnectionFailed:
+    where = format_address(address, port)
+    if isinstance(exc, socket.gaierror):
+        return ConnectionFailed(f"cannot connect to {where}: cannot resolve {address}")
+    if isinstance(exc, TimeoutError):
+        return ConnectionFailed(f"cannot connect to {where}: timed out")
+    return ConnectionFailed(f"cannot connect to {where}: {tls_reason(exc)}")
+
+
+def handshake_error(exc: BaseException) -> ConnectionFailed:
+    return ConnectionFailed(f"TLS handshake failed: {tls_reason(exc)}")
+
+
+def refused_before_welcome(exc: BaseException | None) -> ServerRefused:
+    """The server closed or alerted after the TLS 1.3 handshake, before its welcome.
+
+    In TLS 1.3 the client's handshake completes before the server has checked
+    the client's certificate: a rejected certificate shows up here, as an
+    alert or a bare EOF on the first read.
+    """
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        alert = str(exc.reason).lower().replace("_", " ")
+        for prefix in ("sslv3 alert ", "tlsv13 alert ", "tlsv1 alert "):
+            alert = alert.replace(prefix, "")
+        return ServerRefused(f"server refused the connection: TLS alert: {alert} "
+                             "(is the client certificate valid and issued by the server's CA?)")
+    return ServerRefused("server refused the connection: it closed before its welcome "
+                         "(client certificate rejected?)")
+
+
+def set_keepalive(sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle, interval, count = KEEPALIVE
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_welcome(event: Any) -> p.Welcome:
+    if isinstance(event, p.Welcome):
+        return event
+    if isinstance(event, p.Error):
+        raise ServerRefused(f"server refused the connection: {event.message}")
+    raise refused_before_welcome(None)
+
+
+def expect(event: Any, kind: type[R]) -> R:
+    """The answer to a request: ``kind``, or the server's error raised."""
+    if isinstance(event, kind):
+        return event
+    if isinstance(event, p.Error):
+        raise server_error(event.code, event.message)
+    if event is p.CLOSED:
+        raise ConnectionFailed("connection closed by the server")
+    raise ConnectionFailed(f"unexpected answer from the server: {type(event).__name__}")
+
+
+def lost(exc: BaseException) -> ConnectionFailed:
+    if isinstance(exc, p.ProtocolError):
+        return ConnectionFailed(f"protocol error: {exc}")
+    return ConnectionFailed(f"connection lost: {tls_reason(exc)}")

@@ -1,0 +1,66 @@
+"""The errors a jobctl user (or a script embedding the library) can see.
+
+Each carries the exit status the CLI uses for it (SPEC §2):
+1 the server refused or the job is in the wrong state, 2 usage or local
+configuration, 3 cannot connect or refused at TLS or identity level.
+"""
+
+from __future__ import annotations
+
+from protocol import ErrorCode
+
+
+class JobctlError(Exception):
+    """Base class. ``str(exc)`` is the one-line message for the user."""
+
+    exit_status = 1
+
+
+class ServerError(JobctlError):
+    """The server answered a request with an error frame."""
+
+    exit_status = 1
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class NotFound(ServerError):
+    pass
+
+
+class PermissionDenied(ServerError):
+    pass
+
+
+class InvalidState(ServerError):
+    pass
+
+
+class ConfigError(JobctlError):
+    """A local problem: a certificate or key that cannot be read, a bad option."""
+
+    exit_status = 2
+
+
+class ConnectionFailed(JobctlError):
+    """No usable connection: cannot connect, TLS failed, refused, or lost."""
+
+    exit_status = 3
+
+
+class ServerRefused(ConnectionFailed):
+    """The server refused the connection after TLS (certificate, role, version, load)."""
+
+
+_BY_CODE: dict[ErrorCode, type[ServerError]] = {
+    ErrorCode.NOT_FOUND: NotFound,
+    ErrorCode.PERMISSION_DENIED: PermissionDenied,
+    ErrorCode.INVALID_STATE: InvalidState,
+}
+
+
+def server_error(code: ErrorCode, message: str) -> ServerError:
+    return _BY_CODE.get(code, ServerError)(code, message)

@@ -1,0 +1,60 @@
+"""The ``jobd`` command."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import trio
+
+from jobd._config import ServerConfig, parse_args
+from jobd._log import EventLog
+from jobd._notify import notify_ready, notify_reloading, notify_stopping
+from jobd._server import Server, serve
+from jobd._tls import TLSConfigError
+
+
+async def _run(config: ServerConfig, log: EventLog) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(lambda task_status: serve(
+                config, log=log, task_status=task_status))
+            notify_ready(f"listening on port {server.port}")
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    notify_reloading()
+                    server.reload_tls()
+                    notify_ready(f"listening on port {server.port}")
+                    continue
+                log.info("signal", name=signal.Signals(signum).name)
+                notify_stopping()
+                server.request_shutdown()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    log = EventLog(config.log_format, config.log_level)
+    status = 0
+    try:
+        trio.run(_run, config, log)
+    except* TLSConfigError as group:
+        for exc in group.exceptions:
+            log.error("startup-failed", reason=str(exc))
+        status = 1
+    except* OSError as os_group:
+        for err in os_group.exceptions:
+            log.error("startup-failed", reason=_os_reason(err, config))
+        status = 1
+    return status
+
+
+def _os_reason(exc: BaseException, config: ServerConfig) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else f" on {config.address}:{config.port}"
+        return f"{exc.strerror.lower()}{where}"
+    return str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

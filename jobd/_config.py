@@ -1,0 +1,142 @@
+"""jobd's configuration: the command line and the settings it produces."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ADDRESS = "localhost"
+DEFAULT_PORT = 8000
+DEFAULT_STOP_GRACE = 2.0
+DEFAULT_OUTPUT_CAP = 1 << 30
+#: A TLS handshake plus the hello frame must finish in this many seconds: a
+#: peer that connects and then says nothing holds a slot for no longer.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Enough for every operator and script of one host at once, few enough that
+#: the file-descriptor limit (1024 by default) is never the first to break.
+DEFAULT_MAX_CONNECTIONS = 1000
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``512``, ``64K``, ``10M``, ``1G``, ``1GiB`` (binary units) into bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 10M, 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def default_state_dir() -> Path:
+    """``$STATE_DIRECTORY``, else /var/lib/jobd for root, else ``$XDG_STATE_HOME/jobd``."""
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        # systemd may pass several colon-separated directories; the first is ours.
+        return Path(state.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/jobd")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "jobd"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    certificate: Path
+    key: Path
+    ca: Path
+    address: str = DEFAULT_ADDRESS
+    port: int = DEFAULT_PORT
+    state_dir: Path = Path("/var/lib/jobd")
+    crl: Path | None = None
+    log_format: str = "text"
+    log_level: str = "info"
+    stop_grace: float = DEFAULT_STOP_GRACE
+    output_cap: int = DEFAULT_OUTPUT_CAP
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobd",
+        description="Run commands for authenticated clients over mutual TLS 1.3.",
+        epilog="SIGTERM or SIGINT: stop accepting, stop every job, exit 0. "
+        "SIGHUP: reload certificate, key, CA and CRL for new connections.",
+    )
+    p.add_argument("-c", "--certificate", type=Path, required=True,
+                   help="server certificate (PEM)")
+    p.add_argument("-k", "--key", type=Path, required=True, help="server private key (PEM)")
+    p.add_argument("-C", "--certificate-authority", dest="ca", type=Path, required=True,
+                   help="CA certificate that client certificates must chain to (PEM)")
+    p.add_argument("-a", "--address", default=DEFAULT_ADDRESS,
+                   help="address to listen on: IPv4 or IPv6 literal or host name "
+                   "(default: %(default)s)")
+    p.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT,
+                   help="port; 0 lets the OS choose and logs it (default: %(default)s)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where job records and output live (default: $STATE_DIRECTORY, "
+                   "else /var/lib/jobd for root, else $XDG_STATE_HOME/jobd)")
+    p.add_argument("--crl", type=Path, default=None,
+                   help="certificate revocation list (PEM) checked for client certificates")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="event log format on stderr (default: %(default)s)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   default="info", help="least severe event logged (default: %(default)s)")
+    p.add_argument("--stop-grace", type=_positive_float, default=DEFAULT_STOP_GRACE,
+                   metavar="SECONDS",
+                   help="wait between SIGINT, SIGTERM and SIGKILL when stopping a job "
+                   "(default: %(default)s)")
+    p.add_argument("--output-cap", type=_size, default=DEFAULT_OUTPUT_CAP, metavar="SIZE",
+                   help="output bytes kept per job; the rest is drained and counted "
+                   "(default: 1G)")
+    p.add_argument("--handshake-timeout", type=_positive_float,
+                   default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+                   help="time a new connection has for TLS and hello (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   metavar="N", help="connections served at once; more are refused "
+                   "(default: %(default)s)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    ns = build_parser().parse_args(argv)
+    return ServerConfig(
+        certificate=ns.certificate,
+        key=ns.key,
+        ca=ns.ca,
+        address=ns.address,
+        port=ns.port,
+        state_dir=ns.state_dir if ns.state_dir is not None else default_state_dir(),
+        crl=ns.crl,
+        log_format=ns.log_format,
+        log_level=ns.log_level,
+        stop_grace=ns.stop_grace,
+        output_cap=ns.output_cap,
+        handshake_timeout=ns.handshake_timeout,
+        max_connections=ns.max_connections,
+    )

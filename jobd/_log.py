@@ -1,0 +1,71 @@
+"""jobd's event log: one line per event on stderr, as text or JSON lines.
+
+Text lines look like::
+
+    2026-11-23T13:40:00.123Z info job-started id=4 owner=alice pid=812 argv="sleep 10"
+
+JSON lines carry the same fields: ``{"ts": ..., "level": ..., "event": ..., ...}``.
+Every event names who, what and why; docs/operations.md lists them all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def _timestamp(now: float) -> str:
+    ms = int(now * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{ms:03d}Z"
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text == "" or any(c in text for c in ' "=\\\n\t'):
+        return json.dumps(text)
+    return text
+
+
+class EventLog:
+    def __init__(self, fmt: str = "text", level: str = "info", stream: TextIO | None = None):
+        if fmt not in ("text", "json"):
+            raise ValueError(f"unknown log format {fmt!r}")
+        self._json = fmt == "json"
+        self._min = LEVELS[level]
+        self._stream = stream
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None:
+        if LEVELS[level] < self._min:
+            return
+        now = time.time()
+        if self._json:
+            record = {"ts": _timestamp(now), "level": level, "event": event}
+            record.update(fields)
+            line = json.dumps(record, default=str)
+        else:
+            parts = [_timestamp(now), level, event]
+            parts += [f"{k}={_text_value(v)}" for k, v in fields.items() if v is not None]
+            line = " ".join(parts)
+        stream = self._stream if self._stream is not None else sys.stderr
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            # A closed or broken stderr must never take the daemon down.
+            pass
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.event(event, "info", **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.event(event, "warning", **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.event(event, "error", **fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.event(event, "debug", **fields)

@@ -1,0 +1,31 @@
+"""jobd's job engine: runs and supervises jobs and keeps their output on disk.
+
+No network code: the server drives it through :class:`JobManager`, made by
+:func:`open_job_manager`. See docs/engine.md for the theory of operation.
+"""
+
+from __future__ import annotations
+
+from ._manager import LOST, JobManager, open_job_manager
+from ._outputlog import MAX_RECORD
+from ._types import (
+    BadPosition,
+    EngineConfig,
+    EngineError,
+    InvalidState,
+    JobNotFound,
+    OutputChunk,
+)
+
+__all__ = [
+    "LOST",
+    "MAX_RECORD",
+    "BadPosition",
+    "EngineConfig",
+    "EngineError",
+    "InvalidState",
+    "JobManager",
+    "JobNotFound",
+    "OutputChunk",
+    "open_job_manager",
+]

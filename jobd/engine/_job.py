@@ -1,0 +1,410 @@
+"""Supervision of one job: spawn, pipe pumps, the stop sequence, the end.
+
+Theory of operation
+-------------------
+
+Each job is one task (``Job.run``) in the manager's nursery. It spawns the
+process (own session, stdin /dev/null, stdout and stderr on two pipes), writes
+the record, and then owns a nursery of its own holding
+
+* two pumps, one per pipe: read at most MAX_RECORD bytes, append to the
+  output log, wait for room in the log's bounded queue, read again;
+* the log's writer task, started on demand while output is queued;
+* the stop sequence ("ladder"), started by a stop request or when the main
+  process exits and left processes behind.
+
+The task itself waits for the main process (Trio's ``Process.wait``, a pidfd:
+no SIGCHLD handler, no ``waitpid(-1)``). When it is reaped, leftovers in the
+job's group get the ladder, like systemd's control-group kill mode. Once every
+process of the job is gone, the pumps are cancelled: each reads what is still
+buffered in its pipe without blocking and closes it. So output ends at EOF, or
+right after the cleanup when a stray process outside the job still holds a
+pipe: never hangs. The log is flushed and closed, and only then is the final
+state set, the record written and ``done`` set. Nothing read from a pipe is
+lost: the pumps stop only after the pipes were drained.
+
+The ladder is SIGINT, grace, SIGTERM, grace, SIGKILL, each to the process
+group (plus session members that left the group), each followed by SIGCONT so
+that stopped processes can act on it. Between steps it waits, without
+polling, until every process is gone (``_wait_gone``). A later stop joins the
+running ladder; a shorter grace (0: SIGKILL now) hurries it.
+
+The whole task runs in a shielded cancel scope: cancelling the daemon does not
+interrupt a job in the middle of its supervision. The manager's shutdown asks
+every job to stop and, should that take longer than the ladder can, cancels
+that scope itself; the job then SIGKILLs its group and records it stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import trio
+
+from protocol import JobState, JobStatus
+
+from ._outputlog import MAX_RECORD, OutputLog, create_file
+from ._procs import (
+    ProcInfo,
+    ProcScanner,
+    group_may_exist,
+    job_members,
+    signal_group,
+    signal_process,
+    start_time,
+    wait_exit,
+)
+from ._store import Record, Store
+from ._types import EngineConfig
+
+log = logging.getLogger("jobd.engine")
+
+#: Reads of what is left in a pipe once the job's processes are gone (64 KiB each:
+#: more than the largest pipe buffer a job can ask for without privileges).
+DRAIN_READS = 32
+#: Upper bound on writing a record at the end of a job that shutdown had to abort.
+PERSIST_TIMEOUT = 10.0
+
+_LADDER = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+
+
+@dataclass(eq=False)
+class Context:
+    """What every job shares with the manager (one object, not one per job)."""
+
+    config: EngineConfig
+    store: Store
+    scanner: ProcScanner
+    boot_id: str
+    jobs: dict[int, Job] = field(default_factory=dict)
+    closing: bool = False
+
+    def emit(self, kind: str, status: JobStatus) -> None:
+        if self.config.on_event is None:
+            return
+        try:
+            self.config.on_event(kind, status)
+        except Exception:
+            log.exception("on_event(%r) failed for job %d", kind, status.id)
+
+    async def persist(self, record: Record, log_path: Path | None = None) -> None:
+        """Write the record (creating the log first if ``log_path``); errors are logged."""
+        def write() -> None:
+            if log_path is not None:
+                create_file(log_path)
+            self.store.write(record)
+
+        try:
+            await trio.to_thread.run_sync(write)
+        except OSError as exc:
+            log.warning("cannot write the record of job %d: %s", record.status.id, exc)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN < number < signal.SIGRTMAX:
+            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+        return f"SIG{number}"
+
+
+def spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
+    """The words an operator wants when a command cannot be started."""
+    name = os.fsdecode(argv0)
+    reason = exc.strerror or str(exc)
+    if cwd is not None and exc.filename is not None and os.fsencode(exc.filename) == cwd \
+            and os.fsencode(exc.filename) != argv0:
+        return f"cannot change to directory {os.fsdecode(cwd)}: {reason}"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"command not found: {name}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {name}"
+    if exc.errno == errno.ENOEXEC:
+        return f"not executable: {name} (exec format error)"
+    return f"cannot start {name}: {reason}"
+
+
+class Job:
+    """One job: its state, its output log, and (while running) its supervision."""
+
+    __slots__ = (
+        "_ctx", "_final", "_ladder_done", "_ladder_grace", "_nursery", "_pending_grace",
+        "_reaped", "_scope", "_settled", "_step_scope", "_strays", "argv", "created", "done",
+        "ended", "error", "exit_code", "id", "log", "owner", "pid", "proc_start", "signal",
+        "started", "state", "stop_requested",
+    )
+
+    def __init__(self, ctx: Context, job_id: int, owner: str, argv: tuple[bytes, ...],
+                 log: OutputLog) -> None:
+        self._ctx = ctx
+        self.id = job_id
+        self.owner = owner
+        self.argv = argv
+        self.log = log
+        self.created = time.time()
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.pid: int | None = None
+        self.proc_start: int | None = None
+        self.state = JobState.RUNNING
+        self.exit_code: int | None = None
+        self.signal: str | None = None
+        self.error: str | None = None
+        self.stop_requested = False
+        self.done = trio.Event()
+        self._final: JobStatus | None = None
+        self._reaped = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._settled = False  # every process is gone: nothing left to signal
+        self._pending_grace: float | None = None
+        self._ladder_done: trio.Event | None = None
+        self._ladder_grace = math.inf
+        self._step_scope: trio.CancelScope | None = None
+        self._strays = False  # a session member left the group: scan, don't trust killpg
+
+    @classmethod
+    def ended_from(cls, ctx: Context, status: JobStatus, log: OutputLog) -> Job:
+        """A job that ended before this jobd started (loaded from its record)."""
+        job = cls(ctx, status.id, status.owner, status.argv, log)
+        job._final = status
+        job.state = status.state
+        job.done.set()
+        return job
+
+    @property
+    def running(self) -> bool:
+        return self._final is None
+
+    def status(self) -> JobStatus:
+        if self._final is not None:
+            return self._final
+        return JobStatus(
+            id=self.id, owner=self.owner, argv=self.argv, state=self.state,
+            exit_code=self.exit_code, signal=self.signal, error=self.error, pid=self.pid,
+            created=self.created, started=self.started, ended=self.ended,
+            output_bytes=self.log.output_bytes, dropped_bytes=self.log.dropped_bytes,
+        )
+
+    def _record(self) -> Record:
+        return Record(self.status(), self.proc_start, self._ctx.boot_id,
+                      None if self.running else self.log.end)
+
+    # -- the job's task -----------------------------------------------------
+
+    async def run(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None, *,
+                  task_status: trio.TaskStatus[JobStatus] = trio.TASK_STATUS_IGNORED) -> None:
+        ctx = self._ctx
+        returncode: int | None = None
+        proc: trio.Process | None = None
+        with trio.CancelScope(shield=True) as self._scope:
+            proc = await self._spawn(cwd, env)
+            if proc is None:  # the record says why it never ran
+                self._finish(None)
+                await ctx.persist(self._record())
+                ctx.jobs[self.id] = self
+                task_status.started(self.status())
+                ctx.emit("ended", self.status())
+                self.done.set()
+                return
+            await ctx.persist(self._record(), self.log.path)
+            ctx.jobs[self.id] = self
+            task_status.started(self.status())
+            ctx.emit("started", self.status())
+            if ctx.closing:
+                self.request_stop(ctx.config.stop_grace)
+            returncode = await self._supervise(proc)
+        if self._scope.cancelled_caught and proc is not None:  # aborted by shutdown
+            signal_group(proc.pid, signal.SIGKILL)
+            returncode = proc.poll()
+            self.stop_requested = True
+        self._finish(returncode)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + PERSIST_TIMEOUT
+            await ctx.persist(self._record())
+        ctx.emit("ended", self.status())
+        self.done.set()
+
+    def abort(self) -> None:
+        """Stop supervising at once (shutdown ran out of time): SIGKILL, record, end."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _spawn(self, cwd: bytes | None,
+                     env: Mapping[bytes, bytes] | None) -> trio.Process | None:
+        try:
+            proc = await trio.lowlevel.open_process(
+                list(self.argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, start_new_session=True, cwd=cwd,
+                # subprocess takes bytes names and values on POSIX; trio's stub says str.
+                env=cast("dict[str, str]", dict(env)) if env is not None else None,
+            )
+        except OSError as exc:
+            self.state = JobState.ERROR
+            self.error = spawn_error(exc, self.argv[0], cwd)
+            return None
+        self.pid = proc.pid
+        self.started = time.time()
+        # Not reaped yet (only our wait() reaps), so /proc/<pid>/stat is there.
+        self.proc_start = start_time(proc.pid)
+        return proc
+
+    async def _supervise(self, proc: trio.Process) -> int:
+        assert isinstance(proc.stdout, trio.lowlevel.FdStream)
+        assert isinstance(proc.stderr, trio.lowlevel.FdStream)
+        pumps = (trio.CancelScope(), trio.CancelScope())
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.log.attach(nursery)
+            nursery.start_soon(self._pump, proc.stdout, 1, pumps[0])
+            nursery.start_soon(self._pump, proc.stderr, 2, pumps[1])
+            if self._pending_grace is not None:
+                self._start_ladder(self._pending_grace)
+            returncode = await proc.wait()
+            self._reaped.set()
+            if self._ladder_done is None and group_may_exist(proc.pid):
+                # Leftovers in the group: they get the stop sequence too.
+                self._start_ladder(self._ctx.config.stop_grace)
+            if self._ladder_done is not None:
+                await self._ladder_done.wait()
+            self._settled = True
+            for scope in pumps:
+                scope.cancel()
+        self._nursery = None
+        return returncode
+
+    async def _pump(self, stream: trio.lowlevel.FdStream, fd: int,
+                    scope: trio.CancelScope) -> None:
+        log_ = self.log
+        try:
+            with scope:
+                while True:
+                    await log_.wait_room()
+                    data = await stream.receive_some(MAX_RECORD)
+                    if not data:
+                        return  # EOF: every writer closed it
+                    log_.append(fd, data)
+            # Cancelled once the job's processes are gone, but someone outside the
+            # job may still hold the pipe: take what is buffered, then close it.
+            for _ in range(DRAIN_READS):
+                await log_.wait_room()
+                try:
+                    data = os.read(stream.fileno(), MAX_RECORD)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                log_.append(fd, data)
+        finally:
+            stream.close()
+
+    def _finish(self, returncode: int | None) -> None:
+        """Set the final state; then followers may finish (the log closes)."""
+        self.ended = time.time()
+        if returncode is not None:
+            if returncode >= 0:
+                self.exit_code = returncode
+            else:
+                self.signal = signal_name(-returncode)
+        if self.state is not JobState.ERROR:
+            if self.stop_requested or returncode is None:
+                self.state = JobState.STOPPED
+            elif returncode < 0:
+                self.state = JobState.KILLED
+            else:
+                self.state = JobState.EXITED
+        self.log.close()
+        self._final = self.status()  # before any checkpoint: a woken follower sees it
+
+    # -- the stop sequence ------------------------------------------------------
+
+    def request_stop(self, grace: float) -> None:
+        """Start the stop sequence, or join (and maybe hurry) the one under way."""
+        self.stop_requested = True
+        self._start_ladder(grace)
+
+    def _start_ladder(self, grace: float) -> None:
+        if self._settled:
+            return
+        if self._ladder_done is not None:
+            if grace < self._ladder_grace:
+                self._ladder_grace = grace
+                if self._step_scope is not None:
+                    self._step_scope.deadline = min(self._step_scope.deadline,
+                                                    trio.current_time() + grace)
+            return
+        if self._nursery is None:  # not supervising yet
+            if self._pending_grace is None or grace < self._pending_grace:
+                self._pending_grace = grace
+            return
+        self._ladder_grace = grace
+        self._ladder_done = trio.Event()
+        self._nursery.start_soon(self._ladder)
+
+    async def _ladder(self) -> None:
+        assert self._ladder_done is not None
+        try:
+            step = 0
+            while True:
+                if self._ladder_grace <= 0:
+                    step = len(_LADDER) - 1
+                sig = _LADDER[step]
+                await self._signal_all(sig)
+                if sig is signal.SIGKILL:
+                    await self._wait_gone()
+                    return
+                with trio.move_on_after(self._ladder_grace) as self._step_scope:
+                    await self._wait_gone()
+                    return
+                self._step_scope = None
+                step += 1
+        finally:
+            self._step_scope = None
+            self._ladder_done.set()
+
+    async def _members(self) -> list[ProcInfo]:
+        assert self.pid is not None
+        snapshot = await self._ctx.scanner.snapshot()
+        members = job_members(snapshot, self.pid, self.proc_start or 0)
+        if any(m.pgrp != self.pid for m in members):
+            self._strays = True
+        return members
+
+    async def _signal_all(self, sig: int) -> None:
+        assert self.pid is not None
+        pgid = self.pid
+        # SIGCONT after SIGINT/SIGTERM lets a stopped process act on them (as systemd does).
+        sigs = (sig,) if sig == signal.SIGKILL else (sig, signal.SIGCONT)
+        sent_group = not self._reaped.is_set()
+        if sent_group:  # our unreaped child pins the group ID: safe without a scan
+            for s in sigs:
+                signal_group(pgid, s)
+        members = await self._members()
+        if not sent_group and any(m.pgrp == pgid for m in members):
+            for s in sigs:
+                signal_group(pgid, s)
+        for m in members:
+            if m.pgrp != pgid:
+                for s in sigs:
+                    signal_process(m, s)
+
+    async def _wait_gone(self) -> None:
+        """Until the main process is reaped and no other process of the job is left."""
+        assert self.pid is not None
+        await self._reaped.wait()
+        while self._strays or group_may_exist(self.pid):
+            members = await self._members()
+            if not members:
+                return
+            await wait_exit(members[0])

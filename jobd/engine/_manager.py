@@ -1,0 +1,267 @@
+"""The job manager: the engine's API, start-up recovery and shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import trio
+
+from protocol import JobState, JobStatus, Limits
+
+from ._job import Context, Job
+from ._outputlog import MAX_RECORD, OutputLog, recover
+from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
+from ._store import Record, Store
+from ._types import EngineConfig, EngineError, InvalidState, JobNotFound, OutputChunk
+
+log = logging.getLogger("jobd.engine")
+
+#: The error of a job that was running when jobd died.
+LOST = "lost: jobd stopped while the job ran"
+#: Shutdown waits for the stop sequences (2 x grace) plus this, then SIGKILLs what is left.
+SHUTDOWN_SLACK = 10.0
+#: How long start-up waits for the SIGKILLed leftovers of lost jobs to die.
+LOST_KILL_TIMEOUT = 5.0
+#: Rounds of scan-and-kill for lost jobs (a process may fork between a scan and its kill).
+LOST_KILL_ROUNDS = 5
+DEFAULT_MAX_CHUNK = 512 * 1024
+
+
+class JobManager:
+    """Runs and supervises jobs and keeps their output; see docs/engine.md.
+
+    Made by :func:`open_job_manager`, which owns the nursery of every job.
+    """
+
+    def __init__(self, ctx: Context, nursery: trio.Nursery, next_id: int, highwater: int) -> None:
+        self._ctx = ctx
+        self._nursery = nursery
+        self._next_id = next_id
+        self._highwater = highwater  # the ID high-water mark as persisted
+        self._highwater_lock = trio.Lock()
+
+    def _get(self, job_id: int) -> Job:
+        try:
+            return self._ctx.jobs[job_id]
+        except (KeyError, TypeError):
+            raise JobNotFound(job_id) from None
+
+    async def start(self, argv: Sequence[bytes], owner: str, *, cwd: bytes | None = None,
+                    env: Mapping[bytes, bytes] | None = None,
+                    limits: Limits | None = None) -> JobStatus:
+        """Start a job. Returns its status once it runs (pid set) or failed to start
+        (state error: "command not found: X", "permission denied: X", ...): a record is
+        created either way. Malformed requests raise EngineError before any record.
+        """
+        if self._ctx.closing:
+            raise EngineError("the job engine is shutting down")
+        if limits is not None and not limits.is_empty():
+            raise EngineError("resource limits are not supported")
+        args = tuple(argv)
+        if not args:
+            raise EngineError("the command is empty")
+        _check_bytes("command argument", *args)
+        if cwd is not None:
+            _check_bytes("working directory", cwd)
+        if env is not None:
+            _check_bytes("environment", *env.keys(), *env.values())
+            if any(not k or b"=" in k for k in env):
+                raise EngineError("environment variable names must be non-empty, without '='")
+        job_id = self._next_id
+        self._next_id += 1
+        job = Job(self._ctx, job_id, owner, args,
+                  OutputLog(self._ctx.store.log_path(job_id), self._ctx.config.output_cap))
+        status: JobStatus = await self._nursery.start(job.run, cwd, env)
+        return status
+
+    async def stop(self, job_id: int, grace: float | None = None) -> JobStatus:
+        """SIGINT, grace, SIGTERM, grace, SIGKILL to the job's process group; returns the
+        final status once every process of the job is gone. Joins a stop under way.
+        """
+        job = self._get(job_id)
+        if not job.running:
+            raise InvalidState(job.status())
+        if grace is None:
+            grace = self._ctx.config.stop_grace
+        if grace < 0:
+            raise EngineError("the grace period must not be negative")
+        job.request_stop(grace)
+        await job.done.wait()
+        return job.status()
+
+    def status(self, job_id: int) -> JobStatus:
+        return self._get(job_id).status()
+
+    def list(self) -> list[JobStatus]:
+        jobs = self._ctx.jobs
+        return [jobs[i].status() for i in sorted(jobs)]
+
+    async def wait(self, job_id: int) -> JobStatus:
+        """Wait until the job has ended; its final status."""
+        job = self._get(job_id)
+        await job.done.wait()
+        return job.status()
+
+    async def delete(self, job_id: int) -> None:
+        """Remove an ended job's record and output."""
+        job = self._get(job_id)
+        if job.running:
+            raise InvalidState(job.status())
+        await job.done.wait()  # its final record is written
+        if self._ctx.jobs.get(job_id) is not job:
+            raise JobNotFound(job_id)  # a concurrent delete won
+        del self._ctx.jobs[job_id]
+        store = self._ctx.store
+        with trio.CancelScope(shield=True):  # bounded file operations; half a delete helps nobody
+            async with self._highwater_lock:
+                if job_id > self._highwater:
+                    newest = self._next_id - 1
+                    try:
+                        await trio.to_thread.run_sync(store.write_highwater, newest)
+                    except OSError as exc:
+                        self._ctx.jobs[job_id] = job
+                        raise EngineError(f"cannot delete job {job_id}: {exc}") from exc
+                    self._highwater = newest
+            try:
+                await trio.to_thread.run_sync(store.remove, job_id)
+            except OSError as exc:
+                log.warning("job %d deleted, but its files remain: %s", job_id, exc)
+
+    def read_output(self, job_id: int, position: int = 0, *,
+                    max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
+        """The output that exists now, from ``position``. Raises JobNotFound or
+        BadPosition at call time; close the iterator (``aclosing``) if you stop early.
+        """
+        job = self._get(job_id)
+        _check_max_chunk(max_chunk)
+        job.log.check_position(position)
+        return job.log.chunks(position, max_chunk, job.log.end)
+
+    def follow_output(self, job_id: int, position: int = 0, *,
+                      max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
+        """Like read_output, then waits for more until the job ended and everything
+        was delivered.
+        """
+        job = self._get(job_id)
+        _check_max_chunk(max_chunk)
+        job.log.check_position(position)
+        return job.log.chunks(position, max_chunk, None)
+
+    async def shutdown(self) -> None:
+        """Stop every running job (in parallel, with the stop sequence); idempotent.
+
+        Followers end as the jobs end. Should a stop sequence take longer than it
+        can (a process stuck in the kernel), the job is SIGKILLed and abandoned.
+        """
+        self._ctx.closing = True
+        grace = self._ctx.config.stop_grace
+        running = [job for job in self._ctx.jobs.values() if job.running]
+        for job in running:
+            job.request_stop(grace)
+        with trio.move_on_after(2 * grace + SHUTDOWN_SLACK):
+            for job in running:
+                await job.done.wait()
+        for job in running:
+            if not job.done.is_set():
+                log.warning("job %d did not stop in time: abandoning it", job.id)
+                job.abort()
+        for job in running:
+            await job.done.wait()
+
+
+def _check_bytes(what: str, *values: object) -> None:
+    for value in values:
+        if not isinstance(value, bytes):
+            raise EngineError(f"{what} must be bytes, not {type(value).__name__}")
+        if b"\0" in value:
+            raise EngineError(f"{what} contains a NUL byte")
+
+
+def _check_max_chunk(max_chunk: int) -> None:
+    if max_chunk < MAX_RECORD:
+        raise ValueError(f"max_chunk must be at least {MAX_RECORD} (one record)")
+
+
+@asynccontextmanager
+async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
+    """Load the records, open the nursery that owns every job, yield the manager.
+
+    A record still ``running`` means jobd died while the job ran: it becomes
+    error "lost: jobd stopped while the job ran" and its leftover processes are
+    killed. On exit (normal, error or cancelled) runs :meth:`JobManager.shutdown`.
+    """
+    ctx = Context(config, Store(config.state_dir), ProcScanner(), boot_id())
+    records, highest = await trio.to_thread.run_sync(_load, ctx.store)
+    lost = [r for r in records if r.status.state is JobState.RUNNING]
+    if lost:
+        await _kill_lost(ctx, lost)
+    for record in records:
+        status = record.status
+        if status.state is JobState.RUNNING:
+            status = replace(status, state=JobState.ERROR, error=LOST, ended=time.time())
+            record = replace(record, status=status)
+            await ctx.persist(record)
+            ctx.emit("lost", status)
+        log_ = OutputLog(ctx.store.log_path(status.id), config.output_cap,
+                         end=record.log_size or 0, output_bytes=status.output_bytes,
+                         dropped_bytes=status.dropped_bytes, closed=True)
+        ctx.jobs[status.id] = Job.ended_from(ctx, status, log_)
+    async with trio.open_nursery() as nursery:
+        manager = JobManager(ctx, nursery, max(highest, 0) + 1, highest)
+        try:
+            yield manager
+        finally:
+            # Bounded by shutdown itself: 2 x grace + SHUTDOWN_SLACK, then SIGKILL.
+            with trio.CancelScope(shield=True):
+                await manager.shutdown()
+
+
+def _load(store: Store) -> tuple[list[Record], int]:
+    """Records, with their logs checked against a torn tail (blocking)."""
+    records, highest = store.load()
+    out = []
+    for record in records:
+        status = record.status
+        path = store.log_path(status.id)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = 0
+        if status.state is JobState.RUNNING or record.log_size != size:
+            end, data = recover(path)
+            if status.state is JobState.RUNNING:  # its counters were never written
+                status = replace(status, output_bytes=data)
+            elif end != record.log_size:
+                log.warning("job %d: log is %d bytes, its record says %s", status.id, end,
+                            record.log_size)
+            record = replace(record, status=status, log_size=end)
+        out.append(record)
+    return out, highest
+
+
+async def _kill_lost(ctx: Context, lost: list[Record]) -> None:
+    """SIGKILL what is left of jobs whose jobd died, verifying each process's identity."""
+    targets = [(r.status.pid, r.proc_start) for r in lost
+               if r.status.pid is not None and r.proc_start is not None
+               and r.boot_id == ctx.boot_id]  # another boot: nothing of them can be alive
+    if not targets:
+        return
+    with trio.move_on_after(LOST_KILL_TIMEOUT):
+        for _ in range(LOST_KILL_ROUNDS):
+            snapshot = await trio.to_thread.run_sync(scan)
+            victims = [p for pid, start in targets
+                       for p in lost_job_processes(snapshot, pid, start)]
+            if not victims:
+                return
+            for p in victims:
+                if signal_process(p, signal.SIGKILL):
+                    log.warning("killed pid %d, left over from a job lost by a previous jobd",
+                                p.pid)
+            for p in victims:
+                await wait_exit(p)

@@ -1,0 +1,79 @@
+"""The engine's public value types and errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import JobStatus
+
+#: What ``EngineConfig.on_event`` is called with: ``("started" | "ended" | "lost", status)``.
+EventCallback = Callable[[str, JobStatus], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the job engine runs.
+
+    Fields:
+      state_dir: where job records, output logs and the ID high-water mark live.
+      stop_grace: seconds between SIGINT, SIGTERM and SIGKILL of the stop sequence.
+      output_cap: per-job cap on kept output bytes (record headers not counted).
+      on_event: called synchronously with ("started" | "ended" | "lost", status), for
+        the daemon's event log. A failed start is reported as "ended" (state error).
+    """
+
+    state_dir: Path
+    stop_grace: float = 2.0
+    output_cap: int = 1 << 30
+    on_event: EventCallback | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_grace < 0:
+            raise ValueError("stop_grace must not be negative")
+        if self.output_cap < 0:
+            raise ValueError("output_cap must not be negative")
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Consecutive output of one stream.
+
+    Fields:
+      fd: 1 for stdout, 2 for stderr.
+      data: the bytes, never empty.
+      position: the log offset just after the last record in this chunk; reading
+        again from it resumes right after this chunk, nothing lost or repeated.
+    """
+
+    fd: int
+    data: bytes
+    position: int
+
+
+class EngineError(Exception):
+    """A request the engine cannot carry out."""
+
+
+class JobNotFound(EngineError):
+    """No job has this ID (or it was deleted)."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"process not found: {job_id}")
+        self.job_id = job_id
+
+
+class InvalidState(EngineError):
+    """The job is not in a state that allows the request; ``status`` says which it is."""
+
+    def __init__(self, status: JobStatus) -> None:
+        if status.running:
+            super().__init__("process is running")
+        else:
+            super().__init__(f"process not running: {status.describe()}")
+        self.status = status
+
+
+class BadPosition(EngineError):
+    """An output position that is not a record boundary of the job's log."""

@@ -1,0 +1,57 @@
+"""What every message shares: the base class, field checks, the version.
+
+Every message validates itself when built (raising :class:`FieldError`), has a
+``TYPE`` class attribute (the wire ``type`` string), ``to_wire()`` (the whole
+frame's map, ``type`` first) and ``from_wire(map)``. ``from_wire`` ignores
+unknown keys (forward compatibility) and the ``type`` key (the decoder already
+dispatched on it); a missing or mistyped field raises :class:`FieldError`.
+
+Optional fields whose value is None are left out of the map; a decoder treats
+an absent field and an explicit nil alike. Arrays decode as tuples, so that
+``from_wire(to_wire(m)) == m``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+from ._fields import check, check_type
+
+#: Major version: a server refuses a hello with another major version.
+PROTOCOL_VERSION = 1
+#: Minor version: additions that older peers can ignore (new optional fields).
+PROTOCOL_MINOR = 0
+
+#: Integers on the wire are msgpack uint64 at most.
+_UINT_LIMIT = 1 << 64
+
+
+def _uint(name: str, value: object) -> None:
+    check_type(name, value, int)
+    assert isinstance(value, int)
+    check(value >= 0, f"{name} must not be negative")
+    check(value < _UINT_LIMIT, f"{name} must be below 2**64")
+
+
+def _check_arg(name: str, value: object) -> None:
+    check(isinstance(value, bytes), f"{name} must be bytes")
+    assert isinstance(value, bytes)
+    check(b"\0" not in value, f"{name} must not contain a NUL byte")
+
+
+class _Message:
+    """Common base of every message class (no fields of its own)."""
+
+    __slots__ = ()
+
+    TYPE: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        raise NotImplementedError
+
+
+__all__ = ["PROTOCOL_MINOR", "PROTOCOL_VERSION"]

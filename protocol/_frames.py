@@ -1,0 +1,256 @@
+"""Frames: a 4-byte big-endian length, then one msgpack map.
+
+This module turns one message into one frame (:func:`encode_frame`, and the
+hand-built fast path :func:`encode_output_chunk`) and one payload back into a
+message (:func:`decode_payload`). Splitting a byte stream into frames, and
+checking each length prefix before buffering its payload, is the
+connection's job (``_connection.py``).
+
+Decoding is strict and bounded. ``msgpack.unpackb`` gets limits derived from
+the payload's length (a bin header claiming 4 GiB inside a 20-byte frame is
+rejected as truncated, never allocated); its C unpacker refuses more than
+1024 levels of nesting with ``StackError``, and we refuse more than
+:data:`MAX_DEPTH` ourselves. Extension types, map keys that are not strings,
+trailing bytes after the map, a top level that is not a map, an unknown
+``type``, and missing or mistyped fields are all ``bad_request``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from ._base import _Message
+from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, clip
+from ._fields import FieldError
+from ._messages import MESSAGE_TYPES, Error, Message
+
+#: Default maximum frame payload, in bytes. Big enough for a 512 KiB output
+#: chunk with room to spare, and for a page of job statuses; small enough that
+#: a thousand connections each holding one frame being received cost at most
+#: about a gigabyte, and that a hostile peer cannot make us buffer much.
+MAX_FRAME_SIZE = 1 << 20
+#: The largest ``data`` a server puts in one ``out`` frame: half a frame, so a
+#: chunk always fits whatever the other fields hold, yet large enough that the
+#: per-frame overhead (about 30 bytes) is negligible for bulk output.
+MAX_OUTPUT_CHUNK = 512 * 1024
+#: Deepest nesting of arrays and maps accepted in a frame. The deepest real
+#: frame is 6 levels (frame > jobs > status > limits > io_read_bps > pair);
+#: 16 leaves room for future optional fields while keeping hostile input
+#: shallow (msgpack's own C unpacker stops at 1024).
+MAX_DEPTH = 16
+#: Size of the length prefix.
+HEADER_SIZE = 4
+
+_HEADER = struct.Struct(">I")
+#: The largest payload a 4-byte length prefix can express.
+_MAX_PREFIX = (1 << 32) - 1
+
+
+class _ExtensionType(ValueError):
+    pass
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise _ExtensionType(f"msgpack extension type {code} is not allowed")
+
+
+def encode_frame(msg: Message, *, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
+    """The frame (length prefix + msgpack map) carrying *msg*.
+
+    Raises LocalProtocolError if *msg* is not a message, cannot be encoded
+    (an integer beyond 64 bits, a string with lone surrogates), or its payload
+    would exceed *max_frame_size*.
+    """
+    if not isinstance(msg, _Message):
+        raise LocalProtocolError(f"not a protocol message: {type(msg).__name__}")
+    try:
+        payload: bytes = msgpack.packb(msg.to_wire(), use_bin_type=True)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode {msg.TYPE!r}: {exc}") from exc
+    size = len(payload)
+    if size > min(max_frame_size, _MAX_PREFIX):
+        raise LocalProtocolError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"{msg.TYPE!r} frame of {size} bytes exceeds the frame limit of {max_frame_size}",
+        )
+    return _HEADER.pack(size) + payload
+
+
+# The fixed start of an "out" frame's map, as msgpack.packb writes it for
+# {"type": "out", "fd": fd, "data": ..., "position": ...}: fixmap of 4 entries,
+# then "type": "out", "fd": fd, and the key "data".
+_CHUNK_HEADS = {
+    fd: b"\x84\xa4type\xa3out\xa2fd" + bytes([fd]) + b"\xa4data" for fd in (1, 2)
+}
+_POSITION_KEY = b"\xa8position"
+_U8 = struct.Struct(">BB")
+_U16 = struct.Struct(">BH")
+_U32 = struct.Struct(">BI")
+_U64 = struct.Struct(">BQ")
+
+
+def _uint_size(value: int) -> int:
+    """Bytes msgpack uses for a non-negative integer (it picks the smallest form)."""
+    if value < 0x80:
+        return 1
+    if value < 0x100:
+        return 2
+    if value < 0x10000:
+        return 3
+    return 5 if value < 1 << 32 else 9
+
+
+def encode_output_chunk(
+    fd: int, data: bytes | bytearray | memoryview, position: int, *,
+    max_frame_size: int = MAX_FRAME_SIZE,
+) -> bytes:
+    """The same bytes as ``encode_frame(OutputChunk(fd, data, position))``, faster.
+
+    The server's hot loop: no dataclass, no generic packer, one copy of
+    *data*. Only the checks that keep the frame valid are made (fd 1 or 2,
+    position a uint64, the frame within *max_frame_size*): LocalProtocolError
+    otherwise.
+    """
+    head = _CHUNK_HEADS.get(fd) if type(fd) is int else None
+    if head is None:
+        raise LocalProtocolError(f"fd must be 1 (stdout) or 2 (stderr), not {fd!r}")
+    if type(position) is not int or not 0 <= position < 1 << 64:
+        raise LocalProtocolError(f"position must be an integer in [0, 2**64), not {position!r}")
+    size = len(data) if type(data) is bytes else memoryview(data).nbytes
+    length = len(head) + (2 if size < 0x100 else 3 if size < 0x10000 else 5) + size
+    length += len(_POSITION_KEY) + _uint_size(position)
+    if length > min(max_frame_size, _MAX_PREFIX):
+        raise LocalProtocolError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"'out' frame of {length} bytes exceeds the frame limit of {max_frame_size}",
+        )
+    if size < 0x100:
+        bin_head = _U8.pack(0xC4, size)
+    elif size < 0x10000:
+        bin_head = _U16.pack(0xC5, size)
+    else:
+        bin_head = _U32.pack(0xC6, size)
+    if position < 0x80:
+        tail = _POSITION_KEY + bytes((position,))
+    elif position < 0x100:
+        tail = _POSITION_KEY + _U8.pack(0xCC, position)
+    elif position < 0x10000:
+        tail = _POSITION_KEY + _U16.pack(0xCD, position)
+    elif position < 1 << 32:
+        tail = _POSITION_KEY + _U32.pack(0xCE, position)
+    else:
+        tail = _POSITION_KEY + _U64.pack(0xCF, position)
+    return b"".join((_HEADER.pack(length), head, bin_head, data, tail))
+
+
+def bad_request(message: str) -> RemoteProtocolError:
+    """A RemoteProtocolError(bad_request) whose error_frame tells the peer why."""
+    message = clip(message)
+    frame = encode_frame(Error(ErrorCode.BAD_REQUEST, message))
+    return RemoteProtocolError(ErrorCode.BAD_REQUEST, message, error_frame=frame)
+
+
+def decode_payload(payload: bytes | bytearray | memoryview) -> Message:
+    """The message in one frame's payload (the bytes after the length prefix).
+
+    Raises RemoteProtocolError(bad_request), with ``error_frame`` set, on
+    anything wrong: invalid or truncated msgpack, trailing bytes, a top level
+    that is not a map, extension types, nesting deeper than
+    :data:`MAX_DEPTH`, non-string map keys, an unknown ``type``, a missing or
+    mistyped field, or a value the message refuses.
+    """
+    size = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+    # unpackb has no max_buffer_size (the whole input is the buffer); every
+    # other limit is the payload's size, so no length field can claim more
+    # than the frame holds.
+    try:
+        obj = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
+            max_str_len=size, max_bin_len=size, max_array_len=size, max_map_len=size,
+            max_ext_len=size,
+        )
+    except Exception as exc:  # msgpack raises several kinds; no input may escape as those
+        raise bad_request(_describe(exc)) from None
+    if type(obj) is not dict:
+        raise bad_request(f"a frame must hold a map, not {_kind(obj)}")
+    _check_structure(obj)
+    kind = obj.get("type")
+    if type(kind) is not str:
+        raise bad_request("a frame's map must have a string 'type'")
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        raise bad_request(f"unknown message type {kind!r}")
+    try:
+        return cls.from_wire(obj)
+    except (FieldError, ValueError, TypeError) as exc:
+        raise bad_request(f"bad {kind!r} message: {exc}") from None
+
+
+def _check_structure(top: dict[Any, Any]) -> None:
+    """Reject non-string keys, nesting deeper than MAX_DEPTH, and timestamps.
+
+    Walks level by level without recursion. The C unpacker decodes the
+    timestamp extension (-1) itself without calling ext_hook, so it is caught
+    here.
+    """
+    level: list[Any] = [top]
+    depth = 1
+    while level:
+        if depth > MAX_DEPTH:
+            raise bad_request(f"nesting deeper than {MAX_DEPTH} levels")
+        below: list[Any] = []
+        for node in level:
+            if type(node) is dict:
+                for key in node:
+                    if type(key) is not str:
+                        raise bad_request("map keys must be strings")
+                values = node.values()
+            else:
+                values = node
+            for value in values:
+                t = type(value)
+                if t is dict or t is list:
+                    below.append(value)
+                elif t is msgpack.Timestamp:
+                    raise bad_request("msgpack extension type -1 is not allowed")
+        level = below
+        depth += 1
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, msgpack.ExtraData):
+        return "trailing bytes after the frame's map"
+    if isinstance(exc, msgpack.StackError | RecursionError):
+        return f"nesting deeper than {MAX_DEPTH} levels"
+    if isinstance(exc, _ExtensionType):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return "a string is not valid UTF-8"
+    if isinstance(exc, msgpack.FormatError):
+        return "invalid msgpack"
+    text = str(exc)
+    if "incomplete input" in text or "exceeds max_" in text:
+        return "truncated msgpack: a length exceeds what the frame holds"
+    if "map key" in text:
+        return "map keys must be strings"
+    return f"invalid msgpack: {text or type(exc).__name__}"
+
+
+def _kind(obj: object) -> str:
+    return {list: "an array", str: "a string", bytes: "binary", bool: "a boolean",
+            int: "an integer", float: "a float", type(None): "nil"}.get(type(obj), "a value")
+
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_DEPTH",
+    "MAX_FRAME_SIZE",
+    "MAX_OUTPUT_CHUNK",
+    "bad_request",
+    "decode_payload",
+    "encode_frame",
+    "encode_output_chunk",
+]

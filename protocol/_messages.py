@@ -1,0 +1,74 @@
+"""The protocol's messages: one frozen dataclass per frame type, and their registry.
+
+The classes live in ``_requests.py`` (client to server) and ``_replies.py``
+(server to client); ``_base.py`` says what they share. This module groups them:
+the type aliases, the per-side tuples, and the wire type -> class table the
+decoder dispatches on.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+from ._base import PROTOCOL_MINOR, PROTOCOL_VERSION
+from ._replies import (
+    Deleted,
+    End,
+    Error,
+    JobList,
+    OutputChunk,
+    Started,
+    StatusResult,
+    Stopped,
+    Welcome,
+)
+from ._requests import Delete, GetStatus, Hello, ListJobs, Output, Start, Stop, Stream
+
+ClientMessage: TypeAlias = Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete
+ServerMessage: TypeAlias = (
+    Welcome | Started | Stopped | StatusResult | JobList | Deleted | OutputChunk | End | Error
+)
+#: Any message (usable with isinstance()).
+Message: TypeAlias = ClientMessage | ServerMessage
+#: The requests a client may send once welcomed.
+Request: TypeAlias = Start | Stop | GetStatus | ListJobs | Stream | Output | Delete
+
+CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
+    Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete,
+)
+SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
+    Welcome, Started, Stopped, StatusResult, JobList, Deleted, OutputChunk, End, Error,
+)
+#: Wire type string -> message class.
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (*CLIENT_MESSAGES, *SERVER_MESSAGES)
+}
+
+__all__ = [
+    "CLIENT_MESSAGES",
+    "MESSAGE_TYPES",
+    "PROTOCOL_MINOR",
+    "PROTOCOL_VERSION",
+    "SERVER_MESSAGES",
+    "ClientMessage",
+    "Delete",
+    "Deleted",
+    "End",
+    "Error",
+    "GetStatus",
+    "Hello",
+    "JobList",
+    "ListJobs",
+    "Message",
+    "Output",
+    "OutputChunk",
+    "Request",
+    "ServerMessage",
+    "Start",
+    "StatusResult",
+    "Started",
+    "Stop",
+    "Stopped",
+    "Stream",
+    "Welcome",
+]

@@ -1,0 +1,294 @@
+"""Server-to-client messages: the welcome, results, output, errors (see _base.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+from ._base import _Message, _uint
+from ._errors import ErrorCode
+from ._fields import (
+    FieldError,
+    check,
+    check_type,
+    get_bool,
+    get_bytes,
+    get_int,
+    get_list,
+    get_map,
+    get_str,
+)
+from ._status import JobStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(_Message):
+    """The server's answer to an acceptable hello.
+
+    Fields:
+      version, minor: the server's protocol version.
+      software: free text naming the server, e.g. ``"jobd 0.1.0"``.
+      identity: the caller's identity as the server sees it (certificate CN).
+      role: the caller's role (certificate OU): observe, control or admin.
+      max_frame_size: the largest frame payload the server accepts.
+    """
+
+    TYPE: ClassVar[str] = "welcome"
+
+    version: int
+    minor: int
+    software: str
+    identity: str
+    role: str
+    max_frame_size: int
+
+    def __post_init__(self) -> None:
+        _uint("version", self.version)
+        _uint("minor", self.minor)
+        for name in ("software", "identity", "role"):
+            check_type(name, getattr(self, name), str)
+        _uint("max_frame_size", self.max_frame_size)
+        check(self.max_frame_size > 0, "max_frame_size must be positive")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "version": self.version, "minor": self.minor,
+                "software": self.software, "identity": self.identity, "role": self.role,
+                "max_frame_size": self.max_frame_size}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "version"), get_int(m, "minor"), get_str(m, "software"),
+                   get_str(m, "identity"), get_str(m, "role"), get_int(m, "max_frame_size"))
+
+
+def _status_of(m: dict[str, Any]) -> JobStatus:
+    return JobStatus.from_wire(get_map(m, "status"))
+
+
+@dataclass(frozen=True, slots=True)
+class Started(_Message):
+    """The job a :class:`Start` created (also when it failed to execute: state ``error``).
+
+    Fields:
+      status: the new job's :class:`JobStatus`.
+    """
+
+    TYPE: ClassVar[str] = "started"
+
+    status: JobStatus
+
+    def __post_init__(self) -> None:
+        check_type("status", self.status, JobStatus)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "status": self.status.to_wire()}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(_status_of(m))
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped(_Message):
+    """The answer to :class:`Stop`, sent once every process of the job is gone.
+
+    Fields:
+      status: the job's final :class:`JobStatus`.
+    """
+
+    TYPE: ClassVar[str] = "stopped"
+
+    status: JobStatus
+
+    def __post_init__(self) -> None:
+        check_type("status", self.status, JobStatus)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "status": self.status.to_wire()}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(_status_of(m))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusResult(_Message):
+    """The answer to :class:`GetStatus`.
+
+    Fields:
+      status: the job's :class:`JobStatus`.
+    """
+
+    TYPE: ClassVar[str] = "status_result"
+
+    status: JobStatus
+
+    def __post_init__(self) -> None:
+        check_type("status", self.status, JobStatus)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "status": self.status.to_wire()}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(_status_of(m))
+
+
+@dataclass(frozen=True, slots=True)
+class JobList(_Message):
+    """One page of the answer to :class:`ListJobs`.
+
+    Fields:
+      jobs: the statuses, in increasing ID order.
+      more: True when more jobs follow: ask again with ``after`` = the last ID.
+    """
+
+    TYPE: ClassVar[str] = "jobs"
+
+    jobs: tuple[JobStatus, ...]
+    more: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.jobs, list):
+            object.__setattr__(self, "jobs", tuple(self.jobs))
+        check_type("jobs", self.jobs, tuple)
+        check(all(isinstance(s, JobStatus) for s in self.jobs), "jobs entries must be JobStatus")
+        check_type("more", self.more, bool)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "jobs": [s.to_wire() for s in self.jobs], "more": self.more}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        jobs = get_list(m, "jobs")
+        check(all(isinstance(s, dict) for s in jobs), "jobs entries must be maps")
+        return cls(tuple(JobStatus.from_wire(s) for s in jobs), get_bool(m, "more"))
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted(_Message):
+    """The answer to :class:`Delete`.
+
+    Fields:
+      job: the deleted job's ID.
+    """
+
+    TYPE: ClassVar[str] = "deleted"
+
+    job: int
+
+    def __post_init__(self) -> None:
+        _uint("job", self.job)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "job": self.job}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "job"))
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk(_Message):
+    """Some of a job's output, in a stream or output response.
+
+    Fields:
+      fd: 1 for stdout, 2 for stderr.
+      data: the bytes, exactly as the job wrote them.
+      position: an opaque, increasing integer; a new Stream or Output request
+        with this position resumes right after this chunk.
+    """
+
+    TYPE: ClassVar[str] = "out"
+
+    fd: int
+    data: bytes
+    position: int
+
+    def __post_init__(self) -> None:
+        check_type("fd", self.fd, int)
+        check(self.fd in (1, 2), "fd must be 1 (stdout) or 2 (stderr)")
+        if isinstance(self.data, bytearray | memoryview):
+            object.__setattr__(self, "data", bytes(self.data))
+        check_type("data", self.data, bytes)
+        _uint("position", self.position)
+
+    def to_wire(self) -> dict[str, Any]:
+        # Key order matters: encode_output_chunk() builds the same bytes by hand.
+        return {"type": self.TYPE, "fd": self.fd, "data": self.data, "position": self.position}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "fd"), get_bytes(m, "data"), get_int(m, "position"))
+
+
+@dataclass(frozen=True, slots=True)
+class End(_Message):
+    """The last frame of a stream or output response.
+
+    Fields:
+      status: the job's status when the response ended (final for a stream).
+      position: the position after the last chunk sent (the request's
+        position when no chunk was sent): resume from here.
+    """
+
+    TYPE: ClassVar[str] = "end"
+
+    status: JobStatus
+    position: int
+
+    def __post_init__(self) -> None:
+        check_type("status", self.status, JobStatus)
+        _uint("position", self.position)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "status": self.status.to_wire(), "position": self.position}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(_status_of(m), get_int(m, "position"))
+
+
+@dataclass(frozen=True, slots=True)
+class Error(_Message):
+    """A request failed, or the server refuses or ends the connection.
+
+    Fields:
+      code: an :class:`ErrorCode` (a plain string is converted; unknown ones
+        are rejected).
+      message: a human-readable explanation, e.g. ``"process not found"``.
+    """
+
+    TYPE: ClassVar[str] = "error"
+
+    code: ErrorCode
+    message: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, ErrorCode):
+            check_type("code", self.code, str)
+            try:
+                object.__setattr__(self, "code", ErrorCode(self.code))
+            except ValueError:
+                raise FieldError(f"unknown error code {self.code!r}") from None
+        check_type("message", self.message, str)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "code": self.code.value, "message": self.message}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_str(m, "code"), get_str(m, "message"))
+
+
+__all__ = [
+    "Deleted",
+    "End",
+    "Error",
+    "JobList",
+    "OutputChunk",
+    "Started",
+    "StatusResult",
+    "Stopped",
+    "Welcome",
+]

@@ -1,0 +1,210 @@
+"""Shared fixtures: a trustme PKI on disk, real jobd processes, the real jobctl CLI."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+READY_TIMEOUT = 20.0
+EXIT_TIMEOUT = 30.0
+
+
+@dataclass
+class Pki:
+    dir: Path
+    ca: trustme.CA
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def client_args(self, who: str) -> list[str]:
+        return ["-c", self.path(f"{who}.pem"), "-k", self.path(f"{who}.key"),
+                "-C", self.path("ca.pem")]
+
+    def files(self, who: str) -> dict[str, str]:
+        return {"certificate": self.path(f"{who}.pem"), "key": self.path(f"{who}.key"),
+                "ca": self.path("ca.pem")}
+
+
+def _write_leaf(directory: Path, name: str, leaf: trustme.LeafCert) -> None:
+    leaf.private_key_pem.write_to_path(str(directory / f"{name}.key"))
+    leaf.cert_chain_pems[0].write_to_path(str(directory / f"{name}.pem"))
+
+
+def _custom_cert(ca: trustme.CA, directory: Path, name: str, subject: list[x509.NameAttribute],
+                 *, server_only: bool = False) -> None:
+    """A client certificate trustme cannot make (several OUs, server-only usage)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    usage = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server_only else \
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca._private_key, hashes.SHA256())
+    )
+    (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    _write_leaf(d, "server", ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="server"))
+    for name, role in (("alice", "control"), ("bob", "control"), ("olga", "observe"),
+                       ("root", "admin"), ("wizard", "wizard")):
+        _write_leaf(d, name, ca.issue_cert(common_name=name, organization_unit_name=role))
+    _write_leaf(d, "norole", ca.issue_cert(common_name="norole"))
+    _write_leaf(d, "nocn", ca.issue_cert("nocn.example", organization_unit_name="control"))
+    now = datetime.datetime.now(datetime.UTC)
+    _write_leaf(d, "expired", ca.issue_cert(
+        common_name="expired", organization_unit_name="control",
+        not_before=now - datetime.timedelta(days=10), not_after=now - datetime.timedelta(days=1)))
+    _write_leaf(d, "future", ca.issue_cert(
+        common_name="future", organization_unit_name="control",
+        not_before=now + datetime.timedelta(days=1), not_after=now + datetime.timedelta(days=10)))
+    ou = NameOID.ORGANIZATIONAL_UNIT_NAME
+    _custom_cert(ca, d, "tworoles", [x509.NameAttribute(NameOID.COMMON_NAME, "tworoles"),
+                                     x509.NameAttribute(ou, "control"),
+                                     x509.NameAttribute(ou, "admin")])
+    _custom_cert(ca, d, "serveronly", [x509.NameAttribute(NameOID.COMMON_NAME, "serveronly"),
+                                       x509.NameAttribute(ou, "admin")], server_only=True)
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(d / "other-ca.pem"))
+    _write_leaf(d, "stranger", other.issue_cert(common_name="stranger",
+                                                organization_unit_name="admin"))
+    _write_leaf(d, "otherserver", other.issue_cert("localhost", "127.0.0.1", "::1",
+                                                   common_name="server"))
+    return Pki(d, ca)
+
+
+@dataclass
+class JobdProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    address: str
+    state_dir: Path
+    pki: Pki
+    lines: list[str] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def log_text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
+        """Wait (on a condition, not a sleep loop) for a log line matching pattern."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if rx.search(line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r} in:\n"
+                                         + "\n".join(self.lines))
+                self._cond.wait(remaining)
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+
+    def jobctl(self, who: str, *args: str, timeout: float = 60.0,
+               extra: list[str] | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        cmd = [PYTHON, "-m", "jobctl", *self.pki.client_args(who), "-a", self.address,
+               "-p", str(self.port), *(extra or []), *args]
+        return subprocess.run(cmd, capture_output=True, timeout=timeout, cwd=ROOT,
+                              env=env, stdin=subprocess.DEVNULL)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(EXIT_TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_jobd(pki: Pki, state_dir: Path, *extra: str, address: str = "127.0.0.1",
+               port: int = 0, server: str = "server") -> JobdProcess:
+    cmd = [PYTHON, "-m", "jobd", "-c", pki.path(f"{server}.pem"), "-k",
+           pki.path(f"{server}.key"), "-C", pki.path("ca.pem"), "-a", address, "-p", str(port),
+           "--state-dir", str(state_dir), "--stop-grace", "0.5", *extra]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    port_found: int | None = None
+    while port_found is None:
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stderr], [], [], max(remaining, 0))
+        if not ready:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("jobd did not become ready:\n" + "\n".join(lines))
+        chunk = os.read(proc.stderr.fileno(), 65536)
+        if not chunk:
+            proc.wait()
+            raise AssertionError(f"jobd exited {proc.returncode}:\n" + buf.decode()
+                                 + "\n".join(lines))
+        buf += chunk
+        while b"\n" in buf:
+            raw, buf = buf.split(b"\n", 1)
+            line = raw.decode(errors="replace")
+            lines.append(line)
+            m = re.search(r"listening address=\S*:(\d+)", line)
+            if m:
+                port_found = int(m.group(1))
+    jp = JobdProcess(proc, port_found, address, state_dir, pki, lines)
+    if buf:
+        jp.lines.append(buf.decode(errors="replace"))
+    threading.Thread(target=jp._drain, daemon=True).start()
+    return jp
+
+
+@pytest.fixture
+def jobd(pki: Pki, tmp_path: Path) -> Iterator[JobdProcess]:
+    server = start_jobd(pki, tmp_path / "state")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,107 @@
+"""Helpers for the job engine's tests (tests/test_engine_*.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from jobd.engine import EngineConfig, JobManager, OutputChunk, open_job_manager
+
+#: Grace between the stop sequence's steps in tests: short, but long enough to see steps.
+GRACE = 0.2
+#: Deadline for any condition a test waits for.
+TIMEOUT = 10.0
+
+
+def config(tmp_path: Path, **overrides: Any) -> EngineConfig:
+    options: dict[str, Any] = {"state_dir": tmp_path / "state", "stop_grace": GRACE}
+    options.update(overrides)
+    return EngineConfig(**options)
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[JobManager]:
+    async with open_job_manager(config(tmp_path)) as m:
+        yield m
+
+
+class Events:
+    """Collects on_event calls."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, str]] = []
+
+    def __call__(self, kind: str, status: Any) -> None:
+        self.seen.append((kind, status.id, status.describe()))
+
+
+async def collect(chunks: AsyncIterator[OutputChunk]) -> list[OutputChunk]:
+    with trio.fail_after(TIMEOUT):
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            return [chunk async for chunk in chunks]
+
+
+def data(chunks: list[OutputChunk], fd: int | None = None) -> bytes:
+    return b"".join(c.data for c in chunks if fd is None or c.fd == fd)
+
+
+async def wait_for_output(manager: JobManager, job_id: int, pattern: bytes,
+                          fd: int | None = None) -> bytes:
+    """Follow the job until its output (of ``fd``) contains ``pattern``; returns that output."""
+    got = b""
+    with trio.fail_after(TIMEOUT):
+        chunks = manager.follow_output(job_id)
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                if fd is None or chunk.fd == fd:
+                    got += chunk.data
+                if pattern in got:
+                    return got
+    raise AssertionError(f"output ended without {pattern!r}: {got!r}")
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat, or None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rfind(b")") + 2:].decode().split()
+
+
+def start_ticks(pid: int) -> int:
+    fields = stat_fields(pid)
+    assert fields is not None, f"no process {pid}"
+    return int(fields[19])
+
+
+def alive(pid: int, start: int) -> bool:
+    """True while the process with this pid and start time exists and is not a zombie."""
+    fields = stat_fields(pid)
+    return fields is not None and int(fields[19]) == start and fields[0] not in ("Z", "X")
+
+
+async def wait_gone(pid: int, start: int) -> None:
+    """Wait (pidfd, no polling) until that process has exited."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not alive(pid, start):
+            return
+        with trio.fail_after(TIMEOUT):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+

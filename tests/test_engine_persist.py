@@ -1,0 +1,183 @@
+"""Job engine: records on disk, the ID counter, restarts, and jobs lost by a dead jobd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from jobd.engine import LOST, open_job_manager
+from jobd.engine._procs import boot_id
+from jobd.engine._store import Record, Store
+from protocol import JobState, JobStatus
+from tests.engine_helpers import (
+    TIMEOUT,
+    Events,
+    alive,
+    collect,
+    config,
+    data,
+    start_ticks,
+    wait_for_output,
+)
+
+Spawner = Callable[..., Awaitable[trio.Process]]
+
+
+def stale_record(tmp_path: Path, job_id: int, pid: int, proc_start: int,
+                 boot: str | None = None) -> None:
+    """What a jobd that died while the job ran leaves behind."""
+    store = Store(tmp_path / "state")
+    store.jobs_dir.mkdir(parents=True, exist_ok=True)
+    store.logs_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    status = JobStatus(id=job_id, owner="alice", argv=(b"sleep", b"1000"),
+                       state=JobState.RUNNING, pid=pid, created=now, started=now)
+    store.write(Record(status, proc_start, boot_id() if boot is None else boot))
+    store.log_path(job_id).write_bytes(b"")
+
+
+@pytest.fixture
+async def spawned() -> AsyncIterator[Spawner]:
+    """Starts processes outside any jobd (own session); kills and reaps them all at the end."""
+    procs: list[trio.Process] = []
+
+    async def spawn(*argv: str) -> trio.Process:
+        proc = await trio.lowlevel.open_process(list(argv), start_new_session=True,
+                                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with trio.fail_after(10):
+            await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+
+async def test_restart_keeps_records_output_and_the_id_counter(tmp_path: Path) -> None:
+    async with open_job_manager(config(tmp_path)) as manager:
+        first = await manager.start([b"sh", b"-c", b"printf 'a\\0b'; echo err >&2; exit 4"],
+                                    "alice")
+        await manager.wait(first.id)
+        missing = await manager.start([b"nosuchcmd"], "bob")
+        running = await manager.start([b"sleep", b"1000"], "carol")
+        before = manager.list()
+        output = await collect(manager.read_output(first.id))
+    async with open_job_manager(config(tmp_path)) as manager:
+        after = manager.list()
+        assert after[:2] == before[:2]
+        assert after[2].describe() == "stopped" and after[2].id == running.id
+        assert await collect(manager.read_output(first.id)) == output
+        assert data(output, 1) == b"a\0b" and data(output, 2) == b"err\n"
+        assert await collect(manager.read_output(missing.id)) == []
+        assert (await manager.start([b"true"], "alice")).id == running.id + 1
+
+
+async def test_a_deleted_id_never_comes_back(tmp_path: Path) -> None:
+    async with open_job_manager(config(tmp_path)) as manager:
+        ids = [(await manager.start([b"true"], "alice")).id for _ in range(3)]
+        for i in ids:
+            await manager.wait(i)
+        await manager.delete(ids[2])
+        await manager.delete(ids[1])
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert [s.id for s in manager.list()] == [1]
+        assert (await manager.start([b"true"], "alice")).id == 4
+        await manager.wait(4)
+        await manager.delete(4)
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert (await manager.start([b"true"], "alice")).id == 5
+
+
+async def test_a_stale_running_record_is_lost_and_its_processes_are_killed(
+        tmp_path: Path, spawned: Spawner) -> None:
+    # A job of a previous jobd: a shell (group and session leader) and its child.
+    proc = await spawned("sh", "-c", "sleep 1000 & echo $!; wait")
+    assert proc.stdout is not None
+    line = b""
+    with trio.fail_after(TIMEOUT):
+        while not line.endswith(b"\n"):
+            line += await proc.stdout.receive_some()
+    child = int(line)
+    child_start = start_ticks(child)
+    stale_record(tmp_path, 7, proc.pid, start_ticks(proc.pid))
+    events = Events()
+    async with open_job_manager(config(tmp_path, on_event=events)) as manager:
+        status = manager.status(7)
+        assert status.state is JobState.ERROR and status.error == LOST
+        assert status.describe() == "error: lost: jobd stopped while the job ran"
+        assert events.seen == [("lost", 7, status.describe())]
+        assert not alive(child, child_start)
+        assert (await manager.start([b"true"], "alice")).id == 8
+    with trio.fail_after(TIMEOUT):
+        assert await proc.wait() == -signal.SIGKILL
+    events.seen.clear()
+    async with open_job_manager(config(tmp_path, on_event=events)) as manager:
+        assert manager.status(7).error == LOST  # recorded: no second "lost"
+    assert events.seen == []
+
+
+@pytest.mark.parametrize("skew", [-1, 1000])
+async def test_a_recycled_pid_is_not_killed(tmp_path: Path, skew: int,
+                                            spawned: Spawner) -> None:
+    proc = await spawned("sleep", "1000")
+    start = start_ticks(proc.pid)
+    stale_record(tmp_path, 1, proc.pid, start + skew)  # same pid, another process
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.status(1).error == LOST
+    assert alive(proc.pid, start)
+
+
+async def test_a_record_from_another_boot_kills_nothing(
+        tmp_path: Path, spawned: Spawner) -> None:
+    proc = await spawned("sleep", "1000")
+    start = start_ticks(proc.pid)
+    stale_record(tmp_path, 1, proc.pid, start, boot="another-boot")
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.status(1).error == LOST
+    assert alive(proc.pid, start)
+
+
+async def test_a_lost_job_keeps_its_whole_output(tmp_path: Path) -> None:
+    async with open_job_manager(config(tmp_path)) as manager:
+        status = await manager.start([b"sh", b"-c", b"echo kept; exec sleep 1000"], "alice")
+        await wait_for_output(manager, status.id, b"kept\n")
+        log_path = tmp_path / "state" / "logs" / f"{status.id}.log"
+        saved = log_path.read_bytes()
+        await manager.stop(status.id)
+    # Pretend jobd died mid-job: the running record, the log with a torn last record.
+    stale_record(tmp_path, status.id, 1 << 22, 0)
+    log_path.write_bytes(saved + saved[:25])
+    async with open_job_manager(config(tmp_path)) as manager:
+        lost = manager.status(status.id)
+        assert lost.error == LOST and lost.output_bytes == len(b"kept\n")
+        assert data(await collect(manager.follow_output(status.id))) == b"kept\n"
+    assert log_path.read_bytes() == saved
+
+
+async def test_interrupted_writes_and_unreadable_records(tmp_path: Path) -> None:
+    async with open_job_manager(config(tmp_path)) as manager:
+        ok = await manager.start([b"echo", b"hi"], "alice")
+        await manager.wait(ok.id)
+        broken = await manager.start([b"true"], "alice")
+        await manager.wait(broken.id)
+        before = manager.status(ok.id)
+    jobs = tmp_path / "state" / "jobs"
+    (jobs / f"{ok.id}.msgpack.tmp").write_bytes(b"half a rec")  # a crash mid-write
+    (jobs / f"{broken.id}.msgpack").write_bytes(b"\xc1garbage")
+    (tmp_path / "state" / "logs" / "99.log").write_bytes(b"")  # a start a crash cut short
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.list() == [before]  # the old record, the unreadable one skipped
+        assert (await manager.start([b"true"], "alice")).id == broken.id + 1
+    assert not (jobs / f"{ok.id}.msgpack.tmp").exists()
+    assert not (tmp_path / "state" / "logs" / "99.log").exists()
