@@ -39,14 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(_run, config, log)
     except* TLSConfigError as group:
-        for exc in group.exceptions:
+        for exc in _leaves(group):
             log.error("startup-failed", reason=str(exc))
         status = 1
     except* OSError as os_group:
-        for err in os_group.exceptions:
+        for err in _leaves(os_group):
             log.error("startup-failed", reason=_os_reason(err, config))
         status = 1
     return status
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside (possibly nested) groups."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _os_reason(exc: BaseException, config: ServerConfig) -> str:

@@ -80,6 +80,18 @@ MAX_REFUSALS = 64
 KEEPALIVE = (30, 10, 3)  # idle seconds, interval seconds, probes
 
 
+#: Variables systemd hands to jobd itself; a job must not inherit them (a job
+#: writing to NOTIFY_SOCKET could claim to be the daemon).
+DAEMON_ONLY_ENV = frozenset({b"NOTIFY_SOCKET", b"LISTEN_FDS", b"LISTEN_PID", b"LISTEN_FDNAMES",
+                             b"WATCHDOG_USEC", b"WATCHDOG_PID"})
+
+
+def job_environment() -> dict[bytes, bytes]:
+    """The environment a job gets when its start request names none: jobd's own,
+    less what belongs to the daemon alone."""
+    return {k: v for k, v in os.environb.items() if k not in DAEMON_ONLY_ENV}
+
+
 class Denied(Exception):
     """The caller's role does not allow the request."""
 
@@ -232,6 +244,7 @@ class _ServerState:
         self.refusing = 0
         self.busy = 0  # responses in progress
         self.closing = False
+        self.job_env = job_environment()
         self._idle = trio.Event()
         self._idle.set()
 
@@ -511,7 +524,7 @@ class _Session:
             if sum(len(a) for a in request.argv) > MAX_ARGV_BYTES:
                 raise _Refusal(p.ErrorCode.BAD_REQUEST,
                                f"command line longer than {MAX_ARGV_BYTES} bytes")
-            env = dict(request.env) if request.env is not None else None
+            env = dict(request.env) if request.env is not None else self.server.job_env
             status = await self.manager.start(request.argv, who, cwd=request.cwd, env=env,
                                               limits=request.limits)
             if status.state is p.JobState.ERROR:

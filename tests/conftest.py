@@ -164,11 +164,13 @@ class JobdProcess:
 
 
 def start_jobd(pki: Pki, state_dir: Path, *extra: str, address: str = "127.0.0.1",
-               port: int = 0, server: str = "server") -> JobdProcess:
+               port: int = 0, server: str = "server",
+               env: dict[str, str] | None = None) -> JobdProcess:
     cmd = [PYTHON, "-m", "jobd", "-c", pki.path(f"{server}.pem"), "-k",
            pki.path(f"{server}.key"), "-C", pki.path("ca.pem"), "-a", address, "-p", str(port),
            "--state-dir", str(state_dir), "--stop-grace", "0.5", *extra]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT,
+                            env=env)
     assert proc.stderr is not None
     lines: list[str] = []
     deadline = time.monotonic() + READY_TIMEOUT
