@@ -274,19 +274,32 @@ async def test_unknown_job(manager: JobManager) -> None:
 
 
 async def test_delete(manager: JobManager, tmp_path: Path) -> None:
-    running = await manager.start([b"sleep", b"1000"], "alice")
-    with pytest.raises(InvalidState):
-        await manager.delete(running.id)
     ended = await manager.start([b"echo", b"hi"], "alice")
     await manager.wait(ended.id)
+    running = await manager.start([b"sleep", b"1000"], "alice")
+    with pytest.raises(InvalidState) as info:
+        await manager.delete(running.id)
+    assert info.value.status.running
     files = sorted(p.name for p in (tmp_path / "state").rglob(f"{ended.id}.*"))
     assert files == [f"{ended.id}.log", f"{ended.id}.msgpack"]
     await manager.delete(ended.id)
     assert list((tmp_path / "state").rglob(f"{ended.id}.*")) == []
     with pytest.raises(JobNotFound):
         manager.status(ended.id)
+    with pytest.raises(JobNotFound):
+        await manager.delete(ended.id)
     assert [s.id for s in manager.list()] == [running.id]
     await manager.stop(running.id)
+
+
+async def test_deleting_the_newest_job_leaves_only_a_tombstone(manager: JobManager,
+                                                               tmp_path: Path) -> None:
+    status = await manager.start([b"echo", b"hi"], "alice")
+    await manager.wait(status.id)
+    await manager.delete(status.id)
+    assert not (tmp_path / "state" / "logs" / f"{status.id}.log").exists()
+    assert (tmp_path / "state" / "jobs" / f"{status.id}.msgpack").read_bytes() == b""
+    assert manager.list() == []
 
 
 async def test_events(tmp_path: Path) -> None:
@@ -315,6 +328,23 @@ async def test_shutdown_stops_every_job_and_records_it(tmp_path: Path) -> None:
         assert [s.describe() for s in manager.list()] == ["stopped", "stopped"]
 
 
+async def test_shutdown_ends_every_follower(tmp_path: Path) -> None:
+    results: list[bytes] = []
+    async with trio.open_nursery() as nursery, open_job_manager(config(tmp_path)) as manager:
+        status = await manager.start([b"sh", b"-c", b"echo go; exec sleep 1000"], "alice")
+
+        async def follow() -> None:
+            results.append(data(await collect(manager.follow_output(status.id))))
+
+        for _ in range(2):
+            nursery.start_soon(follow)
+        await wait_for_output(manager, status.id, b"go\n")
+        # Leaving the block closes the manager first: its shutdown stops the job, and that
+        # ends the followers, so the nursery can close.
+    assert results == [b"go\n", b"go\n"]
+    assert manager.status(status.id).describe() == "stopped"
+
+
 async def test_cancelling_the_owner_still_shuts_down_cleanly(tmp_path: Path) -> None:
     with trio.move_on_after(TIMEOUT) as scope:
         async with open_job_manager(config(tmp_path)) as manager:
@@ -325,7 +355,7 @@ async def test_cancelling_the_owner_still_shuts_down_cleanly(tmp_path: Path) -> 
             scope.cancel()
             await trio.sleep_forever()
     assert manager.status(status.id).describe() == "stopped"
-    assert not alive(pid, start)
+    assert pid is not None and not alive(pid, start)
 
 
 async def test_signal_numbers_without_a_name(manager: JobManager) -> None:
@@ -333,3 +363,22 @@ async def test_signal_numbers_without_a_name(manager: JobManager) -> None:
                                  "alice")
     final = await manager.wait(status.id)
     assert final.describe() == "killed: SIGRTMIN+2"
+
+
+async def test_a_process_that_left_the_session_cannot_hold_the_output_open(
+        manager: JobManager, tmp_path: Path) -> None:
+    # setsid: outside the job's group and session (only cgroups, later, will catch it).
+    # The main process ends once the stray has printed its pid; the stray holds stdout.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    script = b"""setsid sh -c 'echo $$; echo >"$0"; exec sleep 1000' "$0" & read x <"$0" """
+    status = await manager.start([b"sh", b"-c", script, os.fsencode(fifo)], "alice")
+    out = await wait_for_output(manager, status.id, b"\n")
+    stray = int(out)
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert data(await collect(manager.follow_output(status.id))) == out
+            final = await manager.wait(status.id)
+        assert final.describe() == "exited: 0"
+    finally:
+        os.kill(stray, signal.SIGKILL)

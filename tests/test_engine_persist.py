@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobd.engine import LOST, open_job_manager
+from jobd.engine import LOST, _store, open_job_manager
 from jobd.engine._procs import boot_id
 from jobd.engine._store import Record, Store
 from protocol import JobState, JobStatus
@@ -97,6 +98,43 @@ async def test_a_deleted_id_never_comes_back(tmp_path: Path) -> None:
         await manager.delete(4)
     async with open_job_manager(config(tmp_path)) as manager:
         assert (await manager.start([b"true"], "alice")).id == 5
+
+
+async def test_deleting_the_newest_job_after_a_restart_keeps_its_id_retired(
+        tmp_path: Path) -> None:
+    async with open_job_manager(config(tmp_path)) as manager:
+        for _ in range(2):
+            await manager.wait((await manager.start([b"true"], "alice")).id)
+    async with open_job_manager(config(tmp_path)) as manager:
+        await manager.delete(2)  # the mark on disk is still 0: it must be written now
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert (await manager.start([b"true"], "alice")).id == 3
+
+
+async def test_a_full_disk_neither_blocks_a_delete_nor_loses_a_final_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = [False]
+    real = _store.atomic_write
+
+    def atomic_write(path: Path, data: bytes) -> None:
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(_store, "atomic_write", atomic_write)
+    async with open_job_manager(config(tmp_path)) as manager:
+        old = await manager.start([b"echo", b"old"], "alice")
+        await manager.wait(old.id)
+        status = await manager.start([b"sh", b"-c", b"echo hi; exec sleep 1000"], "alice")
+        await wait_for_output(manager, status.id, b"hi\n")
+        full[0] = True  # the disk fills up: the end record cannot be written
+        final = await manager.stop(status.id)
+        await manager.delete(old.id)  # needs no space
+        assert [s.id for s in manager.list()] == [status.id]
+        full[0] = False  # space is back before the shutdown
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.list() == [final]  # not "lost": the shutdown wrote it
+        assert (await manager.start([b"true"], "alice")).id == status.id + 1
 
 
 async def test_a_stale_running_record_is_lost_and_its_processes_are_killed(

@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 
-Each job is one task (``Job.run``) in the manager's nursery. It spawns the
-process (own session, stdin /dev/null, stdout and stderr on two pipes), writes
-the record, and then owns a nursery of its own holding
+Each job is one task (``Job.run``) in the manager's job nursery. It spawns the
+process in a worker thread (own session, stdin /dev/null, stdout and stderr on
+two pipes, plus a pidfd), writes the record, and then owns a nursery of its
+own holding
 
 * two pumps, one per pipe: read at most MAX_RECORD bytes, append to the
   output log, wait for room in the log's bounded queue, read again;
@@ -13,41 +14,41 @@ the record, and then owns a nursery of its own holding
 * the stop sequence ("ladder"), started by a stop request or when the main
   process exits and left processes behind.
 
-The task itself waits for the main process (Trio's ``Process.wait``, a pidfd:
-no SIGCHLD handler, no ``waitpid(-1)``). When it is reaped, leftovers in the
-job's group get the ladder, like systemd's control-group kill mode. Once every
-process of the job is gone, the pumps are cancelled: each reads what is still
-buffered in its pipe without blocking and closes it. So output ends at EOF, or
-right after the cleanup when a stray process outside the job still holds a
-pipe: never hangs. The log is flushed and closed, and only then is the final
-state set, the record written and ``done`` set. Nothing read from a pipe is
-lost: the pumps stop only after the pipes were drained.
+The task itself waits for the main process's pidfd to become readable, then
+reaps it with ``waitpid`` on its pid: no SIGCHLD handler, no ``waitpid(-1)``.
+Then leftovers in the job's group get the ladder, like systemd's control-group
+kill mode. Once every process of the job is gone the job is *settled*: the
+pumps are woken (``notify_closing``), read what is still buffered without
+blocking, and close their pipes. So output ends at EOF, or right after the
+cleanup when a stray process outside the job still holds a pipe: it never
+hangs, and nothing in a pipe is lost. Then the log is flushed and closed, the
+final state set, the record written and ``done`` set.
 
 The ladder is SIGINT, grace, SIGTERM, grace, SIGKILL, each to the process
-group (plus session members that left the group), each followed by SIGCONT so
-that stopped processes can act on it. Between steps it waits, without
-polling, until every process is gone (``_wait_gone``). A later stop joins the
-running ladder; a shorter grace (0: SIGKILL now) hurries it.
+group (plus session members that left the group), SIGINT and SIGTERM followed
+by SIGCONT so that stopped processes can act on them. Between steps it waits,
+without polling, until every process is gone (``_wait_gone``). A later stop
+joins the running ladder; a shorter grace (0: SIGKILL now) hurries it.
 
-The whole task runs in a shielded cancel scope: cancelling the daemon does not
-interrupt a job in the middle of its supervision. The manager's shutdown asks
-every job to stop and, should that take longer than the ladder can, cancels
-that scope itself; the job then SIGKILLs its group and records it stopped.
+The job nursery is shielded (see ``_manager._host_jobs``): cancelling the
+daemon does not interrupt a supervision. Shutdown asks every job to stop and,
+should that take longer than the ladder can, cancels the job's own nursery
+(``abort``); the job then SIGKILLs its group and records it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import math
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import trio
 
@@ -57,10 +58,12 @@ from ._outputlog import MAX_RECORD, OutputLog, create_file
 from ._procs import (
     ProcInfo,
     ProcScanner,
+    Spawned,
     group_may_exist,
     job_members,
     signal_group,
     signal_process,
+    spawn,
     start_time,
     wait_exit,
 )
@@ -72,6 +75,8 @@ log = logging.getLogger("jobd.engine")
 #: Reads of what is left in a pipe once the job's processes are gone (64 KiB each:
 #: more than the largest pipe buffer a job can ask for without privileges).
 DRAIN_READS = 32
+#: Pipe size for a job that fills its 64 KiB pipe (Linux lets anyone go up to 1 MiB).
+BUSY_PIPE_SIZE = 256 * 1024
 #: Upper bound on writing a record at the end of a job that shutdown had to abort.
 PERSIST_TIMEOUT = 10.0
 
@@ -88,6 +93,10 @@ class Context:
     boot_id: str
     jobs: dict[int, Job] = field(default_factory=dict)
     closing: bool = False
+    #: Records whose last write failed (full disk), by job ID: written again later.
+    unsaved: dict[int, Record] = field(default_factory=dict)
+    #: Serialises retries of ``unsaved`` with each other and with deletes.
+    retry_lock: trio.Lock = field(default_factory=trio.Lock)
 
     def emit(self, kind: str, status: JobStatus) -> None:
         if self.config.on_event is None:
@@ -98,16 +107,56 @@ class Context:
             log.exception("on_event(%r) failed for job %d", kind, status.id)
 
     async def persist(self, record: Record, log_path: Path | None = None) -> None:
-        """Write the record (creating the log first if ``log_path``); errors are logged."""
+        """Write the record (creating the log first if ``log_path``).
+
+        A failure (a full disk) is logged and the record kept in ``unsaved``; a
+        later successful write, a delete and the shutdown try it again.
+        """
         def write() -> None:
             if log_path is not None:
                 create_file(log_path)
             self.store.write(record)
 
+        job_id = record.status.id
         try:
             await trio.to_thread.run_sync(write)
         except OSError as exc:
-            log.warning("cannot write the record of job %d: %s", record.status.id, exc)
+            if job_id not in self.unsaved:
+                log.warning("cannot write the record of job %d: %s", job_id, exc)
+            self.unsaved[job_id] = record
+            return
+        self.unsaved.pop(job_id, None)
+        if self.unsaved:
+            await self.retry_unsaved()
+
+    async def retry_unsaved(self) -> None:
+        """Write the final records that could not be written before.
+
+        Only final records: a running job's own end write supersedes its start
+        record, and nothing but a retry writes an ended job's record again, so
+        no retry can overwrite a newer record.
+        """
+        async with self.retry_lock:
+            ready = [r for r in self.unsaved.values() if r.status.state is not JobState.RUNNING]
+            if not ready:
+                return
+
+            def write_all() -> list[Record]:
+                written = []
+                for record in ready:
+                    try:
+                        self.store.write(record)
+                    except OSError:
+                        break
+                    written.append(record)
+                return written
+
+            written = await trio.to_thread.run_sync(write_all)
+            for record in written:
+                if self.unsaved.get(record.status.id) is record:
+                    del self.unsaved[record.status.id]
+            if written:
+                log.info("wrote %d job records that could not be written before", len(written))
 
 
 def signal_name(number: int) -> str:
@@ -140,7 +189,7 @@ class Job:
 
     __slots__ = (
         "_ctx", "_final", "_ladder_done", "_ladder_grace", "_nursery", "_pending_grace",
-        "_reaped", "_scope", "_settled", "_step_scope", "_strays", "argv", "created", "done",
+        "_pipes", "_reaped", "_settled", "_step_scope", "_strays", "argv", "created", "done",
         "ended", "error", "exit_code", "id", "log", "owner", "pid", "proc_start", "signal",
         "started", "state", "stop_requested",
     )
@@ -165,7 +214,7 @@ class Job:
         self.done = trio.Event()
         self._final: JobStatus | None = None
         self._reaped = trio.Event()
-        self._scope: trio.CancelScope | None = None
+        self._pipes: tuple[int, ...] = ()  # read ends still open (-1: closed)
         self._nursery: trio.Nursery | None = None
         self._settled = False  # every process is gone: nothing left to signal
         self._pending_grace: float | None = None
@@ -205,12 +254,16 @@ class Job:
 
     async def run(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None, *,
                   task_status: trio.TaskStatus[JobStatus] = trio.TASK_STATUS_IGNORED) -> None:
+        """The job's task, in the manager's (shielded) job nursery."""
         ctx = self._ctx
-        returncode: int | None = None
-        proc: trio.Process | None = None
-        with trio.CancelScope(shield=True) as self._scope:
-            proc = await self._spawn(cwd, env)
-            if proc is None:  # the record says why it never ran
+        # Until started() this task runs in the caller's cancel scope: a caller
+        # that goes away must not leave a process nobody supervises.
+        with trio.CancelScope(shield=True):
+            try:
+                spawned = await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
+            except OSError as exc:  # the record says why it never ran
+                self.state = JobState.ERROR
+                self.error = spawn_error(exc, self.argv[0], cwd)
                 self._finish(None)
                 await ctx.persist(self._record())
                 ctx.jobs[self.id] = self
@@ -218,17 +271,16 @@ class Job:
                 ctx.emit("ended", self.status())
                 self.done.set()
                 return
+            self.pid = spawned.popen.pid
+            self.started = time.time()
+            self.proc_start = start_time(self.pid)  # not reaped yet: /proc/<pid> is there
             await ctx.persist(self._record(), self.log.path)
-            ctx.jobs[self.id] = self
-            task_status.started(self.status())
-            ctx.emit("started", self.status())
-            if ctx.closing:
-                self.request_stop(ctx.config.stop_grace)
-            returncode = await self._supervise(proc)
-        if self._scope.cancelled_caught and proc is not None:  # aborted by shutdown
-            signal_group(proc.pid, signal.SIGKILL)
-            returncode = proc.poll()
-            self.stop_requested = True
+        ctx.jobs[self.id] = self
+        task_status.started(self.status())
+        ctx.emit("started", self.status())
+        if ctx.closing:
+            self.request_stop(ctx.config.stop_grace)
+        returncode = await self._supervise(spawned)
         self._finish(returncode)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT
@@ -238,76 +290,80 @@ class Job:
 
     def abort(self) -> None:
         """Stop supervising at once (shutdown ran out of time): SIGKILL, record, end."""
-        if self._scope is not None:
-            self._scope.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
-    async def _spawn(self, cwd: bytes | None,
-                     env: Mapping[bytes, bytes] | None) -> trio.Process | None:
+    async def _supervise(self, spawned: Spawned) -> int | None:
+        """Until every process of the job is gone and its pipes are drained and closed.
+
+        Returns the main process's exit status (None if aborted before it exited).
+        """
+        popen, pid = spawned.popen, spawned.popen.pid
         try:
-            proc = await trio.lowlevel.open_process(
-                list(self.argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, cwd=cwd,
-                # subprocess takes bytes names and values on POSIX; trio's stub says str.
-                env=cast("dict[str, str]", dict(env)) if env is not None else None,
-            )
-        except OSError as exc:
-            self.state = JobState.ERROR
-            self.error = spawn_error(exc, self.argv[0], cwd)
-            return None
-        self.pid = proc.pid
-        self.started = time.time()
-        # Not reaped yet (only our wait() reaps), so /proc/<pid>/stat is there.
-        self.proc_start = start_time(proc.pid)
-        return proc
-
-    async def _supervise(self, proc: trio.Process) -> int:
-        assert isinstance(proc.stdout, trio.lowlevel.FdStream)
-        assert isinstance(proc.stderr, trio.lowlevel.FdStream)
-        pumps = (trio.CancelScope(), trio.CancelScope())
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.log.attach(nursery)
-            nursery.start_soon(self._pump, proc.stdout, 1, pumps[0])
-            nursery.start_soon(self._pump, proc.stderr, 2, pumps[1])
-            if self._pending_grace is not None:
-                self._start_ladder(self._pending_grace)
-            returncode = await proc.wait()
-            self._reaped.set()
-            if self._ladder_done is None and group_may_exist(proc.pid):
-                # Leftovers in the group: they get the stop sequence too.
-                self._start_ladder(self._ctx.config.stop_grace)
-            if self._ladder_done is not None:
-                await self._ladder_done.wait()
-            self._settled = True
-            for scope in pumps:
-                scope.cancel()
-        self._nursery = None
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.log.attach(nursery)
+                self._pipes = spawned.stdout, spawned.stderr
+                nursery.start_soon(self._pump, spawned.stdout, 1)
+                nursery.start_soon(self._pump, spawned.stderr, 2)
+                if self._pending_grace is not None:
+                    self._start_ladder(self._pending_grace)
+                await trio.lowlevel.wait_readable(spawned.pidfd)  # it exited
+                returncode = popen.wait()  # reap it (waitpid on its pid: it is ours)
+                self._reaped.set()
+                if self._ladder_done is None and group_may_exist(pid):
+                    # Leftovers in the group: they get the stop sequence too.
+                    self._start_ladder(self._ctx.config.stop_grace)
+                if self._ladder_done is not None:
+                    await self._ladder_done.wait()
+                # Every process of the job is gone: pumps read what is buffered and stop.
+                self._settled = True
+                for fd in self._pipes:
+                    if fd >= 0:
+                        trio.lowlevel.notify_closing(fd)  # wakes a pump waiting on it
+        finally:
+            self._nursery = None
+            os.close(spawned.pidfd)
+        if nursery.cancel_scope.cancelled_caught:  # aborted by shutdown: last resort
+            signal_group(pid, signal.SIGKILL)
+            self.stop_requested = True
+            return popen.poll()
         return returncode
 
-    async def _pump(self, stream: trio.lowlevel.FdStream, fd: int,
-                    scope: trio.CancelScope) -> None:
+    async def _pump(self, fd: int, stream: int) -> None:
+        """Copy one pipe into the log: read, append, wait for room, read again."""
         log_ = self.log
+        reads_after_end = 0
+        grown = False
         try:
-            with scope:
-                while True:
-                    await log_.wait_room()
-                    data = await stream.receive_some(MAX_RECORD)
-                    if not data:
-                        return  # EOF: every writer closed it
-                    log_.append(fd, data)
-            # Cancelled once the job's processes are gone, but someone outside the
-            # job may still hold the pipe: take what is buffered, then close it.
-            for _ in range(DRAIN_READS):
+            while True:
+                if self._settled:
+                    # Nothing of the job is left, but a stranger (setsid) may still hold
+                    # the pipe: take what is buffered, never wait for more.
+                    reads_after_end += 1
+                    if reads_after_end > DRAIN_READS:
+                        return
                 await log_.wait_room()
                 try:
-                    data = os.read(stream.fileno(), MAX_RECORD)
+                    data = os.read(fd, MAX_RECORD)
                 except BlockingIOError:
-                    break
+                    if self._settled:
+                        return
+                    with contextlib.suppress(trio.ClosedResourceError):  # _settled now
+                        await trio.lowlevel.wait_readable(fd)
+                    continue
                 if not data:
-                    break
-                log_.append(fd, data)
+                    return  # EOF: every writer closed it
+                if len(data) == MAX_RECORD and not grown:
+                    # A full read: the job outpaces us. A bigger pipe lets it run
+                    # ahead while the loop is busy (fewer, full records).
+                    grown = True
+                    with contextlib.suppress(OSError):  # over the user's pipe quota: keep it
+                        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BUSY_PIPE_SIZE)
+                log_.append(stream, data)
         finally:
-            stream.close()
+            self._pipes = tuple(-1 if f == fd else f for f in self._pipes)
+            os.close(fd)
 
     def _finish(self, returncode: int | None) -> None:
         """Set the final state; then followers may finish (the log closes)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import signal
 import time
@@ -39,12 +41,10 @@ class JobManager:
     Made by :func:`open_job_manager`, which owns the nursery of every job.
     """
 
-    def __init__(self, ctx: Context, nursery: trio.Nursery, next_id: int, highwater: int) -> None:
+    def __init__(self, ctx: Context, nursery: trio.Nursery, next_id: int) -> None:
         self._ctx = ctx
         self._nursery = nursery
         self._next_id = next_id
-        self._highwater = highwater  # the ID high-water mark as persisted
-        self._highwater_lock = trio.Lock()
 
     def _get(self, job_id: int) -> Job:
         try:
@@ -63,6 +63,8 @@ class JobManager:
             raise EngineError("the job engine is shutting down")
         if limits is not None and not limits.is_empty():
             raise EngineError("resource limits are not supported")
+        if not isinstance(owner, str):
+            raise EngineError(f"owner must be a string, not {type(owner).__name__}")
         args = tuple(argv)
         if not args:
             raise EngineError("the command is empty")
@@ -89,8 +91,8 @@ class JobManager:
             raise InvalidState(job.status())
         if grace is None:
             grace = self._ctx.config.stop_grace
-        if grace < 0:
-            raise EngineError("the grace period must not be negative")
+        if math.isnan(grace) or grace < 0:
+            raise EngineError("the grace period must be a number of seconds, 0 or more")
         job.request_stop(grace)
         await job.done.wait()
         return job.status()
@@ -116,22 +118,21 @@ class JobManager:
         await job.done.wait()  # its final record is written
         if self._ctx.jobs.get(job_id) is not job:
             raise JobNotFound(job_id)  # a concurrent delete won
-        del self._ctx.jobs[job_id]
-        store = self._ctx.store
+        ctx = self._ctx
+        del ctx.jobs[job_id]
+        # The highest ID on disk must stay (as a tombstone) or it would come back after
+        # a restart; a job that did not get its record written does not count.
+        keep_id = not any(i > job_id and i not in ctx.unsaved for i in ctx.jobs)
         with trio.CancelScope(shield=True):  # bounded file operations; half a delete helps nobody
-            async with self._highwater_lock:
-                if job_id > self._highwater:
-                    newest = self._next_id - 1
-                    try:
-                        await trio.to_thread.run_sync(store.write_highwater, newest)
-                    except OSError as exc:
-                        self._ctx.jobs[job_id] = job
-                        raise EngineError(f"cannot delete job {job_id}: {exc}") from exc
-                    self._highwater = newest
-            try:
-                await trio.to_thread.run_sync(store.remove, job_id)
-            except OSError as exc:
-                log.warning("job %d deleted, but its files remain: %s", job_id, exc)
+            async with ctx.retry_lock:
+                ctx.unsaved.pop(job_id, None)
+                try:
+                    await trio.to_thread.run_sync(
+                        functools.partial(ctx.store.delete, job_id, keep_id=keep_id))
+                except OSError as exc:
+                    log.warning("job %d deleted, but its files remain: %s", job_id, exc)
+            if ctx.unsaved:  # the delete may have freed the space they lacked
+                await ctx.retry_unsaved()
 
     def read_output(self, job_id: int, position: int = 0, *,
                     max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
@@ -173,6 +174,7 @@ class JobManager:
                 job.abort()
         for job in running:
             await job.done.wait()
+        await self._ctx.retry_unsaved()  # space may have come back since
 
 
 def _check_bytes(what: str, *values: object) -> None:
@@ -212,14 +214,29 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                          end=record.log_size or 0, output_bytes=status.output_bytes,
                          dropped_bytes=status.dropped_bytes, closed=True)
         ctx.jobs[status.id] = Job.ended_from(ctx, status, log_)
-    async with trio.open_nursery() as nursery:
-        manager = JobManager(ctx, nursery, max(highest, 0) + 1, highest)
+    closed = trio.Event()
+    async with trio.open_nursery() as root:
+        jobs_nursery: trio.Nursery = await root.start(_host_jobs, closed)
+        manager = JobManager(ctx, jobs_nursery, highest + 1)
         try:
             yield manager
         finally:
             # Bounded by shutdown itself: 2 x grace + SHUTDOWN_SLACK, then SIGKILL.
             with trio.CancelScope(shield=True):
                 await manager.shutdown()
+            closed.set()
+
+
+async def _host_jobs(closed: trio.Event, *,
+                     task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED,
+                     ) -> None:
+    """Own every job's task, shielded: cancelling the daemon must not cut a job's
+    supervision short; shutdown stops the jobs, then ``closed`` lets this end.
+    """
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await closed.wait()
 
 
 def _load(store: Store) -> tuple[list[Record], int]:

@@ -287,7 +287,7 @@ class OutputLog:
         total = sum(len(b) for b in iov)
         try:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             written = _pwritev(self._fd, iov, self.end)
         except OSError as exc:
             written, error = 0, os.strerror(exc.errno) if exc.errno else str(exc)

@@ -20,11 +20,57 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import trio
 
 _PROC = "/proc"
+
+
+class Spawned(NamedTuple):
+    popen: subprocess.Popen[bytes]  # kept until reaped (it reaps, and must not be collected before)
+    stdout: int  # read ends, non-blocking
+    stderr: int
+    pidfd: int  # readable once the process has exited
+
+
+def spawn(argv: Sequence[bytes], cwd: bytes | None,
+          env: Mapping[bytes, bytes] | None) -> Spawned:
+    """Start a job's main process (blocking: call from a worker thread).
+
+    Own session and process group, stdin /dev/null, stdout and stderr on two
+    pipes, no shell, no preexec_fn. Raises OSError if it cannot be executed.
+    Plain fds rather than trio.Process: a running job costs a few KiB less.
+    """
+    fds: list[int] = []
+    try:
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        fds += (out_r, out_w)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        fds += (err_r, err_w)
+        popen = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            start_new_session=True, cwd=cwd, env=dict(env) if env is not None else None,
+        )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    os.close(out_w)
+    os.close(err_w)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError:  # EMFILE: we could not supervise it
+        signal_group(popen.pid, signal.SIGKILL)
+        popen.wait()
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    os.set_blocking(out_r, False)
+    os.set_blocking(err_r, False)
+    return Spawned(popen, out_r, err_r, pidfd)
 
 
 class ProcInfo(NamedTuple):
@@ -172,7 +218,7 @@ class ProcScanner:
     A scan costs ~10 us per process on the host and runs in a worker thread.
     A caller needs a scan that *began after its request*; callers that queue
     while one runs share the next one, so a burst (a shutdown stopping 1,000
-    jobs) costs a couple of scans, not one per job.
+    jobs) costs a few scans, not one per job.
     """
 
     def __init__(self) -> None:

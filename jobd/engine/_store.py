@@ -2,24 +2,27 @@
 
 Layout of the state directory::
 
-    jobs/<id>.msgpack   one record per job (msgpack map, below)
+    jobs/<id>.msgpack   one record per job (msgpack map, below); empty: a tombstone
     logs/<id>.log       the job's output log (see _outputlog)
-    last-id             the ID high-water mark, decimal text
 
 A record is the map ``{"v": 1, "status": JobStatus.to_wire(), "proc_start":
 ticks | None, "boot_id": str | None, "log_size": int | None}``: ``proc_start``
 and ``boot_id`` identify the main process across a jobd restart (so that a
 recycled pid is never killed), ``log_size`` is the committed size of the log
-at the job's end (a longer file is cut back to it, a shorter one is scanned).
+at the job's end (a log of another size is walked and cut after its last whole
+record).
 
-Every file is written atomically: a temporary file in the same directory,
+Every record is written atomically: a temporary file in the same directory,
 fsync, rename over the old one. A crash leaves the old or the new version,
 never a mix; stray ``*.tmp`` files are removed on load.
 
-IDs. The next ID is one more than the largest of the high-water mark and every
-record's ID. The mark is only written when a job is deleted (before its record
-goes), so starts cost no extra write; a crash between allocating an ID and
-writing its record can only reuse an ID nobody was ever told about.
+IDs. The next ID is one more than the highest ID among the record files, so
+starts cost no extra write. Deleting the job with the highest ID on disk
+leaves its record as an empty file, a tombstone, so that its ID never comes
+back; deleting any other job removes its files. Load removes the tombstones a
+higher ID has made unnecessary. A delete thus needs no free space: on a full
+disk it is what frees some. A crash between allocating an ID and writing its
+record can only reuse an ID nobody was ever told about.
 
 All methods block: call them from a worker thread.
 """
@@ -50,23 +53,22 @@ class Record:
     log_size: int | None = None
 
 
-def atomic_write(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if sync_dir:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(dfd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         finally:
-            os.close(dfd)
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # on a full disk, a half-written temporary holds what is left
+        raise
 
 
 def encode(record: Record) -> bytes:
@@ -93,10 +95,10 @@ def decode(raw: bytes) -> Record:
 
 
 class Store:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path | str) -> None:
+        state_dir = Path(state_dir)
         self.jobs_dir = state_dir / "jobs"
         self.logs_dir = state_dir / "logs"
-        self.highwater_path = state_dir / "last-id"
 
     def record_path(self, job_id: int) -> Path:
         return self.jobs_dir / f"{job_id}.msgpack"
@@ -105,60 +107,73 @@ class Store:
         return self.logs_dir / f"{job_id}.log"
 
     def load(self) -> tuple[list[Record], int]:
-        """(records by ID, the largest ID ever given). Creates the directories."""
+        """(records by ID, the largest ID ever given). Creates the directories.
+
+        Removes what a crash or a delete left behind: temporary files, logs
+        without a record, tombstones that a higher ID makes unnecessary.
+        """
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        highest = self._read_highwater()
+        highest = 0
         records: list[Record] = []
-        known: set[int] = set()
+        tombstones: list[int] = []
+        unreadable: set[int] = set()
         for entry in os.scandir(self.jobs_dir):
             name = entry.name
             if name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                 continue
-            stem = name.split(".", 1)[0]
-            if not stem.isdigit():
+            stem, _, suffix = name.partition(".")
+            if not stem.isdigit() or suffix != "msgpack":
                 continue
             job_id = int(stem)
-            known.add(job_id)
             highest = max(highest, job_id)
-            if not name.endswith(".msgpack"):
-                continue
             try:
                 with open(entry.path, "rb") as f:
-                    record = decode(f.read())
+                    raw = f.read()
+                if not raw:
+                    tombstones.append(job_id)
+                    continue
+                record = decode(raw)
                 if record.status.id != job_id:
                     raise ValueError(f"record holds job {record.status.id}")
             except (OSError, ValueError, TypeError, FieldError, msgpack.UnpackException) as exc:
                 log.warning("skipping unreadable job record %s: %s", entry.path, exc)
+                unreadable.add(job_id)  # its log stays, for whoever investigates
                 continue
             records.append(record)
+        for job_id in tombstones:
+            if job_id < highest:
+                with contextlib.suppress(OSError):
+                    self.record_path(job_id).unlink()
+        keep = {r.status.id for r in records} | unreadable
         for entry in os.scandir(self.logs_dir):
-            stem = entry.name.split(".", 1)[0]
-            # A log without a record: a delete or a start that a crash interrupted.
-            if not stem.isdigit() or int(stem) not in known:
+            stem = entry.name.partition(".")[0]
+            # A log without a record: a start or a delete that a crash cut short.
+            if not stem.isdigit() or int(stem) not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
         records.sort(key=lambda r: r.status.id)
         return records, highest
 
-    def _read_highwater(self) -> int:
-        try:
-            return int(self.highwater_path.read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", self.highwater_path, exc)
-            return 0
-
     def write(self, record: Record) -> None:
         atomic_write(self.record_path(record.status.id), encode(record))
 
-    def write_highwater(self, job_id: int) -> None:
-        atomic_write(self.highwater_path, f"{job_id}\n".encode(), sync_dir=True)
+    def delete(self, job_id: int, *, keep_id: bool) -> None:
+        """Remove a job's record and log; needs no free space (it may be what is short).
 
-    def remove(self, job_id: int) -> None:
-        for path in (self.record_path(job_id), self.log_path(job_id)):
+        With ``keep_id`` the record becomes a tombstone (an empty file) that keeps
+        the ID retired across restarts, for the highest ID on disk.
+        """
+        path = self.record_path(job_id)
+        if keep_id:
+            try:
+                os.truncate(path, 0)
+            except FileNotFoundError:  # its record was never written (full disk)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        else:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.log_path(job_id).unlink()

@@ -17,7 +17,7 @@ class EngineConfig:
     """How the job engine runs.
 
     Fields:
-      state_dir: where job records, output logs and the ID high-water mark live.
+      state_dir: where job records and output logs live (see docs/engine.md).
       stop_grace: seconds between SIGINT, SIGTERM and SIGKILL of the stop sequence.
       output_cap: per-job cap on kept output bytes (record headers not counted).
       on_event: called synchronously with ("started" | "ended" | "lost", status), for
@@ -30,8 +30,8 @@ class EngineConfig:
     on_event: EventCallback | None = None
 
     def __post_init__(self) -> None:
-        if self.stop_grace < 0:
-            raise ValueError("stop_grace must not be negative")
+        if not self.stop_grace >= 0:  # also refuses NaN
+            raise ValueError("stop_grace must be 0 or more seconds")
         if self.output_cap < 0:
             raise ValueError("output_cap must not be negative")
 
