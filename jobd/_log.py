@@ -11,6 +11,7 @@ Every event names who, what and why; docs/operations.md lists them all.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import Any, TextIO
@@ -69,3 +70,28 @@ class EventLog:
 
     def debug(self, event: str, **fields: Any) -> None:
         self.event(event, "debug", **fields)
+
+
+class EventLogHandler(logging.Handler):
+    """Routes the engine's stdlib ``logging`` records into the event log, so
+    jobd writes one format only: event ``engine`` with the message."""
+
+    def __init__(self, log: EventLog):
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower()
+        level = level if level in LEVELS else ("error" if record.levelno >= 40 else "info")
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        self._log.event("engine", level, message=message)
+
+
+def route_engine_logs(log: EventLog) -> None:
+    logger = logging.getLogger("jobd")
+    logger.handlers[:] = [EventLogHandler(log)]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shlex
 import socket
 import ssl
@@ -48,7 +49,7 @@ import protocol as p
 from jobd import __version__
 from jobd._auth import Action, Identity, IdentityError, identity_from_cert
 from jobd._config import ServerConfig
-from jobd._log import EventLog
+from jobd._log import EventLog, route_engine_logs
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
 from jobd.engine import (
     BadPosition,
@@ -76,6 +77,9 @@ SHUTDOWN_FLUSH_TIMEOUT = 5.0
 #: Connections over the limit still get a clear refusal, but only this many
 #: refusals are in progress at once; beyond that the socket is just closed.
 MAX_REFUSALS = 64
+#: File descriptors the connection limit leaves free for everything else: jobs
+#: (two pipes, a log and a pidfd each), stream readers, records being written.
+FD_RESERVE = 256
 #: TCP keepalive: a peer that vanished without a FIN is noticed in ~1 minute.
 KEEPALIVE = (30, 10, 3)  # idle seconds, interval seconds, probes
 
@@ -171,6 +175,7 @@ async def serve(
     (cannot bind) before anything is served.
     """
     log = log if log is not None else EventLog(config.log_format, config.log_level)
+    route_engine_logs(log)
     tls = [make_server_context(config.certificate, config.key, config.ca, config.crl)]
 
     def reload() -> bool:
@@ -197,6 +202,12 @@ async def serve(
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]
         server = Server(addresses=addresses, manager=manager, _reload=reload)
         state = _ServerState(config, log, manager, lambda: tls[0])
+        if state.max_connections < config.max_connections:
+            log.warning("connection-limit-lowered", configured=config.max_connections,
+                        limit=state.max_connections,
+                        nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                        reason="the file descriptor limit cannot hold more; "
+                        "raise it (ulimit -n, LimitNOFILE=) to allow more")
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as acceptors:
                 await acceptors.start(
@@ -231,6 +242,20 @@ async def _serve_listeners(
                                task_status=task_status)
 
 
+def connection_limit(configured: int) -> int:
+    """``--max-connections``, lowered if jobd's file-descriptor limit cannot hold it.
+
+    A connection takes up to two descriptors (its socket and, while it streams,
+    the job's log), refusals in progress take MAX_REFUSALS more, and FD_RESERVE
+    stay free, so that a flood of connections can never leave jobd unable to
+    start a job or keep its output (``ulimit -n`` is often 1024 outside systemd).
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, (soft - FD_RESERVE - MAX_REFUSALS) // 2))
+
+
 class _ServerState:
     """State shared by every connection: counts, config, the current TLS context."""
 
@@ -240,6 +265,7 @@ class _ServerState:
         self.log = log
         self.manager = manager
         self.tls = tls
+        self.max_connections = connection_limit(config.max_connections)
         self.active = 0
         self.refusing = 0
         self.busy = 0  # responses in progress
@@ -268,7 +294,7 @@ class _ServerState:
             await tcp.aclose()
             return
         _set_keepalive(tcp)
-        over_limit = self.active >= self.config.max_connections
+        over_limit = self.active >= self.max_connections
         if over_limit and self.refusing >= MAX_REFUSALS:
             self.log.warning("connection-refused", peer=peer, reason="too many connections")
             await tcp.aclose()
@@ -391,13 +417,21 @@ class _Session:
                 return False
             if refusal is None and over_limit:
                 refusal = (p.ErrorCode.UNAVAILABLE, "server busy: too many connections "
-                           f"(limit {self.server.config.max_connections})")
+                           f"(limit {self.server.max_connections})")
                 self.log.warning("connection-refused", peer=self.peer, who=name,
                                  reason="too many connections")
             if refusal is None and self.server.closing:
                 refusal = (p.ErrorCode.UNAVAILABLE, "server is shutting down")
             if refusal is not None:
                 await self._close(self.conn.send(p.Error(*refusal)))
+                return False
+            try:
+                # Nothing may follow the hello before the welcome: bytes that came
+                # with it would otherwise wait unread until the client sent more.
+                self.conn.next_event()
+            except p.RemoteProtocolError as exc:
+                self.log.warning("bad-hello", peer=self.peer, who=name, reason=exc.message)
+                await self._close(exc.error_frame)
                 return False
             assert self.identity is not None
             welcome = p.Welcome(
