@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

@@ -50,19 +50,25 @@ class BlockingClient:
 
     def _receive(self, timeout: float | None) -> Any:
         self._sock.settimeout(timeout)
+        conn = self._conn
+        recv_into = self._sock.recv_into
         while True:
-            event = self._conn.next_event()
+            event = conn.next_event()
             if event is not p.NEED_DATA:
                 return event
+            # Straight into the connection's buffer: one TLS record (16 KiB) per call.
             try:
-                data = self._sock.recv(core.RECEIVE_SIZE)
+                count = recv_into(conn.get_buffer(core.RECEIVE_SIZE))
             except TimeoutError:
                 raise ConnectionFailed(f"no answer from the server within {timeout:g}s") from None
             except ssl.SSLZeroReturnError:
-                data = b""
+                count = 0
             except (OSError, ssl.SSLError) as exc:
                 raise core.lost(exc) from None
-            self._conn.receive_data(data)
+            if count:
+                conn.buffer_updated(count)
+            else:
+                conn.receive_data(b"")
 
     def _send(self, message: p.Message) -> None:
         try:
@@ -163,12 +169,13 @@ def connect_blocking(
     """Connect, complete TLS 1.3, exchange hello and welcome."""
     ctx = core.client_context(certificate, key, ca)
     try:
-        raw = socket.create_connection((address, port), timeout=connect_timeout)
+        raw = socket.create_connection((core.host_name(address), port),  # type: ignore[arg-type]
+                                       timeout=connect_timeout)
     except OSError as exc:
         raise core.connect_error(address, port, exc) from None
     core.set_keepalive(raw)
     try:
-        sock = ctx.wrap_socket(raw, server_hostname=server_name or address)
+        sock = ctx.wrap_socket(raw, server_hostname=core.host_name(server_name or address))
     except (OSError, ssl.SSLError, ValueError) as exc:
         raw.close()
         raise core.handshake_error(exc) from None

@@ -24,8 +24,10 @@ REQUEST_TIMEOUT = 60.0
 #: grace, 2 s by default, plus cleanup); this bounds the wait when the grace is
 #: the server's own.
 STOP_TIMEOUT = 300.0
-#: Bytes asked of the socket per read.
-RECEIVE_SIZE = 256 * 1024
+#: Bytes asked of the socket per read. A TLS read returns at most one record
+#: (16 KiB), and ssl's read allocates what is asked before it shrinks it to
+#: what came: asking for much more only costs memory traffic.
+RECEIVE_SIZE = 64 * 1024
 #: TCP keepalive: a server that vanished without a FIN is noticed in ~1 minute,
 #: which bounds the wait of a stream on a silent job.
 KEEPALIVE = (30, 10, 3)
@@ -56,6 +58,16 @@ def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[s
         raise ConfigError(f"cannot load CA certificate {os.fspath(ca)}: "
                           f"{tls_reason(exc)}") from None
     return ctx
+
+
+def host_name(name: str) -> str | bytes:
+    """A host name or address as ``getaddrinfo`` and ``wrap_socket`` take it.
+
+    An ASCII name goes as bytes: the ``idna`` codec they apply to a str would
+    leave it unchanged, and importing that codec (with ``stringprep``) costs
+    every run of jobctl 1.5 ms.
+    """
+    return name.encode("ascii") if name.isascii() else name
 
 
 def tls_reason(exc: BaseException) -> str:
@@ -99,7 +111,15 @@ def refused_before_welcome(exc: BaseException | None) -> ServerRefused:
 
 
 def set_keepalive(sock: Any) -> None:
+    """TCP keepalive (see KEEPALIVE), and TCP_NODELAY.
+
+    Without TCP_NODELAY, the hello that follows the client's last handshake
+    flight waits for that flight's ACK (Nagle), which the server delays by
+    40 ms because it has nothing to send until the hello arrives: every
+    connection would take 40 ms longer than its handshake.
+    """
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         idle, interval, count = KEEPALIVE
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)

@@ -12,6 +12,7 @@ from jobd._log import EventLog
 from jobd._notify import notify_ready, notify_reloading, notify_stopping
 from jobd._server import Server, serve
 from jobd._tls import TLSConfigError
+from jobd.engine import EngineError
 
 
 async def _run(config: ServerConfig, log: EventLog) -> None:
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except* OSError as os_group:
         for err in _leaves(os_group):
             log.error("startup-failed", reason=_os_reason(err, config))
+        status = 1
+    except* EngineError as engine_group:  # limits this machine cannot enforce
+        for exc in _leaves(engine_group):
+            log.error("startup-failed", reason=str(exc))
         status = 1
     return status
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -58,12 +59,40 @@ class ServerConfig:
     output_cap: int = DEFAULT_OUTPUT_CAP
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Per-job limits (docs/isolation.md); None: no default, no cap.
+    default_memory: int | None = None
+    max_memory: int | None = None
+    default_cpus: float | None = None
+    max_cpus: float | None = None
+    default_pids: int | None = None
+    max_pids: int | None = None
+    max_io_bps: int | None = None
+    cgroup_root: Path | None = None
 
 
 def _positive_float(text: str) -> float:
+    """Seconds, 0 included. NaN and infinity are refused: a NaN deadline crashes the
+    stop sequence, an infinite one means a shutdown that never ends."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds: {text}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    """Seconds, more than 0 (with 0 every connection would time out at once)."""
+    value = _positive_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
     return value
 
 
@@ -72,6 +101,20 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _limit_size(text: str) -> int:
+    value = _size(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text}")
+    return value
+
+
+def _cpus(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of CPUs above 0: {text}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -114,17 +157,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-cap", type=_size, default=DEFAULT_OUTPUT_CAP, metavar="SIZE",
                    help="output bytes kept per job; the rest is drained and counted "
                    "(default: 1G)")
-    p.add_argument("--handshake-timeout", type=_positive_float,
+    p.add_argument("--handshake-timeout", type=_timeout,
                    default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
                    help="time a new connection has for TLS and hello (default: %(default)s)")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+    p.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
                    metavar="N", help="connections served at once; more are refused "
                    "(default: %(default)s)")
+    limits = p.add_argument_group(
+        "per-job limits",
+        "A job that asks for no limit gets the default, or else the maximum; a request "
+        "above a maximum is refused (limit_exceeded). Default: none. See docs/isolation.md.")
+    limits.add_argument("--default-memory", type=_limit_size, metavar="SIZE",
+                        help="memory limit of a job that asks for none (e.g. 512M)")
+    limits.add_argument("--max-memory", type=_limit_size, metavar="SIZE",
+                        help="largest --memory a job may ask for")
+    limits.add_argument("--default-cpus", type=_cpus, metavar="N",
+                        help="CPU limit, in CPUs, of a job that asks for none (e.g. 1.5)")
+    limits.add_argument("--max-cpus", type=_cpus, metavar="N",
+                        help="largest --cpus a job may ask for")
+    limits.add_argument("--default-pids", type=_count, metavar="N",
+                        help="process limit of a job that asks for none")
+    limits.add_argument("--max-pids", type=_count, metavar="N",
+                        help="largest --pids a job may ask for")
+    limits.add_argument("--max-io-bps", type=_limit_size, metavar="RATE",
+                        help="largest --io-read-bps/--io-write-bps rate (bytes per second)")
+    limits.add_argument("--cgroup-root", type=Path, metavar="DIR",
+                        help="a delegated cgroup v2 directory for the jobs' cgroups "
+                        "(default: jobd's own cgroup if delegated, else the v1 hierarchies)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    for name in ("memory", "cpus", "pids"):
+        default, cap = getattr(ns, f"default_{name}"), getattr(ns, f"max_{name}")
+        if default is not None and cap is not None and default > cap:
+            parser.error(f"--default-{name} is above --max-{name}")
     return ServerConfig(
         certificate=ns.certificate,
         key=ns.key,
@@ -139,4 +208,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         output_cap=ns.output_cap,
         handshake_timeout=ns.handshake_timeout,
         max_connections=ns.max_connections,
+        default_memory=ns.default_memory,
+        max_memory=ns.max_memory,
+        default_cpus=ns.default_cpus,
+        max_cpus=ns.max_cpus,
+        default_pids=ns.default_pids,
+        max_pids=ns.max_pids,
+        max_io_bps=ns.max_io_bps,
+        cgroup_root=ns.cgroup_root,
     )

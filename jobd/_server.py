@@ -58,6 +58,7 @@ from jobd.engine import (
     InvalidState,
     JobManager,
     JobNotFound,
+    LimitExceeded,
     open_job_manager,
 )
 
@@ -195,8 +196,13 @@ async def serve(
         else:
             log.info(f"job-{kind}", id=status.id, owner=status.owner, status=status.describe())
 
-    engine_config = EngineConfig(state_dir=config.state_dir, stop_grace=config.stop_grace,
-                                 output_cap=config.output_cap, on_event=on_job_event)
+    engine_config = EngineConfig(
+        state_dir=config.state_dir, stop_grace=config.stop_grace,
+        output_cap=config.output_cap, on_event=on_job_event,
+        default_memory=config.default_memory, max_memory=config.max_memory,
+        default_cpus=config.default_cpus, max_cpus=config.max_cpus,
+        default_pids=config.default_pids, max_pids=config.max_pids,
+        max_io_bps=config.max_io_bps, cgroup_root=config.cgroup_root)
     async with open_job_manager(engine_config) as manager:
         listeners = await _open_listeners(config.address, config.port)
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]
@@ -213,6 +219,7 @@ async def serve(
                 await acceptors.start(
                     _serve_listeners, state.handle, listeners, handlers
                 )
+                log.info("cgroups", **manager.cgroup_layout())
                 log.info("listening", address=" ".join(format_address(h, pt) for h, pt in
                                                         addresses),
                          state_dir=str(config.state_dir))
@@ -461,7 +468,8 @@ class _Session:
                     try:
                         with trio.CancelScope() as self._response_scope:
                             await self._respond(request)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    except (trio.BrokenResourceError, trio.ClosedResourceError,
+                            p.RemoteProtocolError):  # the reader closed on a protocol error
                         break
                     finally:
                         self._response_scope = None
@@ -484,11 +492,19 @@ class _Session:
                         if event is p.CLOSED:
                             self._peer_gone()
                             return
+                        # Bytes read along with this request are a second request sent
+                        # before this one's answer: refuse them now, before the first is
+                        # handed over, so that the outcome does not depend on which task
+                        # runs first (and a pipelined start is never half carried out).
+                        self.conn.next_event()
                         await requests.send(event)
             except p.RemoteProtocolError as exc:
                 self.log.warning("bad-request", peer=self.peer, who=self._who(),
                                  code=exc.code.value, reason=exc.message)
-                self._cancel_response()
+                # A stream ends now; a one-shot request in progress (a start being
+                # spawned, a stop waiting for its job) is carried out, its answer lost:
+                # cancelling a start half-way could leave its job unsupervised.
+                self._peer_gone()
                 await self._close(exc.error_frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._peer_gone()
@@ -528,6 +544,8 @@ class _Session:
             reply = p.Error(p.ErrorCode.BAD_REQUEST, f"bad position: {exc}")
         except _Refusal as exc:
             reply = p.Error(exc.code, str(exc))
+        except LimitExceeded as exc:
+            reply = p.Error(p.ErrorCode.LIMIT_EXCEEDED, str(exc))
         except EngineError as exc:
             reply = p.Error(p.ErrorCode.UNAVAILABLE, str(exc))
         await self._send(self.conn.send(reply))

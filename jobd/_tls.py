@@ -23,7 +23,12 @@ def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.options |= ssl.OP_NO_TICKET  # no session resumption: every connection shows its certificate
+    # No session resumption: every connection shows its certificate (a resumed session
+    # skips the check, so an expired or revoked certificate would keep getting in).
+    # In TLS 1.3, OP_NO_TICKET alone only switches OpenSSL to stateful tickets, which
+    # it still sends (two per connection) and honours; num_tickets = 0 sends none.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     try:
         ctx.load_cert_chain(str(certificate), str(key))
     except (OSError, ssl.SSLError) as exc:

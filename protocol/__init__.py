@@ -19,6 +19,7 @@ from ._frames import (
     decode_payload,
     encode_frame,
     encode_output_chunk,
+    parse_output_chunk,
 )
 from ._messages import (
     CLIENT_MESSAGES,
@@ -105,4 +106,5 @@ __all__ = [
     "decode_payload",
     "encode_frame",
     "encode_output_chunk",
+    "parse_output_chunk",
 ]

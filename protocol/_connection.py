@@ -24,6 +24,17 @@ worth (``max_frame_size + 4``) plus what the latest ``receive_data()`` added.
 Call ``next_event()`` until NEED_DATA before feeding more data; feeding more
 while over that bound is a LocalProtocolError.
 
+Bulk receiving without a copy, the way asyncio's ``BufferedProtocol`` does
+it: ``get_buffer(n)`` lends a writable view of the buffer's free space,
+``sock.recv_into(view)`` fills it, ``buffer_updated(count)`` commits it. The
+buffer is one bytearray with a start and an end: a consumed frame only moves
+the start, and the unconsumed tail moves to the front only when the free space
+runs out, so a stream of large frames costs no allocation per frame (resizing
+a bytearray whose front was deleted reallocates and copies it). A client keeps
+its buffer; a server drops it when it is empty, so idle connections cost
+nothing. ``out`` frames in the exact layout :func:`encode_output_chunk`
+writes are decoded without msgpack (anything else takes the general path).
+
 The peer's EOF (CLOSED) ends only what we receive: a server whose client
 vanished mid-response may still call ``send()`` until it notices.
 
@@ -48,8 +59,9 @@ from ._frames import (
     decode_payload,
     encode_frame,
     encode_output_chunk,
+    parse_output_chunk,
 )
-from ._messages import Error, Hello, Message, Welcome
+from ._messages import Error, Hello, Message, OutputChunk, Welcome
 from ._state import TURN, ConnectionState, Conversation, IllegalMove, Role
 
 
@@ -81,6 +93,9 @@ class _Connection:
 
     our_role: ClassVar[Role]
     their_role: ClassVar[Role]
+    #: Drop the receive buffer's memory whenever it is empty (servers: many idle
+    #: connections) rather than keep it for the next frame (clients: few, busy).
+    _release_when_empty: ClassVar[bool] = False
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         if type(max_frame_size) is not int or not 0 < max_frame_size <= _MAX_PREFIX:
@@ -90,7 +105,9 @@ class _Connection:
         self.max_frame_size = max_frame_size
         #: The largest frame payload we send (the client adopts the server's).
         self.send_limit = max_frame_size
-        self._buffer = bytearray()
+        self._buf = bytearray()
+        self._start = 0  # buffered bytes are _buf[_start:_end]
+        self._end = 0
         self._eof = False
         self._closed = False
         self._conversation = Conversation()
@@ -110,21 +127,51 @@ class _Connection:
         """The wire type of the request in progress (``"stream"``...), or None."""
         return self._conversation.request
 
+    @property
+    def _buffer(self) -> memoryview:
+        """The buffered bytes not consumed yet (a view: for tests and debugging)."""
+        return memoryview(self._buf)[self._start:self._end]
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes from the peer; ``b""`` means the peer closed (EOF)."""
         self._fail_fast()
+        size = len(data) if isinstance(data, bytes | bytearray) else memoryview(data).nbytes
         if self._eof:
-            if data:
+            if size:
                 raise LocalProtocolError("receive_data() called with data after EOF")
             return
-        if not data:
+        if not size:
             self._eof = True
             return
-        if len(self._buffer) > self.max_frame_size + HEADER_SIZE:
-            raise LocalProtocolError(
-                "receive_data() called again without draining next_event() first"
-            )
-        self._buffer += data
+        self._check_bound("receive_data")
+        self._reserve(size)
+        self._buf[self._end:self._end + size] = data
+        self._end += size
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """A writable view of free buffer space, at least ``sizehint`` bytes, for
+        ``recv_into``; then call :meth:`buffer_updated` with the count received.
+
+        The same as ``receive_data(sock.recv(n))`` without the copy. The view is
+        only good until the next call on this connection.
+        """
+        self._fail_fast()
+        if self._eof:
+            raise LocalProtocolError("get_buffer() called after EOF")
+        self._check_bound("get_buffer")
+        self._reserve(max(sizehint, 1))
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Commit ``nbytes`` written at the start of the view :meth:`get_buffer` gave.
+
+        0 bytes is not EOF: pass ``b""`` to :meth:`receive_data` for that.
+        """
+        self._fail_fast()
+        if type(nbytes) is not int or not 0 <= nbytes <= len(self._buf) - self._end:
+            raise LocalProtocolError(f"buffer_updated({nbytes!r}): not within the buffer "
+                                     "that get_buffer() gave")
+        self._end += nbytes
 
     def next_event(self) -> Event:
         """The next message from the peer, NEED_DATA, or CLOSED.
@@ -158,6 +205,33 @@ class _Connection:
 
     # -- internals --------------------------------------------------------------
 
+    def _check_bound(self, what: str) -> None:
+        if self._end - self._start > self.max_frame_size + HEADER_SIZE:
+            raise LocalProtocolError(f"{what}() called again without draining next_event() first")
+
+    def _reserve(self, size: int) -> None:
+        """Make room for ``size`` more bytes at the end of the buffer."""
+        buf, start, end = self._buf, self._start, self._end
+        if len(buf) - end >= size:
+            return
+        pending = end - start
+        if pending + size <= len(buf):
+            # Move the unconsumed tail (at most one frame) to the front.
+            with memoryview(buf) as view:
+                view[:pending] = view[start:end]
+        else:
+            new = bytearray(max(pending + size, 2 * len(buf)))
+            new[:pending] = memoryview(buf)[start:end]
+            self._buf = new
+        self._start, self._end = 0, pending
+
+    def _consume(self, size: int) -> None:
+        self._start += size
+        if self._start == self._end:
+            self._start = self._end = 0
+            if self._release_when_empty and self._buf:
+                self._buf = bytearray()
+
     def _fail_fast(self) -> None:
         error = self._error
         if error is not None:
@@ -171,9 +245,10 @@ class _Connection:
             return CLOSED
         if TURN[self._conversation.state] is not self.their_role:
             # Not the peer's turn: nothing may arrive but EOF.
-            if self._buffer and self.our_role is Role.SERVER:
+            buffered = self._end > self._start
+            if buffered and self.our_role is Role.SERVER:
                 raise RemoteProtocolError(ErrorCode.BAD_REQUEST, self._out_of_turn())
-            if not self._buffer:
+            if not buffered:
                 if self._eof:
                     self._closed = True
                     return CLOSED
@@ -182,7 +257,7 @@ class _Connection:
         msg = self._read_frame()
         if msg is None:
             if self._eof:
-                if self._buffer:
+                if self._end > self._start:
                     raise RemoteProtocolError(
                         ErrorCode.BAD_REQUEST, "connection closed in the middle of a frame"
                     )
@@ -199,10 +274,11 @@ class _Connection:
 
     def _read_frame(self) -> Message | None:
         """Decode and consume the buffer's first frame, or None if it is incomplete."""
-        buffer = self._buffer
-        if len(buffer) < HEADER_SIZE:
+        start = self._start
+        available = self._end - start
+        if available < HEADER_SIZE:
             return None
-        (size,) = _HEADER.unpack_from(buffer)
+        (size,) = _HEADER.unpack_from(self._buf, start)
         if size > self.max_frame_size:
             raise RemoteProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
@@ -210,12 +286,19 @@ class _Connection:
             )
         if size == 0:
             raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "empty frame")
-        end = HEADER_SIZE + size
-        if len(buffer) < end:
+        if available < HEADER_SIZE + size:
             return None
-        with memoryview(buffer) as view, view[HEADER_SIZE:end] as payload:
-            msg = decode_payload(payload)
-        del buffer[:end]
+        begin = start + HEADER_SIZE
+        msg: Message
+        with memoryview(self._buf) as view, view[begin:begin + size] as payload:
+            parsed = parse_output_chunk(payload)
+            if parsed is not None:
+                fd, data, position = parsed
+                msg = OutputChunk(fd, bytes(data), position)
+                data.release()
+            else:
+                msg = decode_payload(payload)
+        self._consume(HEADER_SIZE + size)
         return msg
 
     def _out_of_turn(self) -> str:
@@ -265,6 +348,7 @@ class ServerConnection(_Connection):
 
     our_role = Role.SERVER
     their_role = Role.CLIENT
+    _release_when_empty = True
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         super().__init__(max_frame_size)

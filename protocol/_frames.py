@@ -146,6 +146,58 @@ def encode_output_chunk(
     return b"".join((_HEADER.pack(length), head, bin_head, data, tail))
 
 
+_CHUNK_HEAD_SIZE = len(_CHUNK_HEADS[1])  # up to and including the key "data"
+_FD_AT = _CHUNK_HEAD_SIZE - 6  # the fd's byte: before b"\xa4data"
+_BIN_SIZES = {0xC4: _U8, 0xC5: _U16, 0xC6: _U32}
+_UINT_SIZES = {0xCC: _U8, 0xCD: _U16, 0xCE: _U32, 0xCF: _U64}
+
+
+def parse_output_chunk(
+    payload: bytes | bytearray | memoryview,
+) -> tuple[int, memoryview, int] | None:
+    """(fd, data, position) of an ``out`` payload laid out as
+    :func:`encode_output_chunk` writes it, with ``data`` a view into
+    *payload*; None for any other payload (decode it with :func:`decode_payload`).
+
+    The inverse of the fast path, for the client's hot loop: no msgpack, no
+    copy. It accepts exactly what ``decode_payload`` decodes to the same
+    ``OutputChunk`` (every integer form msgpack allows for the lengths and the
+    position), so the two never disagree.
+    """
+    if not isinstance(payload, memoryview) or payload.format != "B":
+        payload = memoryview(payload).cast("B")
+    size = payload.nbytes
+    if size < _CHUNK_HEAD_SIZE + 2 + len(_POSITION_KEY) + 1:
+        return None
+    fd = payload[_FD_AT]
+    if fd not in (1, 2):
+        return None
+    if payload[:_CHUNK_HEAD_SIZE] != _CHUNK_HEADS[fd]:
+        return None
+    at = _CHUNK_HEAD_SIZE
+    form = _BIN_SIZES.get(payload[at])
+    if form is None or at + form.size > size:
+        return None
+    _, length = form.unpack_from(payload, at)
+    start = at + form.size
+    stop = start + length
+    at = stop + len(_POSITION_KEY)
+    if at >= size or payload[stop:at] != _POSITION_KEY:
+        return None
+    marker = payload[at]
+    if marker < 0x80:
+        position, at = marker, at + 1
+    else:
+        form = _UINT_SIZES.get(marker)
+        if form is None or at + form.size > size:
+            return None
+        _, position = form.unpack_from(payload, at)
+        at += form.size
+    if at != size:
+        return None
+    return fd, payload[start:stop], position
+
+
 def bad_request(message: str) -> RemoteProtocolError:
     """A RemoteProtocolError(bad_request) whose error_frame tells the peer why."""
     message = clip(message)
@@ -253,4 +305,5 @@ __all__ = [
     "decode_payload",
     "encode_frame",
     "encode_output_chunk",
+    "parse_output_chunk",
 ]

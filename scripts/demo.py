@@ -116,6 +116,15 @@ def drive(pki: Path, port: int, jobd: subprocess.Popen[bytes], log: list[str]) -
     say("olga (observe) may look but not start")
     jobctl("olga", "list")
     jobctl("olga", "start", "true", expect=1)
+    if os.geteuid() == 0 and "cgroups mode=none" not in "".join(log):
+        say("limits and isolation: an out-of-memory kill is named; PID 1 of its own namespace")
+        hog = jobctl("alice", "start", "--memory", "32M", "python3", "-c",
+                     "b = bytearray(200 * 1024 * 1024)").strip()
+        jobctl("alice", "stream", hog)
+        jobctl("alice", "status", hog)
+        alone = jobctl("alice", "start", "--isolate", "pid,net", "sh", "-c",
+                       "echo my pid is $$; ls /sys/class/net").strip()
+        jobctl("alice", "stream", alone)
     say("stopping jobd with SIGTERM")
     jobd.send_signal(signal.SIGTERM)
     code = jobd.wait(30)

@@ -107,8 +107,9 @@ async def test_bad_working_directory(manager: JobManager) -> None:
 
 
 async def test_malformed_requests_create_no_record(manager: JobManager) -> None:
-    with pytest.raises(EngineError, match="resource limits are not supported"):
-        await manager.start([b"true"], "alice", limits=Limits(memory=1 << 20))
+    with pytest.raises(EngineError, match="cannot enforce --io-read-bps: /dev/nonexistent"):
+        await manager.start([b"true"], "alice",
+                            limits=Limits(io_read_bps=(("/dev/nonexistent", 1),)))
     with pytest.raises(EngineError, match="empty"):
         await manager.start([], "alice")
     with pytest.raises(EngineError, match="NUL"):

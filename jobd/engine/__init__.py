@@ -14,6 +14,7 @@ from ._types import (
     EngineError,
     InvalidState,
     JobNotFound,
+    LimitExceeded,
     OutputChunk,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidState",
     "JobManager",
     "JobNotFound",
+    "LimitExceeded",
     "OutputChunk",
     "open_job_manager",
 ]

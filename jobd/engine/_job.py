@@ -30,6 +30,14 @@ by SIGCONT so that stopped processes can act on them. Between steps it waits,
 without polling, until every process is gone (``_wait_gone``). A later stop
 joins the running ladder; a shorter grace (0: SIGKILL now) hurries it.
 
+A job with limits or isolation (``limits``) first gets its cgroup (made and
+limited in a worker thread) and is spawned through the spawn helper
+(``_spawn.py``), which joins the cgroup and namespaces before it execs the
+command. For such a job "every process is gone" also means its cgroup is
+empty (``JobCgroup.wait_empty``), the ladder's SIGKILL step kills the whole
+cgroup (``setsid`` escapees included), and after the end its usage is read
+(peak memory, CPU time, OOM kills) and the cgroup removed.
+
 The job nursery is shielded (see ``_manager._host_jobs``): cancelling the
 daemon does not interrupt a supervision. Shutdown asks every job to stop and,
 should that take longer than the ladder can, cancels the job's own nursery
@@ -52,23 +60,26 @@ from pathlib import Path
 
 import trio
 
-from protocol import JobState, JobStatus
+from protocol import JobState, JobStatus, Limits
 
+from ._cgroups import Hierarchy, JobCgroup, Usage
 from ._outputlog import MAX_RECORD, OutputLog, create_file
 from ._procs import (
     ProcInfo,
     ProcScanner,
+    SetupError,
     Spawned,
     group_may_exist,
     job_members,
     signal_group,
     signal_process,
     spawn,
+    spawn_contained,
     start_time,
     wait_exit,
 )
 from ._store import Record, Store
-from ._types import EngineConfig
+from ._types import EngineConfig, EngineError
 
 log = logging.getLogger("jobd.engine")
 
@@ -91,6 +102,11 @@ class Context:
     store: Store
     scanner: ProcScanner
     boot_id: str
+    #: The cgroup layout (None: none usable; ``cgroup_reason`` says why).
+    cgroups: Hierarchy | None = None
+    cgroup_reason: str = ""
+    #: Why jobs cannot get namespaces, or None if they can.
+    isolation_reason: str | None = None
     jobs: dict[int, Job] = field(default_factory=dict)
     closing: bool = False
     #: Records whose last write failed (full disk), by job ID: written again later.
@@ -172,6 +188,8 @@ def spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
     """The words an operator wants when a command cannot be started."""
     name = os.fsdecode(argv0)
     reason = exc.strerror or str(exc)
+    if isinstance(exc, SetupError):
+        return f"cannot start {name}: {exc.stage}: {reason}"
     if cwd is not None and exc.filename is not None and os.fsencode(exc.filename) == cwd \
             and os.fsencode(exc.filename) != argv0:
         return f"cannot change to directory {os.fsdecode(cwd)}: {reason}"
@@ -188,19 +206,23 @@ class Job:
     """One job: its state, its output log, and (while running) its supervision."""
 
     __slots__ = (
-        "_ctx", "_final", "_ladder_done", "_ladder_grace", "_nursery", "_pending_grace",
-        "_pipes", "_reaped", "_settled", "_step_scope", "_strays", "argv", "created", "done",
-        "ended", "error", "exit_code", "id", "log", "owner", "pid", "proc_start", "signal",
-        "started", "state", "stop_requested",
+        "_cgroup", "_ctx", "_final", "_ladder_done", "_ladder_grace", "_nursery",
+        "_pending_grace", "_pipes", "_reaped", "_settled", "_step_scope", "_strays", "_usage",
+        "argv", "created", "done", "ended", "error", "exit_code", "id", "limits", "log", "oom",
+        "owner", "pid", "proc_start", "signal", "started", "state", "stop_requested",
     )
 
     def __init__(self, ctx: Context, job_id: int, owner: str, argv: tuple[bytes, ...],
-                 log: OutputLog) -> None:
+                 log: OutputLog, limits: Limits | None = None) -> None:
         self._ctx = ctx
         self.id = job_id
         self.owner = owner
         self.argv = argv
         self.log = log
+        self.limits = limits  # as applied (server defaults included); None: none
+        self.oom = False
+        self._cgroup: JobCgroup | None = None  # while it exists
+        self._usage: Usage | None = None  # read when the cgroup is released
         self.created = time.time()
         self.started: float | None = None
         self.ended: float | None = None
@@ -236,14 +258,22 @@ class Job:
     def running(self) -> bool:
         return self._final is None
 
-    def status(self) -> JobStatus:
+    def status(self, *, live: bool = False) -> JobStatus:
+        """The job's status; ``live``: with its cgroup's usage so far, if it runs in one
+        (a few small reads from cgroupfs)."""
         if self._final is not None:
             return self._final
+        usage = self._usage
+        if live and usage is None and self._cgroup is not None:
+            with contextlib.suppress(OSError, ValueError):
+                usage = self._cgroup.usage()
         return JobStatus(
             id=self.id, owner=self.owner, argv=self.argv, state=self.state,
-            exit_code=self.exit_code, signal=self.signal, error=self.error, pid=self.pid,
-            created=self.created, started=self.started, ended=self.ended,
+            exit_code=self.exit_code, signal=self.signal, error=self.error, oom=self.oom,
+            pid=self.pid, created=self.created, started=self.started, ended=self.ended,
             output_bytes=self.log.output_bytes, dropped_bytes=self.log.dropped_bytes,
+            limits=self.limits, peak_memory=None if usage is None else usage.peak_memory,
+            cpu_time=None if usage is None else usage.cpu_time,
         )
 
     def _record(self) -> Record:
@@ -252,15 +282,21 @@ class Job:
 
     # -- the job's task -----------------------------------------------------
 
-    async def run(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None, *,
+    async def run(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None,
+                  devices: Mapping[str, str] | None = None, *,
                   task_status: trio.TaskStatus[JobStatus] = trio.TASK_STATUS_IGNORED) -> None:
-        """The job's task, in the manager's (shielded) job nursery."""
+        """The job's task, in the manager's (shielded) job nursery.
+
+        A job with limits or isolation gets its cgroup (``devices``: the io limits'
+        ``MAJOR:MINOR``) and is started through the spawn helper. A cgroup that
+        cannot be made or limited raises EngineError to the caller: no record.
+        """
         ctx = self._ctx
         # Until started() this task runs in the caller's cancel scope: a caller
         # that goes away must not leave a process nobody supervises.
         with trio.CancelScope(shield=True):
             try:
-                spawned = await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
+                spawned = await self._spawn(cwd, env, devices or {})
             except OSError as exc:  # the record says why it never ran
                 self.state = JobState.ERROR
                 self.error = spawn_error(exc, self.argv[0], cwd)
@@ -281,12 +317,56 @@ class Job:
         if ctx.closing:
             self.request_stop(ctx.config.stop_grace)
         returncode = await self._supervise(spawned)
+        if self._cgroup is not None:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + PERSIST_TIMEOUT
+                await self._release_cgroup()
         self._finish(returncode)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT
             await ctx.persist(self._record())
         ctx.emit("ended", self.status())
         self.done.set()
+
+    async def _spawn(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None,
+                     devices: Mapping[str, str]) -> Spawned:
+        limits = self.limits
+        if limits is None:
+            return await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
+        cgroups = self._ctx.cgroups
+        if cgroups is not None:
+            try:
+                self._cgroup = await trio.to_thread.run_sync(cgroups.create, self.id, limits,
+                                                             devices)
+            except OSError as exc:
+                raise EngineError(f"cannot create the job's cgroup: {exc}") from None
+        join = self._cgroup.procs if self._cgroup is not None else ()
+        try:
+            return await trio.to_thread.run_sync(spawn_contained, self.argv, cwd, env, join,
+                                                 limits.isolate)
+        except BaseException:
+            await self._release_cgroup()  # the helper is reaped: it is empty
+            raise
+
+    async def _release_cgroup(self) -> None:
+        """Read the usage, then remove the (empty) cgroup."""
+        cgroup = self._cgroup
+        if cgroup is None:
+            return
+
+        def release() -> Usage | None:
+            usage = None
+            with contextlib.suppress(OSError, ValueError):
+                usage = cgroup.usage()
+            try:
+                cgroup.remove()
+            except OSError as exc:
+                log.warning("job %d: cannot remove its cgroup %s (the next start of jobd "
+                            "will): %s", self.id, cgroup.name, exc)
+            return usage
+
+        self._usage = await trio.to_thread.run_sync(release)
+        self._cgroup = None
 
     def abort(self) -> None:
         """Stop supervising at once (shutdown ran out of time): SIGKILL, record, end."""
@@ -311,7 +391,9 @@ class Job:
                 await trio.lowlevel.wait_readable(spawned.pidfd)  # it exited
                 returncode = popen.wait()  # reap it (waitpid on its pid: it is ours)
                 self._reaped.set()
-                if self._ladder_done is None and group_may_exist(pid):
+                if self._ladder_done is None and (
+                        group_may_exist(pid)
+                        or (self._cgroup is not None and self._cgroup.populated())):
                     # Leftovers in the group: they get the stop sequence too.
                     self._start_ladder(self._ctx.config.stop_grace)
                 if self._ladder_done is not None:
@@ -326,6 +408,10 @@ class Job:
             os.close(spawned.pidfd)
         if nursery.cancel_scope.cancelled_caught:  # aborted by shutdown: last resort
             signal_group(pid, signal.SIGKILL)
+            if self._cgroup is not None:
+                with contextlib.suppress(OSError):
+                    for fd in self._cgroup.kill_now():
+                        os.close(fd)
             self.stop_requested = True
             return popen.poll()
         return returncode
@@ -373,6 +459,9 @@ class Job:
                 self.exit_code = returncode
             else:
                 self.signal = signal_name(-returncode)
+        # The OOM killer ended it: it died of SIGKILL and its cgroup counted an OOM kill.
+        self.oom = (returncode == -signal.SIGKILL and self._usage is not None
+                    and self._usage.oom_kills > 0)
         if self.state is not JobState.ERROR:
             if self.stop_requested or returncode is None:
                 self.state = JobState.STOPPED
@@ -418,6 +507,8 @@ class Job:
                 sig = _LADDER[step]
                 await self._signal_all(sig)
                 if sig is signal.SIGKILL:
+                    if self._cgroup is not None:  # setsid escapees too
+                        await self._cgroup.kill()
                     await self._wait_gone()
                     return
                 with trio.move_on_after(self._ladder_grace) as self._step_scope:
@@ -459,6 +550,8 @@ class Job:
         """Until the main process is reaped and no other process of the job is left."""
         assert self.pid is not None
         await self._reaped.wait()
+        if self._cgroup is not None:
+            await self._cgroup.wait_empty()
         while self._strays or group_may_exist(self.pid):
             members = await self._members()
             if not members:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -11,12 +12,15 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import trio
 
 from protocol import JobState, JobStatus, Limits
 
+from ._cgroup_layout import detect
 from ._job import Context, Job
+from ._limits import check_enforceable, check_policy, devices, isolation_problem, resolve
 from ._outputlog import MAX_RECORD, OutputLog, recover
 from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
 from ._store import Record, Store
@@ -61,8 +65,6 @@ class JobManager:
         """
         if self._ctx.closing:
             raise EngineError("the job engine is shutting down")
-        if limits is not None and not limits.is_empty():
-            raise EngineError("resource limits are not supported")
         if not isinstance(owner, str):
             raise EngineError(f"owner must be a string, not {type(owner).__name__}")
         args = tuple(argv)
@@ -75,11 +77,20 @@ class JobManager:
             _check_bytes("environment", *env.keys(), *env.values())
             if any(not k or b"=" in k for k in env):
                 raise EngineError("environment variable names must be non-empty, without '='")
+        ctx = self._ctx
+        applied = resolve(limits, ctx.config)  # LimitExceeded
+        io_devices: dict[str, str] = {}
+        if applied is not None:
+            check_enforceable(applied, ctx.cgroups, ctx.cgroup_reason, ctx.isolation_reason)
+            io_devices = devices(applied)
         job_id = self._next_id
         self._next_id += 1
-        job = Job(self._ctx, job_id, owner, args,
-                  OutputLog(self._ctx.store.log_path(job_id), self._ctx.config.output_cap))
-        status: JobStatus = await self._nursery.start(job.run, cwd, env)
+        job = Job(ctx, job_id, owner, args,
+                  OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap), applied)
+        # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
+        # the new job's task behind in a cancelled start; spawning is bounded.
+        with trio.CancelScope(shield=True):
+            status: JobStatus = await self._nursery.start(job.run, cwd, env, io_devices)
         return status
 
     async def stop(self, job_id: int, grace: float | None = None) -> JobStatus:
@@ -98,7 +109,18 @@ class JobManager:
         return job.status()
 
     def status(self, job_id: int) -> JobStatus:
-        return self._get(job_id).status()
+        """The job's status; a running job in a cgroup with its usage so far."""
+        return self._get(job_id).status(live=True)
+
+    def cgroup_layout(self) -> dict[str, str]:
+        """What jobd found for limits and isolation, for its start-up log line:
+        ``mode`` (v2, v1 or none), ``controllers``, ``root`` or ``reason``, ``isolation``."""
+        ctx = self._ctx
+        out = (ctx.cgroups.describe() if ctx.cgroups is not None
+               else {"mode": "none", "reason": ctx.cgroup_reason})
+        out["isolation"] = ("pid,mount,net" if ctx.isolation_reason is None
+                            else f"none ({ctx.isolation_reason})")
+        return out
 
     def list(self) -> list[JobStatus]:
         jobs = self._ctx.jobs
@@ -196,13 +218,21 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
 
     A record still ``running`` means jobd died while the job ran: it becomes
     error "lost: jobd stopped while the job ran" and its leftover processes are
-    killed. On exit (normal, error or cancelled) runs :meth:`JobManager.shutdown`.
+    killed, as is everything in job cgroups a previous jobd left. Finds the cgroup
+    layout (an unusable ``cgroup_root`` raises OSError; defaults and caps this
+    machine cannot enforce raise EngineError). On exit (normal, error or
+    cancelled) runs :meth:`JobManager.shutdown`.
     """
     ctx = Context(config, Store(config.state_dir), ProcScanner(), boot_id())
     records, highest = await trio.to_thread.run_sync(_load, ctx.store)
+    ctx.cgroups, ctx.cgroup_reason = await trio.to_thread.run_sync(
+        detect, config.cgroup_root, _instance_key(config.state_dir))
+    ctx.isolation_reason = isolation_problem()
+    check_policy(config, ctx.cgroups, ctx.cgroup_reason)
     lost = [r for r in records if r.status.state is JobState.RUNNING]
     if lost:
         await _kill_lost(ctx, lost)
+    await _sweep_cgroups(ctx)
     for record in records:
         status = record.status
         if status.state is JobState.RUNNING:
@@ -224,6 +254,8 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
             # Bounded by shutdown itself: 2 x grace + SHUTDOWN_SLACK, then SIGKILL.
             with trio.CancelScope(shield=True):
                 await manager.shutdown()
+                if ctx.cgroups is not None:
+                    await trio.to_thread.run_sync(ctx.cgroups.close)
             closed.set()
 
 
@@ -260,6 +292,29 @@ def _load(store: Store) -> tuple[list[Record], int]:
             record = replace(record, status=status, log_size=end)
         out.append(record)
     return out, highest
+
+
+def _instance_key(state_dir: Path) -> str:
+    """Names this jobd's cgroups apart from another instance's: its state directory."""
+    return hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:12]
+
+
+async def _sweep_cgroups(ctx: Context) -> None:
+    """Kill and remove the job cgroups a previous jobd left (it died with jobs running)."""
+    if ctx.cgroups is None:
+        return
+    for cgroup in await trio.to_thread.run_sync(ctx.cgroups.leftovers):
+        killed = await trio.to_thread.run_sync(cgroup.populated)
+        with trio.move_on_after(LOST_KILL_TIMEOUT):
+            await cgroup.kill()
+        try:
+            await trio.to_thread.run_sync(cgroup.remove)
+        except OSError as exc:
+            log.warning("cannot remove cgroup %s left over by a previous jobd: %s",
+                        cgroup.name, exc)
+            continue
+        log.warning("removed cgroup %s left over by a previous jobd%s", cgroup.name,
+                    ", after killing its processes" if killed else "")
 
 
 async def _kill_lost(ctx: Context, lost: list[Record]) -> None:

@@ -1,0 +1,615 @@
+"""End-to-end benchmarks: jobd and jobctl against ssh and a raw TLS pipe (SPEC §6).
+
+    .venv/bin/python bench/run.py            # the whole run (`make bench`, ~5 minutes)
+    .venv/bin/python bench/run.py --quick    # smaller sizes and fewer rounds (~1 minute)
+    .venv/bin/python bench/run.py --only 1 --only 3
+
+Every run starts its own contenders on loopback (bench/_harness.py): a real
+jobd with a dev PKI, a throwaway sshd, socat as a raw TLS 1.3 pipe. Contenders
+alternate (A B A B ...), the figures are medians. A whole run writes its table
+into bench/README.md (between the "bench/run.py" markers); ``--quick`` runs
+print only, unless ``--write``.
+
+Figures (goal in parentheses):
+
+1. ``jobctl stream`` of a job writing 1 GiB, live, vs ``ssh ... head -c 1G``
+   (>= 1.0x ssh); output to /dev/null in both.
+2. the same, replayed after the job ended (>= 1.0x ssh).
+3. ``jobctl start true``, whole process, vs ``ssh ... true`` (<= 0.25x ssh).
+4. status round trips per second over one connection vs a raw TLS echo.
+5. 100 concurrent ``jobctl stream`` of one 64 MiB job: byte-identical
+   (sha256), aggregate MB/s.
+6. 1,000 running ``sleep 600`` jobs: jobd RSS per job (<= 20 KiB).
+7. job starts per second over one library connection (>= 300/s).
+8. jobd RSS while one client streams 10 GiB (growth < 20 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness as h
+
+import protocol as p
+
+MB = 1_000_000
+MIB = 1 << 20
+GIB = 1 << 30
+README = h.ROOT / "bench" / "README.md"
+BEGIN = "<!-- bench/run.py: begin (generated; edit bench/run.py instead) -->"
+END = "<!-- bench/run.py: end -->"
+
+
+@dataclass
+class Sizes:
+    rounds: int = 5
+    stream: int = GIB
+    start_rounds: int = 15
+    rtt_seconds: float = 2.0
+    fanout_clients: int = 100
+    fanout_bytes: int = 64 * MIB
+    idle_jobs: int = 1000
+    starts: int = 1000
+    big_stream: int = 10 * GIB
+
+
+QUICK = Sizes(rounds=2, stream=256 * MIB, start_rounds=5, rtt_seconds=0.5,
+              fanout_clients=20, fanout_bytes=16 * MIB, idle_jobs=200, starts=200,
+              big_stream=GIB)
+#: Only that every part works (tests/test_bench_smoke.py): the figures mean nothing.
+SMOKE = Sizes(rounds=1, stream=4 * MIB, start_rounds=1, rtt_seconds=0.05,
+              fanout_clients=3, fanout_bytes=MIB, idle_jobs=10, starts=10,
+              big_stream=16 * MIB)
+
+
+@dataclass
+class Row:
+    number: int
+    figure: str
+    jobd: str
+    reference: str
+    ratio: str
+    goal: str
+    met: str
+
+
+@dataclass
+class Report:
+    sizes: Sizes
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(f"  -> {row.figure}: jobd {row.jobd} | reference {row.reference} | "
+              f"{row.ratio} | goal {row.goal}: {row.met}", flush=True)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"  note: {text}", flush=True)
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def rate(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / MB
+
+
+def fmt_size(n: int) -> str:
+    return f"{n // GIB} GiB" if n % GIB == 0 else f"{n // MIB} MiB"
+
+
+def yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+# -- 1, 2: one stream, live and replayed ----------------------------------------------
+
+
+def bench_stream(report: Report, jobd: h.Jobd, sshd: h.Sshd, work: Path, pki: h.Pki) -> None:
+    size = report.sizes.stream
+    say(f"1, 2: stream {fmt_size(size)}, live and replayed, vs ssh and raw TLS "
+        f"({report.sizes.rounds} rounds)")
+    tls = h.TlsPipe(work, pki, f"head -c {size} /dev/zero")
+    client = jobd.connect()
+    ended: list[int] = []
+    # CPU seconds of each run: server side (with the job it ran) plus client.
+    cpu: dict[str, list[float]] = {"jobd live": [], "jobd replay": []}
+    clients: dict[str, list[float]] = {"jobd live": [], "jobd replay": [], "ssh": [], "raw TLS": []}
+
+    def timed_jobd(name: str, run: Callable[[], float]) -> float:
+        server, child = h.cpu_tree_seconds(jobd.pid), _children_cpu()
+        elapsed = run()
+        clients[name].append(_children_cpu() - child)
+        cpu[name].append(h.cpu_tree_seconds(jobd.pid) - server + clients[name][-1])
+        return elapsed
+
+    def live() -> float:
+        t0 = time.perf_counter()
+        status = client.start(["head", "-c", str(size), "/dev/zero"])
+        h.run_timed(jobd.cli("stream", str(status.id)), env=jobd.env)
+        elapsed = time.perf_counter() - t0
+        final = client.status(status.id)
+        if final.output_bytes != size or final.dropped_bytes or final.describe() != "exited: 0":
+            raise RuntimeError(f"job {status.id}: {final.describe()}, "
+                               f"{final.output_bytes} bytes kept, {final.dropped_bytes} dropped")
+        ended.append(status.id)
+        return elapsed
+
+    def replay() -> float:
+        job = ended[-1]
+        elapsed = h.run_timed(jobd.cli("stream", str(job)), env=jobd.env)
+        client.delete(job)
+        return elapsed
+
+    def reference(name: str, argv: list[str]) -> float:
+        child = _children_cpu()
+        elapsed = h.run_timed(argv)
+        clients[name].append(_children_cpu() - child)
+        return elapsed
+
+    ssh_cmd = sshd.command("head", "-c", str(size), "/dev/zero")
+    servers = {"ssh": sshd.proc.pid, "raw TLS": tls.proc.pid}
+    before = {name: h.cpu_tree_seconds(pid) for name, pid in servers.items()}
+    results = h.alternate({
+        "jobd live": lambda: timed_jobd("jobd live", live),
+        "ssh": lambda: reference("ssh", ssh_cmd),
+        "raw TLS": lambda: reference("raw TLS", tls.client()),
+        "jobd replay": lambda: timed_jobd("jobd replay", replay),
+    }, report.sizes.rounds)
+    time.sleep(0.5)  # sshd and socat reap their last session
+    rounds = report.sizes.rounds
+    for name, pid in servers.items():
+        per_round = (h.cpu_tree_seconds(pid) - before[name]) / rounds
+        cpu[name] = [per_round + c for c in clients[name]]
+    tls.stop()
+    client.close()
+    rates = {name: rate(size, h.median(times)) for name, times in results.items()}
+    for name, times in results.items():
+        print(f"  {name}: " + ", ".join(f"{rate(size, t):.0f}" for t in times) + " MB/s")
+    ssh_rate, tls_rate = rates["ssh"], rates["raw TLS"]
+    for number, name in ((1, "jobd live"), (2, "jobd replay")):
+        ratio = rates[name] / ssh_rate
+        what = "live" if number == 1 else "replayed after the job ended"
+        report.add(Row(number, f"`jobctl stream` of {fmt_size(size)}, {what} (MB/s)",
+                       f"{rates[name]:.0f}", f"ssh {ssh_rate:.0f}; raw TLS {tls_rate:.0f}",
+                       f"{ratio:.2f}x ssh; {rates[name] / tls_rate:.2f}x TLS", ">= 1.0x ssh",
+                       yes(ratio >= 1.0)))
+    gib = size / GIB
+    per_gib = {name: h.median(values) / gib for name, values in cpu.items()}
+    client_gib = {name: h.median(values) / gib for name, values in clients.items()}
+    print("  CPU s/GiB, all processes (client): " + ", ".join(
+        f"{name} {per_gib[name]:.2f} ({client_gib[name]:.2f})" for name in per_gib))
+    report.note("figures 1, 2: CPU seconds per GiB, every process of the transfer (server, "
+                "the `head` it runs, client; in brackets the client alone), a measure that "
+                "other load disturbs less than the rate: " + ", ".join(
+                    f"{name} {per_gib[name]:.2f} ({client_gib[name]:.2f})"
+                    for name in ("jobd live", "jobd replay", "ssh", "raw TLS")) + ".")
+
+
+def _children_cpu() -> float:
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+# -- 3: start latency -----------------------------------------------------------------
+
+
+def bench_start(report: Report, jobd: h.Jobd, sshd: h.Sshd) -> None:
+    rounds = report.sizes.start_rounds
+    say(f"3: `jobctl start true` vs `ssh ... true` ({rounds} rounds)")
+    python = [sys.executable, "-c", "pass"]
+    results = h.alternate({
+        "jobctl start true": lambda: h.run_timed(jobd.cli("start", "true"), env=jobd.env),
+        "ssh true": lambda: h.run_timed(sshd.command("true")),
+        "python -c pass": lambda: h.run_timed(python, env=jobd.env),
+    }, rounds)
+    ms = {name: h.median(times) * 1000 for name, times in results.items()}
+    for name, value in ms.items():
+        print(f"  {name}: {value:.1f} ms")
+    ratio = ms["jobctl start true"] / ms["ssh true"]
+    report.add(Row(3, "`jobctl start true`, whole process (ms)", f"{ms['jobctl start true']:.0f}",
+                   f"ssh {ms['ssh true']:.0f}; `python -c pass` {ms['python -c pass']:.0f}",
+                   f"{ratio:.2f}x ssh", "<= 0.25x ssh", yes(ratio <= 0.25)))
+
+
+# -- 4: round trips -------------------------------------------------------------------
+
+
+def bench_round_trips(report: Report, jobd: h.Jobd, work: Path, pki: h.Pki) -> None:
+    seconds = report.sizes.rtt_seconds
+    say(f"4: status round trips over one connection vs raw TLS echo ({seconds:g} s each)")
+    client = jobd.connect()
+    job = client.start(["true"]).id
+    request = len(p.encode_frame(p.GetStatus(job)))
+    answer = len(p.encode_frame(p.StatusResult(client.status(job))))
+    echo = h.TlsPipe(work, pki, None)
+
+    def blocking() -> float:
+        return _per_second(lambda: client.status(job), seconds)
+
+    def raw() -> float:
+        import socket
+
+        ctx = echo.context()
+        with socket.create_connection(("127.0.0.1", echo.port)) as raw_sock, \
+                ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock:
+            frame = b"x" * answer
+
+            def once() -> None:
+                sock.sendall(frame)
+                got = 0
+                while got < answer:
+                    got += len(sock.recv(65536))
+
+            return _per_second(once, seconds)
+
+    def asynchronous() -> float:
+        return _async_per_second(jobd, "status", job, seconds)
+
+    results = h.alternate({"blocking": blocking, "async": asynchronous, "raw TLS echo": raw}, 3)
+    client.close()
+    echo.stop()
+    med = {name: h.median(v) for name, v in results.items()}
+    for name, value in med.items():
+        print(f"  {name}: {value:.0f}/s")
+    report.add(Row(4, f"status round trips per second, one connection (frames {request} B "
+                      f"and {answer} B)",
+                   f"{med['blocking']:.0f} blocking; {med['async']:.0f} async",
+                   f"raw TLS echo of {answer} B: {med['raw TLS echo']:.0f}",
+                   f"{med['blocking'] / med['raw TLS echo']:.2f}x TLS", "(none)", "-"))
+
+
+def _per_second(call: Callable[[], object], seconds: float) -> float:
+    for _ in range(20):
+        call()  # warm up
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        for _ in range(50):
+            call()
+        n += 50
+        now = time.perf_counter()
+        if now >= deadline:
+            return n / (now - t0)
+
+
+def _async_per_second(jobd: h.Jobd, what: str, job: int, seconds: float) -> float:
+    """Requests per second with the Trio client (in a child process: importing
+    trio here would not change jobd, but keeps this process lean)."""
+    code = f"""
+import sys, time, trio, jobctl
+async def main():
+    async with jobctl.connect("127.0.0.1", {jobd.port}, **{jobd.connect_args()!r}) as c:
+        async def call():
+            if {what!r} == "status":
+                await c.status({job})
+            else:
+                await c.start(["true"])
+        for _ in range(20):
+            await call()
+        n, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(50):
+                await call()
+            n += 50
+            now = time.perf_counter()
+            if now >= t0 + {seconds}:
+                print(n / (now - t0))
+                return
+trio.run(main)
+"""
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         cwd=h.ROOT, check=True, env=jobd.env)
+    return float(out.stdout.strip())
+
+
+# -- 5: fan-out -----------------------------------------------------------------------
+
+
+def bench_fanout(report: Report, jobd: h.Jobd, work: Path) -> None:
+    clients, size = report.sizes.fanout_clients, report.sizes.fanout_bytes
+    say(f"5: {clients} concurrent `jobctl stream` of one {fmt_size(size)} job")
+    go = work / f"go-{time.monotonic_ns()}"
+    script = ('echo ready; while [ ! -e "$1" ]; do sleep 0.01; done; '
+              f'exec head -c {size} /dev/urandom')
+    lib = jobd.connect()
+    job = lib.start(["sh", "-c", script, "sh", str(go)]).id
+    procs = [subprocess.Popen(jobd.cli("stream", str(job)), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=jobd.env)
+             for _ in range(clients)]
+    sel = selectors.DefaultSelector()
+    hashes = {}
+    counts = {}
+    for proc in procs:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+        hashes[fd] = hashlib.sha256()
+        counts[fd] = 0
+    ready = 0
+    t0 = 0.0
+    t_start = time.perf_counter()
+    open_fds = len(procs)
+    while open_fds:
+        for key, _ in sel.select():
+            fd = int(key.fd)
+            data = os.read(fd, 1 << 20)
+            if not data:
+                sel.unregister(fd)
+                open_fds -= 1
+                continue
+            if counts[fd] == 0:
+                ready += 1
+                if ready == clients:
+                    t0 = time.perf_counter()
+                    go.touch()  # every client is connected and following: release the job
+            counts[fd] += len(data)
+            hashes[fd].update(data)
+    t_end = time.perf_counter()
+    for proc in procs:
+        proc.wait()
+        if proc.returncode != 0:
+            assert proc.stderr is not None
+            raise RuntimeError(f"jobctl stream exited {proc.returncode}: "
+                               f"{proc.stderr.read().decode(errors='replace')}")
+        assert proc.stderr is not None
+        proc.stderr.close()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    reference = hashlib.sha256()
+    for event in lib.output(job):
+        if isinstance(event, p.OutputChunk):
+            reference.update(event.data)
+    digests = {hx.hexdigest() for hx in hashes.values()}
+    expected = len(b"ready\n") + size
+    identical = digests == {reference.hexdigest()} and set(counts.values()) == {expected}
+    lib.delete(job)
+    lib.close()
+    total = clients * size
+    aggregate = rate(total, t_end - t0)
+    print(f"  {clients} clients connected in {t0 - t_start:.2f} s; {total / MB:.0f} MB in "
+          f"{t_end - t0:.2f} s; identical: {identical}")
+    report.add(Row(5, f"{clients} concurrent `jobctl stream` of one live {fmt_size(size)} job: "
+                      "aggregate MB/s", f"{aggregate:.0f}",
+                   "", "", "every byte, identical (sha256)",
+                   "identical" if identical else "**DIFFERENT**"))
+    report.note(f"figure 5: timed from the moment all {clients} clients were following the "
+                "job (each had its first line) until the last one ended; this process hashes "
+                "every client's output (sha256) on the same 2 cores.")
+    if not identical:
+        raise RuntimeError(f"fan-out: outputs differ: {digests}, sizes {set(counts.values())}")
+
+
+# -- 6: idle jobs ---------------------------------------------------------------------
+
+
+def bench_idle(report: Report, work: Path, pki: h.Pki) -> None:
+    n = report.sizes.idle_jobs
+    say(f"6: RSS of jobd with {n} running `sleep 600` jobs")
+    jobd = h.Jobd(work, pki)
+    try:
+        client = jobd.connect()
+        for _ in range(20):  # warm up: code paths, thread cache, allocator pools
+            job = client.start(["sleep", "600"]).id
+            client.stop(job, grace=0)
+            client.delete(job)
+        time.sleep(0.5)
+        before = jobd.rss_kib()
+        jobs = [client.start(["sleep", "600"]).id for _ in range(n)]
+        time.sleep(1.0)
+        after = jobd.rss_kib()
+        running = sum(1 for s in client.list() if s.running)
+        t0 = time.perf_counter()
+        for job in jobs:
+            client.stop(job, grace=0)
+        stop_time = time.perf_counter() - t0
+        stopped = jobd.rss_kib()
+        client.close()
+    finally:
+        jobd.stop()
+    per_job = (after - before) / n
+    print(f"  RSS {before} KiB with 0 jobs, {after} KiB with {running} running, "
+          f"{stopped} KiB after stopping them ({stop_time:.1f} s)")
+    report.add(Row(6, f"jobd RSS per running job, {n} `sleep 600` jobs (KiB)",
+                   f"{per_job:.1f}", f"RSS {before / 1024:.1f} MiB with 0 jobs, "
+                   f"{after / 1024:.1f} MiB with {n}", "", "<= 20 KiB", yes(per_job <= 20)))
+
+
+# -- 7: starts per second -------------------------------------------------------------
+
+
+def bench_starts(report: Report, work: Path, pki: h.Pki) -> None:
+    n = report.sizes.starts
+    say(f"7: job starts per second over one library connection ({n} starts of `true`)")
+    jobd = h.Jobd(work, pki)
+    try:
+        client = jobd.connect()
+        for _ in range(20):
+            client.start(["true"])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.start(["true"])
+        blocking = n / (time.perf_counter() - t0)
+        client.close()
+        asynchronous = _async_per_second(jobd, "start", 0, n / blocking)
+    finally:
+        jobd.stop()
+    print(f"  blocking {blocking:.0f}/s, async {asynchronous:.0f}/s")
+    report.add(Row(7, "job starts per second, one library connection",
+                   f"{blocking:.0f} blocking; {asynchronous:.0f} async", "", "", ">= 300/s",
+                   yes(min(blocking, asynchronous) >= 300)))
+
+
+# -- 8: memory while streaming a lot --------------------------------------------------
+
+
+def bench_big_stream(report: Report, work: Path, pki: h.Pki) -> None:
+    size = report.sizes.big_stream
+    say(f"8: jobd RSS while one client streams {fmt_size(size)}")
+    jobd = h.Jobd(work, pki, "--output-cap", str(size + GIB))
+    try:
+        client = jobd.connect()
+        before = jobd.rss_kib()
+        t0 = time.perf_counter()
+        job = client.start(["head", "-c", str(size), "/dev/zero"]).id
+        with h.sampler(jobd.pid) as samples:
+            h.run_timed(jobd.cli("stream", str(job)), env=jobd.env)
+        elapsed = time.perf_counter() - t0
+        final = client.status(job)
+        client.delete(job)
+        client.close()
+    finally:
+        jobd.stop()
+    if final.output_bytes != size:
+        raise RuntimeError(f"big stream: {final.output_bytes} of {size} bytes kept")
+    peak = max(samples)
+    growth = (peak - before) / 1024
+    print(f"  RSS {before} KiB before, peak {peak} KiB, last {samples[-1]} KiB "
+          f"({len(samples)} samples); {rate(size, elapsed):.0f} MB/s")
+    report.add(Row(8, f"jobd RSS growth while one client streams {fmt_size(size)} (MB)",
+                   f"{growth * 1.048576:.1f}",
+                   f"RSS {before / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB; "
+                   f"{rate(size, elapsed):.0f} MB/s", "", "< 20 MB", yes(growth * 1.048576 < 20)))
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+def measure(report: Report, figures: str, bench: Callable[..., None], *args: object) -> None:
+    """Run one benchmark once the machine is quiet; note what others used meanwhile."""
+    h.wait_until_quiet()
+    load = h.Load()
+    t0 = time.perf_counter()
+    bench(*args)
+    others = load.others() / (time.perf_counter() - t0)
+    print(f"  (others used {others:.2f} CPUs meanwhile)", flush=True)
+    if others >= 0.1:
+        report.note(f"figure {figures}: other processes used {others:.2f} of the "
+                    f"{os.cpu_count()} CPUs meanwhile (kernel writeback included).")
+
+
+
+def table(report: Report, info: dict[str, str], quick: bool) -> str:
+    s = report.sizes
+    lines = [
+        BEGIN,
+        "",
+        f"Date: {info['date']}. Machine: nproc {info['nproc']}, {info['cpu']}, "
+        f"{info['kernel']}, {info['python']}, {info['openssl']}; references "
+        f"{info['ssh']} (`-c aes128-gcm@openssh.com`) and {info['socat']}."
+        + (" **Quick run** (`--quick`): smaller sizes." if quick else ""),
+        f"Medians of {s.rounds} alternating rounds for figures 1 and 2, "
+        f"{s.start_rounds} for figure 3, 3 for figure 4.",
+        "",
+        "| # | figure | jobd | reference | ratio | goal | met |",
+        "| ---: | --- | ---: | --- | --- | --- | --- |",
+    ]
+    for r in sorted(report.rows, key=lambda r: r.number):
+        lines.append(f"| {r.number} | {r.figure} | {r.jobd} | {r.reference} | {r.ratio} | "
+                     f"{r.goal} | {r.met} |")
+    if report.notes:
+        lines.append("")
+        lines.extend(f"- {n}" for n in report.notes)
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    old = README.read_text()
+    if BEGIN in old and END in old:
+        pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+        new = pattern.sub(lambda _: text, old, count=1)
+    else:
+        new = old.rstrip("\n") + "\n\n## End to end: jobd against ssh and raw TLS\n\n" + text
+    README.write_text(new if new.endswith("\n") else new + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, no waiting for a quiet machine: checks that every "
+                        "part works (figures meaningless; never writes the README)")
+    parser.add_argument("--only", type=int, action="append", choices=range(1, 9),
+                        metavar="N", help="run only figure N (repeatable; 2 runs with 1)")
+    parser.add_argument("--rounds", type=int, help="rounds for figures 1 and 2")
+    parser.add_argument("--write", action="store_true",
+                        help="write the table into bench/README.md even for --quick/--only")
+    parser.add_argument("--no-write", action="store_true", help="never touch bench/README.md")
+    parser.add_argument("--tree", type=Path, metavar="DIR",
+                        help="run jobd and jobctl from this copy of the code (e.g. "
+                        "`git archive HEAD | tar -x -C DIR`) instead of the repository's")
+    ns = parser.parse_args(argv)
+    if ns.tree:
+        h.CODE_TREE = ns.tree.resolve()
+        ns.no_write = True
+    sizes = SMOKE if ns.smoke else QUICK if ns.quick else Sizes()
+    if ns.smoke:
+        ns.no_write = True
+        h.QUIET_PATIENCE = 0.0
+    if ns.rounds:
+        sizes.rounds = ns.rounds
+    only = set(ns.only or range(1, 9))
+    if 2 in only:
+        only.add(1)
+    h.ensure_tools()
+    info = h.machine()
+    print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    report = Report(sizes)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="jobd-bench-") as tmp:
+        work = Path(tmp)
+        pki = h.Pki(work / "pki")
+        jobd = h.Jobd(work, pki, "--output-cap", str(sizes.stream + GIB))
+        sshd = h.Sshd(work) if only & {1, 3} else None
+        try:
+            if 1 in only:
+                assert sshd is not None
+                measure(report, "1, 2", bench_stream, report, jobd, sshd, work, pki)
+            if 3 in only:
+                assert sshd is not None
+                measure(report, "3", bench_start, report, jobd, sshd)
+            if 4 in only:
+                measure(report, "4", bench_round_trips, report, jobd, work, pki)
+            if 5 in only:
+                measure(report, "5", bench_fanout, report, jobd, work)
+        finally:
+            jobd.stop()
+            if sshd is not None:
+                sshd.stop()
+        if 6 in only:
+            measure(report, "6", bench_idle, report, work, pki)
+        if 7 in only:
+            measure(report, "7", bench_starts, report, work, pki)
+        if 8 in only:
+            measure(report, "8", bench_big_stream, report, work, pki)
+    text = table(report, info, ns.quick or ns.smoke)
+    print("\n" + text)
+    print(f"\nwhole run: {time.perf_counter() - t_start:.0f} s")
+    full = not (ns.quick or ns.smoke) and ns.only is None
+    if not ns.no_write and (full or ns.write):
+        write_readme(text)
+        print(f"written to {README.relative_to(h.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""Cgroups for jobs: one cgroup per job, its limits, kill, wait for empty, and usage.
+
+Theory of operation
+-------------------
+
+The layout (which hierarchy, where) is found once at start-up by
+``_cgroup_layout.detect``; it yields a :class:`Hierarchy`, the factory of job
+cgroups. Jobs live under ``<root>/jobd-<key>/job-<id>``.
+
+**A job's cgroup** is made (and its limits written) before the process
+exists; the spawn helper (``_spawn.py``) writes its own pid to each
+``cgroup.procs`` before it execs the command, so the command never runs
+unconfined. Once the job has ended and its cgroup is empty, jobd reads the
+usage (peak memory, CPU time, OOM kills) and removes the cgroup.
+
+**Kill and wait.** v2: ``cgroup.kill`` SIGKILLs every process of the cgroup
+in the kernel, forks in flight included; emptiness is the ``populated 0``
+line of ``cgroup.events``, which the kernel signals with POLLPRI: an epoll
+instance watches for it, and Trio waits on the epoll fd (the file itself is
+always "readable", so it cannot be waited on directly). v1: freeze the
+cgroup (freezer), open a pidfd for every task, SIGKILL each through its
+pidfd, thaw, wait for the pidfds; repeat until ``cgroup.procs`` is empty (a
+fork that raced the freeze is caught by the next round). v1 has no event
+for emptiness; the pidfds of its tasks are what we wait on, never a sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+
+from protocol import Limits
+
+from ._types import EngineError
+
+#: The v2 controllers a job's limits need.
+V2_CONTROLLERS = ("memory", "cpu", "io", "pids")
+#: The v1 hierarchies jobs join: the limits' and those for kill and accounting.
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "blkio", "pids", "freezer")
+#: CFS period in microseconds (the kernel's default); ``--cpus`` sets the quota.
+CPU_PERIOD_US = 100_000
+JOB_PREFIX = "job-"
+#: Rounds of freeze-kill-thaw before a v1 kill gives up on a cgroup that refills.
+V1_KILL_ROUNDS = 100
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a job's cgroup measured."""
+
+    peak_memory: int | None
+    cpu_time: float | None
+    oom_kills: int
+
+
+class JobCgroup(ABC):
+    """One job's cgroup (in each v1 hierarchy, or one v2 directory)."""
+
+    name: str
+    #: The ``cgroup.procs`` files the spawn helper writes its pid to.
+    procs: tuple[str, ...]
+
+    @abstractmethod
+    def populated(self) -> bool:
+        """True while a process is in it (blocking, but cheap)."""
+
+    @abstractmethod
+    async def wait_empty(self) -> None:
+        """Until no process is left in it."""
+
+    @abstractmethod
+    def kill_now(self) -> list[int]:
+        """SIGKILL every process in it once (blocking). Returns pidfds of the processes
+        signalled, if it had to signal them one by one: the caller waits and closes them."""
+
+    @abstractmethod
+    async def kill(self) -> None:
+        """SIGKILL every process in it, forks included; returns once it is empty."""
+
+    @abstractmethod
+    def usage(self) -> Usage:
+        """Peak memory, CPU time and OOM kills so far (blocking, cheap)."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """rmdir it (blocking); it must be empty. Gone already is fine."""
+
+
+class Hierarchy(ABC):
+    """The cgroup layout jobd found, and the factory of job cgroups."""
+
+    mode: str
+    #: Which limits it can enforce, among memory, cpu, io, pids.
+    resources: frozenset[str]
+
+    @abstractmethod
+    def describe(self) -> dict[str, str]:
+        """For jobd's start-up log line."""
+
+    @abstractmethod
+    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str]) -> JobCgroup:
+        """Make the job's cgroup and write its limits (blocking). ``devices`` maps the
+        io limits' device paths to ``MAJOR:MINOR``. Raises EngineError."""
+
+    @abstractmethod
+    def leftovers(self) -> list[JobCgroup]:
+        """Job cgroups that exist now (at start-up: a previous jobd's)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Remove the jobs' parent directory if no job cgroup is left (blocking)."""
+
+
+# -- small file helpers (cgroupfs files are tiny and in memory) ---------------------
+
+
+def read_file(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _keyed(text: str, key: str) -> int | None:
+    """The value of ``key value`` lines (cgroup.events, memory.events, cpu.stat, ...)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return None
+
+
+def _int_file(path: str) -> int | None:
+    try:
+        return int(read_file(path).strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _pids(procs: str) -> list[int]:
+    try:
+        return [int(line) for line in read_file(procs).split()]
+    except FileNotFoundError:
+        return []
+
+
+def _apply(path: str, text: str, what: str) -> None:
+    try:
+        write_file(path, text)
+    except OSError as exc:
+        raise EngineError(f"cannot apply {what}: {exc.strerror or exc} "
+                          f"(writing {text.strip()!r} to {path})") from None
+
+
+def _rmdir(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+# -- cgroup v2 ----------------------------------------------------------------------
+
+
+class V2Job(JobCgroup):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+        self.procs = (f"{path}/cgroup.procs",)
+
+    def populated(self) -> bool:
+        try:
+            return _keyed(read_file(f"{self.path}/cgroup.events"), "populated") == 1
+        except FileNotFoundError:
+            return False
+
+    async def wait_empty(self) -> None:
+        try:
+            fd = os.open(f"{self.path}/cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            with select.epoll() as ep:
+                ep.register(fd, select.EPOLLPRI)
+                # Each read re-arms the notification, so a change after it wakes us.
+                while _keyed(os.pread(fd, 4096, 0).decode(), "populated") == 1:
+                    await trio.lowlevel.wait_readable(ep.fileno())
+        finally:
+            os.close(fd)
+
+    def kill_now(self) -> list[int]:
+        try:
+            write_file(f"{self.path}/cgroup.kill", "1")
+        except FileNotFoundError:  # Linux < 5.14, or the cgroup is gone already
+            return _kill_listed(self.procs[0])
+        return []
+
+    async def kill(self) -> None:
+        try:
+            write_file(f"{self.path}/cgroup.kill", "1")
+        except FileNotFoundError:  # Linux < 5.14 (or it is gone: nothing to do)
+            await _kill_by_rounds(self)
+            return
+        await self.wait_empty()
+
+    def usage(self) -> Usage:
+        try:
+            cpu_us = _keyed(read_file(f"{self.path}/cpu.stat"), "usage_usec")
+        except OSError:
+            cpu_us = None
+        try:
+            ooms = _keyed(read_file(f"{self.path}/memory.events"), "oom_kill") or 0
+        except OSError:
+            ooms = 0
+        return Usage(_int_file(f"{self.path}/memory.peak"),
+                     None if cpu_us is None else cpu_us / 1e6, ooms)
+
+    def remove(self) -> None:
+        _rmdir(self.path)
+
+
+class V2Hierarchy(Hierarchy):
+    mode = "v2"
+
+    def __init__(self, parent: str, resources: frozenset[str]) -> None:
+        self.parent = parent
+        self.resources = resources
+
+    def describe(self) -> dict[str, str]:
+        return {"mode": self.mode, "controllers": ",".join(sorted(self.resources)) or "none",
+                "root": self.parent}
+
+    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str]) -> JobCgroup:
+        path = f"{self.parent}/{JOB_PREFIX}{job_id}"
+        os.mkdir(path)
+        try:
+            if limits.memory is not None:
+                _apply(f"{path}/memory.max", str(limits.memory), "--memory")
+                # No swap beyond the limit: --memory is what the job may use at all.
+                with contextlib.suppress(FileNotFoundError):
+                    write_file(f"{path}/memory.swap.max", "0")
+            if limits.cpus is not None:
+                quota = max(1000, round(limits.cpus * CPU_PERIOD_US))
+                _apply(f"{path}/cpu.max", f"{quota} {CPU_PERIOD_US}", "--cpus")
+            if limits.pids is not None:
+                _apply(f"{path}/pids.max", str(limits.pids), "--pids")
+            for option, key, entries in (("--io-read-bps", "rbps", limits.io_read_bps),
+                                         ("--io-write-bps", "wbps", limits.io_write_bps)):
+                for device, rate in entries:
+                    _apply(f"{path}/io.max", f"{devices[device]} {key}={rate}",
+                           f"{option} {device}")
+        except BaseException:
+            _rmdir(path)
+            raise
+        return V2Job(path)
+
+    def leftovers(self) -> list[JobCgroup]:
+        return [V2Job(f"{self.parent}/{name}") for name in _job_dirs(self.parent)]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # EBUSY: a job cgroup could not be removed
+            _rmdir(self.parent)
+
+
+# -- cgroup v1 ----------------------------------------------------------------------
+
+
+class V1Job(JobCgroup):
+    def __init__(self, name: str, dirs: Mapping[str, str]) -> None:
+        self.name = name
+        self.dirs = dict(dirs)  # controller -> directory (co-mounted ones share one)
+        unique = list(dict.fromkeys(self.dirs.values()))
+        self.procs = tuple(f"{d}/cgroup.procs" for d in unique)
+        # Where to list the job's processes: freezer first (it is what kill uses).
+        track = next((self.dirs[c] for c in ("freezer", "pids", "memory") if c in self.dirs),
+                     unique[0])
+        self._track = f"{track}/cgroup.procs"
+
+    def populated(self) -> bool:
+        return bool(_pids(self._track))
+
+    async def wait_empty(self) -> None:
+        while True:
+            pids = _pids(self._track)
+            if not pids:
+                return
+            try:
+                pidfd = os.pidfd_open(pids[0])
+            except ProcessLookupError:
+                continue
+            try:
+                # The pidfd pins the process: if the pid is still listed, it is ours.
+                if pids[0] in _pids(self._track):
+                    await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+
+    def kill_now(self) -> list[int]:
+        freezer = self.dirs.get("freezer")
+        if freezer is None:
+            return _kill_listed(self._track)
+        state = f"{freezer}/freezer.state"
+        # Frozen tasks cannot fork or exit: the list is complete and every pid stays
+        # theirs while we open pidfds and signal. The SIGKILLs land at the thaw.
+        try:
+            write_file(state, "FROZEN")
+        except FileNotFoundError:
+            return []  # removed: nothing left in it
+        try:
+            return _kill_listed(self._track)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                write_file(state, "THAWED")
+
+    async def kill(self) -> None:
+        await _kill_by_rounds(self)
+
+    def usage(self) -> Usage:
+        memory, cpuacct = self.dirs.get("memory"), self.dirs.get("cpuacct")
+        ooms = 0
+        if memory is not None:
+            with contextlib.suppress(OSError):
+                ooms = _keyed(read_file(f"{memory}/memory.oom_control"), "oom_kill") or 0
+        cpu_ns = None if cpuacct is None else _int_file(f"{cpuacct}/cpuacct.usage")
+        return Usage(None if memory is None else _int_file(f"{memory}/memory.max_usage_in_bytes"),
+                     None if cpu_ns is None else cpu_ns / 1e9, ooms)
+
+    def remove(self) -> None:
+        first: OSError | None = None
+        for d in dict.fromkeys(self.dirs.values()):
+            try:
+                _rmdir(d)
+            except OSError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+
+class V1Hierarchy(Hierarchy):
+    mode = "v1"
+
+    def __init__(self, parents: Mapping[str, str]) -> None:
+        self.parents = dict(parents)  # controller -> jobs' parent directory
+        names = {"memory": "memory", "cpu": "cpu", "blkio": "io", "pids": "pids"}
+        self.resources = frozenset(names[c] for c in self.parents if c in names)
+
+    def describe(self) -> dict[str, str]:
+        root = next(iter(self.parents.values()))
+        return {"mode": self.mode, "controllers": ",".join(self.parents), "root": root}
+
+    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str]) -> JobCgroup:
+        name = f"{JOB_PREFIX}{job_id}"
+        made: dict[str, str] = {}
+        job = V1Job(name, {c: f"{p}/{name}" for c, p in self.parents.items()})
+        try:
+            for controller, path in job.dirs.items():
+                if path not in made.values():
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(self.parents[controller])
+                    os.mkdir(path)
+                made[controller] = path
+            d = job.dirs
+            if limits.memory is not None:
+                _apply(f"{d['memory']}/memory.limit_in_bytes", str(limits.memory), "--memory")
+                with contextlib.suppress(FileNotFoundError):  # swap accounting is off
+                    write_file(f"{d['memory']}/memory.memsw.limit_in_bytes", str(limits.memory))
+            if limits.cpus is not None:
+                quota = max(1000, round(limits.cpus * CPU_PERIOD_US))
+                _apply(f"{d['cpu']}/cpu.cfs_period_us", str(CPU_PERIOD_US), "--cpus")
+                _apply(f"{d['cpu']}/cpu.cfs_quota_us", str(quota), "--cpus")
+            if limits.pids is not None:
+                _apply(f"{d['pids']}/pids.max", str(limits.pids), "--pids")
+            for option, file, entries in (
+                    ("--io-read-bps", "blkio.throttle.read_bps_device", limits.io_read_bps),
+                    ("--io-write-bps", "blkio.throttle.write_bps_device", limits.io_write_bps)):
+                for device, rate in entries:
+                    _apply(f"{d['blkio']}/{file}", f"{devices[device]} {rate}",
+                           f"{option} {device}")
+        except BaseException:
+            for path in dict.fromkeys(made.values()):
+                _rmdir(path)
+            raise
+        return job
+
+    def leftovers(self) -> list[JobCgroup]:
+        names: dict[str, None] = {}
+        for parent in self.parents.values():
+            names.update(dict.fromkeys(_job_dirs(parent)))
+        out: list[JobCgroup] = []
+        for name in names:
+            dirs = {c: f"{p}/{name}" for c, p in self.parents.items()
+                    if os.path.isdir(f"{p}/{name}")}
+            out.append(V1Job(name, dirs))
+        return out
+
+    def close(self) -> None:
+        for parent in dict.fromkeys(self.parents.values()):
+            with contextlib.suppress(OSError):
+                _rmdir(parent)
+
+
+def _job_dirs(parent: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(parent)
+                      if e.name.startswith(JOB_PREFIX) and e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+
+
+def _kill_listed(procs: str) -> list[int]:
+    """SIGKILL each listed process through a pidfd; returns the pidfds."""
+    pidfds = []
+    try:
+        for pid in _pids(procs):
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            pidfds.append(pidfd)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except BaseException:
+        for pidfd in pidfds:
+            os.close(pidfd)
+        raise
+    return pidfds
+
+
+async def _kill_by_rounds(job: JobCgroup) -> None:
+    """Kill what is listed, wait for exactly those, again until nothing is left."""
+    for _ in range(V1_KILL_ROUNDS):
+        pidfds = await trio.to_thread.run_sync(job.kill_now)
+        if not pidfds and not job.populated():
+            return
+        try:
+            for pidfd in pidfds:
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+    await job.wait_empty()

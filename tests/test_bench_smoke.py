@@ -1,0 +1,36 @@
+"""bench/run.py --smoke: every benchmark part still runs (about 8 seconds).
+
+No figure is checked (SPEC §6: performance is measured by benchmarks, never by
+timed tests): only that the harness starts its contenders, measures each
+figure, verifies the fan-out's bytes, and cleans up. Skipped where the
+references (sshd, ssh, socat) are not installed or not usable (not root):
+``bench/setup.sh`` installs them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import PYTHON, ROOT
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+@pytest.mark.skipif(not SSHD.exists() or not shutil.which("ssh") or not shutil.which("socat"),
+                    reason="bench references missing: run bench/setup.sh")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the throwaway sshd runs as root")
+def test_every_benchmark_runs() -> None:
+    result = subprocess.run([PYTHON, str(ROOT / "bench" / "run.py"), "--smoke"],
+                            capture_output=True, timeout=180, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out[-3000:] + result.stderr.decode(errors="replace")[-3000:]
+    for number in range(1, 9):
+        assert f"\n| {number} | " in out, out[-3000:]
+    assert "| identical |" in out
+    assert "written to" not in out  # --smoke never writes bench/README.md

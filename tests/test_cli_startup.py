@@ -1,0 +1,43 @@
+"""jobctl stays lean (SPEC §6: `jobctl start true` at most a quarter of ssh).
+
+What a run imports is checked, never how long it takes: the command path
+must not import Trio, and the modules only some commands need are imported
+by those commands alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from .conftest import PYTHON, ROOT, JobdProcess
+
+LAZY = ("json", "shlex", "jobd._config")
+
+
+def imported(jobd: JobdProcess, *args: str) -> tuple[set[str], subprocess.CompletedProcess[bytes]]:
+    """Modules a real jobctl run imported (``python -X importtime``), and its result."""
+    cmd = [PYTHON, "-X", "importtime", "-m", "jobctl", *jobd.pki.client_args("alice"),
+           "-a", jobd.address, "-p", str(jobd.port), *args]
+    result = subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT,
+                            stdin=subprocess.DEVNULL, env=dict(os.environ))
+    names = re.findall(rb"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", result.stderr, re.M)
+    return {name.decode() for name in names}, result
+
+
+def test_start_imports_neither_trio_nor_what_other_commands_need(jobd: JobdProcess) -> None:
+    modules, result = imported(jobd, "start", "true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().isdigit()
+    assert "jobctl._cli" in modules and "protocol" in modules  # the parse works
+    assert not {m for m in modules if m == "trio" or m.startswith("trio.")}
+    assert not set(LAZY) & modules
+
+
+def test_json_output_imports_json_when_asked(jobd: JobdProcess) -> None:
+    job = jobd.jobctl("alice", "start", "true").stdout.decode().strip()
+    modules, result = imported(jobd, "--json", "status", job)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(b"{")
+    assert "json" in modules and "trio" not in modules
