@@ -13,9 +13,11 @@ an absent field and an explicit nil alike. Arrays decode as tuples, so that
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from ._fields import check, check_type
+from ._fields import check, check_type, get_int, get_map
+from ._status import JobStatus
 
 #: Major version: a server refuses a hello with another major version.
 PROTOCOL_VERSION = 1
@@ -52,6 +54,59 @@ class _Message:
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
         raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class _JobMessage(_Message):
+    """The shape of messages that carry one job ID (``job``) and nothing else."""
+
+    job: int
+
+    def __post_init__(self) -> None:
+        _uint("job", self.job)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "job": self.job}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "job"))
+
+
+@dataclass(frozen=True, slots=True)
+class _OutputRequest(_Message):
+    """The shape of the two output requests: a job ID and a position."""
+
+    job: int
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        _uint("job", self.job)
+        _uint("position", self.position)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "job": self.job, "position": self.position}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "job"), get_int(m, "position", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusReply(_Message):
+    """The shape of the replies that carry one job's status (``status``)."""
+
+    status: JobStatus
+
+    def __post_init__(self) -> None:
+        check_type("status", self.status, JobStatus)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "status": self.status.to_wire()}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(JobStatus.from_wire(get_map(m, "status")))
 
 
 __all__ = ["PROTOCOL_MINOR", "PROTOCOL_VERSION"]

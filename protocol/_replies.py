@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from ._base import _Message, _uint
+from ._base import _JobMessage, _Message, _StatusReply, _uint
 from ._errors import ErrorCode
 from ._fields import (
     FieldError,
@@ -61,12 +61,8 @@ class Welcome(_Message):
                    get_str(m, "identity"), get_str(m, "role"), get_int(m, "max_frame_size"))
 
 
-def _status_of(m: dict[str, Any]) -> JobStatus:
-    return JobStatus.from_wire(get_map(m, "status"))
-
-
 @dataclass(frozen=True, slots=True)
-class Started(_Message):
+class Started(_StatusReply):
     """The job a :class:`Start` created (also when it failed to execute: state ``error``).
 
     Fields:
@@ -75,21 +71,9 @@ class Started(_Message):
 
     TYPE: ClassVar[str] = "started"
 
-    status: JobStatus
-
-    def __post_init__(self) -> None:
-        check_type("status", self.status, JobStatus)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "status": self.status.to_wire()}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(_status_of(m))
-
 
 @dataclass(frozen=True, slots=True)
-class Stopped(_Message):
+class Stopped(_StatusReply):
     """The answer to :class:`Stop`, sent once every process of the job is gone.
 
     Fields:
@@ -98,21 +82,9 @@ class Stopped(_Message):
 
     TYPE: ClassVar[str] = "stopped"
 
-    status: JobStatus
-
-    def __post_init__(self) -> None:
-        check_type("status", self.status, JobStatus)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "status": self.status.to_wire()}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(_status_of(m))
-
 
 @dataclass(frozen=True, slots=True)
-class StatusResult(_Message):
+class StatusResult(_StatusReply):
     """The answer to :class:`GetStatus`.
 
     Fields:
@@ -120,18 +92,6 @@ class StatusResult(_Message):
     """
 
     TYPE: ClassVar[str] = "status_result"
-
-    status: JobStatus
-
-    def __post_init__(self) -> None:
-        check_type("status", self.status, JobStatus)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "status": self.status.to_wire()}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(_status_of(m))
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +126,7 @@ class JobList(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Deleted(_Message):
+class Deleted(_JobMessage):
     """The answer to :class:`Delete`.
 
     Fields:
@@ -174,18 +134,6 @@ class Deleted(_Message):
     """
 
     TYPE: ClassVar[str] = "deleted"
-
-    job: int
-
-    def __post_init__(self) -> None:
-        _uint("job", self.job)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "job": self.job}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +194,7 @@ class End(_Message):
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(_status_of(m), get_int(m, "position"))
+        return cls(JobStatus.from_wire(get_map(m, "status")), get_int(m, "position"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from ._base import PROTOCOL_MINOR, PROTOCOL_VERSION, _check_arg, _Message, _uint
+from ._base import (
+    PROTOCOL_MINOR,
+    PROTOCOL_VERSION,
+    _check_arg,
+    _JobMessage,
+    _Message,
+    _OutputRequest,
+    _uint,
+)
 from ._fields import check, check_type, get_bytes, get_float, get_int, get_list, get_map, get_str
 from ._status import Limits
 
@@ -151,7 +159,7 @@ class Stop(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class GetStatus(_Message):
+class GetStatus(_JobMessage):
     """Ask for one job's status (answered by :class:`StatusResult`).
 
     Fields:
@@ -159,18 +167,6 @@ class GetStatus(_Message):
     """
 
     TYPE: ClassVar[str] = "status"
-
-    job: int
-
-    def __post_init__(self) -> None:
-        _uint("job", self.job)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "job": self.job}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +193,7 @@ class ListJobs(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Stream(_Message):
+class Stream(_OutputRequest):
     """Follow a job's output live until the job ends (answered by chunks then :class:`End`).
 
     Fields:
@@ -208,23 +204,9 @@ class Stream(_Message):
 
     TYPE: ClassVar[str] = "stream"
 
-    job: int
-    position: int = 0
-
-    def __post_init__(self) -> None:
-        _uint("job", self.job)
-        _uint("position", self.position)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "job": self.job, "position": self.position}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"), get_int(m, "position", 0))
-
 
 @dataclass(frozen=True, slots=True)
-class Output(_Message):
+class Output(_OutputRequest):
     """Read the output that exists now, without following (chunks then :class:`End`).
 
     Fields:
@@ -234,23 +216,9 @@ class Output(_Message):
 
     TYPE: ClassVar[str] = "output"
 
-    job: int
-    position: int = 0
-
-    def __post_init__(self) -> None:
-        _uint("job", self.job)
-        _uint("position", self.position)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "job": self.job, "position": self.position}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"), get_int(m, "position", 0))
-
 
 @dataclass(frozen=True, slots=True)
-class Delete(_Message):
+class Delete(_JobMessage):
     """Remove a finished job's record and output (answered by :class:`Deleted`).
 
     Fields:
@@ -259,17 +227,6 @@ class Delete(_Message):
 
     TYPE: ClassVar[str] = "delete"
 
-    job: int
-
-    def __post_init__(self) -> None:
-        _uint("job", self.job)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "job": self.job}
-
-    @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"))
 
 
 __all__ = ["Delete", "GetStatus", "Hello", "ListJobs", "Output", "Start", "Stop", "Stream"]
