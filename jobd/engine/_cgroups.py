@@ -27,6 +27,7 @@ for emptiness; the pidfds of its tasks are what we wait on, never a sleep.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -154,10 +155,13 @@ def _int_file(path: str) -> int | None:
 
 
 def _pids(procs: str) -> list[int]:
+    """The processes listed; none if the cgroup is gone (ENOENT, or ENODEV once removed)."""
     try:
         return [int(line) for line in read_file(procs).split()]
-    except FileNotFoundError:
-        return []
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENODEV:
+            return []
+        raise
 
 
 def _apply(path: str, text: str, what: str) -> None:
@@ -185,8 +189,10 @@ class V2Job(JobCgroup):
     def populated(self) -> bool:
         try:
             return _keyed(read_file(f"{self.path}/cgroup.events"), "populated") == 1
-        except FileNotFoundError:
-            return False
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENODEV:
+                return False  # removed: nothing can be in it
+            raise
 
     async def wait_empty(self) -> None:
         try:
@@ -197,7 +203,7 @@ class V2Job(JobCgroup):
             with select.epoll() as ep:
                 ep.register(fd, select.EPOLLPRI)
                 # Each read re-arms the notification, so a change after it wakes us.
-                while _keyed(os.pread(fd, 4096, 0).decode(), "populated") == 1:
+                while _populated(fd):
                     await trio.lowlevel.wait_readable(ep.fileno())
         finally:
             os.close(fd)
@@ -231,6 +237,15 @@ class V2Job(JobCgroup):
 
     def remove(self) -> None:
         _rmdir(self.path)
+
+
+def _populated(events_fd: int) -> bool:
+    try:
+        return _keyed(os.pread(events_fd, 4096, 0).decode(), "populated") == 1
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return False  # the cgroup was removed under us: it was empty
+        raise
 
 
 class V2Hierarchy(Hierarchy):

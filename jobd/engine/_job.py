@@ -368,6 +368,23 @@ class Job:
         self._usage = await trio.to_thread.run_sync(release)
         self._cgroup = None
 
+    def _cgroup_populated(self) -> bool:
+        if self._cgroup is None:
+            return False
+        try:
+            return self._cgroup.populated()
+        except OSError as exc:
+            log.warning("job %d: cannot read its cgroup: %s", self.id, exc)
+            return False
+
+    async def _kill_cgroup(self) -> None:
+        if self._cgroup is None:
+            return
+        try:
+            await self._cgroup.kill()
+        except OSError as exc:
+            log.warning("job %d: cannot kill its cgroup: %s", self.id, exc)
+
     def abort(self) -> None:
         """Stop supervising at once (shutdown ran out of time): SIGKILL, record, end."""
         if self._nursery is not None:
@@ -391,9 +408,8 @@ class Job:
                 await trio.lowlevel.wait_readable(spawned.pidfd)  # it exited
                 returncode = popen.wait()  # reap it (waitpid on its pid: it is ours)
                 self._reaped.set()
-                if self._ladder_done is None and (
-                        group_may_exist(pid)
-                        or (self._cgroup is not None and self._cgroup.populated())):
+                if self._ladder_done is None and (group_may_exist(pid)
+                                                  or self._cgroup_populated()):
                     # Leftovers in the group: they get the stop sequence too.
                     self._start_ladder(self._ctx.config.stop_grace)
                 if self._ladder_done is not None:
@@ -507,8 +523,7 @@ class Job:
                 sig = _LADDER[step]
                 await self._signal_all(sig)
                 if sig is signal.SIGKILL:
-                    if self._cgroup is not None:  # setsid escapees too
-                        await self._cgroup.kill()
+                    await self._kill_cgroup()  # setsid escapees too
                     await self._wait_gone()
                     return
                 with trio.move_on_after(self._ladder_grace) as self._step_scope:
@@ -551,7 +566,10 @@ class Job:
         assert self.pid is not None
         await self._reaped.wait()
         if self._cgroup is not None:
-            await self._cgroup.wait_empty()
+            try:
+                await self._cgroup.wait_empty()
+            except OSError as exc:  # cgroupfs misbehaving: the group checks below still hold
+                log.warning("job %d: cannot watch its cgroup: %s", self.id, exc)
         while self._strays or group_may_exist(self.pid):
             members = await self._members()
             if not members:

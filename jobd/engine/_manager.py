@@ -304,10 +304,10 @@ async def _sweep_cgroups(ctx: Context) -> None:
     if ctx.cgroups is None:
         return
     for cgroup in await trio.to_thread.run_sync(ctx.cgroups.leftovers):
-        killed = await trio.to_thread.run_sync(cgroup.populated)
-        with trio.move_on_after(LOST_KILL_TIMEOUT):
-            await cgroup.kill()
         try:
+            killed = await trio.to_thread.run_sync(cgroup.populated)
+            with trio.move_on_after(LOST_KILL_TIMEOUT):
+                await cgroup.kill()
             await trio.to_thread.run_sync(cgroup.remove)
         except OSError as exc:
             log.warning("cannot remove cgroup %s left over by a previous jobd: %s",
