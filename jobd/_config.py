@@ -8,6 +8,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jobd.engine import LimitPolicy
 
 DEFAULT_ADDRESS = "localhost"
 DEFAULT_PORT = 8000
@@ -59,14 +63,8 @@ class ServerConfig:
     output_cap: int = DEFAULT_OUTPUT_CAP
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    # Per-job limits (docs/isolation.md); None: no default, no cap.
-    default_memory: int | None = None
-    max_memory: int | None = None
-    default_cpus: float | None = None
-    max_cpus: float | None = None
-    default_pids: int | None = None
-    max_pids: int | None = None
-    max_io_bps: int | None = None
+    #: Per-job limit defaults and caps (docs/isolation.md); None: none.
+    limits: LimitPolicy | None = None
     cgroup_root: Path | None = None
 
 
@@ -188,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    # Imported here: jobd._config stays importable without the engine (and trio),
+    # for jobctl's size parser.
+    from jobd.engine import LimitPolicy
+
     parser = build_parser()
     ns = parser.parse_args(argv)
     for name in ("memory", "cpus", "pids"):
@@ -208,12 +210,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         output_cap=ns.output_cap,
         handshake_timeout=ns.handshake_timeout,
         max_connections=ns.max_connections,
-        default_memory=ns.default_memory,
-        max_memory=ns.max_memory,
-        default_cpus=ns.default_cpus,
-        max_cpus=ns.max_cpus,
-        default_pids=ns.default_pids,
-        max_pids=ns.max_pids,
-        max_io_bps=ns.max_io_bps,
+        limits=LimitPolicy(
+            default_memory=ns.default_memory, max_memory=ns.max_memory,
+            default_cpus=ns.default_cpus, max_cpus=ns.max_cpus,
+            default_pids=ns.default_pids, max_pids=ns.max_pids, max_io_bps=ns.max_io_bps),
         cgroup_root=ns.cgroup_root,
     )

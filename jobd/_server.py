@@ -59,6 +59,7 @@ from jobd.engine import (
     JobManager,
     JobNotFound,
     LimitExceeded,
+    LimitPolicy,
     open_job_manager,
 )
 
@@ -199,10 +200,7 @@ async def serve(
     engine_config = EngineConfig(
         state_dir=config.state_dir, stop_grace=config.stop_grace,
         output_cap=config.output_cap, on_event=on_job_event,
-        default_memory=config.default_memory, max_memory=config.max_memory,
-        default_cpus=config.default_cpus, max_cpus=config.max_cpus,
-        default_pids=config.default_pids, max_pids=config.max_pids,
-        max_io_bps=config.max_io_bps, cgroup_root=config.cgroup_root)
+        limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root)
     async with open_job_manager(engine_config) as manager:
         listeners = await _open_listeners(config.address, config.port)
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobd.engine import EngineError, JobManager, LimitExceeded, open_job_manager
+from jobd.engine import EngineError, JobManager, LimitExceeded, LimitPolicy, open_job_manager
 from protocol import JobState, Limits
 from tests.engine_helpers import (
     GRACE,
@@ -164,8 +164,9 @@ async def test_io_limits_are_written_and_bad_devices_refused(manager: JobManager
 
 
 async def test_defaults_and_caps(tmp_path: Path) -> None:
-    async with open_job_manager(config(tmp_path, default_memory=64 * M, max_memory=128 * M,
-                                       max_cpus=1.0, max_pids=50, max_io_bps=M)) as manager:
+    policy = LimitPolicy(default_memory=64 * M, max_memory=128 * M, max_cpus=1.0, max_pids=50,
+                         max_io_bps=M)
+    async with open_job_manager(config(tmp_path, limits=policy)) as manager:
         require(manager, "memory", "cpu", "pids")
         for limits, message in (
                 (Limits(memory=256 * M), "limit exceeded: --memory 256M is above this server's "

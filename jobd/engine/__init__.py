@@ -15,6 +15,7 @@ from ._types import (
     InvalidState,
     JobNotFound,
     LimitExceeded,
+    LimitPolicy,
     OutputChunk,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "JobManager",
     "JobNotFound",
     "LimitExceeded",
+    "LimitPolicy",
     "OutputChunk",
     "open_job_manager",
 ]

@@ -19,7 +19,7 @@ from typing import TypeVar
 from protocol import Limits
 
 from ._cgroups import Hierarchy
-from ._types import EngineConfig, EngineError, LimitExceeded
+from ._types import EngineError, LimitExceeded, LimitPolicy
 
 #: The kernel's smallest CFS quota is 1 ms per 100 ms period.
 MIN_CPUS = 0.01
@@ -48,20 +48,20 @@ def _pick(option: str, requested: N | None, default: N | None, cap: N | None,
     return requested
 
 
-def resolve(requested: Limits | None, config: EngineConfig) -> Limits | None:
+def resolve(requested: Limits | None, policy: LimitPolicy) -> Limits | None:
     """The limits the job runs with (None: none at all). Raises LimitExceeded."""
     req = requested if requested is not None else Limits()
-    memory = _pick("--memory", req.memory, config.default_memory, config.max_memory,
+    memory = _pick("--memory", req.memory, policy.default_memory, policy.max_memory,
                    format_size)
-    cpus = _pick("--cpus", req.cpus, config.default_cpus, config.max_cpus, "{:g}".format)
-    pids = _pick("--pids", req.pids, config.default_pids, config.max_pids, str)
+    cpus = _pick("--cpus", req.cpus, policy.default_cpus, policy.max_cpus, "{:g}".format)
+    pids = _pick("--pids", req.pids, policy.default_pids, policy.max_pids, str)
     if cpus is not None and cpus < MIN_CPUS:
         raise LimitExceeded(f"limit exceeded: --cpus {cpus:g} is below the kernel's "
                             f"minimum of {MIN_CPUS:g}")
     for option, entries in (("--io-read-bps", req.io_read_bps),
                             ("--io-write-bps", req.io_write_bps)):
         for device, rate in entries:
-            _pick(option, rate, None, config.max_io_bps, format_size)
+            _pick(option, rate, None, policy.max_io_bps, format_size)
             if len([d for d, _ in entries if d == device]) > 1:
                 raise EngineError(f"{option}: {device} is given more than once")
     limits = Limits(memory=memory, cpus=cpus, pids=pids, io_read_bps=req.io_read_bps,
@@ -131,13 +131,13 @@ def isolation_problem() -> str | None:
     return None
 
 
-def check_policy(config: EngineConfig, cgroups: Hierarchy | None, cgroup_reason: str) -> None:
+def check_policy(policy: LimitPolicy, cgroups: Hierarchy | None, cgroup_reason: str) -> None:
     """Refuse at start-up server defaults and caps this machine cannot enforce."""
     for resource, option, values in (
-            ("memory", "memory", (config.default_memory, config.max_memory)),
-            ("cpu", "cpus", (config.default_cpus, config.max_cpus)),
-            ("pids", "pids", (config.default_pids, config.max_pids)),
-            ("io", "io-bps", (config.max_io_bps,))):
+            ("memory", "memory", (policy.default_memory, policy.max_memory)),
+            ("cpu", "cpus", (policy.default_cpus, policy.max_cpus)),
+            ("pids", "pids", (policy.default_pids, policy.max_pids)),
+            ("io", "io-bps", (policy.max_io_bps,))):
         if any(v is not None for v in values) and (
                 cgroups is None or resource not in cgroups.resources):
             raise EngineError(_missing(resource, f"--default-{option}/--max-{option}"

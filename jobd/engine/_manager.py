@@ -78,7 +78,7 @@ class JobManager:
             if any(not k or b"=" in k for k in env):
                 raise EngineError("environment variable names must be non-empty, without '='")
         ctx = self._ctx
-        applied = resolve(limits, ctx.config)  # LimitExceeded
+        applied = resolve(limits, ctx.config.limits)  # LimitExceeded
         io_devices: dict[str, str] = {}
         if applied is not None:
             check_enforceable(applied, ctx.cgroups, ctx.cgroup_reason, ctx.isolation_reason)
@@ -228,7 +228,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     ctx.cgroups, ctx.cgroup_reason = await trio.to_thread.run_sync(
         detect, config.cgroup_root, _instance_key(config.state_dir))
     ctx.isolation_reason = isolation_problem()
-    check_policy(config, ctx.cgroups, ctx.cgroup_reason)
+    check_policy(config.limits, ctx.cgroups, ctx.cgroup_reason)
     lost = [r for r in records if r.status.state is JobState.RUNNING]
     if lost:
         await _kill_lost(ctx, lost)

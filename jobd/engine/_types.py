@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol import JobStatus
 
 #: What ``EngineConfig.on_event`` is called with: ``("started" | "ended" | "lost", status)``.
 EventCallback = Callable[[str, JobStatus], None]
+
+
+@dataclass(frozen=True)
+class LimitPolicy:
+    """The server's defaults and caps for per-job limits (docs/isolation.md).
+
+    Fields:
+      default_memory / default_cpus / default_pids: limits of a job that asks for
+        none (bytes, CPUs, tasks); None: no limit, or the cap if there is one.
+      max_memory / max_cpus / max_pids / max_io_bps: caps; a request above one is
+        LimitExceeded. max_io_bps caps each --io-read-bps/--io-write-bps rate.
+    """
+
+    default_memory: int | None = None
+    max_memory: int | None = None
+    default_cpus: float | None = None
+    max_cpus: float | None = None
+    default_pids: int | None = None
+    max_pids: int | None = None
+    max_io_bps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("memory", "cpus", "pids"):
+            default, cap = getattr(self, f"default_{name}"), getattr(self, f"max_{name}")
+            for value in (default, cap):
+                if value is not None and not value > 0:  # also refuses NaN
+                    raise ValueError(f"{name} limits must be positive")
+            if default is not None and cap is not None and default > cap:
+                raise ValueError(f"the default {name} limit is above the maximum")
+        if self.max_io_bps is not None and self.max_io_bps <= 0:
+            raise ValueError("max_io_bps must be positive")
 
 
 @dataclass(frozen=True)
@@ -22,10 +53,7 @@ class EngineConfig:
       output_cap: per-job cap on kept output bytes (record headers not counted).
       on_event: called synchronously with ("started" | "ended" | "lost", status), for
         the daemon's event log. A failed start is reported as "ended" (state error).
-      default_memory / default_cpus / default_pids: limits of a job that asks for
-        none (bytes, CPUs, tasks); None: no limit, or the cap if there is one.
-      max_memory / max_cpus / max_pids / max_io_bps: caps; a request above one is
-        LimitExceeded. max_io_bps caps each --io-read-bps/--io-write-bps rate.
+      limits: the server's defaults and caps for per-job limits.
       cgroup_root: a delegated cgroup v2 directory for the jobs' cgroups; None:
         find one (see docs/isolation.md).
     """
@@ -34,13 +62,7 @@ class EngineConfig:
     stop_grace: float = 2.0
     output_cap: int = 1 << 30
     on_event: EventCallback | None = None
-    default_memory: int | None = None
-    max_memory: int | None = None
-    default_cpus: float | None = None
-    max_cpus: float | None = None
-    default_pids: int | None = None
-    max_pids: int | None = None
-    max_io_bps: int | None = None
+    limits: LimitPolicy = field(default_factory=LimitPolicy)
     cgroup_root: Path | None = None
 
     def __post_init__(self) -> None:
@@ -48,15 +70,6 @@ class EngineConfig:
             raise ValueError("stop_grace must be 0 or more seconds")
         if self.output_cap < 0:
             raise ValueError("output_cap must not be negative")
-        for name in ("memory", "cpus", "pids"):
-            default, cap = getattr(self, f"default_{name}"), getattr(self, f"max_{name}")
-            for value in (default, cap):
-                if value is not None and not value > 0:  # also refuses NaN
-                    raise ValueError(f"{name} limits must be positive")
-            if default is not None and cap is not None and default > cap:
-                raise ValueError(f"the default {name} limit is above the maximum")
-        if self.max_io_bps is not None and self.max_io_bps <= 0:
-            raise ValueError("max_io_bps must be positive")
 
 
 @dataclass(frozen=True)
