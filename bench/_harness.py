@@ -191,6 +191,20 @@ def machine() -> dict[str, str]:
     }
 
 
+def dirty_limit() -> int:
+    """Bytes of dirty page cache beyond which the kernel makes writers wait
+    (vm.dirty_bytes, else vm.dirty_ratio of the available memory)."""
+    vm = Path("/proc/sys/vm")
+    dirty_bytes = int((vm / "dirty_bytes").read_text())
+    if dirty_bytes:
+        return dirty_bytes
+    available = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+    return available * int((vm / "dirty_ratio").read_text()) // 100
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
