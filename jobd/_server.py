@@ -523,15 +523,17 @@ class _Session:
     # -- requests ---------------------------------------------------------------
 
     async def _respond(self, request: p.Message) -> None:
+        reply: p.Message
         try:
             if isinstance(request, p.Stream | p.Output):
                 self._streaming = True
                 try:
-                    await self._stream_output(request, follow=isinstance(request, p.Stream))
+                    reply = await self._stream_output(request,
+                                                      follow=isinstance(request, p.Stream))
                 finally:
                     self._streaming = False
-                return
-            reply = await self._dispatch(request)
+            else:
+                reply = await self._dispatch(request)
         except Denied as exc:
             reply = p.Error(p.ErrorCode.PERMISSION_DENIED, f"permission denied: {exc}")
         except JobNotFound:
@@ -625,29 +627,18 @@ class _Session:
             size += cost
         return p.JobList(tuple(page), more)
 
-    async def _stream_output(self, request: p.Stream | p.Output, *, follow: bool) -> None:
-        try:
-            self._visible(request.job)
-            reader = self.manager.follow_output if follow else self.manager.read_output
-            chunks = reader(request.job, request.position)
-        except JobNotFound:
-            await self._send(self.conn.send(p.Error(p.ErrorCode.NOT_FOUND, "process not found")))
-            return
-        except BadPosition as exc:
-            await self._send(self.conn.send(p.Error(p.ErrorCode.BAD_REQUEST,
-                                                    f"bad position: {exc}")))
-            return
+    async def _stream_output(self, request: p.Stream | p.Output, *, follow: bool) -> p.End:
+        """Send the output chunks; return the end frame. Errors (not found, a bad
+        position, a job deleted meanwhile) are answered by ``_respond``."""
+        self._visible(request.job)
+        reader = self.manager.follow_output if follow else self.manager.read_output
+        chunks = reader(request.job, request.position)
         position = request.position
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
                 await self._send(self.conn.send_output(chunk.fd, chunk.data, chunk.position))
                 position = chunk.position
-        try:
-            final = self.manager.status(request.job)
-        except JobNotFound:
-            await self._send(self.conn.send(p.Error(p.ErrorCode.NOT_FOUND, "process not found")))
-            return
-        await self._send(self.conn.send(p.End(final, position)))
+        return p.End(self.manager.status(request.job), position)
 
 
 class _Refusal(Exception):
