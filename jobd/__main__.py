@@ -7,6 +7,7 @@ import sys
 
 import trio
 
+from jobd._alloc import tune_allocator
 from jobd._config import ServerConfig, parse_args
 from jobd._log import EventLog
 from jobd._notify import notify_ready, notify_reloading, notify_stopping
@@ -35,6 +36,7 @@ async def _run(config: ServerConfig, log: EventLog) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    tune_allocator()
     log = EventLog(config.log_format, config.log_level)
     status = 0
     try:

@@ -88,6 +88,39 @@ async def test_chunks_coalesce_one_fd_up_to_max_chunk(tmp_path: Path) -> None:
         (1, 20, ends[1]), (2, 5, ends[2]), (1, 2 * big, ends[4])]
 
 
+async def test_writer_thread_takes_records_while_lingering_and_stops_on_close(
+        tmp_path: Path) -> None:
+    """Records queued in a burst, or appended while the writer thread lingers after
+    a commit, all land once and in order; a close while it lingers ends it."""
+    path = tmp_path / "x.log"
+    _outputlog.create_file(path)
+    log = OutputLog(path, 1 << 30)
+    sent: list[tuple[int, bytes]] = []
+
+    def record(i: int) -> tuple[int, bytes]:
+        sent.append((1 + i % 2, b"%d;" % i * (1 + i * 97 % 4000)))
+        return sent[-1]
+
+    async with trio.open_nursery() as nursery:
+        log.attach(nursery)
+        for i in range(40):  # a burst: the thread takes whole batches
+            await log.wait_room()
+            log.append(*record(i))
+        for i in range(40, 60):  # one at a time: each lands while the thread lingers
+            end = log.end
+            log.append(*record(i))
+            with trio.fail_after(TIMEOUT):
+                await log.wait_beyond(end)
+        log.close()  # usually while the thread lingers: it must end, not wait it out
+        with trio.fail_after(TIMEOUT):
+            await log.flush()
+    total = sum(len(d) for _fd, d in sent)
+    assert (log.output_bytes, log.dropped_bytes) == (total, 0)
+    chunks = await collect(log.chunks(0, 2 * MAX_RECORD, None))
+    assert merged(chunks) == merged([OutputChunk(fd, d, 0) for fd, d in sent])
+    assert recover(path) == (log.end, total)
+
+
 async def test_positions_are_checked(tmp_path: Path) -> None:
     log = await write_records(tmp_path / "x.log", [(1, b"hello"), (2, b"world")])
     first = HEADER_SIZE + 5

@@ -83,11 +83,13 @@ from ._types import EngineConfig, EngineError
 
 log = logging.getLogger("jobd.engine")
 
-#: Reads of what is left in a pipe once the job's processes are gone (64 KiB each:
-#: more than the largest pipe buffer a job can ask for without privileges).
+#: Reads of what is left in a pipe once the job's processes are gone (up to 256 KiB
+#: each: more than the largest pipe buffer a job can ask for without privileges).
 DRAIN_READS = 32
-#: Pipe size for a job that fills its 64 KiB pipe (Linux lets anyone go up to 1 MiB).
-BUSY_PIPE_SIZE = 256 * 1024
+#: A pipe's size as the kernel makes it.
+PIPE_SIZE = 64 * 1024
+#: Pipe size for a job that fills its pipe (Linux lets anyone go up to 1 MiB).
+BUSY_PIPE_SIZE = 1024 * 1024
 #: Upper bound on writing a record at the end of a job that shutdown had to abort.
 PERSIST_TIMEOUT = 10.0
 
@@ -456,7 +458,7 @@ class Job:
                     continue
                 if not data:
                     return  # EOF: every writer closed it
-                if len(data) == MAX_RECORD and not grown:
+                if len(data) >= PIPE_SIZE and not grown:
                     # A full read: the job outpaces us. A bigger pipe lets it run
                     # ahead while the loop is busy (fewer, full records).
                     grown = True

@@ -23,13 +23,14 @@ the header there (O(1), no walk from the start).
 
 Writing. The pumps (one per pipe) call :meth:`OutputLog.append`, which only
 queues the record; a writer task, started on demand in the job's nursery,
-writes queued records with one ``pwritev`` per batch in a worker thread
-(``trio.to_thread``), so a slow disk (writeback throttling, a failing device)
-stalls only this job's pipes, never the event loop (numbers in
+runs a worker thread that writes queued records with one ``pwritev`` per batch
+and lingers briefly for more, so a busy job costs one thread hand-off per
+burst rather than per record. A slow disk (writeback throttling, a failing
+device) stalls only this job's pipes, never the event loop (numbers in
 docs/engine.md). The queue is bounded (:data:`QUEUE_LIMIT`); a pump waits for
 room before it reads again, so the job is drained at the disk's pace and memory
-stays flat whatever the volume. ``end`` advances only after a batch was
-written, so readers never see a half-written record.
+stays flat whatever the volume. ``end`` advances only after the loop committed
+a written batch, so readers never see a half-written record.
 
 Dropping. Bytes beyond the cap are cut at :meth:`append` time and counted in
 ``dropped_bytes``. A write error (ENOSPC, EIO, ...) or a short write truncates
@@ -53,6 +54,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import AsyncGenerator
@@ -70,12 +72,15 @@ HEADER_SIZE = HEADER.size  # 20
 _OFFSET = struct.Struct("<Q")
 
 #: Largest record payload: one pipe read. Readers need max_chunk >= this.
-MAX_RECORD = 64 * 1024
-#: Bytes (plus a per-record overhead) that may wait in memory for the writer:
-#: four full pipe reads, enough to keep the writer busy while the pumps read on.
-QUEUE_LIMIT = 256 * 1024
+MAX_RECORD = 256 * 1024
+#: Bytes (plus a per-record overhead) that may wait in memory for the writer
+#: (queued or being written): four full pipe reads, enough to keep the writer
+#: busy while the pumps read on.
+QUEUE_LIMIT = 1024 * 1024
 #: Memory accounted per queued record on top of its data, so tiny records count.
 _RECORD_COST = 128
+#: How long the writer thread waits for the next record before it hands back.
+LINGER = 0.005
 #: Records per pwritev (two iovecs each; IOV_MAX is 1024 on Linux).
 _MAX_BATCH = 512
 #: Read beyond max_chunk for the headers of the records a chunk coalesces (200 of them).
@@ -160,9 +165,9 @@ class OutputLog:
     """
 
     __slots__ = (
-        "_accepted", "_changed", "_failed", "_fd", "_idle", "_nursery", "_queue",
-        "_queued_cost", "_room", "_writing", "cap", "closed", "dropped_bytes", "end",
-        "output_bytes", "path",
+        "_accepted", "_changed", "_cond", "_done", "_failed", "_fd", "_idle", "_lingering",
+        "_nursery", "_posted", "_queue", "_queued_cost", "_room", "_token", "_writing", "cap",
+        "closed", "dropped_bytes", "end", "output_bytes", "path",
     )
 
     def __init__(self, path: Path, cap: int, *, end: int = 0, output_bytes: int = 0,
@@ -183,6 +188,12 @@ class OutputLog:
         self._changed: trio.Event | None = None
         self._room: trio.Event | None = None
         self._idle: trio.Event | None = None
+        # Shared with the writer thread, under _cond: the queue, the finished batches.
+        self._cond = threading.Condition(threading.Lock())
+        self._done: list[tuple[list[tuple[int, bytes, int]], int, str | None]] = []
+        self._posted = False
+        self._lingering = False
+        self._token: trio.lowlevel.TrioToken | None = None
 
     # -- appending (the job's side) ---------------------------------------
 
@@ -207,8 +218,11 @@ class OutputLog:
                 return
             data = data[:keep]
         self._accepted += keep
-        self._queue.append((fd, data, time.time_ns()))
         self._queued_cost += keep + _RECORD_COST
+        with self._cond:
+            self._queue.append((fd, data, time.time_ns()))
+            if self._lingering:
+                self._cond.notify()
         if not self._writing:
             assert self._nursery is not None, "attach() the log before appending"
             self._writing = True
@@ -224,7 +238,10 @@ class OutputLog:
     def close(self) -> None:
         """No more appends: wake every reader so that it finishes at ``end``."""
         self.closed = True
-        self._drop_queue()
+        with self._cond:
+            dropped, self._queue = self._queue, []
+            self._cond.notify()
+        self._drop(dropped)
         if self._fd is not None and not self._writing:  # else the writer closes it
             os.close(self._fd)
             self._fd = None
@@ -235,40 +252,28 @@ class OutputLog:
             self._changed.set()
             self._changed = None
 
-    def _drop_queue(self) -> None:
-        for _fd, data, _t in self._queue:
+    def _drop(self, records: list[tuple[int, bytes, int]]) -> None:
+        for _fd, data, _t in records:
             self.dropped_bytes += len(data)
             self._accepted -= len(data)
-        self._queue.clear()
-        self._queued_cost = 0
+            self._queued_cost -= len(data) + _RECORD_COST
         self._wake_room()
 
     def _wake_room(self) -> None:
-        if self._room is not None:
+        if self._room is not None and self._queued_cost < QUEUE_LIMIT:
             self._room.set()
             self._room = None
 
     async def _write_loop(self) -> None:
+        """Run the writer thread until the queue is empty (the job's nursery owns this)."""
+        self._token = trio.lowlevel.current_trio_token()
         try:
-            while self._queue:
-                if self._failed is not None:
-                    self._drop_queue()
-                    break
-                batch = self._queue[:_MAX_BATCH]
-                del self._queue[:_MAX_BATCH]
-                self._queued_cost -= sum(len(d) + _RECORD_COST for _fd, d, _t in batch)
-                self._wake_room()
-                iov: list[bytes] = []
-                offset = self.end
-                for fd, data, time_ns in batch:
-                    iov.append(encode_header(fd, len(data), time_ns, offset))
-                    iov.append(data)
-                    offset += HEADER_SIZE + len(data)
-                # Shielded: a batch is either written and committed, or truncated away;
-                # the thread call is bounded by the kernel's write.
+            while self._queue and not self.closed:
+                # Shielded: every batch the thread takes is either written and committed,
+                # or truncated away; the thread is bounded by the kernel's writes.
                 with trio.CancelScope(shield=True):
-                    written, error = await trio.to_thread.run_sync(self._write_batch, iov)
-                self._commit(batch, written, error)
+                    await trio.to_thread.run_sync(self._drain)
+                self._deliver()
         finally:
             self._writing = False
             if self.closed and self._fd is not None:
@@ -278,8 +283,56 @@ class OutputLog:
                 self._idle.set()
                 self._idle = None
 
-    def _write_batch(self, iov: list[bytes]) -> tuple[int, str | None]:
-        """Write records at ``end`` (worker thread). Returns (bytes of whole records, error).
+    def _drain(self) -> None:
+        """Writer thread: write queued batches while records keep coming.
+
+        It waits up to LINGER for more before it returns, so a busy job costs one
+        thread hand-off per burst, not one per record. Results go back to the
+        loop through ``run_sync_soon`` (:meth:`_deliver`), at most one pending.
+        """
+        offset = self.end
+        while True:
+            with self._cond:
+                if not self._queue and not self.closed:
+                    self._lingering = True
+                    self._cond.wait(LINGER)
+                    self._lingering = False
+                if not self._queue or self.closed:
+                    return
+                batch = self._queue[:_MAX_BATCH]
+                del self._queue[:_MAX_BATCH]
+            if self._failed is not None:
+                written, error = 0, None
+            else:
+                iov: list[bytes] = []
+                at = offset
+                for fd, data, time_ns in batch:
+                    iov.append(encode_header(fd, len(data), time_ns, at))
+                    iov.append(data)
+                    at += HEADER_SIZE + len(data)
+                written, error = self._write_batch(iov, offset)
+                offset += written
+                if error is not None:
+                    self._failed = error
+            with self._cond:
+                self._done.append((batch, written, error))
+                post = not self._posted
+                self._posted = True
+            if post:
+                assert self._token is not None
+                self._token.run_sync_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """Commit what the writer thread finished (in the loop)."""
+        with self._cond:
+            done, self._done = self._done, []
+            self._posted = False
+        for batch, written, error in done:
+            self._commit(batch, written, error)
+        self._wake_room()
+
+    def _write_batch(self, iov: list[bytes], offset: int) -> tuple[int, str | None]:
+        """Write records at ``offset`` (writer thread). Returns (bytes of whole records, error).
 
         On a short write or an error the file is truncated back to the last whole
         record, so a record is never half there.
@@ -288,7 +341,7 @@ class OutputLog:
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            written = _pwritev(self._fd, iov, self.end)
+            written = _pwritev(self._fd, iov, offset)
         except OSError as exc:
             written, error = 0, os.strerror(exc.errno) if exc.errno else str(exc)
         else:
@@ -303,7 +356,7 @@ class OutputLog:
             whole += size
         if self._fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self.end + whole)
+                os.ftruncate(self._fd, offset + whole)
         return whole, error
 
     def _commit(self, batch: list[tuple[int, bytes, int]], written: int,
@@ -311,6 +364,7 @@ class OutputLog:
         done = 0
         for _fd, data, _t in batch:
             size = HEADER_SIZE + len(data)
+            self._queued_cost -= len(data) + _RECORD_COST
             if done + size <= written:
                 done += size
                 self.output_bytes += len(data)
@@ -318,8 +372,7 @@ class OutputLog:
                 self.dropped_bytes += len(data)
                 self._accepted -= len(data)
         self.end += written
-        if error is not None and self._failed is None:
-            self._failed = error
+        if error is not None:
             log.warning("output log %s: %s; dropping further output", self.path, error)
         self._notify()
 

@@ -1,0 +1,44 @@
+"""Tune glibc's allocator for a process that moves output in 256-512 KiB buffers.
+
+jobd allocates and frees a buffer of up to 256 KiB per pipe read, and about
+twice that per output frame and per encrypted chunk. glibc serves blocks
+above its mmap threshold (128 KiB at start, raised on the fly) with a fresh
+``mmap``, and gives the top of its heap back to the kernel beyond its trim
+threshold (twice the mmap threshold): either way, every such buffer costs
+page faults and zeroed pages again, and on a virtual machine a fault is
+dear. Fixed thresholds keep these buffers in the heap and the heap's top in
+place (bench/README.md has the measurements). The heap never grows beyond
+what is alive at once, so memory use stays bounded; at most TRIM_THRESHOLD of
+free memory stays mapped.
+
+Anything but glibc (musl, a static build without ``mallopt``): nothing done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+#: Buffers up to this size come from the heap (an output frame is ~513 KiB).
+MMAP_THRESHOLD = 1 << 20
+#: Free memory at the heap's top kept mapped rather than handed back.
+TRIM_THRESHOLD = 16 << 20
+
+
+def tune_allocator() -> bool:
+    """Set fixed mmap and trim thresholds; True if glibc took them."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
+    except (AttributeError, OSError):
+        return False
+    del gnu_get_libc_version
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
