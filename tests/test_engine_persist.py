@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -114,14 +115,20 @@ async def test_deleting_the_newest_job_after_a_restart_keeps_its_id_retired(
 async def test_a_full_disk_neither_blocks_a_delete_nor_loses_a_final_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full = [False]
-    real = _store.atomic_write
+    real_write, real_append = _store.atomic_write, _store.append_entry
 
     def atomic_write(path: Path, data: bytes) -> None:
         if full[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, data)
+        real_write(path, data)
+
+    def append_entry(path: Path, payload: bytes) -> bool:
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_append(path, payload)
 
     monkeypatch.setattr(_store, "atomic_write", atomic_write)
+    monkeypatch.setattr(_store, "append_entry", append_entry)
     async with open_job_manager(config(tmp_path)) as manager:
         old = await manager.start([b"echo", b"old"], "alice")
         await manager.wait(old.id)
@@ -219,3 +226,54 @@ async def test_interrupted_writes_and_unreadable_records(tmp_path: Path) -> None
         assert (await manager.start([b"true"], "alice")).id == broken.id + 1
     assert not (jobs / f"{ok.id}.msgpack.tmp").exists()
     assert not (tmp_path / "state" / "logs" / "99.log").exists()
+
+
+async def test_a_record_file_keeps_its_last_whole_entry(tmp_path: Path) -> None:
+    """The end is appended to the start record; a torn append leaves the start,
+    and a record of the first format (a bare map) still loads."""
+    async with open_job_manager(config(tmp_path)) as manager:
+        first = await manager.start([b"echo", b"one"], "alice")
+        ended = await manager.wait(first.id)
+        legacy = await manager.wait((await manager.start([b"true"], "alice")).id)
+    jobs = tmp_path / "state" / "jobs"
+    raw = (jobs / f"{first.id}.msgpack").read_bytes()
+    start_entry = raw[len(_store.MAGIC):]
+    length = int.from_bytes(start_entry[:4], "little")
+    assert raw.startswith(_store.MAGIC) and len(raw) > len(_store.MAGIC) + 8 + length
+    start_only = raw[:len(_store.MAGIC) + 8 + length]
+    # A crash mid-append: the start record and half of the end one.
+    (jobs / f"{first.id}.msgpack").write_bytes(start_only + raw[len(start_only):-3])
+    legacy_map = _store.encode(Record(legacy))
+    (jobs / f"{legacy.id}.msgpack").write_bytes(legacy_map)
+    async with open_job_manager(config(tmp_path)) as manager:
+        lost = manager.status(first.id)
+        assert lost.state is JobState.ERROR and lost.error == LOST  # it was running then
+        assert manager.status(legacy.id) == legacy
+        await manager.delete(first.id)
+    assert ended.state is JobState.EXITED
+
+
+async def test_a_failed_append_is_cut_so_the_next_one_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "state")
+    store.load()
+    now = time.time()
+    running = JobStatus(id=7, owner="alice", argv=(b"x",), state=JobState.RUNNING, pid=1,
+                        created=now, started=now)
+    store.write(Record(running))
+    path = store.record_path(7)
+    size = path.stat().st_size
+    real = os.pwrite
+
+    def torn(fd: int, data: bytes, offset: int) -> int:
+        real(fd, data[:5], offset)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", torn)
+    ended = dataclasses.replace(running, state=JobState.EXITED, exit_code=0, ended=now + 1)
+    with pytest.raises(OSError):
+        store.write(Record(ended))
+    assert path.stat().st_size == size  # the torn bytes are gone
+    monkeypatch.undo()
+    store.write(Record(ended))
+    assert [r.status for r in store.load()[0]] == [ended]

@@ -56,14 +56,13 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
 from protocol import JobState, JobStatus, Limits
 
 from ._cgroups import Hierarchy, JobCgroup, Usage
-from ._outputlog import MAX_RECORD, OutputLog, create_file
+from ._outputlog import MAX_RECORD, OutputLog
 from ._procs import (
     ProcInfo,
     ProcScanner,
@@ -124,20 +123,15 @@ class Context:
         except Exception:
             log.exception("on_event(%r) failed for job %d", kind, status.id)
 
-    async def persist(self, record: Record, log_path: Path | None = None) -> None:
-        """Write the record (creating the log first if ``log_path``).
+    async def persist(self, record: Record) -> None:
+        """Write the record.
 
         A failure (a full disk) is logged and the record kept in ``unsaved``; a
         later successful write, a delete and the shutdown try it again.
         """
-        def write() -> None:
-            if log_path is not None:
-                create_file(log_path)
-            self.store.write(record)
-
         job_id = record.status.id
         try:
-            await trio.to_thread.run_sync(write)
+            await trio.to_thread.run_sync(self.store.write, record)
         except OSError as exc:
             if job_id not in self.unsaved:
                 log.warning("cannot write the record of job %d: %s", job_id, exc)
@@ -312,7 +306,7 @@ class Job:
             self.pid = spawned.popen.pid
             self.started = time.time()
             self.proc_start = start_time(self.pid)  # not reaped yet: /proc/<pid> is there
-            await ctx.persist(self._record(), self.log.path)
+            await ctx.persist(self._record())
         ctx.jobs[self.id] = self
         task_status.started(self.status())
         ctx.emit("started", self.status())

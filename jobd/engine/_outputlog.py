@@ -339,8 +339,10 @@ class OutputLog:
         """
         total = sum(len(b) for b in iov)
         try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if self._fd is None:  # made by its first write: a job without output has no log
+                truncate = os.O_TRUNC if offset == 0 else 0
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | truncate,
+                                   0o600)
             written = _pwritev(self._fd, iov, offset)
         except OSError as exc:
             written, error = 0, os.strerror(exc.errno) if exc.errno else str(exc)
@@ -417,10 +419,7 @@ class OutputLog:
         With ``until`` None it follows: waits for more until the log is closed
         and every byte was given. Else it stops at offset ``until``.
         """
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return  # deleted meanwhile: nothing more to give
+        fd = -1  # opened once there is something to read: the first write makes the log
         try:
             while True:
                 end = self.end if until is None else min(until, self.end)
@@ -429,6 +428,11 @@ class OutputLog:
                         return
                     await self.wait_beyond(position)
                     continue
+                if fd < 0:
+                    try:
+                        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        return  # deleted meanwhile: nothing more to give
                 block = await _read_block(fd, position, min(end - position,
                                                             max_chunk + _HEADER_ALLOWANCE))
                 spans = _parse(block, position, max_chunk)
@@ -440,7 +444,8 @@ class OutputLog:
                     yield OutputChunk(chunk_fd, data, after)
                     position = after
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 def _parse(block: bytearray | bytes, base: int,

@@ -12,9 +12,18 @@ recycled pid is never killed), ``log_size`` is the committed size of the log
 at the job's end (a log of another size is walked and cut after its last whole
 record).
 
-Every record is written atomically: a temporary file in the same directory,
-fsync, rename over the old one. A crash leaves the old or the new version,
-never a mix; stray ``*.tmp`` files are removed on load.
+A record file is the 4 bytes MAGIC, then entries: a uint32 length, the CRC-32
+of the payload (both little-endian), and the payload, the record's msgpack
+map. The last whole entry whose CRC checks is the record. The first version is
+written atomically: a temporary file in the same directory, fsync, rename.
+Later versions (the job's end) are appended, and fsynced; a failed append is
+truncated away. A crash thus leaves the old or the new version, never a mix,
+and stray ``*.tmp`` files are removed on load. Appending rather than renaming
+over the old file matters: a rename deletes the old inode, and ext4 skips
+recently deleted inodes when it allocates one (without a journal), a scan
+that grew with every job and made a job start cost milliseconds
+(docs/engine.md). A file without MAGIC is a record of the first format, the
+bare map, still read.
 
 IDs. The next ID is one more than the highest ID among the record files, so
 starts cost no extra write. Deleting the job with the highest ID on disk
@@ -30,8 +39,11 @@ All methods block: call them from a worker thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +55,9 @@ from protocol import FieldError, JobStatus
 log = logging.getLogger("jobd.engine")
 
 RECORD_VERSION = 1
+#: The first bytes of a record file of entries.
+MAGIC = b"\xa7JR2"
+_ENTRY = struct.Struct("<II")  # payload length, CRC-32 of the payload
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,56 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)  # on a full disk, a half-written temporary holds what is left
         raise
+
+
+def append_entry(path: Path, payload: bytes) -> bool:
+    """Append one entry to a record file of entries and fsync it.
+
+    False, with nothing written, if there is no such file or it is not one of
+    entries (a tombstone, the first format): the caller writes it whole. A
+    failed write is truncated away, so the file keeps ending at a whole entry.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.pread(fd, len(MAGIC), 0) != MAGIC:
+            return False
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            data = entry(payload)
+            written = os.pwrite(fd, data, size)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+        return True
+    finally:
+        os.close(fd)
+
+
+def entry(payload: bytes) -> bytes:
+    return _ENTRY.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def last_entry(raw: bytes) -> bytes:
+    """The payload of the last whole, checked entry of a record file's bytes."""
+    if not raw.startswith(MAGIC):
+        return raw  # the first format: the bare map
+    at, last = len(MAGIC), None
+    while at + _ENTRY.size <= len(raw):
+        length, crc = _ENTRY.unpack_from(raw, at)
+        payload = raw[at + _ENTRY.size:at + _ENTRY.size + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            break  # a torn append: what came before stands
+        last, at = payload, at + _ENTRY.size + length
+    if last is None:
+        raise ValueError("no whole entry in the record file")
+    return last
 
 
 def encode(record: Record) -> bytes:
@@ -135,7 +200,7 @@ class Store:
                 if not raw:
                     tombstones.append(job_id)
                     continue
-                record = decode(raw)
+                record = decode(last_entry(raw))
                 if record.status.id != job_id:
                     raise ValueError(f"record holds job {record.status.id}")
             except (OSError, ValueError, TypeError, FieldError, msgpack.UnpackException) as exc:
@@ -158,7 +223,11 @@ class Store:
         return records, highest
 
     def write(self, record: Record) -> None:
-        atomic_write(self.record_path(record.status.id), encode(record))
+        """Write the job's record: appended if its file exists, else created whole."""
+        path = self.record_path(record.status.id)
+        payload = encode(record)
+        if not append_entry(path, payload):
+            atomic_write(path, MAGIC + entry(payload))
 
     def delete(self, job_id: int, *, keep_id: bool) -> None:
         """Remove a job's record and log; needs no free space (it may be what is short).
