@@ -121,6 +121,34 @@ async def test_writer_thread_takes_records_while_lingering_and_stops_on_close(
     assert recover(path) == (log.end, total)
 
 
+async def test_busy_logs_take_turns_for_the_writer_threads(tmp_path: Path) -> None:
+    """One writer thread, a log that never stops getting records: another log's
+    record is still written (the busy one hands the thread back after a slice)."""
+    writers = trio.CapacityLimiter(1)
+    busy, other = (OutputLog(tmp_path / f"{name}.log", 1 << 40, writers=writers)
+                   for name in ("busy", "other"))
+    record = b"x" * MAX_RECORD
+    async with trio.open_nursery() as nursery:
+        busy.attach(nursery)
+        other.attach(nursery)
+
+        async def flood() -> None:
+            while True:
+                await busy.wait_room()
+                busy.append(1, record)
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(flood)
+        with trio.fail_after(TIMEOUT):
+            await busy.wait_beyond(0)  # the busy log holds the thread
+            other.append(2, b"me too")
+            await other.wait_beyond(0)
+        nursery.cancel_scope.cancel()
+    busy.close()
+    other.close()
+    assert data(await collect(other.chunks(0, MAX_RECORD, None))) == b"me too"
+
+
 async def test_positions_are_checked(tmp_path: Path) -> None:
     log = await write_records(tmp_path / "x.log", [(1, b"hello"), (2, b"world")])
     first = HEADER_SIZE + 5

@@ -89,6 +89,8 @@ DRAIN_READS = 32
 PIPE_SIZE = 64 * 1024
 #: Pipe size for a job that fills its pipe (Linux lets anyone go up to 1 MiB).
 BUSY_PIPE_SIZE = 1024 * 1024
+#: Output logs writing at once (each in a worker thread); more busy jobs take turns.
+WRITER_THREADS = 16
 #: Upper bound on writing a record at the end of a job that shutdown had to abort.
 PERSIST_TIMEOUT = 10.0
 
@@ -114,6 +116,10 @@ class Context:
     unsaved: dict[int, Record] = field(default_factory=dict)
     #: Serialises retries of ``unsaved`` with each other and with deletes.
     retry_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: The worker threads output logs write with: their own, so that busy jobs
+    #: never make a spawn or a record write wait for a thread.
+    writers: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(WRITER_THREADS))
 
     def emit(self, kind: str, status: JobStatus) -> None:
         if self.config.on_event is None:

@@ -86,7 +86,8 @@ class JobManager:
         job_id = self._next_id
         self._next_id += 1
         job = Job(ctx, job_id, owner, args,
-                  OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap), applied)
+                  OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap,
+                            writers=ctx.writers), applied)
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):

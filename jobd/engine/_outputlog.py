@@ -81,6 +81,9 @@ QUEUE_LIMIT = 1024 * 1024
 _RECORD_COST = 128
 #: How long the writer thread waits for the next record before it hands back.
 LINGER = 0.005
+#: How long one writer thread keeps writing before it hands back anyway, so that
+#: more busy jobs than writer threads take turns (and none starves).
+SLICE = 0.05
 #: Records per pwritev (two iovecs each; IOV_MAX is 1024 on Linux).
 _MAX_BATCH = 512
 #: Read beyond max_chunk for the headers of the records a chunk coalesces (200 of them).
@@ -166,13 +169,15 @@ class OutputLog:
 
     __slots__ = (
         "_accepted", "_changed", "_cond", "_done", "_failed", "_fd", "_idle", "_lingering",
-        "_nursery", "_posted", "_queue", "_queued_cost", "_room", "_token", "_writing", "cap",
-        "closed", "dropped_bytes", "end", "output_bytes", "path",
+        "_nursery", "_posted", "_queue", "_queued_cost", "_room", "_token", "_writers",
+        "_writing", "cap", "closed", "dropped_bytes", "end", "output_bytes", "path",
     )
 
     def __init__(self, path: Path, cap: int, *, end: int = 0, output_bytes: int = 0,
-                 dropped_bytes: int = 0, closed: bool = False) -> None:
+                 dropped_bytes: int = 0, closed: bool = False,
+                 writers: trio.CapacityLimiter | None = None) -> None:
         self.path = path
+        self._writers = writers  # the threads logs write with (None: Trio's default)
         self.cap = cap
         self.end = end
         self.output_bytes = output_bytes
@@ -272,7 +277,7 @@ class OutputLog:
                 # Shielded: every batch the thread takes is either written and committed,
                 # or truncated away; the thread is bounded by the kernel's writes.
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._drain)
+                    await trio.to_thread.run_sync(self._drain, limiter=self._writers)
                 self._deliver()
         finally:
             self._writing = False
@@ -287,11 +292,15 @@ class OutputLog:
         """Writer thread: write queued batches while records keep coming.
 
         It waits up to LINGER for more before it returns, so a busy job costs one
-        thread hand-off per burst, not one per record. Results go back to the
-        loop through ``run_sync_soon`` (:meth:`_deliver`), at most one pending.
+        thread hand-off per burst, not one per record; after SLICE it returns
+        anyway and the writer task queues for a thread again. Results go back to
+        the loop through ``run_sync_soon`` (:meth:`_deliver`), at most one pending.
         """
         offset = self.end
+        until = time.monotonic() + SLICE
         while True:
+            if time.monotonic() > until:
+                return
             with self._cond:
                 if not self._queue and not self.closed:
                     self._lingering = True
