@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,7 +26,7 @@ import protocol as p
 from . import _core as core
 from ._errors import ConnectionFailed
 
-Argv = Sequence[bytes | str]
+Argv = core.Argv
 
 
 class Client:
@@ -78,15 +78,12 @@ class Client:
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
                     env: dict[bytes, bytes] | None = None, limits: p.Limits | None = None
                     ) -> p.JobStatus:
-        message = p.Start(
-            argv=tuple(os.fsencode(a) for a in argv),
-            cwd=os.fsencode(cwd) if cwd is not None else None,
-            env=tuple(env.items()) if env is not None else None, limits=limits)
+        message = core.start_request(argv, cwd, env, limits)
         return (await self._request(message, p.Started)).status
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
-        within = core.STOP_TIMEOUT if grace is None else 3 * grace + core.REQUEST_TIMEOUT
-        return (await self._request(p.Stop(job, grace), p.Stopped, within)).status
+        return (await self._request(p.Stop(job, grace), p.Stopped,
+                                    core.stop_timeout(grace))).status
 
     async def status(self, job: int) -> p.JobStatus:
         return (await self._request(p.GetStatus(job), p.StatusResult)).status

@@ -17,7 +17,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -26,7 +26,7 @@ import protocol as p
 from . import _core as core
 from ._errors import ConnectionFailed
 
-Argv = Sequence[bytes | str]
+Argv = core.Argv
 
 #: Bytes taken from the socket per read: many TLS records at once.
 SOCKET_READ = 256 * 1024
@@ -79,10 +79,6 @@ class TLSChannel:
             except ssl.SSLEOFError:  # closed without close_notify: an end, as SSLSocket has it
                 return 0
 
-    def recv(self, size: int) -> bytes:
-        buffer = bytearray(size)
-        return bytes(buffer[:self.recv_into(buffer)])
-
     def close(self) -> None:
         self._raw.close()
 
@@ -97,10 +93,6 @@ class TLSChannel:
             self._incoming.write(self._view[:count])
         else:
             self._incoming.write_eof()
-
-
-def _argv(argv: Argv) -> tuple[bytes, ...]:
-    return tuple(os.fsencode(a) for a in argv)
 
 
 class BlockingClient:
@@ -122,24 +114,16 @@ class BlockingClient:
     def _receive(self, timeout: float | None) -> Any:
         self._sock.settimeout(timeout)
         conn = self._conn
-        recv_into = self._sock.recv_into
         while True:
             event = conn.next_event()
             if event is not p.NEED_DATA:
                 return event
-            # Straight into the connection's buffer: one TLS record (16 KiB) per call.
             try:
-                count = recv_into(conn.get_buffer(core.RECEIVE_SIZE))
+                _receive_into(self._sock, conn)
             except TimeoutError:
                 raise ConnectionFailed(f"no answer from the server within {timeout:g}s") from None
-            except ssl.SSLZeroReturnError:
-                count = 0
             except (OSError, ssl.SSLError) as exc:
                 raise core.lost(exc) from None
-            if count:
-                conn.buffer_updated(count)
-            else:
-                conn.receive_data(b"")
 
     def _send(self, message: p.Message) -> None:
         try:
@@ -172,15 +156,11 @@ class BlockingClient:
               env: dict[bytes, bytes] | None = None, limits: p.Limits | None = None
               ) -> p.JobStatus:
         """Start a job. The status may be ``error`` (the command could not run)."""
-        message = p.Start(
-            argv=_argv(argv), cwd=os.fsencode(cwd) if cwd is not None else None,
-            env=tuple(env.items()) if env is not None else None, limits=limits)
-        return self._request(message, p.Started).status
+        return self._request(core.start_request(argv, cwd, env, limits), p.Started).status
 
     def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
         """Stop a job; returns once every process of it is gone."""
-        timeout = core.STOP_TIMEOUT if grace is None else 3 * grace + core.REQUEST_TIMEOUT
-        return self._request(p.Stop(job, grace), p.Stopped, timeout).status
+        return self._request(p.Stop(job, grace), p.Stopped, core.stop_timeout(grace)).status
 
     def status(self, job: int) -> p.JobStatus:
         return self._request(p.GetStatus(job), p.StatusResult).status
@@ -274,11 +254,21 @@ def _read_welcome(sock: TLSChannel, conn: p.ClientConnection, timeout: float) ->
         if event is not p.NEED_DATA:
             return core.check_welcome(event)
         try:
-            data = sock.recv(core.RECEIVE_SIZE)
+            _receive_into(sock, conn)
         except TimeoutError:
             raise ConnectionFailed(f"no welcome from the server within {timeout:g}s") from None
-        except ssl.SSLZeroReturnError:
-            data = b""
         except (OSError, ssl.SSLError) as exc:
             raise core.refused_before_welcome(exc) from None
-        conn.receive_data(data)
+
+
+def _receive_into(sock: TLSChannel, conn: p.ClientConnection) -> None:
+    """Decrypted bytes straight into the connection's buffer (one TLS record, 16 KiB,
+    at most), or the end; socket and TLS errors are the caller's to name."""
+    try:
+        count = sock.recv_into(conn.get_buffer(core.RECEIVE_SIZE))
+    except ssl.SSLZeroReturnError:
+        count = 0
+    if count:
+        conn.buffer_updated(count)
+    else:
+        conn.receive_data(b"")

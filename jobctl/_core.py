@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +34,21 @@ RECEIVE_SIZE = 64 * 1024
 KEEPALIVE = (30, 10, 3)
 
 R = TypeVar("R")
+#: A command line as the clients take it: bytes, or str encoded as the OS does.
+Argv = Sequence[bytes | str]
+
+
+def start_request(argv: Argv, cwd: bytes | str | None, env: Mapping[bytes, bytes] | None,
+                  limits: p.Limits | None) -> p.Start:
+    """The start message both clients send."""
+    return p.Start(argv=tuple(os.fsencode(a) for a in argv),
+                   cwd=os.fsencode(cwd) if cwd is not None else None,
+                   env=tuple(env.items()) if env is not None else None, limits=limits)
+
+
+def stop_timeout(grace: float | None) -> float:
+    """How long a stop may wait for its answer: the job's whole stop sequence."""
+    return STOP_TIMEOUT if grace is None else 3 * grace + REQUEST_TIMEOUT
 
 
 def format_address(host: str, port: int) -> str:
