@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -38,7 +39,7 @@ from cryptography.x509.oid import NameOID
 import jobctl
 import protocol as p
 
-from .conftest import JobdProcess, Pki
+from .conftest import JobdProcess, Pki, start_jobd
 
 _HEADER = struct.Struct(">I")
 
@@ -402,3 +403,25 @@ def many(count: int, factory: Any) -> Iterator[list[Any]]:
         for thing in made:
             with contextlib.suppress(OSError):
                 thing.close()
+
+
+# -- fixtures: a module imports them (and lists them in __all__) ---------------------
+
+
+@pytest.fixture(scope="module")
+def jobd(pki: Pki, tmp_path_factory: pytest.TempPathFactory,
+         request: pytest.FixtureRequest) -> Iterator[JobdProcess]:
+    """One jobd for a whole module of attacks: that it keeps serving is the point."""
+    module = request.module.__name__.rpartition(".")[2]
+    server = start_jobd(pki, tmp_path_factory.mktemp(module) / "state")
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def bystander(jobd: JobdProcess, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[Bystander]:
+    with Bystander(jobd, tmp_path_factory.mktemp("bystander")) as b:
+        yield b

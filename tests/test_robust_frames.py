@@ -9,7 +9,6 @@ served before, during and after each attack (SPEC §4, §7).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -18,38 +17,26 @@ from cryptography import x509
 
 import protocol as p
 
-from .conftest import JobdProcess, Pki, start_jobd
+from .conftest import JobdProcess
 from .hostile import (
     HELLO,
     Bystander,
     RawTLS,
     Reply,
     attack,
+    bystander,
     client_context,
     frame,
+    jobd,
     packed,
     rogue_certificate,
     vm_rss,
 )
 
+__all__ = ["bystander", "jobd"]  # the fixtures
+
 LIMIT = p.MAX_FRAME_SIZE
 BAD = p.ErrorCode.BAD_REQUEST
-
-
-@pytest.fixture(scope="module")
-def jobd(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobdProcess]:
-    server = start_jobd(pki, tmp_path_factory.mktemp("robust-frames") / "state")
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def bystander(jobd: JobdProcess, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[Bystander]:
-    with Bystander(jobd, tmp_path_factory.mktemp("bystander")) as b:
-        yield b
 
 
 def expect_error(reply: Reply, code: p.ErrorCode, *fragments: str) -> p.Error:

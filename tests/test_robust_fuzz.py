@@ -10,33 +10,17 @@ must close promptly; a bystander keeps being served; memory stays flat.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import protocol as p
 
-from .conftest import JobdProcess, Pki, start_jobd
-from .hostile import Bystander, RawTLS, frame, packed, vm_rss
+from .conftest import JobdProcess
+from .hostile import Bystander, RawTLS, bystander, frame, jobd, packed, vm_rss
 
-
-@pytest.fixture(scope="module")
-def jobd(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobdProcess]:
-    server = start_jobd(pki, tmp_path_factory.mktemp("robust-fuzz") / "state")
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def bystander(jobd: JobdProcess, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[Bystander]:
-    with Bystander(jobd, tmp_path_factory.mktemp("bystander")) as b:
-        yield b
+__all__ = ["bystander", "jobd"]  # the fixtures
 
 
 FIELDS = ["type", "job", "argv", "cwd", "env", "limits", "grace", "after", "position",
