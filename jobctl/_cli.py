@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import protocol as p
 
+from . import __version__
 from . import _core as core
 from ._blocking import BlockingClient, connect_blocking
 from ._errors import ConfigError, JobctlError
@@ -84,6 +85,7 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jobctl", description="Control jobs on a jobd server.",
                      epilog=START_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"jobctl {__version__}")
     parser.add_argument("-c", "--certificate", default=_default_file(
         "JOBCTL_CERTIFICATE", "certificate.pem"), help="client certificate (PEM)")
     parser.add_argument("-k", "--key", default=_default_file("JOBCTL_KEY", "key.pem"),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobd import __version__
+
 if TYPE_CHECKING:
     from jobd.engine import LimitPolicy
 
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="SIGTERM or SIGINT: stop accepting, stop every job, exit 0. "
         "SIGHUP: reload certificate, key, CA and CRL for new connections.",
     )
+    p.add_argument("--version", action="version", version=f"jobd {__version__}")
     p.add_argument("-c", "--certificate", type=Path, required=True,
                    help="server certificate (PEM)")
     p.add_argument("-k", "--key", type=Path, required=True, help="server private key (PEM)")

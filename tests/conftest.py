@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,9 +22,39 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+#: The source tree (bench/, scripts/, docs/). In CI's installed-package run the
+#: tests are copied out of the tree, and JOBD_SOURCE_ROOT names it.
+ROOT = Path(os.environ.get("JOBD_SOURCE_ROOT") or Path(__file__).resolve().parent.parent)
 PYTHON = sys.executable
+#: Set by .ci/run for the run against the built wheel: the commands under test are
+#: the installed console scripts, and the packages must come from site-packages.
+INSTALLED = os.environ.get("JOBD_TEST_INSTALLED") == "1"
+#: Where the real commands run: never the source tree, so that a module missing
+#: from the installed package cannot be found in the working directory instead.
+RUN_CWD = Path(tempfile.gettempdir())
+
+
+def _command(name: str) -> list[str]:
+    if INSTALLED:
+        script = Path(sys.executable).parent / name
+        assert script.exists(), f"{script} is not installed"
+        return [str(script)]
+    return [PYTHON, "-m", name]
+
+
+#: How to run the daemon and the CLI: ``[*JOBD, "--help"]``.
+JOBD = _command("jobd")
+JOBCTL = _command("jobctl")
+
+# Hypothesis: the example counts are each test's own; machine speed must never
+# fail a test (a loaded 2-core CI machine is slow, and a fresh clone has no
+# example database).
+hypothesis_settings.register_profile(
+    "jobd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("jobd")
 READY_TIMEOUT = 20.0
 EXIT_TIMEOUT = 30.0
 
@@ -147,9 +178,9 @@ class JobdProcess:
     def jobctl(self, who: str, *args: str, timeout: float = 60.0,
                extra: list[str] | None = None,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        cmd = [PYTHON, "-m", "jobctl", *self.pki.client_args(who), "-a", self.address,
+        cmd = [*JOBCTL, *self.pki.client_args(who), "-a", self.address,
                "-p", str(self.port), *(extra or []), *args]
-        return subprocess.run(cmd, capture_output=True, timeout=timeout, cwd=ROOT,
+        return subprocess.run(cmd, capture_output=True, timeout=timeout, cwd=RUN_CWD,
                               env=env, stdin=subprocess.DEVNULL)
 
     def stop(self) -> int:
@@ -166,10 +197,10 @@ class JobdProcess:
 def start_jobd(pki: Pki, state_dir: Path, *extra: str, address: str = "127.0.0.1",
                port: int = 0, server: str = "server",
                env: dict[str, str] | None = None) -> JobdProcess:
-    cmd = [PYTHON, "-m", "jobd", "-c", pki.path(f"{server}.pem"), "-k",
+    cmd = [*JOBD, "-c", pki.path(f"{server}.pem"), "-k",
            pki.path(f"{server}.key"), "-C", pki.path("ca.pem"), "-a", address, "-p", str(port),
            "--state-dir", str(state_dir), "--stop-grace", "0.5", *extra]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT,
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=RUN_CWD,
                             env=env)
     assert proc.stderr is not None
     lines: list[str] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, ROOT, JobdProcess, Pki, start_jobd
+from .conftest import JOBCTL, RUN_CWD, JobdProcess, Pki, start_jobd
 
 NO_ROLE = "certificate has no role: OU must be one of observe, control, admin"
 
@@ -111,11 +111,11 @@ def test_live_stream_follows_until_end(jobd: JobdProcess) -> None:
 
 def test_stream_into_closed_pipe_exits_quietly(jobd: JobdProcess) -> None:
     job = start(jobd, "sh", "-c", "while :; do echo line; done")
-    cmd = [PYTHON, "-m", "jobctl", *jobd.pki.client_args("alice"), "-a", jobd.address,
+    cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address,
            "-p", str(jobd.port), "stream", str(job)]
     script = 'set -o pipefail; "$@" | head -n 1'
     result = subprocess.run(["bash", "-c", script, "bash", *cmd], capture_output=True,
-                            timeout=60, cwd=ROOT)
+                            timeout=60, cwd=RUN_CWD)
     assert result.stdout == b"line\n"
     assert result.stderr == b""
     assert result.returncode == 0
@@ -218,9 +218,9 @@ def test_cannot_connect(pki: Pki, tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [PYTHON, "-m", "jobctl", *pki.client_args("alice"), "-a", "127.0.0.1", "-p", str(port),
+    cmd = [*JOBCTL, *pki.client_args("alice"), "-a", "127.0.0.1", "-p", str(port),
            "list"]
-    result = subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, timeout=60, cwd=RUN_CWD)
     assert result.returncode == 3
     assert result.stderr == f"cannot connect to 127.0.0.1:{port}: connection refused\n".encode()
 
@@ -241,8 +241,8 @@ def test_environment_defaults(jobd: JobdProcess, tmp_path: Path) -> None:
                JOBCTL_KEY=pki.path("alice.key"), JOBCTL_CA=pki.path("ca.pem"),
                JOBCTL_ADDRESS=jobd.address, JOBCTL_PORT=str(jobd.port),
                JOBCTL_SERVER_NAME="localhost")
-    cmd = [PYTHON, "-m", "jobctl", "start", "true"]
-    result = subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT, env=env)
+    cmd = [*JOBCTL, "start", "true"]
+    result = subprocess.run(cmd, capture_output=True, timeout=60, cwd=RUN_CWD, env=env)
     assert result.returncode == 0, result.stderr
     # the certificate directory: $XDG_CONFIG_HOME/jobctl/{certificate,key,ca}.pem
     conf = tmp_path / "config" / "jobctl"
@@ -253,8 +253,8 @@ def test_environment_defaults(jobd: JobdProcess, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
     env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), JOBCTL_PORT=str(jobd.port),
                JOBCTL_ADDRESS=jobd.address)
-    result = subprocess.run([PYTHON, "-m", "jobctl", "list"], capture_output=True, timeout=60,
-                            cwd=ROOT, env=env)
+    result = subprocess.run([*JOBCTL, "list"], capture_output=True, timeout=60,
+                            cwd=RUN_CWD, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().startswith("1\talice\t")
 
@@ -289,10 +289,10 @@ def test_sigterm_ends_streams_and_stops_jobs(pki: Pki, tmp_path: Path) -> None:
     server = start_jobd(pki, tmp_path / "state")
     try:
         job = start(server, "sh", "-c", "echo started; exec sleep 1000")
-        cmd = [PYTHON, "-m", "jobctl", *pki.client_args("alice"), "-a", server.address,
+        cmd = [*JOBCTL, *pki.client_args("alice"), "-a", server.address,
                "-p", str(server.port), "stream", str(job)]
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              cwd=ROOT) as streamer:
+                              cwd=RUN_CWD) as streamer:
             assert streamer.stdout is not None
             assert streamer.stdout.readline() == b"started\n"
             assert server.stop() == 0

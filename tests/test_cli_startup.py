@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 
-from .conftest import PYTHON, ROOT, JobdProcess
+from .conftest import PYTHON, RUN_CWD, JobdProcess
 
 LAZY = ("json", "shlex", "jobd._config")
 
@@ -20,7 +20,7 @@ def imported(jobd: JobdProcess, *args: str) -> tuple[set[str], subprocess.Comple
     """Modules a real jobctl run imported (``python -X importtime``), and its result."""
     cmd = [PYTHON, "-X", "importtime", "-m", "jobctl", *jobd.pki.client_args("alice"),
            "-a", jobd.address, "-p", str(jobd.port), *args]
-    result = subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT,
+    result = subprocess.run(cmd, capture_output=True, timeout=60, cwd=RUN_CWD,
                             stdin=subprocess.DEVNULL, env=dict(os.environ))
     names = re.findall(rb"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", result.stderr, re.M)
     return {name.decode() for name in names}, result

@@ -15,7 +15,9 @@ from typing import cast
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "dev-pki"
+from .conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "dev-pki"
 
 CLIENTS = {"alice": "control", "olga": "observe", "root": "admin"}
 LEAVES = ("server", *CLIENTS)

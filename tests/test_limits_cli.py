@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, JobdProcess, Pki, start_jobd
+from tests.conftest import JOBCTL, JOBD, PYTHON, RUN_CWD, JobdProcess, Pki, start_jobd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups and namespaces need root")
 
@@ -85,19 +85,19 @@ def test_a_limit_the_machine_cannot_enforce_is_an_error(capped: JobdProcess) -> 
 
 
 def test_jobd_options(pki: Pki, tmp_path: Path) -> None:
-    help_text = subprocess.run([PYTHON, "-m", "jobd", "--help"], capture_output=True,
-                               check=True, cwd=ROOT).stdout.decode()
+    help_text = subprocess.run([*JOBD, "--help"], capture_output=True,
+                               check=True, cwd=RUN_CWD).stdout.decode()
     for option in ("--default-memory", "--max-memory", "--default-cpus", "--max-cpus",
                    "--default-pids", "--max-pids", "--max-io-bps", "--cgroup-root"):
         assert option in help_text
-    base = [PYTHON, "-m", "jobd", "-c", pki.path("server.pem"), "-k", pki.path("server.key"),
+    base = [*JOBD, "-c", pki.path("server.pem"), "-k", pki.path("server.key"),
             "-C", pki.path("ca.pem"), "-a", "127.0.0.1", "-p", "0",
             "--state-dir", str(tmp_path / "state")]
     usage = subprocess.run([*base, "--default-memory", "2G", "--max-memory", "1G"],
-                           capture_output=True, cwd=ROOT, timeout=30)
+                           capture_output=True, cwd=RUN_CWD, timeout=30)
     assert usage.returncode == 2 and b"--default-memory is above --max-memory" in usage.stderr
     bad = subprocess.run([*base, "--cgroup-root", str(tmp_path)], capture_output=True,
-                         cwd=ROOT, timeout=30)
+                         cwd=RUN_CWD, timeout=30)
     lines = bad.stderr.decode().splitlines()
     assert bad.returncode == 1
     assert len(lines) == 1 and "startup-failed" in lines[0], lines
@@ -132,9 +132,9 @@ def test_restart_after_a_crash_kills_what_the_job_left(pki: Pki, tmp_path: Path)
 
 def _first_line(server: JobdProcess, job: int) -> str:
     """The job's first line of output, read from a live `jobctl stream` (no polling)."""
-    cmd = [PYTHON, "-m", "jobctl", *server.pki.client_args("alice"), "-a", server.address,
+    cmd = [*JOBCTL, *server.pki.client_args("alice"), "-a", server.address,
            "-p", str(server.port), "stream", str(job)]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT) as stream:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=RUN_CWD) as stream:
         assert stream.stdout is not None
         ready, _, _ = select.select([stream.stdout], [], [], TIMEOUT)
         assert ready, "no output"

@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from .conftest import PYTHON, ROOT, Pki, start_jobd
+from .conftest import JOBCTL, JOBD, RUN_CWD, Pki, start_jobd
 
 
 def write_crl(pki: Pki, path: Path, revoked: list[str]) -> None:
@@ -42,9 +42,9 @@ def test_sighup_reloads_crl_without_touching_jobs(pki: Pki, tmp_path: Path) -> N
         assert server.jobctl("bob", "list").returncode == 0
         job = int(server.jobctl("alice", "start", "sh", "-c",
                                 "echo before; exec sleep 1000").stdout)
-        cmd = [PYTHON, "-m", "jobctl", *pki.client_args("alice"), "-a", server.address,
+        cmd = [*JOBCTL, *pki.client_args("alice"), "-a", server.address,
                "-p", str(server.port), "stream", str(job)]
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT) as streamer:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=RUN_CWD) as streamer:
             assert streamer.stdout is not None
             assert streamer.stdout.readline() == b"before\n"
             write_crl(pki, crl, ["bob"])
@@ -95,18 +95,18 @@ def test_systemd_notify_and_job_environment(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_bad_configuration_is_one_line(pki: Pki, tmp_path: Path) -> None:
-    cmd = [PYTHON, "-m", "jobd", "-c", pki.path("server.pem"), "-k", str(tmp_path / "nokey"),
+    cmd = [*JOBD, "-c", pki.path("server.pem"), "-k", str(tmp_path / "nokey"),
            "-C", pki.path("ca.pem"), "-p", "0", "--state-dir", str(tmp_path / "s")]
-    result = subprocess.run(cmd, capture_output=True, timeout=30, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, timeout=30, cwd=RUN_CWD)
     assert result.returncode == 1
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and "startup-failed" in lines[0] and "nokey" in lines[0], lines
     busy = start_jobd(pki, tmp_path / "state")
     try:
-        cmd = [PYTHON, "-m", "jobd", "-c", pki.path("server.pem"), "-k",
+        cmd = [*JOBD, "-c", pki.path("server.pem"), "-k",
                pki.path("server.key"), "-C", pki.path("ca.pem"), "-a", "127.0.0.1",
                "-p", str(busy.port), "--state-dir", str(tmp_path / "other")]
-        result = subprocess.run(cmd, capture_output=True, timeout=30, cwd=ROOT)
+        result = subprocess.run(cmd, capture_output=True, timeout=30, cwd=RUN_CWD)
         assert result.returncode == 1
         lines = result.stderr.decode().splitlines()
         assert len(lines) == 1 and "address already in use" in lines[0], lines

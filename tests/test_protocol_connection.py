@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -39,6 +37,7 @@ from protocol import (
     decode_payload,
     encode_frame,
 )
+from tests.conftest import RUN_CWD
 
 from .test_protocol_messages import STATUS, WELCOME
 
@@ -538,13 +537,11 @@ def test_sentinels_and_states_are_readable() -> None:
 
 
 def test_protocol_imports_no_io_modules() -> None:
-    root = Path(__file__).resolve().parent.parent
     code = (
         "import sys, protocol\n"
         "bad = [m for m in ('trio', 'socket', 'ssl', 'asyncio', 'selectors') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+    result = subprocess.run([sys.executable, "-c", code], cwd=RUN_CWD,
                             capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == ""

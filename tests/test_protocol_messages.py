@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -39,6 +38,7 @@ from protocol import (
     decode_payload,
     encode_frame,
 )
+from tests.conftest import ROOT
 
 # -- strategies (also used by the other protocol tests) -----------------------
 
@@ -327,7 +327,7 @@ def test_docstrings_list_fields() -> None:
 
 def test_docs_hex_dump_is_what_the_code_produces() -> None:
     """docs/protocol.md shows a real Hello frame; it must stay real."""
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    doc = (ROOT / "docs" / "protocol.md").read_text()
     block = doc.split("Hex dump of a real frame", 1)[1].split("```", 2)[1]
     dumped = bytes.fromhex(" ".join(
         re.sub(r"^[0-9a-f]{8}\s+", "", line).split("|")[0] for line in block.splitlines()

@@ -10,7 +10,7 @@ import pytest
 from jobd._config import parse_args
 from jobd._server import FD_RESERVE, MAX_REFUSALS, connection_limit
 
-from .conftest import PYTHON, ROOT, Pki
+from .conftest import JOBD, RUN_CWD, Pki
 from .hostile import soft_fd_limit
 
 REQUIRED = ["-c", "server.pem", "-k", "server.key", "-C", "ca.pem"]
@@ -49,9 +49,9 @@ def test_sensible_limits_are_accepted() -> None:
 
 def test_the_jobd_command_refuses_a_nan_grace(pki: Pki) -> None:
     result = subprocess.run(
-        [PYTHON, "-m", "jobd", "-c", pki.path("server.pem"), "-k", pki.path("server.key"),
+        [*JOBD, "-c", pki.path("server.pem"), "-k", pki.path("server.key"),
          "-C", pki.path("ca.pem"), "-p", "0", "--stop-grace", "nan"],
-        capture_output=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+        capture_output=True, timeout=60, cwd=RUN_CWD, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert b"--stop-grace: must be a finite number of seconds: nan" in result.stderr
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import jobctl
 import protocol as p
 
-from .conftest import PYTHON, ROOT, JobdProcess, Pki, start_jobd
+from .conftest import JOBCTL, RUN_CWD, JobdProcess, Pki, start_jobd
 
 LOST = "error: lost: jobd stopped while the job ran"
 
@@ -291,10 +291,10 @@ class Streamer:
     """``jobctl stream ID`` in a child process, its output read as it comes."""
 
     def __init__(self, jobd: JobdProcess, job: int, who: str = "alice") -> None:
-        cmd = [PYTHON, "-m", "jobctl", *jobd.pki.client_args(who), "-a", jobd.address,
+        cmd = [*JOBCTL, *jobd.pki.client_args(who), "-a", jobd.address,
                "-p", str(jobd.port), "stream", str(job)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT)
+                                     stdin=subprocess.DEVNULL, cwd=RUN_CWD)
         self.out = bytearray()
         self.err = bytearray()
         self._cond = threading.Condition()
