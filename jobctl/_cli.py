@@ -303,6 +303,13 @@ def _exit(status: int) -> NoReturn:
 
 
 def _main(argv: list[str] | None) -> int:
+    # -- issue 15 hook: `jobctl cert ...` has its own parser (and imports cryptography)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "cert":
+        from ._cert import main as cert_main
+
+        return cert_main(args[1:])
+    # -- end hook
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

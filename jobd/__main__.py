@@ -35,6 +35,13 @@ async def _run(config: ServerConfig, log: EventLog) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # `jobd ca ...` and `jobd cert ...` before the daemon's parser (which requires
+    # -c/-k/-C); their module imports cryptography only when one of them runs.
+    if args and args[0] in ("ca", "cert"):
+        from jobd._ca import main as ca_main
+
+        return ca_main(args)
     config = parse_args(argv)
     tune_allocator()
     log = EventLog(config.log_format, config.log_level)

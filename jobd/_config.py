@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jobd",
         description="Run commands for authenticated clients over mutual TLS 1.3.",
         epilog="SIGTERM or SIGINT: stop accepting, stop every job, exit 0. "
-        "SIGHUP: reload certificate, key, CA and CRL for new connections.",
+        "SIGHUP: reload certificate, key, CA and CRL for new connections. "
+        "Certificates: `jobd ca init|sign|revoke|crl` (a small CA) and "
+        "`jobd cert request` (a server key and CSR); see `jobd ca --help` "
+        "(needs the jobd[ca] extra).",
     )
     p.add_argument("--version", action="version", version=f"jobd {__version__}")
     p.add_argument("-c", "--certificate", type=Path, required=True,
