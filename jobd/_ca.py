@@ -206,10 +206,10 @@ def _init(ns: argparse.Namespace) -> int:
     from jobd import _pki
 
     directory: Path = ns.dir
-    if (directory / "ca.key").exists() or (directory / "ca.pem").exists():
-        if not ns.force:
-            raise Refused(f"{directory} already holds a CA; --force replaces it "
-                          "(and every certificate it issued stops working)")
+    exists = (directory / "ca.key").exists() or (directory / "ca.pem").exists()
+    if exists and not ns.force:
+        raise Refused(f"{directory} already holds a CA; --force replaces it "
+                      "(and every certificate it issued stops working)")
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(directory):
         ca = _pki.init_ca(directory, name=ns.name, days=ns.days)
