@@ -10,6 +10,12 @@ Blocking::
     with jobctl.connect_blocking(address, port, certificate=..., key=..., ca=...) as client:
         status = client.start(["echo", "hi"])
 
+Many servers at once (Trio)::
+
+    targets = [jobctl.Target("web1", "10.0.0.5", 8000, certificate=..., key=..., ca=...), ...]
+    for outcome in await jobctl.fanout(targets, lambda client, target: client.list()):
+        print(outcome.target.name, outcome.value if outcome.ok else outcome.error)
+
 Trio is imported only when the async client is used, so the blocking client
 (and the CLI, which uses it) start fast.
 """
@@ -34,13 +40,16 @@ from ._errors import (
 
 if TYPE_CHECKING:
     from ._async import Client, connect
+    from ._fanout import Outcome, fanout
+    from ._profiles import Target
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockingClient", "Client", "ConfigError", "ConnectionFailed", "End", "InvalidState",
     "JobState", "JobStatus", "JobctlError", "Limits", "NotFound", "OutputChunk",
-    "PermissionDenied", "ServerError", "ServerRefused", "connect", "connect_blocking",
+    "Outcome", "PermissionDenied", "ServerError", "ServerRefused", "Target", "connect",
+    "connect_blocking", "fanout",
 ]
 
 
@@ -49,4 +58,12 @@ def __getattr__(name: str) -> Any:
         from . import _async
 
         return getattr(_async, name)
+    if name in ("fanout", "Outcome"):
+        from . import _fanout
+
+        return getattr(_fanout, name)
+    if name == "Target":
+        from ._profiles import Target
+
+        return Target
     raise AttributeError(f"module 'jobctl' has no attribute {name!r}")

@@ -17,14 +17,17 @@ import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 import protocol as p
 
 from . import _core as core
-from ._errors import ConnectionFailed
+from ._errors import ConfigError, ConnectionFailed
+
+if TYPE_CHECKING:
+    from ._trust import Pinning
 
 Argv = core.Argv
 
@@ -133,12 +136,23 @@ async def connect(
     *,
     certificate: str | os.PathLike[str],
     key: str | os.PathLike[str],
-    ca: str | os.PathLike[str],
+    ca: str | os.PathLike[str] | None = None,
     server_name: str | None = None,
     connect_timeout: float = core.CONNECT_TIMEOUT,
+    pin: Pinning | None = None,
 ) -> AsyncIterator[Client]:
-    """Connect, complete TLS 1.3, exchange hello and welcome; close on exit."""
-    ctx = core.client_context(certificate, key, ca)
+    """Connect, complete TLS 1.3, exchange hello and welcome; close on exit.
+
+    With ``pin`` instead of ``ca`` (trust on first use, :mod:`jobctl._trust`),
+    the server's certificate is checked against its pin right after the
+    handshake, before anything is sent.
+    """
+    if pin is not None:
+        ctx = pin.context(certificate, key)
+    elif ca is None:
+        raise ConfigError("no CA certificate given (and no pin: see jobctl._trust)")
+    else:
+        ctx = core.client_context(certificate, key, ca)
     try:
         with trio.fail_after(connect_timeout):
             tcp = await trio.open_tcp_stream(address, port)
@@ -149,7 +163,7 @@ async def connect(
     core.set_keepalive(tcp.socket)
     stream = trio.SSLStream(tcp, ctx, server_hostname=server_name or address)
     try:
-        client = await _handshake(stream, connect_timeout)
+        client = await _handshake(stream, connect_timeout, pin)
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await tcp.aclose()
@@ -160,7 +174,8 @@ async def connect(
         await client.aclose()
 
 
-async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float) -> Client:
+async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float,
+                     pin: Pinning | None = None) -> Client:
     conn = p.ClientConnection()
     try:
         with trio.fail_after(within):
@@ -168,6 +183,8 @@ async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float) -
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 raise core.handshake_error(exc.__cause__ or exc) from None
+            if pin is not None:  # TOFU: the pin is checked before the hello goes out
+                pin.check(stream.getpeercert(binary_form=True))
             try:
                 await stream.send_all(conn.send(p.Hello(software=core.SOFTWARE)))
                 while True:

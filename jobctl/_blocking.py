@@ -19,12 +19,15 @@ import socket
 import ssl
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import protocol as p
 
 from . import _core as core
-from ._errors import ConnectionFailed
+from ._errors import ConfigError, ConnectionFailed
+
+if TYPE_CHECKING:
+    from ._trust import Pinning
 
 Argv = core.Argv
 
@@ -81,6 +84,10 @@ class TLSChannel:
 
     def close(self) -> None:
         self._raw.close()
+
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER), for the TOFU pin check."""
+        return self._tls.getpeercert(binary_form=True)
 
     def _flush(self) -> None:
         if self._outgoing.pending:
@@ -213,12 +220,18 @@ def connect_blocking(
     *,
     certificate: str | os.PathLike[str],
     key: str | os.PathLike[str],
-    ca: str | os.PathLike[str],
+    ca: str | os.PathLike[str] | None = None,
     server_name: str | None = None,
     connect_timeout: float = core.CONNECT_TIMEOUT,
+    pin: Pinning | None = None,
 ) -> BlockingClient:
-    """Connect, complete TLS 1.3, exchange hello and welcome."""
-    ctx = core.client_context(certificate, key, ca)
+    """Connect, complete TLS 1.3, exchange hello and welcome.
+
+    With ``pin`` (trust on first use, see :mod:`jobctl._trust`) instead of
+    ``ca``, the server's certificate is checked against its pin right after
+    the handshake, before anything is sent.
+    """
+    ctx = _context(certificate, key, ca, pin)
     try:
         raw = socket.create_connection((core.host_name(address), port),  # type: ignore[arg-type]
                                        timeout=connect_timeout)
@@ -231,6 +244,12 @@ def connect_blocking(
     except (OSError, ssl.SSLError, ValueError) as exc:
         raw.close()
         raise core.handshake_error(exc) from None
+    if pin is not None:  # issue 15: TOFU; the pin is checked before the hello goes out
+        try:
+            pin.check(sock.peer_certificate())
+        except BaseException:
+            raw.close()
+            raise
     conn = p.ClientConnection()
     try:
         sock.sendall(conn.send(p.Hello(software=core.SOFTWARE)))
@@ -242,6 +261,15 @@ def connect_blocking(
         sock.close()
         raise
     return BlockingClient(sock, welcome, conn)
+
+
+def _context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],
+             ca: str | os.PathLike[str] | None, pin: Pinning | None) -> ssl.SSLContext:
+    if pin is not None:
+        return pin.context(certificate, key)
+    if ca is None:
+        raise ConfigError("no CA certificate given (and no pin: see jobctl._trust)")
+    return core.client_context(certificate, key, ca)
 
 
 def _read_welcome(sock: TLSChannel, conn: p.ClientConnection, timeout: float) -> p.Welcome:

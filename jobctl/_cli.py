@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="name to verify in the server certificate (default: the address)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (start, status, stop, list, delete)")
+    # -- issue 15 hook: profiles, fan-out, trust on first use (jobctl/_profiles.py, _fanout.py,
+    # _trust.py)
+    parser.add_argument("-s", "--server", default=os.environ.get("JOBCTL_SERVER"),
+                        metavar="NAME", help="a server or group from config.toml "
+                        "(default: $JOBCTL_SERVER); a group runs the command on each server")
+    parser.add_argument("--no-prefix", action="store_true",
+                        help="with a group: do not prefix output lines with the server's name")
+    parser.add_argument("--trust-on-first-use", action="store_true",
+                        help="without a CA: pin an unknown server's certificate without asking")
+    # -- end hook
     # prog given: else argparse builds a help formatter just to compute it, which
     # imports shutil (and bz2, lzma) on every run.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="jobctl",
@@ -121,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wait between signals (default: the server's; 0: SIGKILL at once)")
     stop.add_argument("id", type=_job_id)
     sub.add_parser("list", help="list the jobs you may see")
+    # -- issue 15 hook: `run` and `wait` for groups (fan-out), until issue 14's own land
+    run = sub.add_parser("run", help="start CMD [ARG...], print its output, exit with its status",
+                         add_help=False, prefix_chars="\0")
+    run.add_argument("words", nargs=argparse.REMAINDER)
+    sub.add_parser("wait", help="wait for a job to end; exit with its status").add_argument(
+        "id", type=_job_id)
+    # -- end hook
     return parser
 
 
@@ -314,15 +331,38 @@ def _main(argv: list[str] | None) -> int:
     ns = parser.parse_args(argv)
     try:
         command, limits = None, None
-        if ns.command == "start":
+        if ns.command in ("start", "run"):
             command, limits = parse_start(ns.words)
             if not command:
-                parser.error("start: missing command")
-        for option, flag in (("certificate", "-c/--certificate"), ("key", "-k/--key"),
-                             ("ca", "-C/--certificate-authority")):
+                parser.error(f"{ns.command}: missing command")
+        # -- issue 15 hook: -s NAME (a profile) or a group (fan-out, the Trio client)
+        if ns.server:
+            from ._profiles import select
+
+            targets = select(ns, parser)
+            if targets is not None:
+                from ._fanout import run_cli
+
+                return run_cli(ns, targets, command, limits, group=True)
+        if ns.command in ("run", "wait"):
+            from ._fanout import run_cli
+            from ._profiles import single_target
+
+            return run_cli(ns, [single_target(ns)], command, limits, group=False)
+        if ns.certificate:
+            from ._expiry import warn_if_expiring
+
+            warn_if_expiring(ns.certificate)
+        # -- end hook
+        for option, flag in (("certificate", "-c/--certificate"), ("key", "-k/--key")):
             if not getattr(ns, option):
-                raise ConfigError(f"no {option.replace('ca', 'CA certificate')}: use {flag}, "
+                raise ConfigError(f"no {option}: use {flag}, "
                                   f"JOBCTL_{option.upper()} or {_config_dir()}/")
+        if not ns.ca:  # issue 15 hook: no CA: trust on first use (jobctl/_trust.py)
+            from ._trust import connect_pinned
+
+            with connect_pinned(ns) as client:
+                return run_command(ns, client, command, limits)
         with connect_blocking(ns.address, int(ns.port), certificate=ns.certificate,
                               key=ns.key, ca=ns.ca, server_name=ns.server_name) as client:
             return run_command(ns, client, command, limits)

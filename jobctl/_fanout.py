@@ -1,0 +1,286 @@
+"""Many servers at once: :func:`fanout` (library) and ``jobctl -s GROUP ...``.
+
+Theory of operation
+-------------------
+:func:`fanout` opens one connection per server, concurrently (at most
+``max_concurrent`` at a time), runs the caller's ``work(client, target)`` on
+each, and returns one :class:`Outcome` per server, in the order given. A
+server that cannot be reached, refuses, or answers with an error gives an
+Outcome with ``error`` set; it never cancels or delays the others, because
+each server is its own task in one nursery and only ``JobctlError`` (the
+expected failures) is caught per task. ``on_done`` is called as each server
+finishes, so a caller can report progress as it happens.
+
+The command line prints each server's output as it arrives, line by line,
+prefixed with the server's name (colored on a terminal; ``--no-prefix``
+drops it). A partial line is held until its newline (or until it reaches
+LINE_LIMIT bytes, or the end): lines from two servers never interleave
+inside a line. Errors are reported as each server finishes, except
+connection failures, which are listed at the end. The exit status is the
+highest of the servers' statuses (3 for an unreachable server; a job's own
+status for ``run`` and ``wait``).
+
+    async def work(client, target):
+        return await client.status(7)
+
+    for outcome in await jobctl.fanout(targets, work):
+        print(outcome.target.name, outcome.value or outcome.error)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import trio
+
+import protocol as p
+
+from . import _core as core
+from ._async import Client, connect
+from ._errors import ConnectionFailed, JobctlError
+from ._profiles import Target
+from ._trust import Pinning
+
+T = TypeVar("T")
+
+#: Connections open at once: enough for a rack, few enough for one process's
+#: file descriptors and for the servers' handshake load.
+MAX_CONCURRENT = 64
+#: A partial line longer than this is written as it is (with a newline): a
+#: job that writes no newlines must not make jobctl hold its output forever.
+LINE_LIMIT = 64 * 1024
+#: ANSI colors for the name prefixes on a terminal, one per server in turn.
+COLORS = (36, 33, 35, 32, 34, 31)
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """What one server gave: ``value`` (the work's result) or ``error``."""
+
+    target: Target
+    value: T | None = None
+    error: JobctlError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+async def fanout(
+    targets: Sequence[Target],
+    work: Callable[[Client, Target], Awaitable[T]],
+    *,
+    max_concurrent: int = MAX_CONCURRENT,
+    connect_timeout: float = core.CONNECT_TIMEOUT,
+    on_done: Callable[[Outcome[T]], None] | None = None,
+) -> list[Outcome[T]]:
+    """Run ``work`` on every target over one connection each, concurrently."""
+    outcomes: list[Outcome[T]] = [Outcome(t) for t in targets]
+    limiter = trio.CapacityLimiter(max_concurrent)
+
+    async def one(outcome: Outcome[T]) -> None:
+        t = outcome.target
+        async with limiter:
+            try:
+                pin = (Pinning(t.address, t.port, accept_new=t.trust_on_first_use)
+                       if t.ca is None else None)
+                async with connect(t.address, t.port, certificate=t.certificate, key=t.key,
+                                   ca=t.ca, server_name=t.server_name, pin=pin,
+                                   connect_timeout=connect_timeout) as client:
+                    outcome.value = await work(client, t)
+            except JobctlError as exc:
+                outcome.error = exc
+        if on_done is not None:
+            on_done(outcome)
+
+    async with trio.open_nursery() as nursery:
+        for outcome in outcomes:
+            nursery.start_soon(one, outcome)
+    return outcomes
+
+
+def job_exit_status(status: p.JobStatus) -> int:
+    """SPEC §9: the exit code; 128+N for signal N; 1 when it never ran."""
+    if status.exit_code is not None and status.signal is None:
+        return status.exit_code
+    if status.signal is not None:
+        try:
+            return 128 + int(signal.Signals[status.signal])
+        except KeyError:
+            return 128
+    return 1 if status.state is p.JobState.ERROR else 0
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+class Printer:
+    """Writes lines prefixed with a server's name, whole lines only."""
+
+    def __init__(self, names: Sequence[str], *, prefix: bool):
+        width = max((len(n) for n in names), default=0)
+        color = prefix and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        self.prefixes: dict[str, bytes] = {}
+        for i, name in enumerate(names):
+            text = f"{name}:".ljust(width + 1) + " " if prefix else ""
+            if color and text:
+                text = f"\x1b[{COLORS[i % len(COLORS)]}m{name}:\x1b[0m".ljust(
+                    width + 10) + " "
+            self.prefixes[name] = text.encode()
+        self.partial: dict[tuple[str, int], bytearray] = {}
+
+    def write(self, name: str, fd: int, data: bytes) -> None:
+        buf = self.partial.setdefault((name, fd), bytearray())
+        buf += data
+        out = bytearray()
+        while True:
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) < LINE_LIMIT:
+                    break
+                end = LINE_LIMIT - 1
+                out += self.prefixes[name] + buf[:end + 1] + b"\n"
+            else:
+                out += self.prefixes[name] + buf[:end + 1]
+            del buf[:end + 1]
+        if out:
+            _write_all(fd, out)
+
+    def line(self, name: str, text: str, fd: int = 1) -> None:
+        self.write(name, fd, text.encode() + b"\n")
+
+    def flush(self, name: str) -> None:
+        for fd in (1, 2):
+            buf = self.partial.pop((name, fd), None)
+            if buf:
+                _write_all(fd, self.prefixes[name] + bytes(buf) + b"\n")
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str] | None,
+            limits: p.Limits | None, *, group: bool) -> int:
+    """``jobctl -s GROUP COMMAND``: the command on every server of the group (and,
+    with ``group`` False, ``run`` and ``wait`` on one server, unprefixed)."""
+    return trio.run(_run_cli, ns, targets, command, limits, group and not ns.no_prefix)
+
+
+async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
+                   command: list[str] | None, limits: p.Limits | None, prefix: bool) -> int:
+    import json
+
+    printer = Printer([t.name for t in targets], prefix=prefix)
+    what = ns.command
+
+    async def work(client: Client, target: Target) -> tuple[int, Any]:
+        name = target.name
+        if what in ("start", "run"):
+            assert command is not None
+            status = await client.start(command, limits=limits)
+            if status.state is p.JobState.ERROR:
+                return 1, status
+            if what == "start":
+                if not ns.json:
+                    printer.line(name, str(status.id))
+                return 0, status
+            end = await _follow(client, status.id, name, printer, quiet=ns.json)
+            return job_exit_status(end), end
+        if what == "wait":
+            end = await _follow(client, ns.id, name, printer, quiet=True)
+            if not ns.json:
+                printer.line(name, end.describe())
+            return job_exit_status(end), end
+        if what in ("stream", "output"):
+            end = await _follow(client, ns.id, name, printer, quiet=False,
+                                live=what == "stream")
+            return 0, end
+        if what == "status":
+            status = await client.status(ns.id)
+            if not ns.json:
+                printer.line(name, status.describe())
+            return 0, status
+        if what == "stop":
+            status = await client.stop(ns.id, ns.grace)
+            if not ns.json:
+                printer.line(name, "process stopped")
+            return 0, status
+        if what == "list":
+            jobs = await client.list()
+            if not ns.json:
+                import shlex
+
+                for s in jobs:
+                    argv = shlex.join(os.fsdecode(a) for a in s.argv)
+                    printer.line(name, f"{s.id}\t{s.owner}\t{s.describe()}\t{argv}")
+            return 0, jobs
+        if what == "delete":
+            await client.delete(ns.id)
+            return 0, None
+        raise JobctlError(f"{what} is not supported with a group")
+
+    def on_done(outcome: Outcome[tuple[int, Any]]) -> None:
+        name = outcome.target.name
+        printer.flush(name)
+        if ns.json:
+            print(json.dumps(_json(outcome), sort_keys=True), flush=True)
+        elif outcome.error is not None and not isinstance(outcome.error, ConnectionFailed):
+            printer.line(name, str(outcome.error), fd=2)
+        elif outcome.value is not None and isinstance(outcome.value[1], p.JobStatus):
+            status = outcome.value[1]
+            if status.state is p.JobState.ERROR:
+                printer.line(name, status.describe(), fd=2)
+            if status.dropped_bytes and what in ("run", "stream", "output"):
+                printer.line(name, f"jobctl: output truncated: {status.dropped_bytes} bytes "
+                             "dropped by the server", fd=2)
+
+    outcomes = await fanout(targets, work, on_done=on_done)
+    worst = 0
+    for outcome in outcomes:
+        if outcome.error is not None:
+            worst = max(worst, outcome.error.exit_status)
+            if isinstance(outcome.error, ConnectionFailed) and not ns.json:
+                for text in str(outcome.error).splitlines():
+                    printer.line(outcome.target.name, text, fd=2)
+        elif outcome.value is not None:
+            worst = max(worst, outcome.value[0])
+    return worst
+
+
+async def _follow(client: Client, job: int, name: str, printer: Printer, *, quiet: bool,
+                  live: bool = True) -> p.JobStatus:
+    """The job's output, prefixed line by line (or dropped when ``quiet``); its end."""
+    events = client.stream(job) if live else client.output(job)
+    end: p.JobStatus | None = None
+    async for event in events:
+        if isinstance(event, p.OutputChunk):
+            if not quiet:
+                printer.write(name, event.fd, bytes(event.data))
+        else:
+            end = event.status
+    assert end is not None
+    return end
+
+
+def _json(outcome: Outcome[tuple[int, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"server": outcome.target.name}
+    if outcome.error is not None:
+        out.update(exit=outcome.error.exit_status, error=str(outcome.error))
+        return out
+    assert outcome.value is not None
+    code, value = outcome.value
+    out["exit"] = code
+    if isinstance(value, p.JobStatus):
+        out["status"] = value.to_json()
+    elif isinstance(value, list):
+        out["jobs"] = [s.to_json() for s in value]
+    return out
