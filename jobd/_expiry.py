@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 
 #: The date format OpenSSL prints notAfter in: "Jun  1 12:00:00 2026 GMT".
 _MONTHS = {m: i for i, m in enumerate(
@@ -41,3 +42,29 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
     doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
     return era * 146097 + doe - 719468
+
+
+#: jobd warns this many days before its certificate or its CA expires.
+SERVER_WARN_DAYS = 14
+#: While a certificate is inside its warning window, the warning repeats this often;
+#: outside it, jobd wakes at the window's start (or after this, to see replaced files).
+REPEAT_SECONDS = 86400.0
+
+
+def expiry_warnings(files: Mapping[str, os.PathLike[str] | str], now: float,
+                    warn_days: int = SERVER_WARN_DAYS) -> tuple[list[dict[str, object]], float]:
+    """The warnings due now (one per file in its window), and seconds until the next check."""
+    due: list[dict[str, object]] = []
+    wake = REPEAT_SECONDS
+    for what, path in files.items():
+        end = not_after(path)
+        if end is None:
+            continue
+        window = end - warn_days * 86400
+        if now >= window:
+            due.append({"which": what, "file": os.fspath(path),
+                        "days_left": round((end - now) / 86400, 1),
+                        "expired": end <= now})
+        else:
+            wake = min(wake, window - now)
+    return due, max(wake, 1.0)

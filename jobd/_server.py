@@ -39,6 +39,7 @@ import resource
 import shlex
 import socket
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ import protocol as p
 from jobd import __version__
 from jobd._auth import Action, Identity, IdentityError, identity_from_cert
 from jobd._config import ServerConfig
+from jobd._expiry import expiry_warnings
 from jobd._log import EventLog, route_engine_logs
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
 from jobd.engine import (
@@ -217,6 +219,7 @@ async def serve(
                 await acceptors.start(
                     _serve_listeners, state.handle, listeners, handlers
                 )
+                acceptors.start_soon(_watch_expiry, config, log)  # issue 15
                 log.info("cgroups", **manager.cgroup_layout())
                 log.info("listening", address=" ".join(format_address(h, pt) for h, pt in
                                                         addresses),
@@ -234,6 +237,17 @@ async def serve(
                 await state.idle()
             handlers.cancel_scope.cancel()
         log.info("stopped")
+
+
+async def _watch_expiry(config: ServerConfig, log: EventLog) -> None:
+    """Warn in the log from 14 days before the server certificate or the CA expires,
+    then daily; files replaced (and reloaded) are read again at each check."""
+    files = {"certificate": config.certificate, "ca": config.ca}
+    while True:
+        due, wake = expiry_warnings(files, time.time())
+        for warning in due:
+            log.warning("certificate-expiring", **warning)
+        await trio.sleep(wake)
 
 
 async def _serve_listeners(
