@@ -1,0 +1,202 @@
+"""A new operator's whole walk with jobd and jobctl commands alone (docs/security.md):
+a CA, a server certificate, a client who requests her own, a policy that allows
+and denies, a revocation that a SIGHUP applies, a pinned server and a server
+whose certificate changed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from .conftest import JOBCTL, JOBD, RUN_CWD, Pki, start_jobd
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=RUN_CWD,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def jobd_cmd(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run([*JOBD, *map(str, args)])
+
+
+def client_env(home: Path) -> dict[str, str]:
+    """A clean client: its own config directory, no JOBCTL_* from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
+    env["XDG_CONFIG_HOME"] = str(home)
+    return env
+
+
+def jobctl(env: dict[str, str], who: Path, port: int, *args: str
+           ) -> subprocess.CompletedProcess[str]:
+    return run([*JOBCTL, "-c", f"{who}.pem", "-k", f"{who}.key", "-a", "127.0.0.1",
+                "-p", str(port), *args], env)
+
+
+def sign(ca: Path, csr: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return jobd_cmd("ca", "sign", csr, "--ca", ca, *extra)
+
+
+def fingerprint_printed(result: subprocess.CompletedProcess[str]) -> str:
+    m = re.search(r"SHA-256 fingerprint ([0-9A-F:]{95})", result.stdout)
+    assert m, result.stdout
+    return m.group(1)
+
+
+def test_operator_walk(tmp_path: Path) -> None:
+    ca, srv, home = tmp_path / "ca", tmp_path / "srv", tmp_path / "home"
+
+    # 1. The CA: key private, a policy that allows nobody, an empty CRL.
+    made = jobd_cmd("ca", "init", ca)
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE((ca / "ca.key").stat().st_mode) == 0o600
+    assert "[clients]" in (ca / "policy.toml").read_text()
+    assert jobd_cmd("ca", "init", ca).returncode == 1  # never replaced by accident
+
+    # 2. The server makes its key and request; the CA signs it for its names.
+    assert jobd_cmd("cert", "request", "--name", "server", "--out", srv).returncode == 0
+    signed = sign(ca, srv / "server.csr", "--server", "--san", "127.0.0.1", "localhost")
+    assert signed.returncode == 0, signed.stderr
+    server_fp = fingerprint_printed(signed)
+    server_cert = x509.load_pem_x509_certificate((srv / "server.pem").read_bytes())
+    assert server_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value \
+        == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+
+    # 3. Alice makes her own key and request (default: her config directory).
+    alice_env = client_env(home)
+    req = run([*JOBCTL, "cert", "request", "--name", "alice", "--role", "control"], alice_env)
+    assert req.returncode == 0, req.stderr
+    alice = home / "jobctl" / "alice"
+    assert stat.S_IMODE(alice.with_suffix(".key").stat().st_mode) == 0o600
+    csr = alice.with_suffix(".csr")
+
+    # 4. The policy decides: nobody yet, then observe only, then control.
+    denied = sign(ca, csr)
+    assert denied.returncode == 1
+    assert "allows no client named 'alice'" in denied.stderr
+    policy = ca / "policy.toml"
+    policy.write_text(policy.read_text() + 'alice = ["observe"]\n"ci-*" = ["observe"]\n')
+    denied = sign(ca, csr)
+    assert denied.returncode == 1
+    assert "lets 'alice' hold observe, not control" in denied.stderr
+    assert not alice.with_suffix(".pem").exists()
+    policy.write_text(policy.read_text().replace('alice = ["observe"]', 'alice = ["control"]'))
+    ok = sign(ca, csr)
+    assert ok.returncode == 0, ok.stderr
+    cert = x509.load_pem_x509_certificate(alice.with_suffix(".pem").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=alice,OU=control"
+    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value \
+        == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert 29 <= lifetime.days <= 31  # short by default
+
+    # Bob too (he will lose his certificate), through a glob pattern.
+    bob_dir = tmp_path / "bob"
+    assert run([*JOBCTL, "cert", "request", "--name", "ci-bob", "--role", "observe",
+                "--out", str(bob_dir)]).returncode == 0
+    assert sign(ca, bob_dir / "ci-bob.csr").returncode == 0
+    bob = bob_dir / "ci-bob"
+
+    # 5. jobd with those files and the CA's CRL; alice verifies it against the CA.
+    pki = Pki(srv, None)  # type: ignore[arg-type]
+    shutil.copy(ca / "ca.pem", srv / "ca.pem")
+    server = start_jobd(pki, tmp_path / "state", "--crl", str(ca / "crl.pem"))
+    try:
+        port = server.port
+        with_ca = ("-C", str(ca / "ca.pem"))
+        started = jobctl(alice_env, alice, port, *with_ca, "start", "true")
+        assert started.returncode == 0, started.stderr
+        assert jobctl(alice_env, bob, port, *with_ca, "list").returncode == 0
+
+        # 6. Bob's certificate is revoked; a SIGHUP applies the new CRL.
+        revoked = jobd_cmd("ca", "revoke", f"{bob}.pem", "--ca", ca)
+        assert revoked.returncode == 0, revoked.stderr
+        assert jobd_cmd("ca", "crl", "--ca", ca).returncode == 0
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"info reloaded ")
+        refused = jobctl(alice_env, bob, port, *with_ca, "list")
+        assert refused.returncode == 3, refused.stderr
+        server.wait_for_log(r"connection-refused .*revoked")
+        assert jobctl(alice_env, alice, port, *with_ca, "list").returncode == 0
+
+        # 7. Trust on first use: no CA configured anywhere.
+        unknown = jobctl(alice_env, alice, port, "list")
+        assert unknown.returncode == 3
+        assert server_fp in unknown.stderr and "--trust-on-first-use" in unknown.stderr
+        known = home / "jobctl" / "known_servers"
+        assert not known.exists()
+        pinned = jobctl(alice_env, alice, port, "--trust-on-first-use", "list")
+        assert pinned.returncode == 0, pinned.stderr
+        assert known.read_text() == f"[127.0.0.1]:{port} {server_fp}\n"
+        again = jobctl(alice_env, alice, port, "start", "true")
+        assert again.returncode == 0, again.stderr
+        assert "trusting" not in again.stderr
+    finally:
+        server.stop()
+
+    # 8. The same address and port, another certificate: refused loudly, pin kept.
+    assert jobd_cmd("cert", "request", "--name", "server2", "--out", srv).returncode == 0
+    other = sign(ca, srv / "server2.csr", "--server", "--san", "127.0.0.1", "--days", "10")
+    other_fp = fingerprint_printed(other)
+    impostor = start_jobd(pki, tmp_path / "state2", port=port, server="server2")
+    try:
+        # jobd's own certificate expires within 14 days: it says so.
+        impostor.wait_for_log(r"warning certificate-expiring which=certificate")
+        before = known.read_bytes()
+        for extra in ([], ["--trust-on-first-use"]):
+            changed = jobctl(alice_env, alice, port, *extra, "start", "true")
+            assert changed.returncode == 3
+            assert "HAS CHANGED" in changed.stderr
+            assert server_fp in changed.stderr and other_fp in changed.stderr
+            assert f"{known}:1" in changed.stderr
+            assert known.read_bytes() == before
+        # Nothing was sent: no hello, so no identity reached jobd's log.
+        assert "alice" not in impostor.log_text()
+    finally:
+        impostor.stop()
+
+
+def test_client_warns_before_its_certificate_expires(pki: Pki, tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    assert jobd_cmd("ca", "init", ca).returncode == 0
+    (ca / "policy.toml").write_text('[clients]\ncarol = ["control"]\n')
+    assert run([*JOBCTL, "cert", "request", "--name", "carol", "--role", "control",
+                "--out", str(tmp_path)]).returncode == 0
+    assert sign(ca, tmp_path / "carol.csr", "--days", "3").returncode == 0
+    # No server needed: the warning comes before connecting.
+    result = run([*JOBCTL, "-c", str(tmp_path / "carol.pem"), "-k", str(tmp_path / "carol.key"),
+                  "-C", str(ca / "ca.pem"), "-a", "127.0.0.1", "-p", "1", "list"])
+    assert result.returncode == 3
+    assert re.search(r"carol\.pem expires in [23] days", result.stderr), result.stderr
+
+
+def test_sign_refuses_what_the_ca_must_not_sign(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    assert jobd_cmd("ca", "init", ca).returncode == 0
+    (ca / "policy.toml").write_text('[clients]\n"*" = ["observe"]\n')
+    # A server request (no OU) is no client request.
+    assert jobd_cmd("cert", "request", "--name", "web", "--out", tmp_path).returncode == 0
+    no_role = sign(ca, tmp_path / "web.csr")
+    assert no_role.returncode == 1 and "exactly one OU" in no_role.stderr
+    # --server without --san, and junk instead of a request.
+    assert "needs --san" in sign(ca, tmp_path / "web.csr", "--server").stderr
+    junk = tmp_path / "junk.csr"
+    junk.write_text("not a request\n")
+    assert "not a certificate signing request" in sign(ca, junk).stderr
+    # A policy with a typo is an error naming the file, not a silent allow.
+    (ca / "policy.toml").write_text('[clients]\nalice = ["contrl"]\n')
+    assert run([*JOBCTL, "cert", "request", "--name", "alice", "--role", "control",
+                "--out", str(tmp_path)]).returncode == 0
+    typo = sign(ca, tmp_path / "alice.csr")
+    assert typo.returncode == 1 and "unknown role 'contrl'" in typo.stderr
+    # Unknown serials are not revoked silently.
+    bad = jobd_cmd("ca", "revoke", "abcdef", "--ca", ca)
+    assert bad.returncode == 1 and "not issued by this CA" in bad.stderr
