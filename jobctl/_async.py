@@ -159,7 +159,7 @@ async def connect(
     except trio.TooSlowError:
         raise core.connect_error(address, port, TimeoutError()) from None
     except OSError as exc:
-        raise core.connect_error(address, port, exc) from None
+        raise core.connect_error(address, port, _first_attempt_error(exc)) from None
     core.set_keepalive(tcp.socket)
     stream = trio.SSLStream(tcp, ctx, server_hostname=server_name or address)
     try:
@@ -172,6 +172,17 @@ async def connect(
         yield client
     finally:
         await client.aclose()
+
+
+def _first_attempt_error(exc: OSError) -> OSError:
+    """Trio's "all attempts to connect ... failed" carries each attempt's error
+    (connection refused, ...) in its cause: name the first, as the blocking client does."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.errno:
+        return OSError(cause.errno, os.strerror(cause.errno))  # without Trio's "error connecting"
+    return exc
 
 
 async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float,

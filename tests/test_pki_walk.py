@@ -146,7 +146,8 @@ def test_operator_walk(tmp_path: Path) -> None:
     assert jobd_cmd("cert", "request", "--name", "server2", "--out", srv).returncode == 0
     other = sign(ca, srv / "server2.csr", "--server", "--san", "127.0.0.1", "--days", "10")
     other_fp = fingerprint_printed(other)
-    impostor = start_jobd(pki, tmp_path / "state2", port=port, server="server2")
+    impostor = start_jobd(pki, tmp_path / "state2", "--log-level", "debug", port=port,
+                          server="server2")
     try:
         # jobd's own certificate expires within 14 days: it says so.
         impostor.wait_for_log(r"warning certificate-expiring which=certificate")
@@ -158,8 +159,11 @@ def test_operator_walk(tmp_path: Path) -> None:
             assert server_fp in changed.stderr and other_fp in changed.stderr
             assert f"{known}:1" in changed.stderr
             assert known.read_bytes() == before
-        # Nothing was sent: no hello, so no identity reached jobd's log.
+        # Nothing was sent: no hello, so no identity reached jobd's log...
         assert "alice" not in impostor.log_text()
+        # ...where a connection that gets as far as the hello does show it.
+        assert jobctl(alice_env, alice, port, "-C", str(ca / "ca.pem"), "list").returncode == 0
+        impostor.wait_for_log(r"connected .*who=alice")
     finally:
         impostor.stop()
 

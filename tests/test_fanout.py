@@ -1,0 +1,189 @@
+"""Profiles and fan-out: `jobctl -s GROUP ...` and `jobctl.fanout` across three real
+jobd processes on loopback, each with its own port, server certificate and CA."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+import jobctl
+
+from .conftest import JOBCTL, RUN_CWD, JobdProcess, Pki, start_jobd
+
+NAMES = ("web1", "web2", "web3")
+
+
+@dataclass
+class Fleet:
+    servers: dict[str, JobdProcess]
+    config: Path
+    dir: Path
+    down_port: int
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
+        env["JOBCTL_CONFIG"] = str(self.config)
+        env["XDG_CONFIG_HOME"] = str(self.dir / "xdg")
+        env.pop("NO_COLOR", None)
+        return env
+
+    def jobctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*JOBCTL, *args], capture_output=True, text=True, timeout=120,
+                              cwd=RUN_CWD, env=self.env(), stdin=subprocess.DEVNULL)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def fleet(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    d = tmp_path_factory.mktemp("fleet")
+    # Clients chain to the shared test CA (jobd -C); each server's own certificate
+    # comes from a CA of its own, which only that server's profile trusts.
+    (d / "ca.pem").write_bytes(Path(pki.path("ca.pem")).read_bytes())
+    servers: dict[str, JobdProcess] = {}
+    lines = ['[defaults]', f'certificate = "{pki.path("alice.pem")}"',
+             f'key = "{pki.path("alice.key")}"', ""]
+    try:
+        for name in NAMES:
+            own = trustme.CA()
+            own.cert_pem.write_to_path(str(d / f"{name}-ca.pem"))
+            leaf = own.issue_cert("127.0.0.1", common_name=name)
+            leaf.private_key_pem.write_to_path(str(d / f"{name}.key"))
+            leaf.cert_chain_pems[0].write_to_path(str(d / f"{name}.pem"))
+            fleet_pki = Pki(d, own)
+            servers[name] = start_jobd(fleet_pki, d / f"state-{name}", server=name)
+            lines += [f"[servers.{name}]", 'address = "127.0.0.1"',
+                      f"port = {servers[name].port}", f'ca = "{name}-ca.pem"', ""]
+        down = closed_port()
+        lines += ["[servers.down]", 'address = "127.0.0.1"', f"port = {down}",
+                  'ca = "web1-ca.pem"', "", "[groups]", 'web = ["web1", "web2", "web3"]', ""]
+        config = d / "config.toml"
+        config.write_text("\n".join(lines))
+        yield Fleet(servers, config, d, down)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_run_everywhere_unreachable_reported_at_the_end(fleet: Fleet) -> None:
+    result = fleet.jobctl("-s", "all", "run", "uname", "-a")
+    assert result.returncode == 3, result.stderr  # the worst: one server unreachable
+    out = result.stdout.splitlines()
+    assert sorted(line.split(":")[0] for line in out) == list(NAMES)
+    for line in out:
+        assert line.split(":", 1)[1].strip().startswith("Linux")
+    assert "\x1b[" not in result.stdout  # not a terminal: no colors
+    assert result.stderr.strip().splitlines() == [
+        f"down: cannot connect to 127.0.0.1:{fleet.down_port}: connection refused"]
+
+
+def test_group_exit_status_is_the_worst_job_status(fleet: Fleet) -> None:
+    result = fleet.jobctl("-s", "web", "run", "sh", "-c", "echo out; echo err >&2; exit 5")
+    assert result.returncode == 5
+    assert sorted(result.stdout.splitlines()) == [f"{n}: out" for n in NAMES]
+    assert sorted(result.stderr.splitlines()) == [f"{n}: err" for n in NAMES]
+    plain = fleet.jobctl("-s", "web", "--no-prefix", "run", "echo", "x")
+    assert plain.returncode == 0 and plain.stdout == "x\nx\nx\n"
+
+
+def test_start_wait_status_list_stop_on_a_group(fleet: Fleet) -> None:
+    started = fleet.jobctl("-s", "web", "start", "sleep", "60")
+    assert started.returncode == 0, started.stderr
+    ids = dict(line.split(": ") for line in started.stdout.splitlines())
+    assert set(ids) == set(NAMES)
+    # The same ID on every server only where they are in step; here: ask each its own.
+    for name, job in ids.items():
+        status = fleet.jobctl("-s", name, "status", job.strip())
+        assert status.returncode == 0 and status.stdout == "running\n"
+        stopped = fleet.jobctl("-s", name, "stop", "--grace", "0", job.strip())
+        assert stopped.stdout == "process stopped\n"
+    listed = fleet.jobctl("-s", "web", "--json", "list")
+    assert listed.returncode == 0
+    objects = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(o["server"] for o in objects) == list(NAMES)
+    assert all(o["exit"] == 0 and isinstance(o["jobs"], list) for o in objects)
+    job = fleet.jobctl("-s", "web1", "start", "sh", "-c", "exit 4").stdout.strip()
+    waited = fleet.jobctl("-s", "web1", "wait", job)
+    assert waited.returncode == 4 and waited.stdout == "exited: 4\n"
+
+
+def test_flags_override_the_profile(fleet: Fleet, pki: Pki) -> None:
+    # olga may observe only: -c/-k beat [defaults].
+    refused = fleet.jobctl("-s", "web1", "-c", pki.path("olga.pem"), "-k", pki.path("olga.key"),
+                           "start", "true")
+    assert refused.returncode == 1 and "permission denied" in refused.stderr
+    # Another server's CA for web1: the profile's ca was replaced, so TLS fails.
+    wrong = fleet.jobctl("-s", "web1", "-C", str(fleet.dir / "web2-ca.pem"), "list")
+    assert wrong.returncode == 3 and "certificate verify failed" in wrong.stderr
+    assert fleet.jobctl("-s", "nosuch", "list").returncode == 2
+    group_address = fleet.jobctl("-s", "web", "-a", "10.0.0.1", "list")
+    assert group_address.returncode == 2 and "is a group" in group_address.stderr
+
+
+def test_bad_config_is_one_clear_line(fleet: Fleet, tmp_path: Path) -> None:
+    bad = tmp_path / "config.toml"
+    bad.write_text('[servers.a]\naddress = "x"\nprot = 1\n')
+    env = {**fleet.env(), "JOBCTL_CONFIG": str(bad)}
+    result = subprocess.run([*JOBCTL, "-s", "a", "list"], capture_output=True, text=True,
+                            timeout=60, cwd=RUN_CWD, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"{bad}: servers.a: unknown field 'prot' "
+                                     "(fields: address, port, server_name, certificate, key, ca)")
+
+
+async def test_library_fanout_one_stalled_server_never_blocks_the_others(
+        fleet: Fleet, pki: Pki) -> None:
+    """A server that accepts TCP and then says nothing holds its own task only:
+    the others finish while it is still stalled (it is released only after)."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stalled_port = listener.getsockname()[1]
+    targets = [jobctl.Target(name, "127.0.0.1", fleet.servers[name].port,
+                             certificate=pki.path("alice.pem"), key=pki.path("alice.key"),
+                             ca=str(fleet.dir / f"{name}-ca.pem")) for name in NAMES]
+    targets.insert(1, jobctl.Target("stalled", "127.0.0.1", stalled_port,
+                                    certificate=pki.path("alice.pem"),
+                                    key=pki.path("alice.key"), ca=pki.path("ca.pem")))
+    done: list[str] = []
+    others_done = trio.Event()
+
+    def on_done(outcome: jobctl.Outcome[str]) -> None:
+        done.append(outcome.target.name)
+        if set(done) >= set(NAMES):
+            others_done.set()
+
+    async def work(client: jobctl.Client, target: jobctl.Target) -> str:
+        return client.identity
+
+    async def release_stalled() -> None:
+        conn, _ = await listener.accept()
+        await others_done.wait()  # deadlocks (test timeout) if fanout serialised
+        conn.close()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_stalled)
+            # The connect timeout is far away: only the release ends the stalled one.
+            outcomes = await jobctl.fanout(targets, work, on_done=on_done,
+                                           connect_timeout=600)
+    listener.close()
+    assert done[-1] == "stalled"
+    assert [o.target.name for o in outcomes] == ["web1", "stalled", "web2", "web3"]
+    assert [o.value for o in outcomes if o.ok] == ["alice"] * 3
+    stalled = outcomes[1]
+    assert isinstance(stalled.error, jobctl.ConnectionFailed)
