@@ -13,7 +13,10 @@ import subprocess
 
 from .conftest import PYTHON, RUN_CWD, JobdProcess
 
-LAZY = ("json", "shlex", "jobd._config")
+LAZY = ("json", "shlex", "jobd._config",
+        # issue 15: certificates, profiles, fan-out and TOFU only when used
+        "cryptography", "jobd._pki", "tomllib", "jobctl._profiles", "jobctl._fanout",
+        "jobctl._trust", "jobctl._cert")
 
 
 def imported(jobd: JobdProcess, *args: str) -> tuple[set[str], subprocess.CompletedProcess[bytes]]:
@@ -41,3 +44,15 @@ def test_json_output_imports_json_when_asked(jobd: JobdProcess) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(b"{")
     assert "json" in modules and "trio" not in modules
+
+
+def test_the_daemon_never_imports_cryptography() -> None:
+    """`jobd ca` needs the jobd[ca] extra; the daemon itself must not (issue 15)."""
+    result = subprocess.run([PYTHON, "-X", "importtime", "-c",
+                             "import jobd.__main__, jobd._server, jobd._expiry"],
+                            capture_output=True, timeout=60, cwd=RUN_CWD,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = re.findall(rb"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", result.stderr, re.M)
+    assert b"jobd._server" in names
+    assert not [n for n in names if n.startswith(b"cryptography")]
