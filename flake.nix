@@ -42,9 +42,12 @@
           inherit src;
 
           build-system = [ python3Packages.setuptools ];
+          # cryptography is the jobd[ca] extra (jobd ca, jobctl cert); the Nix
+          # package ships it, as Nomad and Teleport ship their CA commands.
           dependencies = with python3Packages; [
             trio
             msgpack
+            cryptography
           ];
 
           # The tests run scripts/dev-pki, whose "#!/usr/bin/env bash" does
@@ -83,13 +86,15 @@
         };
 
       # A throw-away PKI for the VM test, made by the same script developers
-      # use. Made once per build of this derivation: the leaves are valid for
-      # 825 days from then.
+      # use (a wrapper over jobd ca and jobctl cert). Made once per build of
+      # this derivation: the leaves are valid for 825 days from then.
       testPki =
         pkgs:
-        pkgs.runCommand "jobd-test-pki" { nativeBuildInputs = [ pkgs.openssl ]; } ''
-          bash ${./scripts/dev-pki} "$out"
-        '';
+        pkgs.runCommand "jobd-test-pki"
+          { nativeBuildInputs = [ (pkgs.callPackage jobdPackage { }) ]; }
+          ''
+            bash ${./scripts/dev-pki} "$out"
+          '';
     in
     {
       overlays.default = final: _prev: { jobd = final.callPackage jobdPackage { }; };

@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+#: scripts/dev-pki wraps `jobd ca` and `jobctl cert`: this environment's commands.
+DEV_PKI_ENV = {**os.environ, "JOBD": str(BIN / "jobd"), "JOBCTL": str(BIN / "jobctl")}
 JOBD = BIN / "jobd"
 JOBCTL = BIN / "jobctl"
 #: Another copy of the code to measure (``run.py --tree DIR``, e.g. an older
@@ -281,7 +283,7 @@ class Pki:
     def __init__(self, directory: Path):
         self.dir = directory
         subprocess.run([str(ROOT / "scripts" / "dev-pki"), str(directory)], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=DEV_PKI_ENV)
 
     def path(self, name: str) -> str:
         return str(self.dir / name)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+#: scripts/dev-pki wraps `jobd ca` and `jobctl cert`: this environment's commands.
+DEV_PKI_ENV = {**os.environ, "JOBD": str(BIN / "jobd"), "JOBCTL": str(BIN / "jobctl")}
 
 
 def say(text: str) -> None:
@@ -33,7 +35,7 @@ def main() -> int:
         pki = Path(tmp) / "pki"
         say(f"making a dev PKI in {pki} (scripts/dev-pki)")
         subprocess.run([str(ROOT / "scripts" / "dev-pki"), str(pki)], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=DEV_PKI_ENV)
         jobd_cmd = [str(BIN / "jobd"), "-c", str(pki / "server.pem"), "-k",
                     str(pki / "server.key"), "-C", str(pki / "ca.pem"), "-a", "::1", "-p", "0",
                     "--state-dir", str(Path(tmp) / "state")]

@@ -7,6 +7,8 @@ including a real TLS 1.3 handshake over memory BIOs (no sockets needed).
 
 from __future__ import annotations
 
+import os
+import shutil
 import ssl
 import stat
 import subprocess
@@ -15,9 +17,11 @@ from typing import cast
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import JOBCTL, JOBD, ROOT
 
 SCRIPT = ROOT / "scripts" / "dev-pki"
+#: The script wraps `jobd ca` and `jobctl cert`: the commands under test.
+ENV = {**os.environ, "JOBD": " ".join(JOBD), "JOBCTL": " ".join(JOBCTL)}
 
 CLIENTS = {"alice": "control", "olga": "observe", "root": "admin"}
 LEAVES = ("server", *CLIENTS)
@@ -26,7 +30,8 @@ ALL = ("ca", *LEAVES)
 
 def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, check=check, timeout=60
+        [str(a) for a in args], capture_output=True, text=True, check=check, timeout=60,
+        env=ENV,
     )
 
 
@@ -45,6 +50,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_makes_exactly_the_expected_files(pki: Path) -> None:
     expected = {f"{name}.{ext}" for name in ALL for ext in ("pem", "key")}
+    expected |= {"policy.toml", "index.json", "crl.pem"}  # a `jobd ca` directory
     assert {p.name for p in pki.iterdir()} == expected
 
 
@@ -200,3 +206,16 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert run(SCRIPT, "--bogus", tmp_path, check=False).returncode == 2
     assert run(SCRIPT, tmp_path / "a", tmp_path / "b", check=False).returncode == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_the_directory_is_a_jobd_ca(pki: Path, tmp_path: Path) -> None:
+    """`jobd ca sign --ca DIR` goes on from where dev-pki left off, with its policy."""
+    pki = Path(shutil.copytree(pki, tmp_path / "ca"))  # the module's PKI stays as made
+    run(*JOBCTL, "cert", "request", "--name", "olga", "--role", "observe", "--out", tmp_path)
+    run(*JOBD, "ca", "sign", tmp_path / "olga.csr", "--ca", pki)
+    ok = run("openssl", "verify", "-CAfile", pki / "ca.pem", tmp_path / "olga.pem")
+    assert ok.returncode == 0
+    run(*JOBCTL, "cert", "request", "--name", "olga", "--role", "admin",
+        "--out", tmp_path / "greedy")
+    refused = run(*JOBD, "ca", "sign", tmp_path / "greedy" / "olga.csr", "--ca", pki, check=False)
+    assert refused.returncode == 1 and "not admin" in refused.stderr
