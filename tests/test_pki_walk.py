@@ -5,18 +5,22 @@ whose certificate changed."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import select
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .conftest import JOBCTL, JOBD, RUN_CWD, Pki, start_jobd
+from .conftest import JOBCTL, JOBD, PYTHON, RUN_CWD, JobdProcess, Pki, start_jobd
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -204,3 +208,75 @@ def test_sign_refuses_what_the_ca_must_not_sign(tmp_path: Path) -> None:
     # Unknown serials are not revoked silently.
     bad = jobd_cmd("ca", "revoke", "abcdef", "--ca", ca)
     assert bad.returncode == 1 and "not issued by this CA" in bad.stderr
+
+
+def _pty_jobctl(jobd: JobdProcess, env: dict[str, str], answer: bytes, *args: str
+                ) -> tuple[int, str]:
+    """jobctl on a terminal (a pty): answer its question, return its status and screen."""
+    master, slave = os.openpty()
+    cmd = [*JOBCTL, *jobd.pki.client_args("alice")[:4], "-a", jobd.address,
+           "-p", str(jobd.port), *args]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=RUN_CWD, env=env)
+    os.close(slave)
+    screen = b""
+    deadline = time.monotonic() + 60
+    answered = False
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(deadline - time.monotonic(), 0))
+            assert ready, f"jobctl said nothing more: {screen!r}"
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other side closed
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if not answered and b"(yes/no)? " in screen:
+                os.write(master, answer + b"\n")
+                answered = True
+        return proc.wait(30), screen.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_tofu_asks_on_a_terminal(jobd: JobdProcess, tmp_path: Path) -> None:
+    env = client_env(tmp_path)
+    der = ssl.PEM_cert_to_DER_cert(Path(jobd.pki.path("server.pem")).read_text())
+    fp = ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    known = tmp_path / "jobctl" / "known_servers"
+
+    status, screen = _pty_jobctl(jobd, env, b"no", "list")
+    assert status == 3
+    assert f"fingerprint is {fp}" in screen and "not trusted" in screen
+    assert not known.exists()
+
+    status, screen = _pty_jobctl(jobd, env, b"yes", "start", "true")
+    assert status == 0, screen
+    assert re.search(r"pinned server \[127\.0\.0\.1\]:\d+ in .*known_servers:1", screen)
+    assert known.read_text() == f"[127.0.0.1]:{jobd.port} {fp}\n"
+    # Pinned: no question the second time.
+    again = jobd.jobctl("alice", "list", extra=["-C", ""], env=env)
+    assert again.returncode == 0, again.stderr
+
+
+def test_jobd_help_names_the_ca_commands() -> None:
+    result = jobd_cmd("--help")
+    assert result.returncode == 0 and "jobd ca" in result.stdout
+
+
+def test_without_the_ca_extra_the_commands_say_what_to_install(tmp_path: Path) -> None:
+    """cryptography missing (an install without jobd[ca]): one clear line, exit 1."""
+    for module, args in (("jobd.__main__", ["ca", "init", str(tmp_path / "ca")]),
+                         ("jobctl._cli", ["cert", "request", "--name", "a", "--role", "observe",
+                                          "--out", str(tmp_path)])):
+        code = ("import sys; sys.modules['cryptography'] = None\n"
+                f"from {module} import main\nsys.exit(main({args!r}))")
+        result = run([PYTHON, "-c", code])
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().endswith("needs the cryptography library: "
+                                              "pip install 'jobd[ca]'")
+        assert not list(tmp_path.iterdir())
