@@ -231,8 +231,12 @@ async def serve(
                 await listener.aclose()
             state.begin_closing()
             await manager.shutdown()
-            with trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT):
+            with trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT) as flush:
                 await state.idle()
+            if flush.cancelled_caught:
+                log.warning("shutdown-flush-timeout", responses=state.busy,
+                            reason=f"responses still in progress after "
+                            f"{SHUTDOWN_FLUSH_TIMEOUT:g}s are cut off")
             handlers.cancel_scope.cancel()
         log.info("stopped")
 
