@@ -160,7 +160,7 @@ class JobdProcess:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> str:
         """Wait (on a condition, not a sleep loop) for a log line matching pattern."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
