@@ -187,3 +187,18 @@ async def test_library_fanout_one_stalled_server_never_blocks_the_others(
     assert [o.value for o in outcomes if o.ok] == ["alice"] * 3
     stalled = outcomes[1]
     assert isinstance(stalled.error, jobctl.ConnectionFailed)
+
+
+def test_printer_writes_whole_lines_only(capfd: pytest.CaptureFixture[str]) -> None:
+    from jobctl._fanout import LINE_LIMIT, Printer
+
+    printer = Printer(["a", "bb"], prefix=True)
+    printer.write("a", 1, b"one\ntw")
+    printer.write("bb", 1, b"x")
+    printer.write("a", 1, b"o\n")
+    printer.write("bb", 2, b"err\n")
+    printer.flush("bb")  # the end: a partial line gets its newline
+    printer.write("a", 1, b"z" * LINE_LIMIT)  # no newline for too long: written anyway
+    out, err = capfd.readouterr()
+    assert out == "a:  one\na:  two\nbb: x\n" + "a:  " + "z" * LINE_LIMIT + "\n"
+    assert err == "bb: err\n"
