@@ -30,6 +30,7 @@ status for ``run`` and ``wait``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -172,7 +173,15 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
             limits: p.Limits | None, *, group: bool) -> int:
     """``jobctl -s GROUP COMMAND``: the command on every server of the group (and,
     with ``group`` False, ``run`` and ``wait`` on one server, unprefixed)."""
-    return trio.run(_run_cli, ns, targets, command, limits, group and not ns.no_prefix)
+    try:
+        return trio.run(_run_cli, ns, targets, command, limits, group and not ns.no_prefix)
+    except BaseExceptionGroup as group_exc:
+        # Our stdout went away (`jobctl -s all run ... | head -1`): the command line
+        # stops quietly, as for one server. Anything else is a bug: let it show.
+        broken, rest = group_exc.split(BrokenPipeError)
+        if broken is not None and rest is None:
+            raise BrokenPipeError from None
+        raise
 
 
 async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
@@ -259,14 +268,15 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
 async def _follow(client: Client, job: int, name: str, printer: Printer, *, quiet: bool,
                   live: bool = True) -> p.JobStatus:
     """The job's output, prefixed line by line (or dropped when ``quiet``); its end."""
-    events = client.stream(job) if live else client.output(job)
     end: p.JobStatus | None = None
-    async for event in events:
-        if isinstance(event, p.OutputChunk):
-            if not quiet:
-                printer.write(name, event.fd, bytes(event.data))
-        else:
-            end = event.status
+    # aclosing: a write that fails (a closed stdout) ends the stream in this task.
+    async with contextlib.aclosing(client.stream(job) if live else client.output(job)) as events:
+        async for event in events:
+            if isinstance(event, p.OutputChunk):
+                if not quiet:
+                    printer.write(name, event.fd, bytes(event.data))
+            else:
+                end = event.status
     assert end is not None
     return end
 

@@ -42,6 +42,8 @@ ROLES = ("observe", "control", "admin")
 MAX_NAME = 64
 #: Leeway for clocks that run a little behind the CA's.
 BACKDATE = datetime.timedelta(minutes=5)
+#: The curves TLS 1.3 signs with (RFC 8446 4.2.3); secp256k1 and friends are not.
+NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 #: A CSR or certificate file larger than this is not a CSR or certificate.
 MAX_PEM_FILE = 64 * 1024
 
@@ -325,8 +327,8 @@ def load_csr(path: Path) -> x509.CertificateSigningRequest:
     if not valid:
         raise PkiError(f"{path}: the request's signature does not verify")
     key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.key_size < 256:
-        raise PkiError(f"{path}: the key must be ECDSA P-256 or stronger "
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST_CURVES:
+        raise PkiError(f"{path}: the key must be ECDSA on P-256, P-384 or P-521 "
                        "(make it with `jobctl cert request`)")
     return csr
 

@@ -202,3 +202,21 @@ def test_printer_writes_whole_lines_only(capfd: pytest.CaptureFixture[str]) -> N
     out, err = capfd.readouterr()
     assert out == "a:  one\na:  two\nbb: x\n" + "a:  " + "z" * LINE_LIMIT + "\n"
     assert err == "bb: err\n"
+
+
+def test_a_closed_stdout_ends_quietly(fleet: Fleet) -> None:
+    """`jobctl -s web run ... | head -1`: no traceback when the reader goes away."""
+    proc = subprocess.Popen([*JOBCTL, "-s", "web", "run", "seq", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=RUN_CWD,
+                            env=fleet.env(), stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.readline().endswith(b": 1\n")
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"Traceback" not in err and b"Exception" not in err, err
