@@ -34,9 +34,9 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import trio
 
@@ -270,7 +270,9 @@ async def _follow(client: Client, job: int, name: str, printer: Printer, *, quie
     """The job's output, prefixed line by line (or dropped when ``quiet``); its end."""
     end: p.JobStatus | None = None
     # aclosing: a write that fails (a closed stdout) ends the stream in this task.
-    async with contextlib.aclosing(client.stream(job) if live else client.output(job)) as events:
+    source = cast("AsyncGenerator[p.OutputChunk | p.End, None]",
+                  client.stream(job) if live else client.output(job))
+    async with contextlib.aclosing(source) as events:
         async for event in events:
             if isinstance(event, p.OutputChunk):
                 if not quiet:
