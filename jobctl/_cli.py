@@ -349,10 +349,6 @@ def _main(argv: list[str] | None) -> int:
             from ._profiles import single_target
 
             return run_cli(ns, [single_target(ns)], command, limits, group=False)
-        if ns.certificate:
-            from ._expiry import warn_if_expiring
-
-            warn_if_expiring(ns.certificate)
         # -- end hook
         for option, flag in (("certificate", "-c/--certificate"), ("key", "-k/--key")):
             if not getattr(ns, option):
@@ -361,10 +357,15 @@ def _main(argv: list[str] | None) -> int:
         if not ns.ca:  # issue 15 hook: no CA: trust on first use (jobctl/_trust.py)
             from ._trust import connect_pinned
 
-            with connect_pinned(ns) as client:
-                return run_command(ns, client, command, limits)
-        with connect_blocking(ns.address, int(ns.port), certificate=ns.certificate,
-                              key=ns.key, ca=ns.ca, server_name=ns.server_name) as client:
+            client = connect_pinned(ns)
+        else:
+            client = connect_blocking(ns.address, int(ns.port), certificate=ns.certificate,
+                                      key=ns.key, ca=ns.ca, server_name=ns.server_name)
+        with client:
+            # issue 15 hook: accepted, but not for long? (A refusal stays one line.)
+            from ._expiry import warn_if_expiring
+
+            warn_if_expiring(ns.certificate)
             return run_command(ns, client, command, limits)
     except JobctlError as exc:
         print(exc, file=sys.stderr)

@@ -184,7 +184,7 @@ class CA:
             entries = json.loads(text)["certificates"]
         except (ValueError, KeyError, TypeError):
             raise PkiError(f"{self.index_path} is not a jobd CA index") from None
-        if not isinstance(entries, list):
+        if not isinstance(entries, list) or not all(_valid_entry(e) for e in entries):
             raise PkiError(f"{self.index_path} is not a jobd CA index")
         return entries
 
@@ -281,6 +281,20 @@ class CA:
         path = self.dir / "crl.pem"
         write_public(path, crl.public_bytes(serialization.Encoding.PEM))
         return path, count
+
+
+def _valid_entry(entry: Any) -> bool:
+    """An index entry as ``issue`` writes it (a hand-edited index is checked, not trusted)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("serial"), str):
+        return False
+    try:
+        int(entry["serial"], 16)
+        revoked = entry.get("revoked")
+        if revoked is not None:
+            datetime.datetime.fromisoformat(revoked)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def init_ca(directory: Path, *, name: str, days: int) -> CA:

@@ -103,8 +103,7 @@ def _custom_cert(ca: trustme.CA, directory: Path, name: str, subject: list[x509.
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
-        # Beyond jobctl's 7-day expiry warning, which would add a line to stderr.
-        .not_valid_after(now + datetime.timedelta(days=30))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .sign(ca._private_key, hashes.SHA256())
     )

@@ -5,6 +5,7 @@ whose certificate changed."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import re
@@ -172,18 +173,20 @@ def test_operator_walk(tmp_path: Path) -> None:
         impostor.stop()
 
 
-def test_client_warns_before_its_certificate_expires(pki: Pki, tmp_path: Path) -> None:
-    ca = tmp_path / "ca"
-    assert jobd_cmd("ca", "init", ca).returncode == 0
-    (ca / "policy.toml").write_text('[clients]\ncarol = ["control"]\n')
-    assert run([*JOBCTL, "cert", "request", "--name", "carol", "--role", "control",
-                "--out", str(tmp_path)]).returncode == 0
-    assert sign(ca, tmp_path / "carol.csr", "--days", "3").returncode == 0
-    # No server needed: the warning comes before connecting.
-    result = run([*JOBCTL, "-c", str(tmp_path / "carol.pem"), "-k", str(tmp_path / "carol.key"),
-                  "-C", str(ca / "ca.pem"), "-a", "127.0.0.1", "-p", "1", "list"])
-    assert result.returncode == 3
-    assert re.search(r"carol\.pem expires in [23] days", result.stderr), result.stderr
+def test_client_warns_before_its_certificate_expires(jobd: JobdProcess, tmp_path: Path) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    for name, days in (("carol", 3), ("dave", 30)):
+        leaf = jobd.pki.ca.issue_cert(common_name=name, organization_unit_name="control",
+                                      not_after=now + datetime.timedelta(days=days))
+        leaf.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.pem"))
+    args = ["-c", str(tmp_path / "carol.pem"), "-k", str(tmp_path / "carol.key")]
+    result = jobd.jobctl("alice", "list", extra=args)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"carol\.pem expires in [23] days", result.stderr.decode()), result.stderr
+    args = ["-c", str(tmp_path / "dave.pem"), "-k", str(tmp_path / "dave.key")]
+    result = jobd.jobctl("alice", "list", extra=args)
+    assert result.returncode == 0 and result.stderr == b""
 
 
 def test_sign_refuses_what_the_ca_must_not_sign(tmp_path: Path) -> None:
@@ -208,6 +211,11 @@ def test_sign_refuses_what_the_ca_must_not_sign(tmp_path: Path) -> None:
     # Unknown serials are not revoked silently.
     bad = jobd_cmd("ca", "revoke", "abcdef", "--ca", ca)
     assert bad.returncode == 1 and "not issued by this CA" in bad.stderr
+    # A damaged index is an error, not a traceback.
+    (ca / "index.json").write_text('{"certificates": [{"serial": "zz"}]}')
+    damaged = jobd_cmd("ca", "crl", "--ca", ca)
+    assert damaged.returncode == 1 and "is not a jobd CA index" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
 
 
 def _pty_jobctl(jobd: JobdProcess, env: dict[str, str], answer: bytes, *args: str
