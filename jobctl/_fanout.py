@@ -253,6 +253,10 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                              "dropped by the server", fd=2)
 
     outcomes = await fanout(targets, work, on_done=on_done)
+    from ._expiry import warn_if_expiring
+
+    for certificate in dict.fromkeys(o.target.certificate for o in outcomes if o.ok):
+        warn_if_expiring(certificate)  # once per certificate some server accepted
     worst = 0
     for outcome in outcomes:
         if outcome.error is not None:
