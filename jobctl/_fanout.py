@@ -196,11 +196,11 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
         if what in ("start", "run"):
             assert command is not None
             status = await client.start(command, limits=limits)
+            if what == "start" and not ns.json:
+                printer.line(name, str(status.id))  # also for a job that could not run
             if status.state is p.JobState.ERROR:
-                return 1, status
+                return 1, status  # on_done writes the error
             if what == "start":
-                if not ns.json:
-                    printer.line(name, str(status.id))
                 return 0, status
             end = await _follow(client, status.id, name, printer, quiet=ns.json)
             return job_exit_status(end), end

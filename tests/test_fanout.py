@@ -220,3 +220,13 @@ def test_a_closed_stdout_ends_quietly(fleet: Fleet) -> None:
             proc.kill()
             proc.wait()
     assert b"Traceback" not in err and b"Exception" not in err, err
+
+
+def test_a_start_that_cannot_run_prints_ids_and_errors(fleet: Fleet) -> None:
+    result = fleet.jobctl("-s", "web", "start", "no-such-command-i15")
+    assert result.returncode == 1
+    assert sorted(line.split(":")[0] for line in result.stdout.splitlines()) == list(NAMES)
+    assert all(line.split(": ")[1].isdigit() for line in result.stdout.splitlines())
+    errors = sorted(result.stderr.splitlines())
+    assert [e.split(":")[0] for e in errors] == list(NAMES)
+    assert all("command not found: no-such-command-i15" in e for e in errors)
