@@ -230,3 +230,30 @@ def test_a_start_that_cannot_run_prints_ids_and_errors(fleet: Fleet) -> None:
     errors = sorted(result.stderr.splitlines())
     assert [e.split(":")[0] for e in errors] == list(NAMES)
     assert all("command not found: no-such-command-i15" in e for e in errors)
+
+
+def test_prefixes_are_colored_on_a_terminal(fleet: Fleet) -> None:
+    master, slave = os.openpty()
+    proc = subprocess.Popen([*JOBCTL, "-s", "web", "run", "echo", "hi"], stdout=slave,
+                            stderr=subprocess.PIPE, cwd=RUN_CWD, env=fleet.env(),
+                            stdin=subprocess.DEVNULL)
+    os.close(slave)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)  # returns when jobctl writes or exits
+            except OSError:  # EIO: jobctl exited and closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert proc.wait(60) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = screen.decode().splitlines()
+    assert sorted(lines) == sorted(f"\x1b[{color}m{name}:\x1b[0m hi"
+                                   for color, name in zip((36, 33, 35), NAMES, strict=True))
