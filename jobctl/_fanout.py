@@ -56,6 +56,9 @@ MAX_CONCURRENT = 64
 #: A partial line longer than this is written as it is (with a newline): a
 #: job that writes no newlines must not make jobctl hold its output forever.
 LINE_LIMIT = 64 * 1024
+#: With --json, ``run`` keeps this much of each server's output for its object
+#: (stdout and stderr together); more is dropped and flagged.
+JSON_OUTPUT_CAP = 1 << 20
 #: ANSI colors for the name prefixes on a terminal, one per server in turn.
 COLORS = (36, 33, 35, 32, 34, 31)
 
@@ -191,7 +194,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
     printer = Printer([t.name for t in targets], prefix=prefix)
     what = ns.command
 
-    async def work(client: Client, target: Target) -> tuple[int, Any]:
+    async def work(client: Client, target: Target) -> tuple[Any, ...]:
         name = target.name
         if what in ("start", "run"):
             assert command is not None
@@ -202,16 +205,19 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 return 1, status  # on_done writes the error
             if what == "start":
                 return 0, status
-            end = await _follow(client, status.id, name, printer, quiet=ns.json)
-            return job_exit_status(end), end
+            if not ns.json:
+                end = await _follow(client, status.id, name, printer)
+                return job_exit_status(end), end
+            kept: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+            end = await _follow(client, status.id, name, printer, keep=kept)
+            return job_exit_status(end), end, _kept_json(kept)
         if what == "wait":
-            end = await _follow(client, ns.id, name, printer, quiet=True)
+            end = await _follow(client, ns.id, name, printer, keep={})
             if not ns.json:
                 printer.line(name, end.describe())
             return job_exit_status(end), end
         if what in ("stream", "output"):
-            end = await _follow(client, ns.id, name, printer, quiet=False,
-                                live=what == "stream")
+            end = await _follow(client, ns.id, name, printer, live=what == "stream")
             return 0, end
         if what == "status":
             status = await client.status(ns.id)
@@ -237,7 +243,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             return 0, None
         raise JobctlError(f"{what} is not supported with a group")
 
-    def on_done(outcome: Outcome[tuple[int, Any]]) -> None:
+    def on_done(outcome: Outcome[tuple[Any, ...]]) -> None:
         name = outcome.target.name
         printer.flush(name)
         if ns.json:
@@ -269,9 +275,10 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
     return worst
 
 
-async def _follow(client: Client, job: int, name: str, printer: Printer, *, quiet: bool,
-                  live: bool = True) -> p.JobStatus:
-    """The job's output, prefixed line by line (or dropped when ``quiet``); its end."""
+async def _follow(client: Client, job: int, name: str, printer: Printer, *,
+                  keep: dict[int, bytearray] | None = None, live: bool = True) -> p.JobStatus:
+    """The job's end, and its output: printed, prefixed line by line; or with
+    ``keep``, kept there per fd (JSON_OUTPUT_CAP bytes in all; none for ``{}``)."""
     end: p.JobStatus | None = None
     # aclosing: a write that fails (a closed stdout) ends the stream in this task.
     source = cast("AsyncGenerator[p.OutputChunk | p.End, None]",
@@ -279,22 +286,34 @@ async def _follow(client: Client, job: int, name: str, printer: Printer, *, quie
     async with contextlib.aclosing(source) as events:
         async for event in events:
             if isinstance(event, p.OutputChunk):
-                if not quiet:
+                if keep is None:
                     printer.write(name, event.fd, bytes(event.data))
+                elif event.fd in keep:
+                    room = JSON_OUTPUT_CAP - sum(len(b) for b in keep.values())
+                    keep[event.fd] += bytes(event.data[:max(room, 0)])
+                    if len(event.data) > room:
+                        keep[0] = bytearray()  # marks the truncation
             else:
                 end = event.status
     assert end is not None
     return end
 
 
-def _json(outcome: Outcome[tuple[int, Any]]) -> dict[str, Any]:
+def _kept_json(kept: dict[int, bytearray]) -> dict[str, Any]:
+    return {"stdout": kept[1].decode(errors="replace"),
+            "stderr": kept[2].decode(errors="replace"), "output_truncated": 0 in kept}
+
+
+def _json(outcome: Outcome[tuple[Any, ...]]) -> dict[str, Any]:
     out: dict[str, Any] = {"server": outcome.target.name}
     if outcome.error is not None:
         out.update(exit=outcome.error.exit_status, error=str(outcome.error))
         return out
     assert outcome.value is not None
-    code, value = outcome.value
+    code, value, *extra = outcome.value
     out["exit"] = code
+    for more in extra:
+        out.update(more)
     if isinstance(value, p.JobStatus):
         out["status"] = value.to_json()
     elif isinstance(value, list):

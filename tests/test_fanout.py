@@ -257,3 +257,16 @@ def test_prefixes_are_colored_on_a_terminal(fleet: Fleet) -> None:
     lines = screen.decode().splitlines()
     assert sorted(lines) == sorted(f"\x1b[{color}m{name}:\x1b[0m hi"
                                    for color, name in zip((36, 33, 35), NAMES, strict=True))
+
+
+def test_json_run_carries_each_servers_output(fleet: Fleet) -> None:
+    result = fleet.jobctl("-s", "web", "--json", "run", "sh", "-c",
+                          "echo out; echo err >&2; exit 2")
+    assert result.returncode == 2, result.stderr
+    objects = sorted((json.loads(line) for line in result.stdout.splitlines()),
+                     key=lambda o: o["server"])
+    assert [o["server"] for o in objects] == list(NAMES)
+    for o in objects:
+        assert (o["exit"], o["stdout"], o["stderr"], o["output_truncated"]) == \
+            (2, "out\n", "err\n", False)
+        assert o["status"]["state"] == "exited"
