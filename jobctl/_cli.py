@@ -343,12 +343,12 @@ def _main(argv: list[str] | None) -> int:
             if targets is not None:
                 from ._fanout import run_cli
 
-                return run_cli(ns, targets, command, limits, group=True)
+                return run_cli(ns, targets, command, {"limits": limits}, group=True)
         if ns.command in ("run", "wait"):
             from ._fanout import run_cli
             from ._profiles import single_target
 
-            return run_cli(ns, [single_target(ns)], command, limits, group=False)
+            return run_cli(ns, [single_target(ns)], command, {"limits": limits}, group=False)
         # -- end hook
         for option, flag in (("certificate", "-c/--certificate"), ("key", "-k/--key")):
             if not getattr(ns, option):

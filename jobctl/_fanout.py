@@ -173,11 +173,11 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
 
 
 def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str] | None,
-            limits: p.Limits | None, *, group: bool) -> int:
+            start: dict[str, Any], *, group: bool) -> int:
     """``jobctl -s GROUP COMMAND``: the command on every server of the group (and,
     with ``group`` False, ``run`` and ``wait`` on one server, unprefixed)."""
     try:
-        return trio.run(_run_cli, ns, targets, command, limits, group and not ns.no_prefix)
+        return trio.run(_run_cli, ns, targets, command, start, group and not ns.no_prefix)
     except BaseExceptionGroup as group_exc:
         # Our stdout went away (`jobctl -s all run ... | head -1`): the command line
         # stops quietly, as for one server. Anything else is a bug: let it show.
@@ -188,7 +188,8 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
 
 
 async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
-                   command: list[str] | None, limits: p.Limits | None, prefix: bool) -> int:
+                   command: list[str] | None, start: dict[str, Any], prefix: bool) -> int:
+    """``start``: the keyword arguments of ``client.start`` (limits, ...)."""
     import json
 
     printer = Printer([t.name for t in targets], prefix=prefix)
@@ -198,7 +199,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
         name = target.name
         if what in ("start", "run"):
             assert command is not None
-            status = await client.start(command, limits=limits)
+            status = await client.start(command, **start)
             if what == "start" and not ns.json:
                 printer.line(name, str(status.id))  # also for a job that could not run
             if status.state is p.JobState.ERROR:
@@ -211,11 +212,14 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             kept: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
             end = await _follow(client, status.id, name, printer, keep=kept)
             return job_exit_status(end), end, _kept_json(kept)
-        if what == "wait":
-            end = await _follow(client, ns.id, name, printer, keep={})
-            if not ns.json:
-                printer.line(name, end.describe())
-            return job_exit_status(end), end
+        if what == "wait":  # every job named, in order; the first one's status
+            ends = []
+            for job in getattr(ns, "ids", None) or [ns.id]:
+                end = await _follow(client, job, name, printer, keep={})
+                if not ns.json:
+                    printer.line(name, end.describe())
+                ends.append(end)
+            return job_exit_status(ends[0]), ends[0]
         if what in ("stream", "output"):
             end = await _follow(client, ns.id, name, printer, live=what == "stream")
             return 0, end
