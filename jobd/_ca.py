@@ -40,6 +40,7 @@ MAX_LEAF_DAYS = 825
 #: checks has expired, so `jobd ca crl` must run (cron, timer) well within this.
 CRL_DAYS = 30
 ROLES = ("observe", "control", "admin")
+CA_HELP = "the CA directory (default: $JOBD_CA_DIR, else the current directory)"
 
 POLICY_TEMPLATE = """\
 # jobd CA policy: which clients may hold which roles.
@@ -88,7 +89,8 @@ def _ca_dir_default() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jobd ca", description="A certificate authority for jobd and jobctl.",
-                     epilog="--ca defaults to $JOBD_CA_DIR, else the current directory.")
+                     epilog="A server makes its key and request with `jobd cert request`, a "
+                     "client with `jobctl cert request`. docs/security.md walks through it.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 parser_class=_Parser)
     init = sub.add_parser("init", help="make a CA: ca.key, ca.pem, policy.toml, crl.pem")
@@ -101,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sign = sub.add_parser("sign", help="sign a client request the policy allows, or a "
                           "server request (--server)")
-    sign.add_argument("csr", type=Path, metavar="CSR")
-    sign.add_argument("--ca", type=Path, default=None, metavar="DIR")
+    sign.add_argument("csr", type=Path, metavar="CSR", help="the request (PEM or DER)")
+    sign.add_argument("--ca", type=Path, default=None, metavar="DIR", help=CA_HELP)
     sign.add_argument("--policy", type=Path, default=None, metavar="FILE",
                       help="client policy (default: DIR/policy.toml)")
     sign.add_argument("--days", type=_days(MAX_LEAF_DAYS), default=None,
@@ -118,12 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = sub.add_parser("revoke", help="revoke a certificate and rewrite the CRL")
     revoke.add_argument("what", metavar="SERIAL|CERT",
                         help="hexadecimal serial (as `sign` printed it) or certificate file")
-    revoke.add_argument("--ca", type=Path, default=None, metavar="DIR")
+    revoke.add_argument("--ca", type=Path, default=None, metavar="DIR", help=CA_HELP)
     revoke.add_argument("--crl-days", type=_days(3650), default=CRL_DAYS,
                         help="CRL validity (default: %(default)s)")
 
     crl = sub.add_parser("crl", help="rewrite DIR/crl.pem from the index")
-    crl.add_argument("--ca", type=Path, default=None, metavar="DIR")
+    crl.add_argument("--ca", type=Path, default=None, metavar="DIR", help=CA_HELP)
     crl.add_argument("--days", type=_days(3650), default=CRL_DAYS,
                      help="CRL validity (default: %(default)s)")
     return parser
