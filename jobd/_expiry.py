@@ -1,48 +1,16 @@
-"""When a certificate expires, without ``cryptography``: for expiry warnings.
+"""jobd's warning that its certificate or its CA is about to expire.
 
-jobd warns in its log EXPIRY_WARNING_DAYS before its own certificate or its
-CA expires; jobctl warns on stderr within 7 days of its client certificate's
-end. Both only need the notAfter date, which the standard library's ssl
-module decodes (``_test_decode_cert``, in CPython since 3.2: private, so its
-absence only disables the warning). No ASN.1 is parsed here.
+jobd warns in its log SERVER_WARN_DAYS before its own certificate or its CA
+expires, then daily. The date comes from :func:`jobctl._expiry.not_after`
+(the standard library's ssl module: no ``cryptography`` in the daemon).
 """
 
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Mapping
 
-#: The date format OpenSSL prints notAfter in: "Jun  1 12:00:00 2026 GMT".
-_MONTHS = {m: i for i, m in enumerate(
-    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
-
-
-def not_after(path: str | os.PathLike[str]) -> float | None:
-    """The first certificate's notAfter in ``path`` (Unix time), or None if unknown."""
-    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
-    if decode is None:
-        return None
-    try:
-        text = decode(os.fspath(path))["notAfter"]
-        month, day, clock, year, _zone = text.split()
-        hour, minute, second = (int(x) for x in clock.split(":"))
-        days = _days_from_civil(int(year), _MONTHS[month], int(day))
-    except (OSError, ssl.SSLError, KeyError, ValueError, TypeError):
-        return None
-    return float(days * 86400 + hour * 3600 + minute * 60 + second)
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm);
-    computed here because importing datetime costs jobctl's every run."""
-    year -= month <= 2
-    era = year // 400
-    yoe = year - era * 400
-    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
+from jobctl._expiry import not_after
 
 #: jobd warns this many days before its certificate or its CA expires.
 SERVER_WARN_DAYS = 14

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import trustme
 
-from jobd._expiry import REPEAT_SECONDS, expiry_warnings, not_after
+from jobctl._expiry import not_after
+from jobd._expiry import REPEAT_SECONDS, expiry_warnings
 
 
 def cert(tmp_path: Path, days: float) -> Path:
