@@ -183,15 +183,20 @@ def interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def connect_pinned(ns: Any) -> BlockingClient:
+def connect_pinned(ns: Any, address: str | None = None, port: int | None = None
+                   ) -> BlockingClient:
     """The command line's connection without a CA: pin check, and on a terminal
     the question for an unknown server (then a fresh connection: the first one
-    may have timed out on the server while the user read the fingerprint)."""
+    may have timed out on the server while the user read the fingerprint).
+    ``address`` and ``port`` default to the options'."""
     from ._blocking import connect_blocking
 
+    host = address if address is not None else ns.address
+    number = port if port is not None else int(ns.port)
+
     def attempt(accept_new: bool) -> BlockingClient:
-        pin = Pinning(ns.address, int(ns.port), accept_new=accept_new)
-        return connect_blocking(ns.address, int(ns.port), certificate=ns.certificate,
+        pin = Pinning(host, number, accept_new=accept_new)
+        return connect_blocking(host, number, certificate=ns.certificate,
                                 key=ns.key, server_name=ns.server_name, pin=pin)
 
     try:
