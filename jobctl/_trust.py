@@ -157,9 +157,10 @@ class Pinning:
                   f"(pinned in {self.path}:{line})", file=sys.stderr)
             return
         raise UnknownServer(
-            f"server {self.key} is not known (no CA configured, no pin in {self.path}); "
-            f"its certificate's SHA256 fingerprint is {fp}: if that is the server's, "
-            "connect again with --trust-on-first-use, or give -C with its CA",
+            f"server {self.key} is not known (no CA certificate: -C/--certificate-authority, "
+            f"JOBCTL_CA or {self.path.parent}/ca.pem; no pin in {self.path}): its "
+            f"certificate's SHA256 fingerprint is {fp}; if that is the server's, connect "
+            "again with --trust-on-first-use",
             self, fp)
 
 
