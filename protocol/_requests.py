@@ -192,7 +192,7 @@ def request_limits(limits: Limits) -> Limits:
         io[name] = tuple(out)
     if io["io_read_bps"] == limits.io_read_bps and io["io_write_bps"] == limits.io_write_bps:
         return limits
-    return replace(limits, **io)
+    return replace(limits, io_read_bps=io["io_read_bps"], io_write_bps=io["io_write_bps"])
 
 
 @dataclass(frozen=True, slots=True)
