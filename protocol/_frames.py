@@ -28,6 +28,7 @@ from ._bounds import DecodeLimits
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, clip
 from ._fields import FieldError
 from ._messages import MESSAGE_TYPES, Error, Message
+from ._status import JobStatus
 
 #: Default maximum frame payload, in bytes. Big enough for a 512 KiB output
 #: chunk with room to spare, and for a page of job statuses; small enough that
@@ -79,6 +80,12 @@ def encode_frame(msg: Message, *, max_frame_size: int = MAX_FRAME_SIZE) -> bytes
             f"{msg.TYPE!r} frame of {size} bytes exceeds the frame limit of {max_frame_size}",
         )
     return _HEADER.pack(size) + payload
+
+
+def encoded_size(value: JobStatus) -> int:
+    """Bytes *value* takes inside a frame (its msgpack map): for sizing pages."""
+    packed: bytes = msgpack.packb(value.to_wire(), use_bin_type=True)
+    return len(packed)
 
 
 # The fixed start of an "out" frame's map, as msgpack.packb writes it for
@@ -357,5 +364,6 @@ __all__ = [
     "decode_payload",
     "encode_frame",
     "encode_output_chunk",
+    "encoded_size",
     "parse_output_chunk",
 ]

@@ -218,7 +218,7 @@ def test_legacy_status_too_large_for_a_frame(pki: Pki, tmp_path: Path) -> None:
             # the connection goes on
             assert conn.send(p.encode_frame(p.ListJobs()))
             assert isinstance(conn.next_message(10), p.JobList)
-        server.wait_for_log(r"response-too-large .*who=alice")
+        server.wait_for_log(r"response-failed .*who=alice")
     finally:
         assert server.stop() == 0
 
