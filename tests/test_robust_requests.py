@@ -51,7 +51,7 @@ def refused(reply: Reply, *fragments: str) -> p.Error:
 def listing(jobd: JobdProcess, who: str) -> list[dict[str, object]]:
     result = jobd.jobctl(who, "list", extra=["--json"])
     assert result.returncode == 0, result
-    jobs: list[dict[str, object]] = json.loads(result.stdout)
+    jobs: list[dict[str, object]] = json.loads(result.stdout)["jobs"]
     return jobs
 
 
@@ -61,7 +61,11 @@ def test_poison_cwd_is_refused_and_list_keeps_working(jobd: JobdProcess,
     cwd) no longer fit a frame: ``list`` then dropped every role's connection."""
     cwd = b"/" + b"d" * (p.MAX_FRAME_SIZE - 200)
     reply = attack(jobd, packed({"type": "start", "argv": [b"true"], "cwd": cwd}))
-    refused(reply, "cwd")
+    refused(reply, "binary of 1048377 bytes exceeds the request limit of 131071")
+    for size in (p.MAX_PATH_BYTES + 1, p.MAX_ARG_BYTES):  # fits the decoder, not PATH_MAX
+        reply = attack(jobd, packed({"type": "start", "argv": [b"true"],
+                                     "cwd": b"/" + b"d" * (size - 1)}))
+        refused(reply, f"cwd of {size} bytes is longer than 4095")
     for who in ("root", "olga", "alice", "bob"):
         listing(jobd, who)
     bystander.check()
