@@ -235,3 +235,18 @@ def test_frame_of_unknown_containers_is_bounded(jobd: JobdProcess,
     refused(attack(jobd, packed(body)), "arrays, maps and elements")
     bystander.check()
 
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--cpus", "inf"], "cpus must be a finite positive number"),
+    (["--cpus", "nan"], "cpus must be a finite positive number"),
+    ([f"--io-read-bps=/dev/d{i}=1M" for i in range(17)], "17 entries, more than 16"),
+    (["--memory", str(2**64)], "memory must be at most"),
+])
+def test_cli_refuses_out_of_range_limits_locally(jobd: JobdProcess, args: list[str],
+                                                 fragment: str) -> None:
+    """The CLI builds the same validated request: a clear one-line error, exit 2."""
+    result = jobd.jobctl("alice", "start", *args, "true")
+    err = result.stderr.decode()
+    assert result.returncode == 2, result
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err, err
