@@ -9,6 +9,7 @@ times their size, and refused starts that left no trace in the log.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -175,19 +176,50 @@ def test_refused_starts_are_logged_with_who_asked(jobd: JobdProcess,
 
 
 def test_control_characters_are_escaped_in_the_text_log(jobd: JobdProcess,
-                                                        bystander: Bystander) -> None:
-    """An argv holding terminal escapes, CR/LF, DEL and C1 controls reaches the
-    text event log escaped: one line, no control character in it."""
-    evil = b"\x1b]0;PWNED\x07\x1b[2J\x1b[1;1H\rforged\nrow\x7f\xc2\x9b31m"
+                                                        bystander: Bystander,
+                                                        tmp_path: Path) -> None:
+    """A command whose name holds terminal escapes, CR, DEL and C1 controls (and no
+    space, which used to be the only thing that made the log quote a value) reaches
+    the text event log escaped: one line, no control character in it."""
+    name = "\x1b]0;PWNED\x07\x1b[2J\x1b[1;1H\rforged-row\x7f\x9b31m"
+    command = tmp_path / name
+    command.symlink_to("/bin/true")
     with RawTLS.to(jobd) as conn:
         conn.hello()
-        assert conn.send(p.encode_frame(p.Start((b"echo", evil))))
+        assert conn.send(p.encode_frame(p.Start((os.fsencode(command),))))
         started = conn.next_message(10)
         assert isinstance(started, p.Started), started
     line = jobd.wait_for_log(rf"job-started id={started.status.id} ")
-    assert "PWNED" in line and "forged" in line and "row" in line
+    assert "PWNED" in line and "forged-row" in line
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line), repr(line)
     bystander.check()
+
+
+# -- across a restart --------------------------------------------------------------
+
+
+def test_poison_start_then_restart_list_works_for_everyone(pki: Pki, tmp_path: Path) -> None:
+    """Issue 13 item 1 as reported: a start with a ~1 MiB cwd, then ``list`` by every
+    role, before and after a restart of jobd on the same state directory."""
+    state = tmp_path / "state"
+    server = start_jobd(pki, state)
+    try:
+        cwd = b"/" + b"d" * ((1 << 20) - 300)
+        with RawTLS(server.address, server.port, client_context(pki)) as conn:
+            conn.hello()
+            assert conn.send(packed({"type": "start", "argv": [b"true"], "cwd": cwd}))
+            reply = conn.read_until_closed()
+        assert [type(m) for m in reply.messages] == [p.Error], reply.messages
+        for who in ("root", "olga", "alice"):
+            listing(server, who)
+    finally:
+        assert server.stop() == 0
+    server = start_jobd(pki, state)
+    try:
+        for who in ("root", "olga", "alice"):
+            listing(server, who)
+    finally:
+        assert server.stop() == 0
 
 
 # -- a poison record left by an older jobd -------------------------------------------
