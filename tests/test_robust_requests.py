@@ -20,6 +20,7 @@ from jobd.engine._store import Record, Store
 
 from .conftest import JobdProcess, Pki, start_jobd
 from .hostile import (
+    AMPLIFIER,
     Bystander,
     RawTLS,
     Reply,
@@ -33,9 +34,6 @@ from .hostile import (
 __all__ = ["bystander", "jobd"]  # the fixtures
 
 BAD = p.ErrorCode.BAD_REQUEST
-#: The frame of issue 13 item 10: one array of a million empty arrays, 1 MiB on the
-#: wire; it cost jobd 85 MB of memory to decode before its type was even looked at.
-AMPLIFIER = packed({"type": "status", "job": 1, "x": [[]] * 1048551})
 
 
 def refused(reply: Reply, *fragments: str) -> p.Error:
