@@ -177,3 +177,23 @@ def test_encoded_size_is_the_real_size() -> None:
 def test_device_path_length_is_checked_when_built() -> None:
     with pytest.raises(FieldError, match="at most 4095 bytes"):
         Start(OK, limits=Limits(io_read_bps=(("/" + "é" * 2048, 1),)))
+
+
+def test_the_largest_status_a_start_can_make_fits_half_a_frame() -> None:
+    """Every field at its bound at once (an error text at its cap, a long CN): the
+    status still fits in half a frame, so any answer that carries it can be sent and
+    jobd's list never needs to shorten it (jobd/_server.py LIST_ENTRY_MAX)."""
+    per_arg = p.MAX_ARGV_BYTES // p.MAX_ARGV_ENTRIES  # the most entries, each with bin16
+    argv = (b"a" * per_arg,) * p.MAX_ARGV_ENTRIES
+    paths = ["/" + "d" * (p.MAX_PATH_BYTES - 1 - 3) + f"{i:03d}" for i in range(32)]
+    start = Start(argv, limits=Limits(
+        memory=p.MAX_LIMIT_VALUE, cpus=p.MAX_CPUS, pids=p.MAX_PIDS,
+        io_read_bps=tuple((path, p.MAX_LIMIT_VALUE) for path in paths[:16]),
+        io_write_bps=tuple((path, p.MAX_LIMIT_VALUE) for path in paths[16:]),
+        isolate=tuple(p.ISOLATION_KINDS)))
+    status = p.JobStatus(2**64 - 1, "o" * 1024, start.argv, "error", error="e" * 512,
+                         limits=start.limits, created=1.0, started=1.0, ended=1.0,
+                         exit_code=-1, signal="SIGKILL", pid=2**31, output_bytes=2**63,
+                         dropped_bytes=2**63, peak_memory=2**63, cpu_time=1.0, oom=True)
+    assert p.encoded_size(status) < p.MAX_FRAME_SIZE // 2
+    assert len(p.encode_frame(p.End(status, 2**64 - 1))) < p.MAX_FRAME_SIZE // 2
