@@ -71,7 +71,7 @@ RECEIVE_SIZE = 64 * 1024
 #: (statuses are sized by their real encoding; the first always goes in).
 LIST_PAGE_BYTES = 256 * 1024
 #: A status larger than this cannot come from a request this jobd accepts (the
-#: request bounds of protocol/_bounds.py keep every status under ~450 KiB): it
+#: request bounds of protocol/_bounds.py keep every status under ~410 KiB): it
 #: is a record an older jobd stored. ``list`` shows it shortened
 #: (:func:`_shortened`) rather than fail for everyone.
 LIST_ENTRY_MAX = p.MAX_FRAME_SIZE // 2

@@ -19,7 +19,7 @@ the client with limits derived from the frame's size instead: a server is not
 held to the request bounds, and a client decodes whatever a frame can hold.
 
 With these bounds the largest status is argv (256 KiB, at most 8,192
-entries: ~280 KiB encoded) plus limits (2 x 16 device paths of 4 KiB: ~130
+entries: ~270 KiB encoded) plus limits (2 x 16 device paths of 4 KiB: ~130
 KiB) plus an error text (at most :data:`~protocol.MAX_ERROR_MESSAGE`
 characters) plus an owner (a certificate's CN): well under half a frame.
 """
