@@ -18,6 +18,7 @@ from ._types import (
     LimitExceeded,
     LimitPolicy,
     OutputChunk,
+    Unenforceable,
 )
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "LimitExceeded",
     "LimitPolicy",
     "OutputChunk",
+    "Unenforceable",
     "open_job_manager",
 ]
