@@ -249,7 +249,9 @@ def decode_payload(payload: bytes | bytearray | memoryview,
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True,
                               ext_hook=_reject_ext, **options)
     except Exception as exc:  # msgpack raises several kinds; no input may escape as those
-        raise bad_request(_describe(exc, size)) from None
+        error = bad_request(_describe(exc, size))
+        error.message_type = _peek_type(payload, size, options)
+        raise error from None
     if type(obj) is not dict:
         raise bad_request(f"a frame must hold a map, not {_kind(obj)}")
     _check_structure(obj)
@@ -265,6 +267,30 @@ def decode_payload(payload: bytes | bytearray | memoryview,
         error = bad_request(f"bad {kind!r} message: {exc}")
         error.message_type = kind
         raise error from None
+
+
+#: How many entries of a refused frame's map _peek_type looks through.
+_PEEK_ENTRIES = 64
+
+
+def _peek_type(payload: bytes | bytearray | memoryview, size: int,
+               options: dict[str, Any]) -> str | None:
+    """The ``type`` of a frame that failed to decode, if it can be read cheaply: for
+    the log (a start refused for its size is still a refused start). Values before
+    the ``type`` key are skipped, which msgpack does in C without building them."""
+    try:
+        unpacker = msgpack.Unpacker(
+            raw=False, strict_map_key=True, ext_hook=_reject_ext, max_buffer_size=size,
+            **{k: v for k, v in options.items() if k.startswith("max_")})
+        unpacker.feed(payload)
+        for _ in range(min(unpacker.read_map_header(), _PEEK_ENTRIES)):
+            if unpacker.unpack() == "type":
+                kind = unpacker.unpack()
+                return kind if type(kind) is str and kind in MESSAGE_TYPES else None
+            unpacker.skip()
+    except Exception:  # anything wrong: the type is unknown, as it was
+        return None
+    return None
 
 
 class _TooManyItems(ValueError):

@@ -197,3 +197,17 @@ def test_the_largest_status_a_start_can_make_fits_half_a_frame() -> None:
                          dropped_bytes=2**63, peak_memory=2**63, cpu_time=1.0, oom=True)
     assert p.encoded_size(status) < p.MAX_FRAME_SIZE // 2
     assert len(p.encode_frame(p.End(status, 2**64 - 1))) < p.MAX_FRAME_SIZE // 2
+
+
+def test_a_start_refused_while_decoding_still_names_its_type() -> None:
+    """A start beyond the decoding limits (a 1 MiB cwd) never decodes, yet jobd's log
+    must say it was a refused start: the type is read past the offending value."""
+    error = refused_by_server({"argv": [b"true"], "cwd": b"/" * 200_000, "type": "start"},
+                              "binary of 200000 bytes")
+    assert error.message_type == "start"
+    error = refused_by_server({"type": "status", "job": 1, "x": [[]] * 10_000})
+    assert error.message_type == "status"
+    error = refused_by_server({"x": "s" * 5000, "type": "start"})
+    assert error.message_type == "start"
+    error = refused_by_server({"k" * 5000: 1, "type": "start"})
+    assert error.message_type is None  # a key before it cannot be read within the limits
