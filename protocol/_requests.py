@@ -69,13 +69,20 @@ class Start(_Message):
     """Start a job.
 
     Fields:
-      argv: the command and its arguments, as bytes; at least one, none
-        containing a NUL byte. Executed directly, never through a shell.
-      cwd: the working directory (bytes, no NUL), or None for the server's default.
+      argv: the command and its arguments, as bytes; 1 to MAX_ARGV_ENTRIES, none
+        containing a NUL byte, each at most MAX_ARG_BYTES, MAX_ARGV_BYTES in all.
+        Executed directly, never through a shell.
+      cwd: the working directory (bytes, no NUL, at most MAX_PATH_BYTES), or None
+        for the server's default.
       env: the job's whole environment as ((name, value), ...) byte pairs, or
         None for the server's default. Names are non-empty, unique, without
-        ``=``; no NUL anywhere.
-      limits: a :class:`Limits`, or None for the server's defaults.
+        ``=``; no NUL anywhere; at most MAX_ENV_ENTRIES pairs, each ``name=value``
+        at most MAX_ARG_BYTES, MAX_ENV_BYTES in all.
+      limits: a :class:`Limits`, or None for the server's defaults; checked and
+        its device paths normalised by :func:`request_limits`.
+
+    Every bound is in ``_bounds.py``: what a start makes the server store or echo
+    stays small enough for one frame.
     """
 
     TYPE: ClassVar[str] = "start"
