@@ -82,7 +82,10 @@ class JobManager:
         io_devices: dict[str, str] = {}
         if applied is not None:
             check_enforceable(applied, ctx.cgroups, ctx.cgroup_reason, ctx.isolation_reason)
-            io_devices = devices(applied)
+            if applied.io_read_bps or applied.io_write_bps:
+                # stat() of client-named paths: in a thread, so that a path on a hung
+                # file system stalls this request only, never the event loop.
+                io_devices = await trio.to_thread.run_sync(devices, applied)
         job_id = self._next_id
         self._next_id += 1
         job = Job(ctx, job_id, owner, args,
