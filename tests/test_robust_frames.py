@@ -323,6 +323,7 @@ def test_memory_does_not_jump_under_repeated_attacks(jobd: JobdProcess,
         frame(b"\xdd\xff\xff\xff\xff" + b"\0" * (LIMIT - 5)),  # a whole 1 MiB frame
         nested(200_000),
         frame(b"\xdf\xff\xff\xff\xff"),
+        AMPLIFIER,
     ]
     attack(jobd, heavy[2])  # warm up: the first full-size buffer
     before = vm_rss(jobd.proc.pid)
