@@ -27,6 +27,7 @@ from .hostile import (
     attack,
     bystander,
     client_context,
+    frame,
     jobd,
     packed,
 )
@@ -282,3 +283,33 @@ def test_cli_refuses_out_of_range_limits_locally(jobd: JobdProcess, args: list[s
     err = result.stderr.decode()
     assert result.returncode == 2, result
     assert fragment in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_amplification_frame_costs_what_garbage_costs(pki: Pki, tmp_path: Path) -> None:
+    """Peak memory, not just what stays: a 1 MiB frame of a million empty arrays used
+    to peak at ~85 MB while it decoded (and was freed again). Now its peak is that of
+    any 1 MiB frame being buffered. The peak is reset through /proc/PID/clear_refs."""
+    server = start_jobd(pki, tmp_path / "state")
+    try:
+        clear_refs = Path(f"/proc/{server.proc.pid}/clear_refs")
+        garbage = frame(b"\xc1" * (p.MAX_FRAME_SIZE - 64))
+        attack(server, garbage)  # warm up: the receive buffer of a whole frame
+        try:
+            clear_refs.write_text("5")  # reset VmHWM to the current RSS
+        except OSError as exc:
+            pytest.skip(f"cannot reset the peak RSS of jobd: {exc}")
+        before = _peak_rss(server.proc.pid)
+        replies = [attack(server, AMPLIFIER) for _ in range(3)]
+        grown = _peak_rss(server.proc.pid) - before
+        assert grown < 24 * 2**20, f"peak RSS grew by {grown / 2**20:.1f} MiB"
+        for reply in replies:
+            refused(reply, "an array of 1048551 elements")
+    finally:
+        assert server.stop() == 0
