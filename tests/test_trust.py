@@ -135,21 +135,23 @@ def test_crl_file_with_a_certificate_is_refused_on_reload(
         assert server.stop() == 0
 
 
-@pytest.mark.parametrize("content", [
-    b"",
-    b"no PEM at all\n",
-    b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    b"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n",
-    b"  -----BEGIN TRUSTED CERTIFICATE-----\nMIIB\n-----END TRUSTED CERTIFICATE-----\n",
+@pytest.mark.parametrize(("extra", "reason"), [
+    (None, "no CRL in it"),
+    (b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "a certificate"),
+    (b"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n", "something other"),
+    (b"  -----BEGIN TRUSTED CERTIFICATE-----\nMIIB\n-----END TRUSTED CERTIFICATE-----\n",
+     "a certificate"),
+    (b"x -----BEGIN CERTIFICATE-----\n", "not a whole PEM header"),
 ])
-def test_crl_file_without_only_crls_is_refused(pki: Pki, tmp_path: Path, content: bytes
-                                              ) -> None:
+def test_crl_file_without_only_crls_is_refused(pki: Pki, tmp_path: Path, extra: bytes | None,
+                                              reason: str) -> None:
     crl = tmp_path / "crl.pem"
-    crl.write_bytes(crl_pem(pki.ca) + content if content else b"")
+    crl.write_bytes(b"not a CRL\n" if extra is None else crl_pem(pki.ca) + extra)
     result = run_jobd(pki, tmp_path, "--crl", str(crl))
     lines = result.stderr.decode().splitlines()
     assert result.returncode == 1 and len(lines) == 1, lines
-    assert "startup-failed" in lines[0] and "cannot load CRL" in lines[0], lines
+    assert "startup-failed" in lines[0] and f"cannot load CRL {crl}" in lines[0], lines
+    assert reason in lines[0], lines
 
 
 # -- item 5: extended key usage -----------------------------------------------------
