@@ -47,7 +47,13 @@ import trio
 
 import protocol as p
 from jobd import __version__
-from jobd._auth import Action, Identity, IdentityError, identity_from_cert
+from jobd._auth import (
+    Action,
+    Identity,
+    IdentityError,
+    check_client_purpose,
+    identity_from_cert,
+)
 from jobd._config import ServerConfig
 from jobd._log import EventLog, route_engine_logs
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
@@ -404,6 +410,7 @@ class _Session:
             refusal: tuple[p.ErrorCode, str] | None = None
             name = "-"
             try:
+                check_client_purpose(self.stream.getpeercert(binary_form=True))
                 self.identity = identity_from_cert(self.stream.getpeercert())
                 name = self.identity.name
             except IdentityError as exc:
