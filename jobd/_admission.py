@@ -30,7 +30,8 @@ FD_RESERVE descriptors kept for jobs. Jobs are not bounded that way (each holds
 about four), so a start by a non-admin caller is refused while fewer than
 ADMIN_FD_RESERVE descriptors would stay free beyond what the connection slots
 may still claim: a control user's jobs cannot leave the admin unable to connect
-or to start a job.
+or to start a job. Not even an admin's start takes the last LAST_FD_RESERVE,
+which stopping jobs needs.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ FDS_PER_HANDSHAKE = 1
 #: Of the descriptors left for jobs, a start by a non-admin caller must leave
 #: this many free: enough for an admin to connect, start a few jobs, stop them.
 ADMIN_FD_RESERVE = 64
+#: Not even an admin's start takes the last descriptors: stopping a job needs a
+#: few (a /proc scan, pidfds of its processes, its record), and so does the
+#: admin's connection. Without them a stop fails with EMFILE half-way.
+LAST_FD_RESERVE = 16
 #: What a start may take while it is being spawned (pipes, the exec-error pipe,
 #: the log, a pidfd), counted for starts in progress whose descriptors the count
 #: in /proc does not show yet.
@@ -190,17 +195,26 @@ class Admission:
 
     # -- descriptors for jobs ---------------------------------------------------
 
-    def descriptors_short(self, in_use: int) -> str | None:
-        """Why a non-admin start must be refused now (``in_use``: descriptors open),
-        or None. Connection slots not taken yet are counted as taken."""
+    def descriptors_short(self, in_use: int, *, admin: bool) -> str | None:
+        """Why a start must be refused now (``in_use``: descriptors open), or None.
+
+        A non-admin start must leave ADMIN_FD_RESERVE free beyond what the
+        connection slots not taken yet may claim; an admin start only the last
+        LAST_FD_RESERVE.
+        """
         soft = nofile_soft_limit()
         if soft is None:
+            return None
+        free = soft - in_use - FDS_PER_START * (self.starts_in_progress + 1)
+        if free < LAST_FD_RESERVE:
+            return ("server is out of file descriptors: the last ones are kept for "
+                    "stopping jobs (raise jobd's limit: LimitNOFILE=, ulimit -n)")
+        if admin:
             return None
         limits = self.limits
         promised = (FDS_PER_CONNECTION * (limits.connections - self.welcomed)
                     + FDS_PER_HANDSHAKE * (limits.connections - self.handshaking))
-        free = soft - in_use - promised - FDS_PER_START * self.starts_in_progress
-        if free - FDS_PER_START < ADMIN_FD_RESERVE:
+        if free - promised < ADMIN_FD_RESERVE:
             return ("server is short of file descriptors: the last ones are reserved "
                     "for admin (raise jobd's limit: LimitNOFILE=, ulimit -n)")
         return None

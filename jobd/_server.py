@@ -56,6 +56,7 @@ from jobd._admission import (
     Ticket,
     connection_limit,
     descriptors_in_use,
+    nofile_soft_limit,
 )
 from jobd._auth import (
     Action,
@@ -352,11 +353,12 @@ class _ServerState:
 
     @contextlib.asynccontextmanager
     async def starting(self, identity: Identity) -> AsyncIterator[None]:
-        """Around a start: a non-admin one is refused when the descriptors left would
-        eat into the admin's reserve (see jobd._admission)."""
-        if identity.role is not Role.ADMIN:
+        """Around a start: refused when the descriptors left would eat into the
+        admin's reserve (non-admin) or the last few (anyone; see jobd._admission)."""
+        if nofile_soft_limit() is not None:
             in_use = await trio.to_thread.run_sync(descriptors_in_use)
-            short = self.admission.descriptors_short(in_use)
+            short = self.admission.descriptors_short(
+                in_use, admin=identity.role is Role.ADMIN)
             if short is not None:
                 self.log.warning("start-refused", who=identity.name, reason=short)
                 raise _Refusal(p.ErrorCode.UNAVAILABLE, short)

@@ -6,6 +6,7 @@ loop that survives running out of descriptors."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import ssl
 import struct
@@ -199,15 +200,13 @@ def test_running_jobs_per_user(pki: Pki, tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
-def test_descriptor_reserve_and_accept_back_off(pki: Pki, tmp_path: Path) -> None:
+def test_descriptor_reserve_for_admin(pki: Pki, tmp_path: Path) -> None:
     """Under a small descriptor limit, a control user's jobs stop well before jobd runs
-    out (unavailable), the admin can still start jobs; when the admin's own jobs use up
-    every descriptor, accept() fails with EMFILE: jobd logs that once, backs off, and
-    serves the waiting client once descriptors are free again."""
+    out (unavailable), the admin can still start jobs, and not even the admin's starts
+    take the last descriptors: every job can still be stopped."""
     ensure_fd_limit(4096)
     with soft_fd_limit(400):
-        server = start_jobd(pki, tmp_path / "state", "--max-jobs-per-user", "0",
-                            "--handshake-timeout", "120")
+        server = start_jobd(pki, tmp_path / "state", "--max-jobs-per-user", "0")
     try:
         with blocking(server, "alice") as alice, blocking(server, "root") as root:
             mine = []
@@ -222,48 +221,66 @@ def test_descriptor_reserve_and_accept_back_off(pki: Pki, tmp_path: Path) -> Non
                 raise AssertionError("a control user's jobs were never refused")
             assert len(mine) >= 10
             server.wait_for_log(r"start-refused who=alice .*short of file descriptors")
-            # the admin is not held back: it starts jobs until jobd itself runs out
             admins = []
             for _ in range(300):
-                status = root.start(["sleep", "1000"])
-                if status.state is p.JobState.ERROR:
+                try:
+                    status = root.start(["sleep", "1000"])
+                except jobctl.ServerError as exc:
+                    assert exc.code is p.ErrorCode.UNAVAILABLE
+                    assert "out of file descriptors" in exc.message
                     break
+                assert status.state is p.JobState.RUNNING, status.describe()
                 admins.append(status.id)
             else:
-                raise AssertionError("jobd never ran out of descriptors")
+                raise AssertionError("the admin's starts were never refused")
             assert len(admins) >= 5
-            # The failed spawn left a few descriptors: bare connections take them, and
-            # then accept() fails. A client connecting now waits in the backlog.
-            address = (server.address, server.port)
-            with many(12, lambda: socket.create_connection(
-                    address, source_address=(OTHER_SOURCE, 0))) as filler:
-                server.wait_for_log(r"error accept-paused reason=\"too many open files\"",
-                                    timeout=30)
-                waiting = socket.create_connection(address, timeout=120)  # in the backlog
-                answers: list[p.Message | None] = []
-
-                def handshake_when_accepted() -> None:
-                    ctx = client_context(pki, "olga")
-                    with ctx.wrap_socket(waiting, server_hostname="localhost") as tls:
-                        tls.sendall(HELLO)
-                        answers.append(read_frame(tls))
-
-                waiter = threading.Thread(target=handshake_when_accepted)
-                waiter.start()
-                for sock in filler:  # descriptors come free: jobd accepts again
-                    sock.close()
-                waiter.join(180)
-                assert not waiter.is_alive()
-                assert len(answers) == 1 and isinstance(answers[0], p.Welcome), answers
-            server.wait_for_log(r"info accept-resumed")
-            assert server.jobctl("olga", "list").returncode == 0
             for job in admins + mine:
-                root.stop(job, grace=0)
-        log = server.log_text()
-        assert log.count("accept-paused") == 1, log
-        assert "Traceback" not in log
+                assert root.stop(job, grace=0).describe() == "stopped"
+            assert root.start(["true"]).state is not p.JobState.ERROR
+        assert "Traceback" not in server.log_text()
     finally:
         assert server.stop() == 0
+
+
+def lowest_free_fd(pid: int) -> int:
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def test_accept_backs_off_on_emfile(jobd: JobdProcess) -> None:
+    """With no descriptor left (jobd's soft limit lowered to its lowest free descriptor
+    with prlimit), accept() fails with EMFILE: jobd logs it once, without a traceback,
+    keeps serving the clients it has, and accepts the waiting client once descriptors
+    are free again."""
+    pid = jobd.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    with blocking(jobd, "root") as root:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
+        try:
+            waiting = socket.create_connection((jobd.address, jobd.port), timeout=120)
+            answers: list[p.Message | None] = []
+
+            def handshake_when_accepted() -> None:
+                ctx = client_context(jobd.pki, "olga")
+                with ctx.wrap_socket(waiting, server_hostname="localhost") as tls:
+                    tls.sendall(HELLO)
+                    answers.append(read_frame(tls))
+
+            waiter = threading.Thread(target=handshake_when_accepted)
+            waiter.start()
+            jobd.wait_for_log(r"error accept-paused reason=\"too many open files\"")
+            assert root.list() == []  # a connected client is served meanwhile
+            assert not answers
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        waiter.join(120)
+        assert not waiter.is_alive()
+        assert len(answers) == 1 and isinstance(answers[0], p.Welcome), answers
+        jobd.wait_for_log(r"info accept-resumed")
+        assert root.list() == []
+    log = jobd.log_text()
+    assert log.count("accept-paused") == 1, log
+    assert "Traceback" not in log
 
 
 def read_frame(sock: ssl.SSLSocket) -> p.Message:
