@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"jobd {__version__}")
     p.add_argument("-c", "--certificate", type=Path, required=True,
                    help="server certificate (PEM)")
-    p.add_argument("-k", "--key", type=Path, required=True, help="server private key (PEM)")
+    p.add_argument("-k", "--key", type=Path, required=True,
+                   help="server private key (PEM); no access for group or others (chmod 600)")
     p.add_argument("-C", "--certificate-authority", dest="ca", type=Path, required=True,
                    help="CA certificate that client certificates must chain to (PEM)")
     p.add_argument("-a", "--address", default=DEFAULT_ADDRESS,
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where job records and output live (default: $STATE_DIRECTORY, "
                    "else /var/lib/jobd for root, else $XDG_STATE_HOME/jobd)")
     p.add_argument("--crl", type=Path, default=None,
-                   help="certificate revocation list (PEM) checked for client certificates")
+                   help="certificate revocation lists (PEM) checked for client certificates; "
+                   "the file may hold CRLs only")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="event log format on stderr (default: %(default)s)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
