@@ -306,3 +306,54 @@ def test_fd_helpers_count_this_process() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# -- the admission rules themselves (jobd/_admission.py), without a server -----------
+
+
+def test_default_shares_follow_the_connection_limit() -> None:
+    from jobd._admission import Limits
+
+    with soft_fd_limit(4096):  # room for 1,000 slots: (4096 - 256) // 3 = 1280
+        assert Limits.derive(1000, 3, None, None) == Limits(1000, 3, 64, 32)
+        assert Limits.derive(20, 3, None, None) == Limits(20, 3, 5, 10)
+        assert Limits.derive(2, 3, None, None) == Limits(2, 1, 1, 1)
+        assert Limits.derive(20, 0, 50, 50) == Limits(20, 0, 20, 20)  # never above the slots
+
+
+def test_admission_counts_and_releases() -> None:
+    from jobd._admission import Admission, Limits, Ticket
+    from jobd._auth import Identity, Role
+
+    admission = Admission(Limits(connections=4, admin_reserved=1, per_identity=2,
+                                 handshakes_per_source=2))
+    olga, bob, root = (Identity("olga", Role.OBSERVE), Identity("bob", Role.CONTROL),
+                       Identity("root", Role.ADMIN))
+    tickets = [Ticket("10.0.0.1") for _ in range(3)]
+    assert admission.begin_handshake(tickets[0]) is None
+    assert admission.begin_handshake(tickets[1]) is None
+    assert admission.begin_handshake(tickets[2]) == "too many handshakes from 10.0.0.1 (limit 2)"
+    assert admission.admit(tickets[0], olga) is None  # leaves the handshake slot
+    assert admission.begin_handshake(tickets[2]) is None
+    assert admission.admit(tickets[1], olga) is None
+    refused = admission.admit(tickets[2], olga)
+    assert refused == (p.ErrorCode.LIMIT_EXCEEDED,
+                       "too many connections for olga (limit 2 per identity)")
+    admission.release(tickets[2])
+    more = [Ticket(f"10.0.1.{k}") for k in range(3)]
+    for ticket in more:
+        assert admission.begin_handshake(ticket) is None
+    assert admission.admit(more[0], bob) is None  # 3 of the 3 slots open to all
+    assert admission.admit(more[1], bob) == (
+        p.ErrorCode.UNAVAILABLE,
+        "server busy: too many connections (limit 3, 1 more reserved for admin)")
+    assert admission.admit(more[2], root) is None  # the reserved slot
+    admission.release(more[1])
+    extra = Ticket("10.0.2.1")
+    assert admission.begin_handshake(extra) is None
+    assert admission.admit(extra, root) == (
+        p.ErrorCode.UNAVAILABLE, "server busy: too many connections (limit 4)")
+    for ticket in [*tickets, *more, extra]:
+        admission.release(ticket)
+        admission.release(ticket)  # idempotent
+    assert (admission.handshaking, admission.welcomed, admission.welcomed_admin) == (0, 0, 0)
