@@ -42,7 +42,7 @@ import shlex
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -70,6 +70,7 @@ from jobd._config import ServerConfig
 from jobd._log import EventLog, route_engine_logs
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
 from jobd.engine import (
+    BadLimits,
     BadPosition,
     EngineConfig,
     EngineError,
@@ -85,11 +86,16 @@ from jobd.engine import (
 SOFTWARE = f"jobd {__version__}"
 #: Bytes asked of the TLS stream per read: one TLS record is at most 16 KiB.
 RECEIVE_SIZE = 64 * 1024
-#: The whole argv of a start request: generous for any real command line, and
-#: small enough that every status carrying it fits in one frame.
-MAX_ARGV_BYTES = 256 * 1024
-#: Target size of one page of a list response, well under the frame limit.
+#: Target size of one page of a list response, well under the frame limit
+#: (statuses are sized by their real encoding; the first always goes in).
 LIST_PAGE_BYTES = 256 * 1024
+#: A status larger than this cannot come from a request this jobd accepts (the
+#: request bounds of protocol/_bounds.py keep every status under ~410 KiB): it
+#: is a record an older jobd stored. ``list`` shows it shortened
+#: (:func:`_shortened`) rather than fail for everyone.
+LIST_ENTRY_MAX = p.MAX_FRAME_SIZE // 2
+#: How much of a shortened status's argv ``list`` shows: entries and bytes.
+SHORT_ARGV = (64, 4096)
 #: How long a connection closing (close_notify, error frame) may take.
 CLOSE_TIMEOUT = 2.0
 #: After the jobs are stopped at shutdown, open streams get this long to
@@ -367,8 +373,7 @@ class _ServerState:
             in_use = await trio.to_thread.run_sync(descriptors_in_use)
             short = self.admission.descriptors_short(
                 in_use, admin=identity.role is Role.ADMIN)
-            if short is not None:
-                self.log.warning("start-refused", who=identity.name, reason=short)
+            if short is not None:  # logged as start-refused, as every refused start
                 raise _Refusal(p.ErrorCode.UNAVAILABLE, short)
         self.admission.starts_in_progress += 1
         try:
@@ -633,8 +638,11 @@ class _Session:
                         self.conn.next_event()
                         await requests.send(event)
             except p.RemoteProtocolError as exc:
-                self.log.warning("bad-request", peer=self.peer, who=self._who(),
+                role = self.identity.role.value if self.identity is not None else "-"
+                self.log.warning("bad-request", peer=self.peer, who=self._who(), role=role,
                                  code=exc.code.value, reason=exc.message)
+                if exc.message_type == "start":
+                    self._log_refused_start(exc.code, exc.message)
                 # A stream ends now; a one-shot request in progress (a start being
                 # spawned, a stop waiting for its job) is carried out, its answer lost:
                 # cancelling a start half-way could leave its job unsupervised.
@@ -678,6 +686,8 @@ class _Session:
             reply = p.Error(p.ErrorCode.INVALID_STATE, str(exc))
         except BadPosition as exc:
             reply = p.Error(p.ErrorCode.BAD_REQUEST, f"bad position: {exc}")
+        except BadLimits as exc:
+            reply = p.Error(p.ErrorCode.BAD_REQUEST, str(exc))
         except _Refusal as exc:
             reply = p.Error(exc.code, str(exc))
         except LimitExceeded as exc:
@@ -686,7 +696,32 @@ class _Session:
             reply = p.Error(p.ErrorCode.BAD_REQUEST, str(exc))
         except EngineError as exc:
             reply = p.Error(p.ErrorCode.UNAVAILABLE, str(exc))
-        await self._send(self.conn.send(reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise
+        except Exception as exc:  # a bug: answer and log it, keep serving this client
+            self.log.error("request-failed", peer=self.peer, who=self._who(),
+                           request=request.TYPE, reason=repr(exc)[:p.MAX_ERROR_MESSAGE])
+            reply = p.Error(p.ErrorCode.INTERNAL, "internal error: the request failed")
+        if isinstance(reply, p.Error):
+            reply = p.Error(reply.code, p.clip(reply.message))
+            if isinstance(request, p.Start):
+                self._log_refused_start(reply.code, reply.message)
+        try:
+            frame = self.conn.send(reply)
+        except p.LocalProtocolError as exc:
+            # Too large for a frame, or not encodable (a record an older jobd wrote):
+            # an error frame, never a dropped connection.
+            self.log.error("response-failed", peer=self.peer, who=self._who(),
+                           request=request.TYPE, reason=p.clip(exc.message))
+            frame = self.conn.send(p.Error(p.ErrorCode.INTERNAL,
+                                           p.clip(f"cannot send the answer: {exc.message}")))
+        await self._send(frame)
+
+    def _log_refused_start(self, code: p.ErrorCode, reason: str) -> None:
+        """Every refused start is an event: who asked, with what role, and why."""
+        role = self.identity.role.value if self.identity is not None else "-"
+        self.log.info("start-refused", peer=self.peer, who=self._who(), role=role,
+                      code=code.value, reason=reason)
 
     def _visible(self, job: int, action: Action = Action.READ) -> p.JobStatus:
         """The job's status if the caller may see it, else JobNotFound (no existence leak)."""
@@ -711,9 +746,6 @@ class _Session:
         who = self.identity.name
         if isinstance(request, p.Start):
             self._require(Action.START)
-            if sum(len(a) for a in request.argv) > MAX_ARGV_BYTES:
-                raise _Refusal(p.ErrorCode.BAD_REQUEST,
-                               f"command line longer than {MAX_ARGV_BYTES} bytes")
             env = dict(request.env) if request.env is not None else self.server.job_env
             admin = self.identity.role is Role.ADMIN
             async with self.server.starting(self.identity):
@@ -760,7 +792,10 @@ class _Session:
         for status in self.manager.list():
             if status.id <= after or not self.identity.sees(status.owner):
                 continue
-            cost = 256 + sum(len(a) + 2 for a in status.argv) + len(status.error or "")
+            cost = p.encoded_size(status)
+            if cost > LIST_ENTRY_MAX:
+                status = _shortened(status)
+                cost = p.encoded_size(status)
             if page and size + cost > LIST_PAGE_BYTES:
                 more = True
                 break
@@ -788,6 +823,28 @@ class _Refusal(Exception):
     def __init__(self, code: p.ErrorCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+def _shortened(status: p.JobStatus) -> p.JobStatus:
+    """*status* cut to fit a list page: the first arguments (then ``...``), the
+    error clipped, at most MAX_IO_DEVICES devices per direction. For records an
+    older jobd stored before requests were bounded; the full record stays on disk.
+    """
+    entries, budget = SHORT_ARGV
+    argv: list[bytes] = []
+    for arg in status.argv[:entries]:
+        if budget <= 0:
+            break
+        argv.append(arg[:budget])
+        budget -= len(arg)
+    if len(argv) < len(status.argv) or budget < 0:
+        argv.append(b"...")
+    limits = status.limits
+    if limits is not None:
+        limits = replace(limits, io_read_bps=limits.io_read_bps[:p.MAX_IO_DEVICES],
+                         io_write_bps=limits.io_write_bps[:p.MAX_IO_DEVICES])
+    error = p.clip(status.error) if status.error is not None else None
+    return replace(status, argv=tuple(argv), error=error, limits=limits)
 
 
 def _subject(cert: dict[str, Any] | None) -> str:

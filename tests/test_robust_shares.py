@@ -220,7 +220,7 @@ def test_descriptor_reserve_for_admin(pki: Pki, tmp_path: Path) -> None:
             else:
                 raise AssertionError("a control user's jobs were never refused")
             assert len(mine) >= 10
-            server.wait_for_log(r"start-refused who=alice .*short of file descriptors")
+            server.wait_for_log(r"start-refused .*who=alice .*short of file descriptors")
             admins = []
             for _ in range(300):
                 try:

@@ -94,7 +94,10 @@ class JobManager:
         io_devices: dict[str, str] = {}
         if applied is not None:
             check_enforceable(applied, ctx.cgroups, ctx.cgroup_reason, ctx.isolation_reason)
-            io_devices = devices(applied)
+            if applied.io_read_bps or applied.io_write_bps:
+                # stat() of client-named paths: in a thread, so that a path on a hung
+                # file system stalls this request only, never the event loop.
+                io_devices = await trio.to_thread.run_sync(devices, applied)
         if max_running is not None and self._running[owner] >= max_running:
             raise LimitExceeded(f"too many running jobs for {owner} "
                                 f"(limit {max_running} per user)")
