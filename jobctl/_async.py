@@ -194,8 +194,12 @@ async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float,
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 raise core.handshake_error(exc.__cause__ or exc) from None
-            if pin is not None:  # TOFU: the pin is checked before the hello goes out
+            # TOFU (issue 15): the pin, checked before the hello goes out, replaces the
+            # CA and its purpose check; with a CA, the server must be for serverAuth.
+            if pin is not None:
                 pin.check(stream.getpeercert(binary_form=True))
+            else:
+                core.check_server_purpose(stream.getpeercert(binary_form=True))
             try:
                 await stream.send_all(conn.send(p.Hello(software=core.SOFTWARE)))
                 while True:

@@ -67,6 +67,10 @@ class TLSChannel:
                 self._flush()
                 return
 
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER): verified by the CA, or to check against a pin."""
+        return self._tls.getpeercert(binary_form=True)
+
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self._tls.write(data)
         self._flush()
@@ -84,10 +88,6 @@ class TLSChannel:
 
     def close(self) -> None:
         self._raw.close()
-
-    def peer_certificate(self) -> bytes | None:
-        """The server's certificate (DER), for the TOFU pin check."""
-        return self._tls.getpeercert(binary_form=True)
 
     def _flush(self) -> None:
         if self._outgoing.pending:
@@ -244,12 +244,16 @@ def connect_blocking(
     except (OSError, ssl.SSLError, ValueError) as exc:
         raw.close()
         raise core.handshake_error(exc) from None
-    if pin is not None:  # issue 15: TOFU; the pin is checked before the hello goes out
-        try:
+    try:
+        # TOFU (issue 15): the pin, checked before the hello goes out, replaces the CA
+        # and its purpose check; with a CA, the server must be for serverAuth.
+        if pin is not None:
             pin.check(sock.peer_certificate())
-        except BaseException:
-            raw.close()
-            raise
+        else:
+            core.check_server_purpose(sock.peer_certificate())
+    except BaseException:
+        raw.close()
+        raise
     conn = p.ClientConnection()
     try:
         sock.sendall(conn.send(p.Hello(software=core.SOFTWARE)))
