@@ -63,6 +63,7 @@ def fleet(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]
             own.cert_pem.write_to_path(str(d / f"{name}-ca.pem"))
             leaf = own.issue_cert("127.0.0.1", common_name=name)
             leaf.private_key_pem.write_to_path(str(d / f"{name}.key"))
+            (d / f"{name}.key").chmod(0o600)  # jobd refuses a key others may read
             leaf.cert_chain_pems[0].write_to_path(str(d / f"{name}.pem"))
             fleet_pki = Pki(d, own)
             servers[name] = start_jobd(fleet_pki, d / f"state-{name}", server=name)
