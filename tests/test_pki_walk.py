@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import os
 import re
 import select
@@ -288,3 +289,41 @@ def test_without_the_ca_extra_the_commands_say_what_to_install(tmp_path: Path) -
         assert result.stderr.strip().endswith("needs the cryptography library: "
                                               "pip install 'jobd[ca]'")
         assert not list(tmp_path.iterdir())
+
+
+def test_a_self_made_server_certificate_without_eku_can_be_pinned(pki: Pki,
+                                                                  tmp_path: Path) -> None:
+    """`openssl req -x509` style: self-signed, no EKU. With a CA, jobctl wants serverAuth;
+    pinned, the pin names the exact certificate and is all that is checked."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "selfmade")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    d = tmp_path / "pki"
+    shutil.copytree(pki.dir, d)
+    (d / "selfmade.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "selfmade.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (d / "selfmade.key").chmod(0o600)
+    server = start_jobd(Pki(d, pki.ca), tmp_path / "state", server="selfmade")
+    try:
+        env = client_env(tmp_path / "home")
+        alice = d / "alice"
+        with_ca = jobctl(env, alice, server.port, "-C", str(d / "selfmade.pem"), "list")
+        assert with_ca.returncode == 3 and "serverAuth" in with_ca.stderr
+        pinned = jobctl(env, alice, server.port, "--trust-on-first-use", "list")
+        assert pinned.returncode == 0, pinned.stderr
+        assert jobctl(env, alice, server.port, "start", "true").returncode == 0
+    finally:
+        server.stop()
