@@ -163,8 +163,13 @@ def test_connection_limit_refuses_clearly_and_recovers(pki: Pki, tmp_path: Path)
 
 
 BLOCKS = 96  # MiB the noisy job writes
+HALF = BLOCKS // 2
+# Halfway, the job waits for the test (a fifo named by its argument): the test then
+# sees it running with exactly half its output kept, whatever the machine's speed.
 NOISY = ("import sys\n"
          f"for i in range({BLOCKS}):\n"
+         f"    if i == {HALF}:\n"
+         "        open(sys.argv[1]).read()\n"
          "    sys.stdout.buffer.write(bytes([i % 251]) * (1 << 20))\n"
          "    sys.stdout.buffer.flush()\n")
 
@@ -184,28 +189,33 @@ def test_a_client_that_stops_reading_slows_only_itself(pki: Pki, tmp_path: Path)
         with blocking_client(server) as client:
             client.list()
             rss_before = vm_rss(server.proc.pid)
-            job = client.start(["python3", "-c", NOISY]).id
+            fifo = tmp_path / "halfway"
+            os.mkfifo(fifo)
+            job = client.start(["python3", "-c", NOISY, str(fifo)]).id
             with RawTLS.to(server) as stalled:
                 stalled.tls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 stalled.hello()
                 assert stalled.send(p.encode_frame(p.Stream(job)))
-                # two well-behaved readers; the first reports the status midway
+                # two well-behaved readers; the first says when it has half the output
                 results: dict[int, tuple[str, int, p.End | None]] = {}
-                midway: list[p.JobStatus] = []
+                half = threading.Event()
                 readers = [threading.Thread(target=_read_all, args=(server, job, i, results,
-                                                                     midway if i == 0 else None))
+                                                                     half if i == 0 else None))
                            for i in range(2)]
                 for reader in readers:
                     reader.start()
+                # the job ran and wrote half its output while the stalled client held
+                # its stream, and it is still running: it waits for us
+                assert half.wait(120), "the first half never arrived"
+                midway = client.status(job)
+                assert midway.running and midway.output_bytes == HALF << 20, midway
+                fifo.write_bytes(b"go on\n")
                 for reader in readers:
-                    reader.join(60)
+                    reader.join(120)
                 assert all(not r.is_alive() for r in readers), "a reader did not finish"
                 final = client.status(job)
                 assert final.describe() == "exited: 0"
                 assert final.output_bytes == BLOCKS << 20 and final.dropped_bytes == 0
-                # the job was running and writing while the stalled client held its stream
-                assert midway and midway[0].running
-                assert 0 < midway[0].output_bytes < final.output_bytes
                 assert sorted(results) == [0, 1], "a reader failed"
                 for digest, size, end in results.values():
                     assert (digest, size) == (_expected_digest(), BLOCKS << 20)
@@ -223,17 +233,17 @@ def test_a_client_that_stops_reading_slows_only_itself(pki: Pki, tmp_path: Path)
 
 def _read_all(server: JobdProcess, job: int, index: int,
               results: dict[int, tuple[str, int, p.End | None]],
-              midway: list[p.JobStatus] | None) -> None:
+              half: threading.Event | None) -> None:
     h = hashlib.sha256()
     size = 0
     end = None
-    with blocking_client(server) as client, blocking_client(server) as side:
+    with blocking_client(server) as client:
         for event in client.stream(job):
             if isinstance(event, p.OutputChunk):
                 h.update(event.data)
                 size += len(event.data)
-                if midway is not None and not midway and size >= 16 << 20:
-                    midway.append(side.status(job))
+                if half is not None and size >= HALF << 20:
+                    half.set()
             else:
                 end = event
     results[index] = (h.hexdigest(), size, end)
