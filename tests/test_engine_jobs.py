@@ -293,13 +293,14 @@ async def test_delete(manager: JobManager, tmp_path: Path) -> None:
     await manager.stop(running.id)
 
 
-async def test_deleting_the_newest_job_leaves_only_a_tombstone(manager: JobManager,
-                                                               tmp_path: Path) -> None:
+async def test_deleting_the_newest_job_leaves_only_a_deletion_mark(manager: JobManager,
+                                                                  tmp_path: Path) -> None:
     status = await manager.start([b"echo", b"hi"], "alice")
     await manager.wait(status.id)
     await manager.delete(status.id)
     assert not (tmp_path / "state" / "logs" / f"{status.id}.log").exists()
-    assert (tmp_path / "state" / "jobs" / f"{status.id}.msgpack").read_bytes() == b""
+    assert not (tmp_path / "state" / "jobs" / f"{status.id}.msgpack").exists()
+    assert (tmp_path / "state" / "jobs" / f"{status.id}.deleted").read_bytes() == b""
     assert manager.list() == []
 
 

@@ -35,14 +35,12 @@ Spawner = Callable[..., Awaitable[trio.Process]]
 def stale_record(tmp_path: Path, job_id: int, pid: int, proc_start: int,
                  boot: str | None = None) -> None:
     """What a jobd that died while the job ran leaves behind."""
-    store = Store(tmp_path / "state")
-    store.jobs_dir.mkdir(parents=True, exist_ok=True)
-    store.logs_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     status = JobStatus(id=job_id, owner="alice", argv=(b"sleep", b"1000"),
                        state=JobState.RUNNING, pid=pid, created=now, started=now)
-    store.write(Record(status, proc_start, boot_id() if boot is None else boot))
-    store.log_path(job_id).write_bytes(b"")
+    with Store.open(tmp_path / "state") as store:
+        store.write(Record(status, proc_start, boot_id() if boot is None else boot))
+        store.log_path(job_id).write_bytes(b"")
 
 
 @pytest.fixture
@@ -117,15 +115,15 @@ async def test_a_full_disk_neither_blocks_a_delete_nor_loses_a_final_record(
     full = [False]
     real_write, real_append = _store.atomic_write, _store.append_entry
 
-    def atomic_write(path: Path, data: bytes) -> None:
+    def atomic_write(dir_fd: int, name: str, data: bytes) -> None:
         if full[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(path, data)
+        real_write(dir_fd, name, data)
 
-    def append_entry(path: Path, payload: bytes) -> bool:
+    def append_entry(dir_fd: int, name: str, payload: bytes) -> bool:
         if full[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_append(path, payload)
+        return real_append(dir_fd, name, payload)
 
     monkeypatch.setattr(_store, "atomic_write", atomic_write)
     monkeypatch.setattr(_store, "append_entry", append_entry)
@@ -255,7 +253,7 @@ async def test_a_record_file_keeps_its_last_whole_entry(tmp_path: Path) -> None:
 
 async def test_a_failed_append_is_cut_so_the_next_one_counts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(tmp_path / "state")
+    store = Store.open(tmp_path / "state")
     store.load()
     now = time.time()
     running = JobStatus(id=7, owner="alice", argv=(b"x",), state=JobState.RUNNING, pid=1,
@@ -277,3 +275,4 @@ async def test_a_failed_append_is_cut_so_the_next_one_counts(
     monkeypatch.undo()
     store.write(Record(ended))
     assert [r.status for r in store.load()[0]] == [ended]
+    store.close()

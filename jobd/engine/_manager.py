@@ -87,7 +87,7 @@ class JobManager:
         self._next_id += 1
         job = Job(ctx, job_id, owner, args,
                   OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap,
-                            writers=ctx.writers), applied)
+                            writers=ctx.writers, dir_fd=ctx.store.logs_fd), applied)
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):
@@ -224,7 +224,19 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     machine cannot enforce raise EngineError). On exit (normal, error or
     cancelled) runs :meth:`JobManager.shutdown`.
     """
-    ctx = Context(config, Store(config.state_dir), ProcScanner(), boot_id())
+    # First of all: a state directory that is unsafe or in use by another jobd is
+    # refused (StateDirError) before anything in it, or any process, is touched.
+    store = await trio.to_thread.run_sync(Store.open, config.state_dir)
+    try:
+        async with _open_with(config, store) as manager:
+            yield manager
+    finally:
+        store.close()
+
+
+@asynccontextmanager
+async def _open_with(config: EngineConfig, store: Store) -> AsyncIterator[JobManager]:
+    ctx = Context(config, store, ProcScanner(), boot_id())
     records, highest = await trio.to_thread.run_sync(_load, ctx.store)
     ctx.cgroups, ctx.cgroup_reason = await trio.to_thread.run_sync(
         detect, config.cgroup_root, _instance_key(config.state_dir))
@@ -243,7 +255,8 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
             ctx.emit("lost", status)
         log_ = OutputLog(ctx.store.log_path(status.id), config.output_cap,
                          end=record.log_size or 0, output_bytes=status.output_bytes,
-                         dropped_bytes=status.dropped_bytes, closed=True)
+                         dropped_bytes=status.dropped_bytes, closed=True,
+                         dir_fd=ctx.store.logs_fd)
         ctx.jobs[status.id] = Job.ended_from(ctx, status, log_)
     closed = trio.Event()
     async with trio.open_nursery() as root:
@@ -280,11 +293,16 @@ def _load(store: Store) -> tuple[list[Record], int]:
         status = record.status
         path = store.log_path(status.id)
         try:
-            size = os.stat(path).st_size
+            size = os.stat(path.name, dir_fd=store.logs_fd, follow_symlinks=False).st_size
         except FileNotFoundError:
             size = 0
         if status.state is JobState.RUNNING or record.log_size != size:
-            end, data = recover(path)
+            try:
+                end, data = recover(path, store.logs_fd)
+            except OSError as exc:  # a symlink (ELOOP): not followed, not trusted
+                log.warning("job %d: cannot check its log %s: %s; treating it as empty",
+                            status.id, path, exc.strerror)
+                end, data = 0, 0
             if status.state is JobState.RUNNING:  # its counters were never written
                 status = replace(status, output_bytes=data)
             elif end != record.log_size:

@@ -117,18 +117,26 @@ def decode_header(buf: bytes | bytearray | memoryview, at: int, offset: int) -> 
     return fd, length
 
 
-def create_file(path: Path) -> None:
+def open_log(path: Path, flags: int, dir_fd: int | None = None) -> int:
+    """Open a log file, never through a symlink (ELOOP); with ``dir_fd``, ``path``'s
+    name relative to that directory (the state directory's logs, see _statedir)."""
+    return os.open(path if dir_fd is None else path.name,
+                   flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+
+
+def create_file(path: Path, dir_fd: int | None = None) -> None:
     """Create an empty log (blocking: call from a worker thread)."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+    os.close(open_log(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, dir_fd))
 
 
-def recover(path: Path) -> tuple[int, int]:
+def recover(path: Path, dir_fd: int | None = None) -> tuple[int, int]:
     """Truncate a log after a crash to its last whole record (blocking).
 
-    Returns (size, data bytes). A missing log counts as empty.
+    Returns (size, data bytes). A missing log counts as empty; a symlink
+    raises OSError (ELOOP).
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = open_log(path, os.O_RDWR, dir_fd)
     except FileNotFoundError:
         return 0, 0
     try:
@@ -168,15 +176,17 @@ class OutputLog:
     """
 
     __slots__ = (
-        "_accepted", "_changed", "_cond", "_done", "_failed", "_fd", "_idle", "_lingering",
-        "_nursery", "_posted", "_queue", "_queued_cost", "_room", "_token", "_writers",
-        "_writing", "cap", "closed", "dropped_bytes", "end", "output_bytes", "path",
+        "_accepted", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd", "_idle",
+        "_lingering", "_nursery", "_posted", "_queue", "_queued_cost", "_room", "_token",
+        "_writers", "_writing", "cap", "closed", "dropped_bytes", "end", "output_bytes", "path",
     )
 
     def __init__(self, path: Path, cap: int, *, end: int = 0, output_bytes: int = 0,
                  dropped_bytes: int = 0, closed: bool = False,
-                 writers: trio.CapacityLimiter | None = None) -> None:
+                 writers: trio.CapacityLimiter | None = None,
+                 dir_fd: int | None = None) -> None:
         self.path = path
+        self._dir_fd = dir_fd  # the directory ``path`` is opened relative to (None: none)
         self._writers = writers  # the threads logs write with (None: Trio's default)
         self.cap = cap
         self.end = end
@@ -350,11 +360,13 @@ class OutputLog:
         try:
             if self._fd is None:  # made by its first write: a job without output has no log
                 truncate = os.O_TRUNC if offset == 0 else 0
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | truncate,
-                                   0o600)
+                self._fd = open_log(self.path, os.O_WRONLY | os.O_CREAT | truncate,
+                                    self._dir_fd)
             written = _pwritev(self._fd, iov, offset)
         except OSError as exc:
             written, error = 0, os.strerror(exc.errno) if exc.errno else str(exc)
+            if exc.errno == errno.ELOOP:  # planted in the logs directory: never followed
+                error = "the log file is a symlink (not followed)"
         else:
             if written == total:
                 return written, None
@@ -398,7 +410,7 @@ class OutputLog:
         if position in (0, self.end):
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_log(self.path, os.O_RDONLY, self._dir_fd)
         except FileNotFoundError:
             raise BadPosition(f"{position}: the log is gone") from None
         try:
@@ -439,7 +451,7 @@ class OutputLog:
                     continue
                 if fd < 0:
                     try:
-                        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                        fd = open_log(self.path, os.O_RDONLY, self._dir_fd)
                     except FileNotFoundError:
                         return  # deleted meanwhile: nothing more to give
                 block = await _read_block(fd, position, min(end - position,
