@@ -224,7 +224,7 @@ async def serve(
                 task_status.started(server)
                 await server._shutdown.wait()
                 log.info("shutdown", reason="requested", running=sum(
-                    1 for s in manager.list() if s.running))
+                    1 for s in manager.running() if s.running))
                 acceptors.cancel_scope.cancel()
             for listener in listeners:
                 await listener.aclose()

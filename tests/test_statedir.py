@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from jobd.engine import LOST, open_job_manager
+from jobd.engine import open_job_manager
 from jobd.engine._statedir import StateDirError
 from protocol import JobState
 from tests.conftest import JOBD, RUN_CWD, Pki, start_jobd
-from tests.engine_helpers import Events, config
+from tests.engine_helpers import config
 
 
 def jobd_cmd(pki: Pki, state_dir: Path) -> list[str]:
@@ -112,11 +112,12 @@ async def test_unsafe_state_directories_are_refused(tmp_path: Path) -> None:
 
 async def test_the_state_directory_is_made_private(tmp_path: Path) -> None:
     state = tmp_path / "new" / "state"
-    async with open_job_manager(config(tmp_path, state_dir=state)):
-        pass
-    for d in (state, state / "jobs", state / "logs"):
+    async with open_job_manager(config(tmp_path, state_dir=state)) as manager:
+        await manager.wait((await manager.start([b"echo", b"hi"], "alice")).id)
+    for d in (state, state / "logs", state / "logs" / "0"):
         assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0, d
-    assert stat.S_IMODE((state / "lock").stat().st_mode) == 0o600
+    for f in (state / "lock", state / "jobs.db", state / "logs" / "0" / "1.log"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
 
 
 async def test_a_symlink_in_the_state_directory_is_never_followed(
@@ -125,78 +126,21 @@ async def test_a_symlink_in_the_state_directory_is_never_followed(
     victim.write_bytes(b"precious\n")
     state = tmp_path / "state"
     async with open_job_manager(config(tmp_path)) as manager:
-        first = await manager.wait((await manager.start([b"true"], "alice")).id)
-        # Someone who could write there plants links for the next jobs' files.
-        (state / "logs" / f"{first.id + 1}.log").symlink_to(victim)
-        (state / "jobs" / f"{first.id + 2}.msgpack.tmp").symlink_to(victim)
+        first = await manager.wait((await manager.start([b"echo", b"first"], "alice")).id)
+        # Someone who could write there plants a link for the next job's log.
+        (state / "logs" / "0" / f"{first.id + 1}.log").symlink_to(victim)
         with caplog.at_level(logging.WARNING, logger="jobd.engine"):
             linked = await manager.wait((await manager.start(
                 [b"echo", b"overwritten"], "alice")).id)
         assert linked.state is JobState.EXITED and linked.output_bytes == 0
         assert linked.dropped_bytes == len(b"overwritten\n")
-        assert f"logs/{linked.id}.log: the log file is a symlink (not followed)" in caplog.text
+        assert f"/{linked.id}.log: the log file is a symlink (not followed)" in caplog.text
         other = await manager.wait((await manager.start([b"echo", b"fine"], "alice")).id)
-        assert other.id == first.id + 2 and other.output_bytes == len(b"fine\n")
+        assert other.output_bytes == len(b"fine\n")
     assert victim.read_bytes() == b"precious\n"
-    async with open_job_manager(config(tmp_path)) as manager:
-        assert manager.status(other.id) == other
-    assert victim.read_bytes() == b"precious\n"
-
-
-# -- 13.9: recovery ------------------------------------------------------------
-
-
-async def test_an_emptied_record_is_damage_not_a_deletion(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async with open_job_manager(config(tmp_path)) as manager:
-        job = await manager.wait((await manager.start([b"echo", b"keep"], "alice")).id)
-    jobs, logs = tmp_path / "state" / "jobs", tmp_path / "state" / "logs"
-    os.truncate(jobs / f"{job.id}.msgpack", 0)  # what a crash could leave
-    with caplog.at_level(logging.WARNING, logger="jobd.engine"):
-        async with open_job_manager(config(tmp_path)) as manager:
-            assert manager.list() == []
-            assert (await manager.start([b"true"], "alice")).id == job.id + 1
-    assert f"job {job.id}: unreadable record" in caplog.text
-    assert "the record file is empty" in caplog.text
-    assert (logs / f"{job.id}.log").read_bytes()  # kept for whoever investigates
-    assert (jobs / f"{job.id}.msgpack").exists()
-
-
-async def test_a_torn_last_entry_is_cut_and_the_recovery_logged(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async with open_job_manager(config(tmp_path)) as manager:
-        job = await manager.wait((await manager.start([b"echo", b"one"], "alice")).id)
-    path = tmp_path / "state" / "jobs" / f"{job.id}.msgpack"
-    raw = path.read_bytes()
-    path.write_bytes(raw[:-3])  # a crash inside the end entry
-    events = Events()
-    with caplog.at_level(logging.WARNING, logger="jobd.engine"):
-        async with open_job_manager(config(tmp_path, on_event=events)) as manager:
-            lost = manager.status(job.id)
-    assert lost.state is JobState.ERROR and lost.error == LOST
-    assert f"job {job.id}: its record was cut inside its last entry" in caplog.text
-    assert "recovered the entry before it (state running)" in caplog.text
-    assert [kind for kind, _, _ in events.seen] == ["lost"]
-    # The torn bytes are gone, so the "lost" entry written at recovery is what
-    # the next start reads: the job is not lost a second time.
-    events = Events()
-    async with open_job_manager(config(tmp_path, on_event=events)) as manager:
-        assert manager.status(job.id) == lost
-    assert events.seen == []
-
-
-async def test_deletion_is_explicit_and_survives_a_restart(tmp_path: Path) -> None:
-    async with open_job_manager(config(tmp_path)) as manager:
-        a = await manager.wait((await manager.start([b"true"], "alice")).id)
-        b = await manager.wait((await manager.start([b"true"], "alice")).id)
-        await manager.delete(b.id)
-    jobs = tmp_path / "state" / "jobs"
-    assert sorted(p.name for p in jobs.iterdir()) == [f"{a.id}.msgpack", f"{b.id}.deleted"]
-    async with open_job_manager(config(tmp_path)) as manager:
-        assert [s.id for s in manager.list()] == [a.id]
-        c = await manager.start([b"true"], "alice")
-        assert c.id == b.id + 1
-        await manager.wait(c.id)
-    async with open_job_manager(config(tmp_path)) as manager:
-        assert [s.id for s in manager.list()] == [a.id, c.id]
-    assert not (jobs / f"{b.id}.deleted").exists()  # a higher ID made it unnecessary
+    # The database is opened by path (SQLite has no O_NOFOLLOW): links are refused first.
+    os.rename(state / "jobs.db", tmp_path / "jobs.db")
+    (state / "jobs.db").symlink_to(tmp_path / "jobs.db")
+    with pytest.raises(StateDirError, match=r"jobs\.db is not a regular file"):
+        async with open_job_manager(config(tmp_path)):
+            pass

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -19,11 +20,12 @@ import trio
 from protocol import JobState, JobStatus, Limits
 
 from ._cgroup_layout import detect
+from ._db import JobDB, Page, log_name
 from ._job import Context, Job
 from ._limits import check_enforceable, check_policy, devices, isolation_problem, resolve
-from ._outputlog import MAX_RECORD, OutputLog, recover
+from ._outputlog import MAX_RECORD, Budget, OutputLog, recover
 from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
-from ._store import Record, Store
+from ._store import Record
 from ._types import EngineConfig, EngineError, InvalidState, JobNotFound, OutputChunk
 
 log = logging.getLogger("jobd.engine")
@@ -51,10 +53,23 @@ class JobManager:
         self._next_id = next_id
 
     def _get(self, job_id: int) -> Job:
+        """The job: a running one (or one whose end is not on disk yet) from memory,
+        a finished one made from its record on demand."""
+        if not isinstance(job_id, int) or isinstance(job_id, bool) or not 0 < job_id < 1 << 63:
+            raise JobNotFound(job_id)
+        ctx = self._ctx
+        job = ctx.jobs.get(job_id)
+        if job is not None:
+            return job
+        if job_id in ctx.deleting:
+            raise JobNotFound(job_id)
         try:
-            return self._ctx.jobs[job_id]
-        except (KeyError, TypeError):
-            raise JobNotFound(job_id) from None
+            record = ctx.store.get(job_id)
+        except sqlite3.Error as exc:
+            raise EngineError(f"job database: {exc}") from None
+        if record is None:
+            raise JobNotFound(job_id)
+        return _ended_job(ctx, record)
 
     async def start(self, argv: Sequence[bytes], owner: str, *, cwd: bytes | None = None,
                     env: Mapping[bytes, bytes] | None = None,
@@ -87,7 +102,8 @@ class JobManager:
         self._next_id += 1
         job = Job(ctx, job_id, owner, args,
                   OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap,
-                            writers=ctx.writers, dir_fd=ctx.store.logs_fd), applied)
+                            writers=ctx.writers, dir_fd=ctx.store.logs_fd,
+                            name=log_name(job_id), budget=self._budget(owner)), applied)
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):
@@ -123,9 +139,60 @@ class JobManager:
                             else f"none ({ctx.isolation_reason})")
         return out
 
-    def list(self) -> list[JobStatus]:
+    def _budget(self, owner: str) -> Budget | None:
+        quota = self._ctx.config.max_log_space_per_user
+        if quota is None:
+            return None
+        budget = self._ctx.budgets.get(owner)
+        if budget is None:  # the owner's first start: what its finished jobs hold now
+            budget = self._ctx.budgets[owner] = Budget(quota - self._ctx.store.usage(owner))
+        return budget
+
+    def running(self) -> list[JobStatus]:
+        """The jobs in memory (running, or ended with their end not yet on disk)."""
         jobs = self._ctx.jobs
         return [jobs[i].status() for i in sorted(jobs)]
+
+    async def list_page(self, after: int, limit: int, *, owner: str | None = None,
+                        states: tuple[JobState, ...] = (), since: float | None = None,
+                        count: bool = False) -> tuple[list[JobStatus], bool, int | None]:
+        """Up to ``limit`` jobs with ID > ``after`` matching the filters, by ID:
+        (statuses, more follow, the total that match if ``count``). Answered from
+        the database's indexes in a worker thread; jobs in memory (running, or
+        with their end not yet on disk) with their live status."""
+        ctx = self._ctx
+        names = tuple(state.value for state in states)
+        try:
+            page: Page = await trio.to_thread.run_sync(functools.partial(
+                ctx.store.page, after, limit, owner=owner, states=names, since=since,
+                count=count))
+        except sqlite3.Error as exc:
+            raise EngineError(f"job database: {exc}") from None
+        found = {r.status.id: r.status for r in page.records}
+        upto = page.records[-1].status.id if page.more else None
+        for job_id, job in ctx.jobs.items():  # the live status; also starts not yet on disk
+            if job_id > after and (upto is None or job_id <= upto):
+                found[job_id] = job.status()
+        out = [s for i, s in sorted(found.items())
+               if (owner is None or s.owner == owner) and (not states or s.state in states)
+               and (since is None or s.created >= since)]
+        return out[:limit], page.more or len(out) > limit, page.total
+
+    def list(self) -> list[JobStatus]:
+        """Every job, by ID (reads the whole table in the calling thread: for tests
+        and small histories; the server pages with :meth:`list_page`)."""
+        out: dict[int, JobStatus] = {}
+        after = 0
+        while True:
+            page = self._ctx.store.page(after, 10_000)
+            for record in page.records:
+                out[record.status.id] = record.status
+            if not page.more:
+                break
+            after = page.records[-1].status.id
+        for status in self.running():
+            out[status.id] = status
+        return [out[i] for i in sorted(out)]
 
     async def wait(self, job_id: int) -> JobStatus:
         """Wait until the job has ended; its final status."""
@@ -139,23 +206,30 @@ class JobManager:
         if job.running:
             raise InvalidState(job.status())
         await job.done.wait()  # its final record is written
-        if self._ctx.jobs.get(job_id) is not job:
-            raise JobNotFound(job_id)  # a concurrent delete won
         ctx = self._ctx
-        del ctx.jobs[job_id]
-        # The highest ID on disk must stay (as a tombstone) or it would come back after
-        # a restart; a job that did not get its record written does not count.
-        keep_id = not any(i > job_id and i not in ctx.unsaved for i in ctx.jobs)
-        with trio.CancelScope(shield=True):  # bounded file operations; half a delete helps nobody
-            async with ctx.retry_lock:
-                ctx.unsaved.pop(job_id, None)
-                try:
-                    await trio.to_thread.run_sync(
-                        functools.partial(ctx.store.delete, job_id, keep_id=keep_id))
-                except OSError as exc:
-                    log.warning("job %d deleted, but its files remain: %s", job_id, exc)
-            if ctx.unsaved:  # the delete may have freed the space they lacked
-                await ctx.retry_unsaved()
+        if job_id in ctx.deleting:
+            raise JobNotFound(job_id)  # a concurrent delete won
+        ctx.deleting.add(job_id)
+        try:
+            with trio.CancelScope(shield=True):  # bounded; half a delete helps nobody
+                async with ctx.retry_lock:
+                    await self._remove(job_id, job.owner, job.log.end)
+                if ctx.unsaved:  # the delete may have freed the space they lacked
+                    await ctx.retry_unsaved()
+        finally:
+            ctx.deleting.discard(job_id)
+
+    async def _remove(self, job_id: int, owner: str, log_size: int) -> None:
+        ctx = self._ctx
+        ctx.jobs.pop(job_id, None)
+        ctx.unsaved.pop(job_id, None)
+        try:
+            await ctx.store.delete(job_id)
+        except OSError as exc:
+            log.warning("job %d deleted, but its record remains: %s", job_id, exc)
+        budget = ctx.budgets.get(owner)
+        if budget is not None:
+            budget.left += log_size
 
     def read_output(self, job_id: int, position: int = 0, *,
                     max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
@@ -226,17 +300,19 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     """
     # First of all: a state directory that is unsafe or in use by another jobd is
     # refused (StateDirError) before anything in it, or any process, is touched.
-    store = await trio.to_thread.run_sync(Store.open, config.state_dir)
+    db = await trio.to_thread.run_sync(JobDB.open, config.state_dir)
     try:
-        async with _open_with(config, store) as manager:
+        db.start_writer(trio.lowlevel.current_trio_token())
+        async with _open_with(config, db) as manager:
             yield manager
     finally:
-        store.close()
+        with trio.CancelScope(shield=True):  # commits what is queued: bounded
+            await trio.to_thread.run_sync(db.close)
 
 
 @asynccontextmanager
-async def _open_with(config: EngineConfig, store: Store) -> AsyncIterator[JobManager]:
-    ctx = Context(config, store, ProcScanner(), boot_id())
+async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManager]:
+    ctx = Context(config, db, ProcScanner(), boot_id())
     records, highest = await trio.to_thread.run_sync(_load, ctx.store)
     ctx.cgroups, ctx.cgroup_reason = await trio.to_thread.run_sync(
         detect, config.cgroup_root, _instance_key(config.state_dir))
@@ -246,18 +322,13 @@ async def _open_with(config: EngineConfig, store: Store) -> AsyncIterator[JobMan
     if lost:
         await _kill_lost(ctx, lost)
     await _sweep_cgroups(ctx)
-    for record in records:
-        status = record.status
-        if status.state is JobState.RUNNING:
-            status = replace(status, state=JobState.ERROR, error=LOST, ended=time.time())
-            record = replace(record, status=status)
-            await ctx.persist(record)
-            ctx.emit("lost", status)
-        log_ = OutputLog(ctx.store.log_path(status.id), config.output_cap,
-                         end=record.log_size or 0, output_bytes=status.output_bytes,
-                         dropped_bytes=status.dropped_bytes, closed=True,
-                         dir_fd=ctx.store.logs_fd)
-        ctx.jobs[status.id] = Job.ended_from(ctx, status, log_)
+    for record in records:  # all were running: lost
+        status = replace(record.status, state=JobState.ERROR, error=LOST, ended=time.time())
+        record = replace(record, status=status)
+        await ctx.persist(record)
+        if status.id in ctx.unsaved:  # else it is read from the database from now on
+            ctx.jobs[status.id] = _ended_job(ctx, record)
+        ctx.emit("lost", status)
     closed = trio.Event()
     async with trio.open_nursery() as root:
         jobs_nursery: trio.Nursery = await root.start(_host_jobs, closed)
@@ -285,31 +356,33 @@ async def _host_jobs(closed: trio.Event, *,
             await closed.wait()
 
 
-def _load(store: Store) -> tuple[list[Record], int]:
-    """Records, with their logs checked against a torn tail (blocking)."""
-    records, highest = store.load()
+def _ended_job(ctx: Context, record: Record) -> Job:
+    """A job that ended, made from its record."""
+    status = record.status
+    log_ = OutputLog(ctx.store.log_path(status.id), ctx.config.output_cap,
+                     end=record.log_size or 0, output_bytes=status.output_bytes,
+                     dropped_bytes=status.dropped_bytes, closed=True,
+                     dir_fd=ctx.store.logs_fd, name=log_name(status.id))
+    return Job.ended_from(ctx, status, log_)
+
+
+def _load(db: JobDB) -> tuple[list[Record], int]:
+    """The records still running (jobd died with them), with their logs cut after
+    their last whole record, and the highest ID (blocking). Finished jobs are not
+    read: restart costs what was running, whatever the history."""
+    records, highest = db.load_running()
     out = []
     for record in records:
         status = record.status
-        path = store.log_path(status.id)
+        path = db.log_path(status.id)
         try:
-            size = os.stat(path.name, dir_fd=store.logs_fd, follow_symlinks=False).st_size
-        except FileNotFoundError:
-            size = 0
-        if status.state is JobState.RUNNING or record.log_size != size:
-            try:
-                end, data = recover(path, store.logs_fd)
-            except OSError as exc:  # a symlink (ELOOP): not followed, not trusted
-                log.warning("job %d: cannot check its log %s: %s; treating it as empty",
-                            status.id, path, exc.strerror)
-                end, data = 0, 0
-            if status.state is JobState.RUNNING:  # its counters were never written
-                status = replace(status, output_bytes=data)
-            elif end != record.log_size:
-                log.warning("job %d: log is %d bytes, its record says %s", status.id, end,
-                            record.log_size)
-            record = replace(record, status=status, log_size=end)
-        out.append(record)
+            end, data = recover(path, db.logs_fd, log_name(status.id))
+        except OSError as exc:  # a symlink (ELOOP): not followed, not trusted
+            log.warning("job %d: cannot check its log %s: %s; treating it as empty",
+                        status.id, path, exc.strerror)
+            end, data = 0, 0
+        # Its counters were never written while it ran.
+        out.append(replace(record, status=replace(status, output_bytes=data), log_size=end))
     return out, highest
 
 

@@ -157,10 +157,17 @@ def _lock(path: Path, dir_fd: int, euid: int) -> int:
     return fd
 
 
-def _open_subdir(state: StateDir, name: str, euid: int) -> int:
+def open_subdir(state: StateDir, name: str) -> int:
+    """Open (not make) an existing subdirectory, checked like the others; keep it."""
+    state.subdirs[name] = _open_subdir(state, name, os.geteuid(), create=False)
+    return state.subdirs[name]
+
+
+def _open_subdir(state: StateDir, name: str, euid: int, *, create: bool = True) -> int:
     shown = state.path / name
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o700, dir_fd=state.fd)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=state.fd)
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=state.fd)
     except OSError as exc:
