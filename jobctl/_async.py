@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -88,15 +88,28 @@ class Client:
     async def status(self, job: int) -> p.JobStatus:
         return (await self._request(p.GetStatus(job), p.StatusResult)).status
 
-    async def list(self) -> list[p.JobStatus]:
+    async def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
+             since: float | None = None) -> list[p.JobStatus]:
+        """Every job the caller may see that matches the filters (all pages)."""
         jobs: list[p.JobStatus] = []
         after = 0
         while True:
-            page = await self._request(p.ListJobs(after), p.JobList)
+            page = await self.list_page(after, owner=owner, states=states, since=since)
             jobs.extend(page.jobs)
             if not page.more or not page.jobs:
                 return jobs
             after = page.jobs[-1].id
+
+    async def list_page(self, after: int = 0, *, owner: str | None = None,
+                  states: Sequence[p.JobState] = (), since: float | None = None,
+                  count: bool = False) -> p.JobList:
+        """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
+        ``count``: with the total that match. Filters and counts need a server of
+        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
+        request = p.ListJobs(after, owner, tuple(states), since, count)
+        if request != p.ListJobs(after):
+            core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
+        return await self._request(request, p.JobList)
 
     async def delete(self, job: int) -> None:
         await self._request(p.Delete(job), p.Deleted)

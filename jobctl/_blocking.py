@@ -17,7 +17,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -165,15 +165,28 @@ class BlockingClient:
     def status(self, job: int) -> p.JobStatus:
         return self._request(p.GetStatus(job), p.StatusResult).status
 
-    def list(self) -> list[p.JobStatus]:
+    def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
+             since: float | None = None) -> list[p.JobStatus]:
+        """Every job the caller may see that matches the filters (all pages)."""
         jobs: list[p.JobStatus] = []
         after = 0
         while True:
-            page = self._request(p.ListJobs(after), p.JobList)
+            page = self.list_page(after, owner=owner, states=states, since=since)
             jobs.extend(page.jobs)
             if not page.more or not page.jobs:
                 return jobs
             after = page.jobs[-1].id
+
+    def list_page(self, after: int = 0, *, owner: str | None = None,
+                  states: Sequence[p.JobState] = (), since: float | None = None,
+                  count: bool = False) -> p.JobList:
+        """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
+        ``count``: with the total that match. Filters and counts need a server of
+        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
+        request = p.ListJobs(after, owner, tuple(states), since, count)
+        if request != p.ListJobs(after):
+            core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
+        return self._request(request, p.JobList)
 
     def delete(self, job: int) -> None:
         self._request(p.Delete(job), p.Deleted)

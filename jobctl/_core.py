@@ -38,6 +38,19 @@ R = TypeVar("R")
 Argv = Sequence[bytes | str]
 
 
+#: The protocol minor version that brought list filters, counts and prune.
+LIST_FILTERS_MINOR = 1
+
+
+def require_minor(welcome: p.Welcome, minor: int, what: str) -> None:
+    """Refuse locally what the server's protocol version does not know (it would
+    ignore new fields, or refuse a new message as a protocol error)."""
+    if welcome.minor < minor:
+        raise ConfigError(f"the server does not support {what} (it speaks protocol "
+                          f"{welcome.version}.{welcome.minor}; they need "
+                          f"{p.PROTOCOL_VERSION}.{minor})")
+
+
 def start_request(argv: Argv, cwd: bytes | str | None, env: Mapping[bytes, bytes] | None,
                   limits: p.Limits | None) -> p.Start:
     """The start message both clients send."""

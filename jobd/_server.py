@@ -47,7 +47,7 @@ import trio
 
 import protocol as p
 from jobd import __version__
-from jobd._auth import Action, Identity, IdentityError, identity_from_cert
+from jobd._auth import POLICY, Action, Identity, IdentityError, Scope, identity_from_cert
 from jobd._config import ServerConfig
 from jobd._log import EventLog, route_engine_logs
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
@@ -71,6 +71,9 @@ RECEIVE_SIZE = 64 * 1024
 MAX_ARGV_BYTES = 256 * 1024
 #: Target size of one page of a list response, well under the frame limit.
 LIST_PAGE_BYTES = 256 * 1024
+#: Most jobs read from the database for one list page: about a page of typical
+#: statuses (~300 bytes each), and a bound on one page's work (~10 ms to decode).
+LIST_PAGE_ROWS = 500
 #: How long a connection closing (close_notify, error frame) may take.
 CLOSE_TIMEOUT = 2.0
 #: After the jobs are stopped at shutdown, open streams get this long to
@@ -600,7 +603,7 @@ class _Session:
             self.log.info("job-deleted", id=request.job, who=who)
             return p.Deleted(request.job)
         if isinstance(request, p.ListJobs):
-            return self._list_page(request.after)
+            return await self._list_page(request)
         raise _Refusal(p.ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
 
     def _owned(self, job: int, action: Action) -> None:
@@ -611,21 +614,28 @@ class _Session:
                           id=job, reason="not the caller's job")
             raise JobNotFound(job)
 
-    def _list_page(self, after: int) -> p.JobList:
+    async def _list_page(self, request: p.ListJobs) -> p.JobList:
+        """One page, filtered by the database (owner, states, since) from its indexes;
+        a caller who may read only its own jobs gets only those, whatever it asks."""
         assert self.identity is not None
+        owner = request.owner
+        if POLICY[self.identity.role][Action.READ] is not Scope.ALL:
+            if owner is not None and owner != self.identity.name:
+                return p.JobList((), False, 0 if request.count else None)
+            owner = self.identity.name
+        statuses, more, total = await self.manager.list_page(
+            request.after, LIST_PAGE_ROWS, owner=owner, states=request.states,
+            since=request.since, count=request.count)
         page: list[p.JobStatus] = []
         size = 0
-        more = False
-        for status in self.manager.list():
-            if status.id <= after or not self.identity.sees(status.owner):
-                continue
+        for status in statuses:
             cost = 256 + sum(len(a) + 2 for a in status.argv) + len(status.error or "")
             if page and size + cost > LIST_PAGE_BYTES:
                 more = True
                 break
             page.append(status)
             size += cost
-        return p.JobList(tuple(page), more)
+        return p.JobList(tuple(page), more, total)
 
     async def _stream_output(self, request: p.Stream | p.Output, *, follow: bool) -> p.End:
         """Send the output chunks; return the end frame. Errors (not found, a bad

@@ -21,8 +21,10 @@ from ._status import JobStatus
 
 #: Major version: a server refuses a hello with another major version.
 PROTOCOL_VERSION = 1
-#: Minor version: additions that older peers can ignore (new optional fields).
-PROTOCOL_MINOR = 0
+#: Minor version: additions that older peers can ignore (new optional fields), or
+#: that a peer uses only when the other side's minor is at least theirs.
+#: 1 (2026-11-30): list filters (owner, states, since) and count; prune.
+PROTOCOL_MINOR = 1
 
 #: Integers on the wire are msgpack uint64 at most.
 _UINT_LIMIT = 1 << 64

@@ -101,12 +101,14 @@ class JobList(_Message):
     Fields:
       jobs: the statuses, in increasing ID order.
       more: True when more jobs follow: ask again with ``after`` = the last ID.
+      total: how many jobs match the request's filters, if it asked (``count``).
     """
 
     TYPE: ClassVar[str] = "jobs"
 
     jobs: tuple[JobStatus, ...]
     more: bool = False
+    total: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.jobs, list):
@@ -114,15 +116,20 @@ class JobList(_Message):
         check_type("jobs", self.jobs, tuple)
         check(all(isinstance(s, JobStatus) for s in self.jobs), "jobs entries must be JobStatus")
         check_type("more", self.more, bool)
+        check_type("total", self.total, int, optional=True)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "jobs": [s.to_wire() for s in self.jobs], "more": self.more}
+        out = {"type": self.TYPE, "jobs": [s.to_wire() for s in self.jobs], "more": self.more}
+        if self.total is not None:
+            out["total"] = self.total
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
         jobs = get_list(m, "jobs")
         check(all(isinstance(s, dict) for s in jobs), "jobs entries must be maps")
-        return cls(tuple(JobStatus.from_wire(s) for s in jobs), get_bool(m, "more"))
+        return cls(tuple(JobStatus.from_wire(s) for s in jobs), get_bool(m, "more"),
+                   get_int(m, "total", None))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,22 @@ from ._base import (
     _OutputRequest,
     _uint,
 )
-from ._fields import check, check_type, get_bytes, get_float, get_int, get_list, get_map, get_str
-from ._status import Limits
+from ._fields import (
+    FieldError,
+    check,
+    check_type,
+    get_bool,
+    get_bytes,
+    get_float,
+    get_int,
+    get_list,
+    get_map,
+    get_str,
+)
+from ._status import JobState, Limits
+
+#: Longest owner a list filter may name (a certificate CN is at most 64 characters).
+MAX_OWNER_FILTER = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,22 +188,59 @@ class ListJobs(_Message):
     """List the jobs the caller may see, in ID order (answered by :class:`JobList`).
 
     Fields:
-      after: only jobs whose ID is greater than this (0: from the first).
+      after: only jobs whose ID is greater than this (0: from the first). The
+        next page's ``after`` is the last ID of the page before.
+      owner: only this owner's jobs (optional).
+      states: only jobs in one of these states (optional; empty: any).
+      since: only jobs created at or after this time, seconds since the
+        Unix epoch (optional).
+      count: also answer the total number of jobs that match (``JobList.total``);
+        it costs an index scan, so a client asks for it once, on its first page.
     """
 
     TYPE: ClassVar[str] = "list"
 
     after: int = 0
+    owner: str | None = None
+    states: tuple[JobState, ...] = ()
+    since: float | None = None
+    count: bool = False
 
     def __post_init__(self) -> None:
         _uint("after", self.after)
+        check_type("owner", self.owner, str, optional=True)
+        check(self.owner is None or len(self.owner) <= MAX_OWNER_FILTER,
+              f"owner longer than {MAX_OWNER_FILTER} characters")
+        if isinstance(self.states, list):
+            object.__setattr__(self, "states", tuple(self.states))
+        check_type("states", self.states, tuple)
+        check(len(self.states) <= len(JobState), "too many states")
+        try:
+            object.__setattr__(self, "states", tuple(JobState(s) for s in self.states))
+        except ValueError:
+            raise FieldError(f"unknown job state in {list(self.states)!r}") from None
+        check_type("since", self.since, (int, float), optional=True)
+        check(self.since is None or math.isfinite(self.since), "since must be finite")
+        check_type("count", self.count, bool)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "after": self.after}
+        out: dict[str, Any] = {"type": self.TYPE, "after": self.after}
+        if self.owner is not None:
+            out["owner"] = self.owner
+        if self.states:
+            out["states"] = [s.value for s in self.states]
+        if self.since is not None:
+            out["since"] = self.since
+        if self.count:
+            out["count"] = True
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "after", 0))
+        states = get_list(m, "states", [])
+        check(all(isinstance(x, str) for x in states), "states entries must be strings")
+        return cls(get_int(m, "after", 0), get_str(m, "owner", None), tuple(states),
+                   get_float(m, "since", None), get_bool(m, "count", False))
 
 
 @dataclass(frozen=True, slots=True)

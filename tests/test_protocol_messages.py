@@ -147,7 +147,7 @@ GOLDEN: list[tuple[p.Message, bytes]] = [
         b"\x84"  # map, 4 entries
         b"\xa4type" b"\xa5hello"
         b"\xa7version" b"\x01"
-        b"\xa5minor" b"\x00"
+        b"\xa5minor" b"\x01"
         b"\xa8software" b"\xacjobctl 0.1.0",
     ),
     (
@@ -231,7 +231,8 @@ def test_nil_is_absent_for_optional_fields() -> None:
 
 
 def test_defaults_when_absent() -> None:
-    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == Hello(software="")
+    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == Hello(
+        minor=0, software="")
     assert decode_payload(msgpack.packb({"type": "list"})) == ListJobs(0)
     assert decode_payload(msgpack.packb({"type": "stream", "job": 2})) == Stream(2, 0)
 
