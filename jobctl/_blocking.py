@@ -188,6 +188,12 @@ class BlockingClient:
             core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
         return self._request(request, p.JobList)
 
+    def prune(self, older_than: float) -> int:
+        """Remove every finished job that ended more than ``older_than`` seconds ago,
+        with its output (admin only; protocol 1.1); how many were removed."""
+        core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "prune")
+        return (self._request(p.Prune(older_than), p.Pruned)).removed
+
     def delete(self, job: int) -> None:
         self._request(p.Delete(job), p.Deleted)
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-name", default=os.environ.get("JOBCTL_SERVER_NAME"),
                         help="name to verify in the server certificate (default: the address)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (start, status, stop, list, delete)")
+                        help="print one JSON object (start, status, stop, list, delete, prune)")
     # prog given: else argparse builds a help formatter just to compute it, which
     # imports shutil (and bz2, lzma) on every run.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="jobctl",
@@ -121,7 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wait between signals (default: the server's; 0: SIGKILL at once)")
     stop.add_argument("id", type=_job_id)
     sub.add_parser("list", help="list the jobs you may see")
+    _add_prune(sub)
     return parser
+
+
+# -- prune (admin): self-contained, so that it merges with CLI rewrites ---------
+
+
+def _add_prune(sub: Any) -> None:
+    prune = sub.add_parser("prune", help="remove finished jobs older than a duration "
+                           "(admin)")
+    prune.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
+                       help="ended more than this long ago (e.g. 30d, 12h, 90m, 3600)")
+
+
+def _duration(text: str) -> float:
+    from jobd._config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run_prune(ns: argparse.Namespace, client: BlockingClient) -> int:
+    removed = client.prune(ns.older_than)
+    if ns.json:
+        _print_json({"removed": removed})
+    else:
+        print(f"removed {removed} finished jobs")
+    return 0
 
 
 # -- start options -----------------------------------------------------------
@@ -274,6 +303,8 @@ def run_command(ns: argparse.Namespace, client: BlockingClient,
         return _write_output(client.stream(ns.id))
     if ns.command == "output":
         return _write_output(client.output(ns.id))
+    if ns.command == "prune":
+        return _run_prune(ns, client)
     raise AssertionError(ns.command)
 
 

@@ -203,7 +203,10 @@ async def serve(
     engine_config = EngineConfig(
         state_dir=config.state_dir, stop_grace=config.stop_grace,
         output_cap=config.output_cap, on_event=on_job_event,
-        limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root)
+        limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root,
+        retain=config.retain, retain_count=config.retain_count,
+        max_log_space=config.max_log_space,
+        max_log_space_per_user=config.max_log_space_per_user)
     async with open_job_manager(engine_config) as manager:
         listeners = await _open_listeners(config.address, config.port)
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]
@@ -604,6 +607,11 @@ class _Session:
             return p.Deleted(request.job)
         if isinstance(request, p.ListJobs):
             return await self._list_page(request)
+        if isinstance(request, p.Prune):
+            self._require(Action.PRUNE)
+            removed = await self.manager.prune(request.older_than, reason=f"prune by {who}")
+            self.log.info("pruned", who=who, older_than=request.older_than, removed=removed)
+            return p.Pruned(removed)
         raise _Refusal(p.ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
 
     def _owned(self, job: int, action: Action) -> None:

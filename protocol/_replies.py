@@ -144,6 +144,30 @@ class Deleted(_JobMessage):
 
 
 @dataclass(frozen=True, slots=True)
+class Pruned(_Message):
+    """The answer to :class:`Prune`.
+
+    Fields:
+      removed: how many jobs were removed.
+    """
+
+    TYPE: ClassVar[str] = "pruned"
+
+    removed: int
+
+    def __post_init__(self) -> None:
+        check_type("removed", self.removed, int)
+        check(self.removed >= 0, "removed must not be negative")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "removed": self.removed}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "removed"))
+
+
+@dataclass(frozen=True, slots=True)
 class OutputChunk(_Message):
     """Some of a job's output, in a stream or output response.
 
@@ -241,6 +265,7 @@ __all__ = [
     "End",
     "Error",
     "JobList",
+    "Pruned",
     "OutputChunk",
     "Started",
     "StatusResult",

@@ -280,4 +280,31 @@ class Delete(_JobMessage):
 
 
 
-__all__ = ["Delete", "GetStatus", "Hello", "ListJobs", "Output", "Start", "Stop", "Stream"]
+@dataclass(frozen=True, slots=True)
+class Prune(_Message):
+    """Remove the finished jobs that ended more than ``older_than`` seconds ago, with
+    their output (admin only; protocol 1.1; answered by :class:`Pruned`).
+
+    Fields:
+      older_than: seconds, finite, 0 or more.
+    """
+
+    TYPE: ClassVar[str] = "prune"
+
+    older_than: float
+
+    def __post_init__(self) -> None:
+        check_type("older_than", self.older_than, (int, float))
+        check(math.isfinite(self.older_than) and self.older_than >= 0,
+              "older_than must be a finite number of seconds, 0 or more")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "older_than": self.older_than}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_float(m, "older_than"))
+
+
+__all__ = ["Delete", "GetStatus", "Hello", "ListJobs", "Output", "Prune", "Start", "Stop",
+           "Stream"]

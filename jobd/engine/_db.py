@@ -126,7 +126,7 @@ class Removed:
 class _Op:
     kind: str  # "put" | "delete"
     record: Record | None = None
-    job_id: int = 0
+    job_ids: tuple[int, ...] = ()
     done: trio.Event = field(default_factory=trio.Event)
     error: OSError | None = None
 
@@ -260,10 +260,10 @@ class JobDB:
         """Insert or replace the job's row; returns once committed (OSError if not)."""
         await self._submit(_Op("put", record=record))
 
-    async def delete(self, job_id: int) -> None:
-        """Remove the job's log, then its row (a crash in between leaves a job
-        without output, never a log without a job)."""
-        await self._submit(_Op("delete", job_id=job_id))
+    async def delete(self, *job_ids: int) -> None:
+        """Remove the jobs' logs, then their rows in one commit (a crash in between
+        leaves a job without output, never a log without a job)."""
+        await self._submit(_Op("delete", job_ids=job_ids))
 
     async def _submit(self, op: _Op) -> None:
         assert self._thread is not None, "start_writer() first"
@@ -293,9 +293,9 @@ class JobDB:
             conn.close()
 
     def _apply(self, conn: sqlite3.Connection, batch: Sequence[_Op]) -> None:
-        deletes = [op.job_id for op in batch if op.kind == "delete"]
-        for job_id in deletes:
-            self.unlink_log(job_id)
+        for op in batch:
+            for job_id in op.job_ids:
+                self.unlink_log(job_id)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -304,7 +304,7 @@ class JobDB:
                         assert op.record is not None
                         _puts(conn, (op.record,))
                     else:
-                        apply_deletes(conn, (op.job_id,))
+                        apply_deletes(conn, op.job_ids)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -315,7 +315,7 @@ class JobDB:
                 op.error = error
             return
         self.commits += 1
-        self.committed_writes += len(batch)
+        self.committed_writes += sum(len(op.job_ids) or 1 for op in batch)
 
     def unlink_log(self, job_id: int) -> None:
         """Remove a job's log (blocking); a missing one is fine."""
@@ -416,6 +416,29 @@ class JobDB:
             total = self.read(f"SELECT count(*) FROM jobs WHERE {' AND '.join(filters) or '1'}",
                               fargs)[0][0]
         return Page([decode(r[0]) for r in rows[:limit]], len(rows) > limit, total)
+
+
+def finished_oldest_first(db: JobDB, limit: int, *, ended_before: float | None = None,
+                          with_log: bool = False) -> list[Record]:
+    """Up to ``limit`` finished jobs, the oldest end first (the ``(ended)`` index;
+    blocking: a worker thread)."""
+    cond, args = "ended IS NOT NULL", []
+    if ended_before is not None:
+        cond, args = "ended < ?", [ended_before]
+    if with_log:
+        cond += " AND log_size > 0"
+    rows = db.read(f"SELECT record FROM jobs WHERE {cond} ORDER BY ended LIMIT ?",
+                   [*args, limit])
+    return [decode(r[0]) for r in rows]
+
+
+def finished_count(db: JobDB) -> int:
+    return int(db.read("SELECT count(*) FROM jobs WHERE ended IS NOT NULL", ())[0][0])
+
+
+def log_space(db: JobDB) -> int:
+    """Bytes of log the finished jobs hold (the ``usage`` table: one row per owner)."""
+    return int(db.read("SELECT coalesce(sum(log_bytes), 0) FROM usage", ())[0][0])
 
 
 def _puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:

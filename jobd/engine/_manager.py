@@ -10,7 +10,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +20,7 @@ import trio
 from protocol import JobState, JobStatus, Limits
 
 from ._cgroup_layout import detect
-from ._db import JobDB, Page, log_name
+from ._db import JobDB, Page, finished_count, finished_oldest_first, log_name, log_space
 from ._job import Context, Job
 from ._limits import check_enforceable, check_policy, devices, isolation_problem, resolve
 from ._outputlog import MAX_RECORD, Budget, OutputLog, recover
@@ -39,6 +39,14 @@ LOST_KILL_TIMEOUT = 5.0
 #: Rounds of scan-and-kill for lost jobs (a process may fork between a scan and its kill).
 LOST_KILL_ROUNDS = 5
 DEFAULT_MAX_CHUNK = 512 * 1024
+#: Jobs removed per retention batch: one commit and one event-loop turn per batch.
+PRUNE_BATCH = 1000
+#: How often retention runs (and once at start): finished jobs outlive their limit
+#: by at most this long.
+RETENTION_INTERVAL = 60.0
+
+#: (An alias: inside JobManager, ``list`` names its method.)
+Records = list[Record]
 
 
 class JobManager:
@@ -51,6 +59,8 @@ class JobManager:
         self._ctx = ctx
         self._nursery = nursery
         self._next_id = next_id
+        #: One retention run or prune at a time (the next sees what the last removed).
+        self._pruning = trio.Lock()
 
     def _get(self, job_id: int) -> Job:
         """The job: a running one (or one whose end is not on disk yet) from memory,
@@ -231,6 +241,101 @@ class JobManager:
         if budget is not None:
             budget.left += log_size
 
+    # -- retention ---------------------------------------------------------------
+
+    async def prune(self, older_than: float, *, reason: str = "prune") -> int:
+        """Remove the finished jobs that ended more than ``older_than`` seconds ago,
+        with their logs; how many. Each removal is reported as a "pruned" event."""
+        if not math.isfinite(older_than) or older_than < 0:
+            raise EngineError("older_than must be a finite number of seconds, 0 or more")
+        cutoff = time.time() - older_than
+        return await self._prune_while(reason, lambda: functools.partial(
+            finished_oldest_first, self._ctx.store, PRUNE_BATCH, ended_before=cutoff))
+
+    async def apply_retention(self) -> int:
+        """Remove what ``retain``, ``retain_count`` and ``max_log_space`` say must go
+        (the oldest finished jobs first); how many."""
+        cfg, db = self._ctx.config, self._ctx.store
+        removed = 0
+        if cfg.retain is not None:
+            removed += await self.prune(cfg.retain, reason=f"older than --retain {cfg.retain:g}s")
+        if cfg.retain_count is not None:
+            keep = cfg.retain_count
+
+            async def over_count() -> Records:
+                excess = await trio.to_thread.run_sync(finished_count, db) - keep
+                if excess <= 0:
+                    return []
+                return await trio.to_thread.run_sync(functools.partial(
+                    finished_oldest_first, db, min(excess, PRUNE_BATCH)))
+
+            removed += await self._prune_async(f"more than --retain-count {keep}", over_count)
+        if cfg.max_log_space is not None:
+            cap = cfg.max_log_space
+
+            async def over_space() -> Records:
+                excess = await trio.to_thread.run_sync(log_space, db) - cap
+                if excess <= 0:
+                    return []
+                oldest = await trio.to_thread.run_sync(functools.partial(
+                    finished_oldest_first, db, PRUNE_BATCH, with_log=True))
+                out = []
+                for record in oldest:  # only as many as it takes
+                    out.append(record)
+                    excess -= record.log_size or 0
+                    if excess <= 0:
+                        break
+                return out
+
+            removed += await self._prune_async(f"logs over --max-log-space {cap}", over_space)
+        return removed
+
+    async def _prune_while(self, reason: str,
+                           query: Callable[[], Callable[[], Records]]) -> int:
+        async def candidates() -> Records:
+            return await trio.to_thread.run_sync(query())
+
+        return await self._prune_async(reason, candidates)
+
+    async def _prune_async(self, reason: str,
+                           candidates: Callable[[], Awaitable[Records]]) -> int:
+        """Remove batches of candidates until there are none (or none removable)."""
+        async with self._pruning:
+            return await self._prune_locked(reason, candidates)
+
+    async def _prune_locked(self, reason: str,
+                            candidates: Callable[[], Awaitable[Records]]) -> int:
+        ctx = self._ctx
+        removed = 0
+        while True:
+            try:
+                batch = [r for r in await candidates()
+                         if r.status.id not in ctx.jobs and r.status.id not in ctx.deleting]
+            except sqlite3.Error as exc:
+                raise EngineError(f"job database: {exc}") from None
+            if not batch:
+                break
+            ids = [r.status.id for r in batch]
+            ctx.deleting.update(ids)
+            try:
+                with trio.CancelScope(shield=True):  # bounded; half a batch helps nobody
+                    async with ctx.retry_lock:
+                        await ctx.store.delete(*ids)
+            except OSError as exc:
+                log.warning("retention could not remove %d jobs: %s", len(ids), exc)
+                break
+            finally:
+                ctx.deleting.difference_update(ids)
+            for record in batch:
+                budget = ctx.budgets.get(record.status.owner)
+                if budget is not None:
+                    budget.left += record.log_size or 0
+                ctx.emit("pruned", record.status)
+            removed += len(batch)
+        if removed:
+            log.info("removed %d finished jobs and their logs (%s)", removed, reason)
+        return removed
+
     def read_output(self, job_id: int, position: int = 0, *,
                     max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
         """The output that exists now, from ``position``. Raises JobNotFound or
@@ -333,15 +438,30 @@ async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManage
     async with trio.open_nursery() as root:
         jobs_nursery: trio.Nursery = await root.start(_host_jobs, closed)
         manager = JobManager(ctx, jobs_nursery, highest + 1)
+        retention = trio.CancelScope()
+        if (config.retain, config.retain_count, config.max_log_space) != (None, None, None):
+            root.start_soon(_retain, manager, retention)
         try:
             yield manager
         finally:
+            retention.cancel()
             # Bounded by shutdown itself: 2 x grace + SHUTDOWN_SLACK, then SIGKILL.
             with trio.CancelScope(shield=True):
                 await manager.shutdown()
                 if ctx.cgroups is not None:
                     await trio.to_thread.run_sync(ctx.cgroups.close)
             closed.set()
+
+
+async def _retain(manager: JobManager, scope: trio.CancelScope) -> None:
+    """Apply retention at start and then every RETENTION_INTERVAL, until cancelled."""
+    with scope:
+        while True:
+            try:
+                await manager.apply_retention()
+            except EngineError as exc:
+                log.warning("retention failed: %s", exc)
+            await trio.sleep(RETENTION_INTERVAL)
 
 
 async def _host_jobs(closed: trio.Event, *,
