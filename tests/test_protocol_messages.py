@@ -90,10 +90,13 @@ client_messages = st.one_of(
               limits=st.none() | limits_st),
     st.builds(Stop, job=uint64, grace=st.none() | st.floats(0, 1e9)),
     st.builds(GetStatus, job=uint64),
-    st.builds(ListJobs, after=uint64),
+    st.builds(ListJobs, after=uint64, owner=st.none() | texts,
+              states=st.lists(st.sampled_from(list(p.JobState)), max_size=5).map(tuple),
+              since=st.none() | st.floats(0, 1e10), count=st.booleans()),
     st.builds(Stream, job=uint64, position=uint64),
     st.builds(Output, job=uint64, position=uint64),
     st.builds(Delete, job=uint64),
+    st.builds(p.Prune, older_than=st.floats(0, 1e10)),
 )
 server_messages = st.one_of(
     st.builds(Welcome, version=uint64, minor=uint64, software=texts, identity=texts,
@@ -103,6 +106,7 @@ server_messages = st.one_of(
     st.builds(StatusResult, status=status_st),
     st.builds(JobList, jobs=st.lists(status_st, max_size=3).map(tuple), more=st.booleans()),
     st.builds(Deleted, job=uint64),
+    st.builds(p.Pruned, removed=uint64),
     st.builds(OutputChunk, fd=st.sampled_from([1, 2]), data=st.binary(max_size=300),
               position=uint64),
     st.builds(End, status=status_st, position=uint64),
@@ -123,16 +127,19 @@ EXAMPLES: list[p.Message] = [
           limits=Limits(memory=1 << 28, cpus=0.5, pids=64, isolate=("net", "pid"))),
     Stop(job=3, grace=0.5),
     GetStatus(job=7),
-    ListJobs(after=100),
+    ListJobs(after=100, owner="bob", states=(p.JobState.RUNNING, p.JobState.EXITED),
+             since=1.5, count=True),
     Stream(job=7, position=12),
     Output(job=7),
     Delete(job=7),
+    p.Prune(older_than=86400.0),
     WELCOME,
     Started(STATUS),
     Stopped(STATUS),
     StatusResult(STATUS),
-    JobList((STATUS, dataclasses.replace(STATUS, id=8)), more=True),
+    JobList((STATUS, dataclasses.replace(STATUS, id=8)), more=True, total=12),
     Deleted(job=7),
+    p.Pruned(removed=3),
     OutputChunk(fd=2, data=b"\x00\xffhello", position=300),
     End(STATUS, position=300),
     Error(ErrorCode.NOT_FOUND, "process not found"),
@@ -201,7 +208,7 @@ def test_golden_decode(msg: p.Message, frame: bytes) -> None:
 
 def test_examples_cover_every_type() -> None:
     assert {type(m) for m in EXAMPLES} == set(p.MESSAGE_TYPES.values())
-    assert len(p.MESSAGE_TYPES) == 17
+    assert len(p.MESSAGE_TYPES) == 19
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)
