@@ -237,6 +237,46 @@
               '';
             };
 
+            retain = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "30d";
+              description = ''
+                Remove finished jobs (record and output) this long after they
+                ended, passed as `--retain`; null keeps them until deleted.
+                A CI runner or a cron-heavy host wants one, e.g. "30d".
+              '';
+            };
+
+            retainCount = mkOption {
+              type = types.nullOr types.ints.unsigned;
+              default = null;
+              example = 100000;
+              description = "Keep at most this many finished jobs, passed as `--retain-count`.";
+            };
+
+            maxLogSpace = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "20G";
+              description = ''
+                Keep at most this much output of finished jobs, the oldest
+                removed first, passed as `--max-log-space`; e.g. a fifth of the
+                state directory's file system.
+              '';
+            };
+
+            maxLogSpacePerUser = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "5G";
+              description = ''
+                An owner's jobs' output may take at most this much, passed as
+                `--max-log-space-per-user`; output beyond it is dropped and
+                counted in `dropped_bytes`.
+              '';
+            };
+
             extraArgs = mkOption {
               type = types.listOf types.str;
               default = [ ];
@@ -308,6 +348,22 @@
                   ++ lib.optionals (cfg.crl != null) [
                     "--crl"
                     cfg.crl
+                  ]
+                  ++ lib.optionals (cfg.retain != null) [
+                    "--retain"
+                    cfg.retain
+                  ]
+                  ++ lib.optionals (cfg.retainCount != null) [
+                    "--retain-count"
+                    (toString cfg.retainCount)
+                  ]
+                  ++ lib.optionals (cfg.maxLogSpace != null) [
+                    "--max-log-space"
+                    cfg.maxLogSpace
+                  ]
+                  ++ lib.optionals (cfg.maxLogSpacePerUser != null) [
+                    "--max-log-space-per-user"
+                    cfg.maxLogSpacePerUser
                   ]
                   ++ cfg.extraArgs
                 );
