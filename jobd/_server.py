@@ -71,9 +71,10 @@ RECEIVE_SIZE = 64 * 1024
 MAX_ARGV_BYTES = 256 * 1024
 #: Target size of one page of a list response, well under the frame limit.
 LIST_PAGE_BYTES = 256 * 1024
-#: Most jobs read from the database for one list page: about a page of typical
-#: statuses (~300 bytes each), and a bound on one page's work (~10 ms to decode).
-LIST_PAGE_ROWS = 500
+#: Most jobs read from the database for one list page: a bound on one page's work
+#: (each row costs about 30 us to decode and check, plus its share of the frame),
+#: so that a page stays well under 20 ms (bench/README.md, *History*).
+LIST_PAGE_ROWS = 200
 #: How long a connection closing (close_notify, error frame) may take.
 CLOSE_TIMEOUT = 2.0
 #: After the jobs are stopped at shutdown, open streams get this long to
