@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -12,7 +13,7 @@ import trio
 import trio.testing
 
 import jobctl
-from jobd.engine import _db, open_job_manager
+from jobd.engine import EngineError, _db, open_job_manager
 from jobd.engine._store import Record
 from protocol import JobState, JobStatus
 from tests.conftest import Pki, start_jobd
@@ -141,3 +142,23 @@ async def test_only_running_jobs_stay_in_memory(tmp_path: Path) -> None:
         await manager.stop(running.id)
         assert manager._ctx.jobs == {}
         assert manager.status(running.id).state is JobState.STOPPED
+
+
+async def test_a_damaged_row_is_an_error_for_its_job_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with open_job_manager(config(tmp_path)) as manager:
+        good = await manager.wait((await manager.start([b"true"], "alice")).id)
+        bad = await manager.wait((await manager.start([b"true"], "alice")).id)
+    conn = sqlite3.connect(tmp_path / "state" / "jobs.db")
+    with conn:
+        conn.execute("UPDATE jobs SET record = x'c1' WHERE id = ?", (bad.id,))
+    conn.close()
+    async with open_job_manager(config(tmp_path)) as manager:
+        with caplog.at_level(logging.WARNING, logger="jobd.engine"):
+            assert manager.list() == [good]
+            statuses, more, total = await manager.list_page(0, 10, count=True)
+        assert (statuses, more, total) == ([good], False, 2)
+        assert "skipping an unreadable job record" in caplog.text
+        with pytest.raises(EngineError, match=f"job {bad.id}: unreadable record"):
+            manager.status(bad.id)
+        assert manager.status(good.id) == good

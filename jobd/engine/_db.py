@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 
 from protocol import JobState
@@ -311,11 +312,15 @@ class JobDB:
                 raise
         except sqlite3.Error as exc:
             error = _db_error(exc)
-            for op in batch:
-                op.error = error
+        except Exception as exc:  # a bug must not leave every writer waiting forever
+            log.exception("job database writer failed")
+            error = OSError(errno.EIO, f"job database: {exc}")
+        else:
+            self.commits += 1
+            self.committed_writes += sum(len(op.job_ids) or 1 for op in batch)
             return
-        self.commits += 1
-        self.committed_writes += sum(len(op.job_ids) or 1 for op in batch)
+        for op in batch:
+            op.error = error
 
     def unlink_log(self, job_id: int) -> None:
         """Remove a job's log (blocking); a missing one is fine."""
@@ -355,7 +360,7 @@ class JobDB:
     def get(self, job_id: int) -> Record | None:
         """The job's record (a point read, in the calling thread: the event loop's)."""
         row = self._reader.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else decode(row[0])
+        return None if row is None else _decode(row[0], job_id)
 
     def load_running(self) -> tuple[list[Record], int]:
         """(The records still running, by ID; the highest ID ever given) (blocking)."""
@@ -364,7 +369,7 @@ class JobDB:
                             (JobState.RUNNING.value,)).fetchall()
         top = conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0
         mark = conn.execute("SELECT value FROM meta WHERE key = 'highest'").fetchone()
-        return [decode(r[0]) for r in rows], max(top, mark[0] if mark else 0)
+        return _decode_all(rows), max(top, mark[0] if mark else 0)
 
     def usage(self, owner: str) -> int:
         """Bytes of log the owner's jobs have on disk, as recorded at their ends."""
@@ -415,7 +420,7 @@ class JobDB:
         if count:
             total = self.read(f"SELECT count(*) FROM jobs WHERE {' AND '.join(filters) or '1'}",
                               fargs)[0][0]
-        return Page([decode(r[0]) for r in rows[:limit]], len(rows) > limit, total)
+        return Page(_decode_all(rows[:limit]), len(rows) > limit, total)
 
 
 def finished_oldest_first(db: JobDB, limit: int, *, ended_before: float | None = None,
@@ -429,7 +434,7 @@ def finished_oldest_first(db: JobDB, limit: int, *, ended_before: float | None =
         cond += " AND log_size > 0"
     rows = db.read(f"SELECT record FROM jobs WHERE {cond} ORDER BY ended LIMIT ?",
                    [*args, limit])
-    return [decode(r[0]) for r in rows]
+    return _decode_all(rows)
 
 
 def finished_count(db: JobDB) -> int:
@@ -439,6 +444,26 @@ def finished_count(db: JobDB) -> int:
 def log_space(db: JobDB) -> int:
     """Bytes of log the finished jobs hold (the ``usage`` table: one row per owner)."""
     return int(db.read("SELECT coalesce(sum(log_bytes), 0) FROM usage", ())[0][0])
+
+
+def _decode(raw: bytes, job_id: int) -> Record:
+    """A row's record; a damaged one is a database error (never a crash)."""
+    try:
+        return decode(raw)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise sqlite3.DatabaseError(f"job {job_id}: unreadable record: {exc}") from None
+
+
+def _decode_all(rows: Sequence[Any]) -> list[Record]:
+    """The records of rows (``record`` first); a damaged one is skipped with a
+    warning, so that one bad row cannot break every listing."""
+    out = []
+    for row in rows:
+        try:
+            out.append(decode(row[0]))
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            log.warning("skipping an unreadable job record in the database: %s", exc)
+    return out
 
 
 def _puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
