@@ -25,7 +25,9 @@ with an empty history is the floor). Prints one Markdown table row per size.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import random
 import sqlite3
 import statistics
@@ -195,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(work, pki, n, ns.running, ns.start_seconds)
             print(row, file=sys.stderr, flush=True)
             rows.append(row)
-    m = h.machine()
-    print(f"\n{m['date']}, {m['nproc']} x {m['cpu']}, {m['kernel']}, {m['python']}, "
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    print(f"\n{datetime.date.today().isoformat()}, {os.cpu_count()} x {cpu}, "
+          f"Linux {platform.release()}, Python {platform.python_version()}, "
           f"SQLite {sqlite3.sqlite_version}\n")
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
