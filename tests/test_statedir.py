@@ -114,6 +114,8 @@ async def test_the_state_directory_is_made_private(tmp_path: Path) -> None:
     state = tmp_path / "new" / "state"
     async with open_job_manager(config(tmp_path, state_dir=state)) as manager:
         await manager.wait((await manager.start([b"echo", b"hi"], "alice")).id)
+        for name in ("jobs.db-wal", "jobs.db-shm"):  # they hold rows too
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
     for d in (state, state / "logs", state / "logs" / "0"):
         assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0, d
     for f in (state / "lock", state / "jobs.db", state / "logs" / "0" / "1.log"):

@@ -204,6 +204,12 @@ class JobDB:
         try:
             for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal"):
                 _refuse_symlink(state, name)
+            # Made here, 0600, so that SQLite makes its -wal and -shm with that
+            # mode too (it copies the database file's): rows hold argv.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(DB_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=state.fd))
+            os.chmod(DB_NAME, 0o600, dir_fd=state.fd, follow_symlinks=False)
             path = Path(os.path.realpath(state.path)) / DB_NAME
             conn = connect(path)
             try:
@@ -219,7 +225,6 @@ class JobDB:
                 migrate(state, conn)
             finally:
                 conn.close()
-            os.chmod(DB_NAME, 0o600, dir_fd=state.fd, follow_symlinks=False)
             return cls(state, path)
         except sqlite3.Error as exc:
             state.close()
