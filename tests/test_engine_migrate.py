@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobd.engine import LOST, open_job_manager
+from jobd.engine._statedir import StateDirError
 from jobd.engine._store import MAGIC, Store
 from protocol import JobState
 from tests.engine_helpers import Events, collect, config, data, legacy_job, log_file
@@ -105,3 +106,15 @@ async def test_a_torn_end_entry_is_cut_the_job_lost_once_and_the_recovery_logged
     async with open_job_manager(config(tmp_path, on_event=events)) as manager:
         assert manager.status(1) == lost
     assert events.seen == []  # lost once, not at every start
+
+
+async def test_a_legacy_jobs_directory_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "jobs").symlink_to(elsewhere)
+    with pytest.raises(StateDirError, match=r"cannot open jobs/ \(a symlink"):
+        async with open_job_manager(config(tmp_path)):
+            pass
+    assert (state / "jobs").is_symlink() and not (state / "jobs.migrated").exists()
