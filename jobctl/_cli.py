@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -120,12 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--grace", type=float, default=None, metavar="SECONDS",
                       help="wait between signals (default: the server's; 0: SIGKILL at once)")
     stop.add_argument("id", type=_job_id)
-    sub.add_parser("list", help="list the jobs you may see")
+    _add_list_filters(sub.add_parser("list", help="list the jobs you may see"))
     _add_prune(sub)
     return parser
 
 
-# -- prune (admin): self-contained, so that it merges with CLI rewrites ---------
+# -- list filters and prune (admin): self-contained, so that they merge with CLI
+# rewrites ----------------------------------------------------------------------
+
+
+def _add_list_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--owner", help="only this owner's jobs")
+    parser.add_argument("--state", action="append", choices=[s.value for s in p.JobState],
+                        help="only jobs in this state (repeatable)")
+    parser.add_argument("--since", type=_duration, metavar="DURATION",
+                        help="only jobs started in the last DURATION (e.g. 1h, 2d)")
+
+
+def _list_filters(ns: argparse.Namespace) -> dict[str, Any]:
+    """The filters given (none: a plain list, which any server version answers)."""
+    out: dict[str, Any] = {}
+    if ns.owner is not None:
+        out["owner"] = ns.owner
+    if ns.state:
+        out["states"] = [p.JobState(s) for s in ns.state]
+    if ns.since is not None:
+        out["since"] = time.time() - ns.since
+    return out
+
 
 
 def _add_prune(sub: Any) -> None:
@@ -287,7 +310,7 @@ def run_command(ns: argparse.Namespace, client: BlockingClient,
         _print_json(status.to_json()) if ns.json else print("process stopped")
         return 0
     if ns.command == "list":
-        jobs = client.list()
+        jobs = client.list(**_list_filters(ns))
         if ns.json:
             _print_json({"jobs": [s.to_json() for s in jobs]})
         else:

@@ -64,3 +64,26 @@ def test_bad_filters_are_refused_up_front() -> None:
     assert p.ListJobs(3).to_wire() == {"type": "list", "after": 3}  # 1.0 servers see the same
     reply = p.JobList((), False, 12)
     assert p.JobList.from_wire(reply.to_wire()) == reply
+
+
+def test_jobctl_list_filters(jobd: JobdProcess) -> None:
+    ids = {}
+    for who in ("alice", "bob"):
+        ids[who] = jobd.jobctl(who, "start", "true").stdout.decode().strip()
+        assert jobd.jobctl(who, "stream", ids[who]).returncode == 0
+    sleeper = jobd.jobctl("alice", "start", "sleep", "1000").stdout.decode().strip()
+    try:
+        def listed(*args: str) -> list[str]:
+            result = jobd.jobctl("root", "list", *args)
+            assert result.returncode == 0, result.stderr
+            return [line.split("\t")[0] for line in result.stdout.decode().splitlines()]
+
+        assert listed("--owner", "bob") == [ids["bob"]]
+        assert listed("--state", "running") == [sleeper]
+        assert listed("--owner", "alice", "--state", "exited", "--state", "running") == [
+            ids["alice"], sleeper]
+        assert listed("--since", "1h") == [ids["alice"], ids["bob"], sleeper]
+        bad = jobd.jobctl("root", "list", "--state", "sleeping")
+        assert bad.returncode == 2 and b"invalid choice" in bad.stderr
+    finally:
+        assert jobd.jobctl("alice", "stop", "--grace", "0", sleeper).returncode == 0
