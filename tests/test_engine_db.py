@@ -162,3 +162,38 @@ async def test_a_damaged_row_is_an_error_for_its_job_only(
         with pytest.raises(EngineError, match=f"job {bad.id}: unreadable record"):
             manager.status(bad.id)
         assert manager.status(good.id) == good
+
+
+async def test_an_end_is_shown_only_once_it_is_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate, entered = threading.Event(), threading.Event()
+    real = _db.apply_puts
+
+    def apply_puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
+        records = list(records)
+        if any(r.status.state is JobState.EXITED for r in records):
+            entered.set()
+            gate.wait(TIMEOUT)  # hold the end's commit
+        real(conn, records)
+
+    monkeypatch.setattr(_db, "apply_puts", apply_puts)
+    async with open_job_manager(config(tmp_path)) as manager:
+        status = await manager.start([b"echo", b"bye"], "alice")
+        followed: list[bytes] = []
+
+        async def follow() -> None:
+            followed.append(data(await collect(manager.follow_output(status.id))))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            # The job has ended in memory; its end is being committed, held.
+            assert await trio.to_thread.run_sync(entered.wait, TIMEOUT)
+            assert not manager._ctx.jobs[status.id].running
+            await trio.testing.wait_all_tasks_blocked()
+            assert manager.status(status.id).state is JobState.RUNNING
+            assert followed == []  # the stream's end waits for the commit too
+            assert rows(tmp_path)[status.id] == "running"
+            gate.set()
+        assert followed == [b"bye\n"]
+        assert manager.status(status.id).describe() == "exited: 0"
+        assert rows(tmp_path)[status.id] == "exited"

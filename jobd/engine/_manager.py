@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -10,7 +11,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -136,8 +137,17 @@ class JobManager:
         return job.status()
 
     def status(self, job_id: int) -> JobStatus:
-        """The job's status; a running job in a cgroup with its usage so far."""
-        return self._get(job_id).status(live=True)
+        """The job's status; a running job in a cgroup with its usage so far.
+
+        A job whose end is not yet committed is still reported running: an end a
+        client saw is on disk (a crash in those milliseconds makes the job lost).
+        """
+        job = self._get(job_id)
+        status = job.status(live=True)
+        if not status.running and not job.done.is_set():
+            status = replace(status, state=JobState.RUNNING, exit_code=None, signal=None,
+                             error=None, oom=False, ended=None)
+        return status
 
     def cgroup_layout(self) -> dict[str, str]:
         """What jobd found for limits and isolation, for its start-up log line:
@@ -354,7 +364,7 @@ class JobManager:
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
-        return job.log.chunks(position, max_chunk, None)
+        return _then_done(job.log.chunks(position, max_chunk, None), job.done)
 
     async def shutdown(self) -> None:
         """Stop every running job (in parallel, with the stop sequence); idempotent.
@@ -451,6 +461,16 @@ async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManage
                 if ctx.cgroups is not None:
                     await trio.to_thread.run_sync(ctx.cgroups.close)
             closed.set()
+
+
+async def _then_done(chunks: AsyncGenerator[OutputChunk, None],
+                     done: trio.Event) -> AsyncGenerator[OutputChunk, None]:
+    """The chunks, then a wait until the job's end is committed (bounded by
+    PERSIST_TIMEOUT), so that the status a stream ends with is on disk."""
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            yield chunk
+    await done.wait()
 
 
 async def _retain(manager: JobManager, scope: trio.CancelScope) -> None:
