@@ -422,10 +422,12 @@ class _Session:
         """Shutdown: stop waiting for the peer and say goodbye. Until the session
         ends it counts as a response in progress, so that the handlers are not
         cancelled before the goodbye is sent."""
-        if self._wait_scope is not None and not self._owes_goodbye:
+        if self._wait_scope is None:
+            return
+        if not self._owes_goodbye:
             self._owes_goodbye = True
             self.server.response_started()
-            self._wait_scope.cancel()
+        self._wait_scope.cancel()
 
     async def _refuse_shutting_down(self) -> None:
         self.log.debug("connection-closed", peer=self.peer, who=self._who(),
@@ -538,7 +540,13 @@ class _Session:
                         break
                     finally:
                         self._response_scope = None
-                        self.server.response_ended()
+                        if self.server.closing and not self._owes_goodbye:
+                            # The goodbye that follows belongs to this response: the
+                            # server must not look idle (and cancel its handlers)
+                            # between the two. run() ends it.
+                            self._owes_goodbye = True
+                        else:
+                            self.server.response_ended()
             nursery.cancel_scope.cancel()
         if shutting_down:  # the reader is gone: the stream is ours to close
             await self._refuse_shutting_down()
