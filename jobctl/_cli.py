@@ -249,7 +249,10 @@ def parse_start(words: list[str]) -> tuple[list[str], p.Limits | None]:
     command = words[i:]
     for key in ("io_read_bps", "io_write_bps", "isolate"):
         limits[key] = tuple(limits[key])
-    result = p.Limits(**limits)
+    try:
+        result = p.Limits(**limits)
+    except p.FieldError as exc:  # e.g. --cpus inf
+        raise ConfigError(f"start: {exc}") from None
     return command, None if result.is_empty() else result
 
 
@@ -292,7 +295,10 @@ def run_command(ns: argparse.Namespace, client: BlockingClient,
                 command: list[str] | None, limits: p.Limits | None) -> int:
     if ns.command == "start":
         assert command is not None
-        status = client.start(command, limits=limits)
+        try:
+            status = client.start(command, limits=limits)
+        except p.FieldError as exc:  # refused before sending: too long, too many devices...
+            raise ConfigError(f"start: {exc}") from None
         if ns.json:
             _print_json(status.to_json())
         else:

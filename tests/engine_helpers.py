@@ -133,3 +133,13 @@ def legacy_job(store: Store, job_id: int, output: bytes = b"", *, running: bool 
                               output_bytes=len(output))
     store.write(Record(end, 0, "another-boot", len(log)))
     return end
+
+
+def escapee_then_exit(tmp_path: Path) -> list[bytes]:
+    """argv of a job whose main process starts a ``setsid`` escapee (which prints its
+    pid and keeps stdout open) and exits, but only once the escapee has printed: an
+    end racing the escapee's start would kill it before anyone learns its pid."""
+    fifo = tmp_path / "escapee.fifo"
+    os.mkfifo(fifo)
+    script = b"""setsid sh -c 'echo $$; echo >"$0"; exec sleep 1000' "$0" & read x <"$0" """
+    return [b"sh", b"-c", script, os.fsencode(fifo)]
