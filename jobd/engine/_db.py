@@ -67,7 +67,8 @@ SCHEMA_VERSION = 1
 #: Most writes in one transaction (a bound on one commit's work, not a tuning knob:
 #: a batch that large is already one fsync for a thousand acknowledgements).
 MAX_BATCH = 1000
-#: Reader connections kept for worker threads (list pages, retention scans).
+#: Reader connections kept for worker threads (list pages, retention scans), opened
+#: at start: that many listings at once never need a new file descriptor.
 READERS = 4
 
 _SCHEMA = """
@@ -181,7 +182,9 @@ class JobDB:
         self.logs_fd = state.sub(LOGS)
         self._reader = connect(path)  # the event loop's (point reads)
         self._reader.execute("PRAGMA query_only = 1")
-        self._pool: list[sqlite3.Connection] = []
+        # Opened now, not on demand: a listing must work when descriptors run
+        # out (each connection holds three: the file, the WAL, the shared memory).
+        self._pool: list[sqlite3.Connection] = [_reader(path) for _ in range(READERS)]
         self._pool_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Op] = []
@@ -386,9 +389,8 @@ class JobDB:
         """Run a read-only query with a pooled connection (blocking: a worker thread)."""
         with self._pool_lock:
             conn = self._pool.pop() if self._pool else None
-        if conn is None:
-            conn = connect(self.path)
-            conn.execute("PRAGMA query_only = 1")
+        if conn is None:  # more at once than READERS: one more, for this query
+            conn = _reader(self.path)
         try:
             return conn.execute(query, args).fetchall()
         finally:
@@ -473,6 +475,13 @@ def _decode_all(rows: Sequence[Any]) -> list[Record]:
 
 def _puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
     apply_puts(conn, records)  # looked up at each call: a seam for tests of a full disk
+
+
+def _reader(path: Path) -> sqlite3.Connection:
+    conn = connect(path)
+    conn.execute("PRAGMA query_only = 1")
+    conn.execute("SELECT count(*) FROM meta").fetchall()  # opens the WAL and shm files now
+    return conn
 
 
 def _deliver(batch: Sequence[_Op]) -> None:
