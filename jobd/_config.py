@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobd import __version__
+from protocol import parse_size
 
 if TYPE_CHECKING:
     from jobd.engine import LimitPolicy
@@ -25,18 +25,6 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Enough for every operator and script of one host at once, few enough that
 #: the file-descriptor limit (1024 by default) is never the first to break.
 DEFAULT_MAX_CONNECTIONS = 1000
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``512``, ``64K``, ``10M``, ``1G``, ``1GiB`` (binary units) into bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 10M, 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
 
 def default_state_dir() -> Path:
     """``$STATE_DIRECTORY``, else /var/lib/jobd for root, else ``$XDG_STATE_HOME/jobd``."""

@@ -51,6 +51,7 @@ from ._messages import (
 )
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
+from ._units import MAX_SIZE, parse_size
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -61,6 +62,7 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_FRAME_SIZE",
     "MAX_OUTPUT_CHUNK",
+    "MAX_SIZE",
     "MESSAGE_TYPES",
     "NEED_DATA",
     "PROTOCOL_MINOR",
@@ -107,4 +109,5 @@ __all__ = [
     "encode_frame",
     "encode_output_chunk",
     "parse_output_chunk",
+    "parse_size",
 ]

@@ -200,6 +200,10 @@ class Stream(_OutputRequest):
       job: the job's ID.
       position: 0 for the first byte, or the position of the last chunk
         received, to resume right after it.
+      timestamps: (minor 1) True to get one chunk per record read from the
+        job's pipes, each with the time it was read.
+      end_only: (minor 1) True to get no chunks: only the end frame, once the
+        job has ended (``jobctl wait``).
     """
 
     TYPE: ClassVar[str] = "stream"
@@ -212,6 +216,8 @@ class Output(_OutputRequest):
     Fields:
       job: the job's ID.
       position: as for :class:`Stream`.
+      timestamps: as for :class:`Stream`.
+      end_only: True to get only the end frame, at once.
     """
 
     TYPE: ClassVar[str] = "output"

@@ -125,6 +125,7 @@ EXAMPLES: list[p.Message] = [
     GetStatus(job=7),
     ListJobs(after=100),
     Stream(job=7, position=12),
+    Stream(job=7, position=12, timestamps=True, end_only=True),
     Output(job=7),
     Delete(job=7),
     WELCOME,
@@ -134,6 +135,7 @@ EXAMPLES: list[p.Message] = [
     JobList((STATUS, dataclasses.replace(STATUS, id=8)), more=True),
     Deleted(job=7),
     OutputChunk(fd=2, data=b"\x00\xffhello", position=300),
+    OutputChunk(fd=1, data=b"hi\n", position=320, time=1764492062.25),
     End(STATUS, position=300),
     Error(ErrorCode.NOT_FOUND, "process not found"),
 ]
@@ -142,7 +144,7 @@ EXAMPLES: list[p.Message] = [
 
 GOLDEN: list[tuple[p.Message, bytes]] = [
     (
-        Hello(software="jobctl 0.1.0"),
+        Hello(minor=0, software="jobctl 0.1.0"),
         b"\x00\x00\x00\x32"  # payload length: 50
         b"\x84"  # map, 4 entries
         b"\xa4type" b"\xa5hello"
@@ -231,7 +233,7 @@ def test_nil_is_absent_for_optional_fields() -> None:
 
 
 def test_defaults_when_absent() -> None:
-    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == Hello(software="")
+    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == Hello(minor=0, software="")
     assert decode_payload(msgpack.packb({"type": "list"})) == ListJobs(0)
     assert decode_payload(msgpack.packb({"type": "stream", "job": 2})) == Stream(2, 0)
 
@@ -332,4 +334,5 @@ def test_docs_hex_dump_is_what_the_code_produces() -> None:
     dumped = bytes.fromhex(" ".join(
         re.sub(r"^[0-9a-f]{8}\s+", "", line).split("|")[0] for line in block.splitlines()
     ))
-    assert dumped == encode_frame(Hello(software="jobctl 0.1.0"))
+    # A 1.0 client's hello (still what the document shows: any minor is valid).
+    assert dumped == encode_frame(Hello(minor=0, software="jobctl 0.1.0"))
