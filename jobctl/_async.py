@@ -13,7 +13,6 @@ No hidden background tasks: every call does its IO in the caller's task.
 
 from __future__ import annotations
 
-import math
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +24,7 @@ import trio
 import protocol as p
 
 from . import _core as core
-from ._errors import ConnectionFailed, InvalidArgument, WaitTimeout
+from ._errors import ConnectionFailed, InvalidArgument
 
 Argv = core.Argv
 
@@ -81,19 +80,21 @@ class Client:
             await self._stream.aclose()
 
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
-                    env: core.Env | None = None, limits: p.Limits | None = None
-                    ) -> p.JobStatus:
+                    env: core.Env | None = None, limits: p.Limits | None = None,
+                    env_merge: bool = False) -> p.JobStatus:
         """Start a job (as :meth:`jobctl.BlockingClient.start`)."""
-        message = core.start_request(argv, cwd, env, limits)
+        message = core.start_request(argv, cwd, env, limits,
+                                           core.check_merge(env_merge, self.welcome))
         return (await self._request(message, p.Started)).status
 
     async def run(self, argv: Argv, *, cwd: bytes | str | None = None,
                   env: core.Env | None = None, limits: p.Limits | None = None,
+                  env_merge: bool = False,
                   on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
         """Start a job, follow its output until it ends, return its final status
         (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
         default written to this process's stdout and stderr)."""
-        status = await self.start(argv, cwd=cwd, env=env, limits=limits)
+        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
         if status.state is p.JobState.ERROR:
             return status
         write = on_output or core.write_chunk
@@ -107,33 +108,26 @@ class Client:
         assert end is not None
         return end.status
 
-    async def wait(self, job: int, timeout: float | None = None) -> p.JobStatus:
+    async def wait(self, job: int) -> p.JobStatus:
         """Wait until the job has ended; its final status. No output is sent.
 
-        ``timeout``: WaitTimeout if it has not ended by then, and this
-        connection is closed (it was in the middle of the request). A Trio
-        cancel scope around the call works as well, with the same effect.
+        To bound the wait, use a Trio cancel scope (``trio.fail_after``): if it
+        expires, this connection is closed (it was in the middle of the
+        request) and the scope's exception propagates.
         """
-        if timeout is not None and not timeout >= 0:
-            raise InvalidArgument(f"invalid argument: timeout must be 0 or more, not {timeout}")
         request = core.message(p.Stream, job, end_only=self.welcome.minor >= 1)
-        try:
-            with trio.fail_after(min(timeout, core.MAX_TIMEOUT)
-                                 if timeout is not None else math.inf):
-                async with self._lock:
-                    await self._send(request)
-                    try:
-                        while True:
-                            event = await self._receive()
-                            if not isinstance(event, p.OutputChunk):  # pre-1.1 servers send it
-                                return core.expect(event, p.End).status
-                    except BaseException:
-                        await self.aclose()  # mid-request: this connection cannot go on
-                        raise
-        except trio.TooSlowError:
-            raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
-        except p.ProtocolError as exc:
-            raise core.lost(exc) from None
+        async with self._lock:
+            await self._send(request)
+            try:
+                while True:
+                    event = await self._receive()
+                    if not isinstance(event, p.OutputChunk):  # pre-1.1 servers send output
+                        return core.expect(event, p.End).status
+            except p.ProtocolError as exc:
+                raise core.lost(exc) from None
+            except BaseException:
+                await self.aclose()  # mid-request: this connection cannot go on
+                raise
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
         return (await self._request(core.message(p.Stop, job, grace), p.Stopped,

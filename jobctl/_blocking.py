@@ -183,6 +183,13 @@ class BlockingClient:
         except p.ProtocolError as exc:
             raise core.lost(exc) from None
 
+    def set_wakeup(self, fd: int | None, handler: Callable[[], None] | None) -> None:
+        """While waiting for the server, call ``handler()`` each time ``fd`` is
+        readable (a signal's wakeup fd); None, None: no more. The handler runs
+        between reads, so it may take its time, or raise to end the request in
+        progress (the connection is then only good for closing)."""
+        self._sock.wakeup = (fd, handler) if fd is not None and handler is not None else None
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.close()
@@ -197,18 +204,21 @@ class BlockingClient:
     # -- requests ---------------------------------------------------------------
 
     def start(self, argv: Argv, *, cwd: bytes | str | None = None,
-              env: core.Env | None = None, limits: p.Limits | None = None
-              ) -> p.JobStatus:
+              env: core.Env | None = None, limits: p.Limits | None = None,
+              env_merge: bool = False) -> p.JobStatus:
         """Start a job. The status may be ``error`` (the command could not run).
 
         ``argv``, ``cwd`` and ``env`` names and values may be bytes or str (str
         is encoded as the OS does). ``env`` None: the server's environment for
-        jobs; a mapping: the job's whole environment.
+        jobs; a mapping: the job's whole environment, or with ``env_merge``
+        (servers from protocol 1.1) added to the server's.
         """
-        return self._request(core.start_request(argv, cwd, env, limits), p.Started).status
+        request = core.start_request(argv, cwd, env, limits,
+                                     core.check_merge(env_merge, self.welcome))
+        return self._request(request, p.Started).status
 
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
-            limits: p.Limits | None = None,
+            limits: p.Limits | None = None, env_merge: bool = False,
             on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
         """Start a job and follow its output from the first byte until it ends;
         its final status (``jobctl.exit_status`` makes an exit status of it).
@@ -217,7 +227,7 @@ class BlockingClient:
         written to this process's, as ``subprocess.run`` does. A job that never
         ran returns its ``error`` status at once.
         """
-        status = self.start(argv, cwd=cwd, env=env, limits=limits)
+        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
         if status.state is p.JobState.ERROR:
             return status
         write = on_output or core.write_chunk

@@ -71,7 +71,7 @@ def _encode(what: str, value: object) -> bytes:
 
 
 def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
-                  limits: p.Limits | None) -> p.Start:
+                  limits: p.Limits | None, env_merge: bool = False) -> p.Start:
     """The start message both clients send: str arguments, cwd, env names and
     values encoded as the OS does (``os.fsencode``)."""
     if isinstance(argv, bytes | str):
@@ -81,7 +81,7 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    cwd=_encode("cwd", cwd) if cwd is not None else None,
                    env=tuple((_encode("env name", k), _encode("env value", v))
                              for k, v in env.items()) if env is not None else None,
-                   limits=limits)
+                   limits=limits, env_merge=env_merge)
 
 
 def write_chunk(chunk: p.OutputChunk) -> None:
@@ -89,6 +89,16 @@ def write_chunk(chunk: p.OutputChunk) -> None:
     view = memoryview(chunk.data)
     while view:
         view = view[os.write(chunk.fd, view):]
+
+
+def check_merge(env_merge: bool, welcome: p.Welcome) -> bool:
+    """``env_merge``, if this server understands it (protocol 1.1): an older one
+    would take the variables as the whole environment."""
+    if env_merge and welcome.minor < 1:
+        raise InvalidArgument(f"the server ({welcome.software}, protocol "
+                              f"{welcome.version}.{welcome.minor}) cannot add variables to "
+                              "its environment for jobs: give the whole environment")
+    return env_merge
 
 
 def stop_timeout(grace: float | None) -> float:

@@ -576,7 +576,12 @@ class _Session:
             if sum(len(a) for a in request.argv) > MAX_ARGV_BYTES:
                 raise _Refusal(p.ErrorCode.BAD_REQUEST,
                                f"command line longer than {MAX_ARGV_BYTES} bytes")
-            env = dict(request.env) if request.env is not None else self.server.job_env
+            if request.env is None:
+                env = self.server.job_env
+            elif request.env_merge:
+                env = {**self.server.job_env, **dict(request.env)}
+            else:
+                env = dict(request.env)
             status = await self.manager.start(request.argv, who, cwd=request.cwd, env=env,
                                               limits=request.limits)
             if status.state is p.JobState.ERROR:

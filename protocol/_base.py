@@ -22,7 +22,8 @@ from ._status import JobStatus
 #: Major version: a server refuses a hello with another major version.
 PROTOCOL_VERSION = 1
 #: Minor version: additions that older peers can ignore (new optional fields).
-#: 1: ``stream``/``output`` take ``timestamps`` and ``end_only``; ``out`` may carry ``time``.
+#: 1: ``stream``/``output`` take ``timestamps`` and ``end_only``; ``out`` may carry ``time``;
+#: ``start`` takes ``env_merge``.
 PROTOCOL_MINOR = 1
 
 #: Integers on the wire are msgpack uint64 at most.

@@ -10,6 +10,7 @@ from ._base import (
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     _check_arg,
+    _flag,
     _JobMessage,
     _Message,
     _OutputRequest,
@@ -63,6 +64,9 @@ class Start(_Message):
         None for the server's default. Names are non-empty, unique, without
         ``=``; no NUL anywhere.
       limits: a :class:`Limits`, or None for the server's defaults.
+      env_merge: (minor 1) True: ``env`` is added to the server's environment
+        for jobs (replacing variables of the same name) instead of being the
+        whole environment.
     """
 
     TYPE: ClassVar[str] = "start"
@@ -71,6 +75,7 @@ class Start(_Message):
     cwd: bytes | None = None
     env: tuple[tuple[bytes, bytes], ...] | None = None
     limits: Limits | None = None
+    env_merge: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, list):
@@ -100,6 +105,7 @@ class Start(_Message):
                 check(name not in names, f"env name {name!r} repeats")
                 names.add(name)
         check_type("limits", self.limits, Limits, optional=True)
+        check_type("env_merge", self.env_merge, bool)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "argv": list(self.argv)}
@@ -109,6 +115,8 @@ class Start(_Message):
             out["env"] = [[name, value] for name, value in self.env]
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.env_merge:
+            out["env_merge"] = True
         return out
 
     @classmethod
@@ -121,6 +129,7 @@ class Start(_Message):
             cwd=get_bytes(m, "cwd", None),
             env=tuple(env) if env is not None else None,
             limits=Limits.from_wire(limits) if limits is not None else None,
+            env_merge=_flag(m, "env_merge"),
         )
 
 

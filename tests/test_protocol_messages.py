@@ -121,6 +121,7 @@ EXAMPLES: list[p.Message] = [
     Hello(software="jobctl 0.1.0"),
     Start(argv=(b"sh", b"-c", b"echo \xff"), cwd=b"/tmp", env=((b"PATH", b"/bin"),),
           limits=Limits(memory=1 << 28, cpus=0.5, pids=64, isolate=("net", "pid"))),
+    Start(argv=(b"env",), env=((b"LANG", b"C"),), env_merge=True),
     Stop(job=3, grace=0.5),
     GetStatus(job=7),
     ListJobs(after=100),
@@ -233,7 +234,8 @@ def test_nil_is_absent_for_optional_fields() -> None:
 
 
 def test_defaults_when_absent() -> None:
-    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == Hello(minor=0, software="")
+    hello = Hello(minor=0, software="")
+    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == hello
     assert decode_payload(msgpack.packb({"type": "list"})) == ListJobs(0)
     assert decode_payload(msgpack.packb({"type": "stream", "job": 2})) == Stream(2, 0)
 
