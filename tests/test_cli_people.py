@@ -1,0 +1,533 @@
+"""jobctl for people and for scripts (issue 14, and issue 13's escaping on the
+CLI side): end to end against a real jobd, driving the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import JOBCTL, RUN_CWD, JobdProcess, Pki
+
+#: Generous bound for a whole CLI interaction on a loaded machine.
+DEADLINE = 60.0
+
+
+def ok(result: subprocess.CompletedProcess[bytes]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    return result.stdout.decode()
+
+
+def usage_error(result: subprocess.CompletedProcess[bytes], fragment: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert fragment.encode() in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr
+    # argparse's usage, then one error line
+    *usage, last = result.stderr.decode().splitlines()
+    assert "error: " in last and fragment in last, result.stderr
+    assert usage[0].startswith("usage: jobctl") and all(u.startswith(" ") for u in usage[1:])
+
+
+def start(jobd: JobdProcess, *argv: str, who: str = "alice") -> int:
+    return int(ok(jobd.jobctl(who, "start", *argv)))
+
+
+def jobs_of(jobd: JobdProcess, who: str = "alice") -> list[str]:
+    return ok(jobd.jobctl(who, "list")).splitlines()
+
+
+# -- mistakes never start jobs --------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_start_help_prints_help_and_starts_nothing(jobd: JobdProcess, flag: str) -> None:
+    for command in ("start", "run"):
+        result = jobd.jobctl("alice", command, flag)
+        out = ok(result)
+        assert out.startswith(f"usage: jobctl {command} ")
+        assert "example:" in out and "--memory" in out
+    assert jobs_of(jobd) == []
+
+
+def test_unknown_start_option_is_a_usage_error(jobd: JobdProcess) -> None:
+    usage_error(jobd.jobctl("alice", "start", "--mem", "64M", "true"),
+                "unrecognized arguments: --mem")
+    usage_error(jobd.jobctl("alice", "run", "--bogus", "true"), "unrecognized arguments: --bogus")
+    usage_error(jobd.jobctl("alice", "start"), "missing command")
+    assert jobs_of(jobd) == []
+    # `--` passes everything after it through, options and all.
+    job = start(jobd, "--", "sh", "-c", 'printf "%s|" "$0" "$@"', "--mem", "-la")
+    ok(jobd.jobctl("alice", "wait", str(job)))
+    assert jobd.jobctl("alice", "output", str(job)).stdout == b"--mem|-la|"  # $0 is --mem
+
+
+def test_global_options_after_the_subcommand(jobd: JobdProcess) -> None:
+    # The port before it is wrong; the one after the subcommand wins.
+    cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "start",
+           "-p", str(jobd.port), "true"]
+    result = subprocess.run(cmd, capture_output=True, timeout=DEADLINE, cwd=RUN_CWD,
+                            stdin=subprocess.DEVNULL)
+    job = int(ok(result))
+    ok(jobd.jobctl("alice", "wait", str(job)))
+    status = json.loads(ok(jobd.jobctl("alice", "status", str(job), "--json")))
+    assert status["status"] == "exited: 0"
+    listing = json.loads(ok(jobd.jobctl("alice", "list", "--json")))
+    assert [j["id"] for j in listing["jobs"]] == [job]
+    # After start's command, the options belong to the job.
+    job = start(jobd, "printf", "%s ", "--json", "-p", "1")
+    ok(jobd.jobctl("alice", "wait", str(job)))
+    assert jobd.jobctl("alice", "output", str(job)).stdout == b"--json -p 1 "
+
+
+def test_bad_numbers_never_trace_back(jobd: JobdProcess) -> None:
+    job = start(jobd, "sleep", "1000")
+    usage_error(jobd.jobctl("alice", "status", "99999999999999999999"), "not a job ID")
+    usage_error(jobd.jobctl("alice", "status", "-3"), "")
+    for grace in ("-1", "nan", "1e308", "inf", "x"):
+        usage_error(jobd.jobctl("alice", "stop", "--grace", grace, str(job)), "--grace")
+    # None of these sent a stop.
+    assert ok(jobd.jobctl("alice", "status", str(job))) == "running\n"
+    for args in (["list", "--since", "soon"], ["list", "--state", "sleepy"],
+                 ["wait", "--timeout", "-1", str(job)], ["stream", "--tail", "many", str(job)],
+                 ["start", "--memory", "99999999999999999999999T", "true"],
+                 ["start", "--cpus", "nan", "true"], ["start", "--env", "NOEQUALS", "true"]):
+        usage_error(jobd.jobctl("alice", *args), "")
+    assert ok(jobd.jobctl("alice", "stop", "--grace", "0", str(job))) == "process stopped\n"
+
+
+def test_missing_certificate_message(jobd: JobdProcess, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path)  # no default files there
+    cmd = [*JOBCTL, "-c", jobd.pki.path("alice.pem"), "-k", jobd.pki.path("alice.key"),
+           "-a", jobd.address, "-p", str(jobd.port), "list"]
+    result = subprocess.run(cmd, capture_output=True, timeout=DEADLINE, cwd=RUN_CWD, env=env,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert result.stderr == (f"no CA certificate: use -C/--certificate-authority, JOBCTL_CA "
+                             f"or {tmp_path}/jobctl/\n").encode()
+
+
+def test_ca_directory_is_named(jobd: JobdProcess, tmp_path: Path) -> None:
+    result = jobd.jobctl("alice", "list", extra=["-C", str(tmp_path)])
+    assert result.returncode == 2
+    assert result.stderr == (f"-C/--certificate-authority: {tmp_path} is a directory, "
+                             "not a CA certificate file\n").encode()
+
+
+def test_address_with_port(pki: Pki, tmp_path: Path) -> None:
+    from .conftest import start_jobd
+
+    server = start_jobd(pki, tmp_path / "state", address="::1")
+    try:
+        for address in (f"[::1]:{server.port}", f"localhost:{server.port}"):
+            cmd = [*JOBCTL, *pki.client_args("alice"), "-a", address, "list"]
+            result = subprocess.run(cmd, capture_output=True, timeout=DEADLINE, cwd=RUN_CWD,
+                                    stdin=subprocess.DEVNULL, env=_no_jobctl_env())
+            if address.startswith("localhost") and result.returncode == 3:
+                continue  # localhost may resolve to 127.0.0.1 only; ::1 is what is served
+            assert result.returncode == 0, (address, result.stderr)
+        cmd = [*JOBCTL, *pki.client_args("alice"), "-a", f"[::1]:{server.port}", "-p", "1",
+               "list"]
+        result = subprocess.run(cmd, capture_output=True, timeout=DEADLINE, cwd=RUN_CWD,
+                                stdin=subprocess.DEVNULL, env=_no_jobctl_env())
+        assert result.returncode == 2
+        assert b"-a/--address says port" in result.stderr
+    finally:
+        server.stop()
+
+
+def _no_jobctl_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
+
+
+def test_every_subcommand_help_has_a_description_and_an_example(jobd: JobdProcess) -> None:
+    top = ok(jobd.jobctl("alice", "--help"))
+    names = re.findall(r"^    (\w+) ", top, re.M)
+    assert {"run", "start", "wait", "status", "stream", "output", "stop", "list", "delete",
+            "completion"} <= set(names)
+    for name in names:
+        out = ok(jobd.jobctl("alice", name, "-h"))
+        body = out.split("\n\n")
+        assert out.startswith(f"usage: jobctl {name}"), name
+        assert len(body[1].strip()) > 30, (name, body[1])  # a description
+        assert f"example:\n  jobctl {name}" in out or "example:\n  source <(jobctl" in out, name
+
+
+# -- run -------------------------------------------------------------------------
+
+
+def test_run_streams_and_exits_with_the_jobs_status(jobd: JobdProcess) -> None:
+    result = jobd.jobctl("alice", "run", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (result.returncode, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+    result = jobd.jobctl("alice", "run", "sh", "-c", "kill -TERM $$")
+    assert result.returncode == 128 + signal.SIGTERM
+    result = jobd.jobctl("alice", "run", "nosuchcmd-jobd")
+    assert (result.returncode, result.stdout) == (1, b"")
+    assert result.stderr == b"error: command not found: nosuchcmd-jobd\n"
+    assert ok(jobd.jobctl("alice", "run", "true")) == ""
+
+
+def test_run_with_cwd_env_and_clear_env(jobd: JobdProcess, tmp_path: Path) -> None:
+    out = ok(jobd.jobctl("alice", "run", "--cwd", str(tmp_path), "--env", "GREETING=hi there",
+                         "--env", "X=1=2", "sh", "-c", 'echo "$PWD|$GREETING|$X|${PATH:+path}"'))
+    assert out == f"{tmp_path}|hi there|1=2|path\n"
+    # --clear-env: only what --env gives (no PATH: the command needs a full path).
+    out = ok(jobd.jobctl("alice", "run", "--clear-env", "--env", "ONLY=1", "/usr/bin/env"))
+    assert out == "ONLY=1\n"
+    out = ok(jobd.jobctl("alice", "run", "--clear-env", "/usr/bin/env"))
+    assert out == ""
+
+
+def _interrupt_when_ready(proc: subprocess.Popen[bytes], marker: bytes,
+                          read_fd: int) -> bytes:
+    """Read proc's output (on read_fd) until marker, then send it SIGINT."""
+    seen = b""
+    deadline = time.monotonic() + DEADLINE
+    while marker not in seen:
+        ready, _, _ = select.select([read_fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, seen
+        chunk = os.read(read_fd, 4096)
+        assert chunk, seen
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    return seen
+
+
+def _run(jobd: JobdProcess, *args: str, stdin: int | None = subprocess.DEVNULL
+         ) -> subprocess.Popen[bytes]:
+    cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p", str(jobd.port),
+           "run", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin,
+                            cwd=RUN_CWD)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
+def test_run_interrupted_in_a_script_detaches(jobd: JobdProcess,
+                                              procs: list[subprocess.Popen[bytes]]) -> None:
+    proc = _run(jobd, "sh", "-c", "echo ready; exec sleep 1000")
+    procs.append(proc)
+    assert proc.stdout is not None
+    _interrupt_when_ready(proc, b"ready\n", proc.stdout.fileno())
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 130
+    m = re.search(rb"detached: job (\d+) keeps running", err)
+    assert m, err
+    assert ok(jobd.jobctl("alice", "status", m.group(1).decode())) == "running\n"
+    ok(jobd.jobctl("alice", "stop", "--grace", "0", m.group(1).decode()))
+
+
+def test_run_stop_on_interrupt(jobd: JobdProcess, procs: list[subprocess.Popen[bytes]]) -> None:
+    proc = _run(jobd, "--stop-on-interrupt", "sh", "-c", "echo ready; exec sleep 1000")
+    procs.append(proc)
+    assert proc.stdout is not None
+    _interrupt_when_ready(proc, b"ready\n", proc.stdout.fileno())
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 128 + signal.SIGINT, err  # the stop's SIGINT ended it
+    assert b"stopping job" in err
+    [line] = jobs_of(jobd)
+    assert line.split("\t")[2] == "stopped"
+
+
+def test_run_interactive_asks_once(jobd: JobdProcess,
+                                   procs: list[subprocess.Popen[bytes]]) -> None:
+    """On a terminal, Ctrl-C asks; "n" follows on; "y" at a second... no: a second
+    Ctrl-C detaches. Here: "y" stops the job."""
+    main, secondary = pty.openpty()
+    try:
+        cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p",
+               str(jobd.port), "run", "sh", "-c", "echo ready; exec sleep 1000"]
+        proc = subprocess.Popen(cmd, stdin=secondary, stdout=secondary, stderr=secondary,
+                                cwd=RUN_CWD)
+        procs.append(proc)
+        os.close(secondary)
+        secondary = -1
+        _interrupt_when_ready(proc, b"ready", main)
+        seen = b""
+        deadline = time.monotonic() + DEADLINE
+        while b"[y/N]" not in seen:
+            ready, _, _ = select.select([main], [], [], max(deadline - time.monotonic(), 0))
+            assert ready, seen
+            seen += os.read(main, 4096)
+        os.write(main, b"y\n")
+        assert proc.wait(DEADLINE) == 128 + signal.SIGINT
+    finally:
+        os.close(main)
+        if secondary >= 0:
+            os.close(secondary)
+    [line] = jobs_of(jobd)
+    assert line.split("\t")[2] == "stopped"
+
+
+# -- wait ------------------------------------------------------------------------
+
+
+def test_wait_prints_statuses_and_exits_with_the_first(jobd: JobdProcess) -> None:
+    first = start(jobd, "sh", "-c", "exit 3")
+    second = start(jobd, "sh", "-c", "kill -KILL $$")
+    result = jobd.jobctl("alice", "wait", str(first), str(second))
+    assert (result.returncode, result.stdout) == (3, b"exited: 3\nkilled: SIGKILL\n")
+    result = jobd.jobctl("alice", "wait", str(second), str(first))
+    assert result.returncode == 128 + signal.SIGKILL
+    broken = int(jobd.jobctl("alice", "start", "nosuchcmd-jobd").stdout)
+    assert jobd.jobctl("alice", "wait", str(broken)).returncode == 1
+    result = jobd.jobctl("alice", "wait", "9999")
+    assert (result.returncode, result.stderr) == (1, b"process not found\n")
+
+
+def test_wait_sends_no_output_and_times_out_with_124(jobd: JobdProcess) -> None:
+    job = start(jobd, "sh", "-c", "yes | head -c 1000000; exec sleep 1000")
+    result = jobd.jobctl("alice", "wait", "--timeout", "0.5", str(job))
+    assert result.returncode == 124
+    assert result.stdout == b""
+    assert b"timed out" in result.stderr
+    ok(jobd.jobctl("alice", "stop", "--grace", "0", str(job)))
+    result = jobd.jobctl("alice", "wait", "--timeout", "30", str(job))
+    assert (result.returncode, result.stdout) == (128 + signal.SIGKILL, b"stopped\n")
+
+
+# -- stream: --tail, --timestamps, --no-follow ------------------------------------
+
+
+def test_stream_tail_then_follow(jobd: JobdProcess) -> None:
+    job = start(jobd, "sh", "-c", "seq 1 100; read x < /dev/null; sleep 0.2; echo after")
+    ok(jobd.jobctl("alice", "wait", str(job)))
+    assert ok(jobd.jobctl("alice", "stream", "--tail", "3", str(job))) == "99\n100\nafter\n"
+    assert ok(jobd.jobctl("alice", "output", "--tail", "1", str(job))) == "after\n"
+    assert ok(jobd.jobctl("alice", "stream", "--tail", "0", str(job))) == ""
+    assert ok(jobd.jobctl("alice", "stream", "--tail", "1000", str(job))).count("\n") == 101
+    # A live job: the tail, then what follows, nothing lost or repeated.
+    fifo_job = start(jobd, "sh", "-c", "seq 1 10; echo ready; exec sleep 1000")
+    cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p",
+           str(jobd.port), "stream", "--tail", "2", str(fifo_job)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=RUN_CWD,
+                            stdin=subprocess.DEVNULL)
+    try:
+        ok(jobd.jobctl("alice", "stop", "--grace", "0", str(fifo_job)))
+        out, _ = proc.communicate(timeout=DEADLINE)
+        assert out == b"10\nready\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_stream_timestamps(jobd: JobdProcess) -> None:
+    before = time.time()
+    job = start(jobd, "sh", "-c", "printf 'one\\ntw'; sleep 0.1; printf 'o\\nthree\\n'; "
+                "echo err >&2")
+    ok(jobd.jobctl("alice", "wait", str(job)))
+    result = jobd.jobctl("alice", "stream", "--timestamps", str(job))
+    lines = result.stdout.decode().splitlines()
+    stamp = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6})Z "
+    assert [re.sub(stamp, "", line) for line in lines] == ["one", "two", "three"]
+    for line in lines:
+        m = re.match(stamp, line)
+        assert m, line
+        when = time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        assert before - 2 <= when <= time.time() + 2
+    assert re.fullmatch(stamp + "err\n", result.stderr.decode())
+    # --no-follow is output: the same bytes, and it returns on a running job.
+    assert ok(jobd.jobctl("alice", "stream", "--no-follow", str(job))) == "one\ntwo\nthree\n"
+    running = start(jobd, "sh", "-c", "echo hi; exec sleep 1000")
+    ok(jobd.jobctl("alice", "stream", "--tail", "1", str(job)))  # (a job that ended)
+    assert jobd.jobctl("alice", "stream", "--no-follow", str(running)).returncode == 0
+    ok(jobd.jobctl("alice", "stop", "--grace", "0", str(running)))
+
+
+# -- list and status ----------------------------------------------------------------
+
+
+def test_list_columns_filters_and_json(jobd: JobdProcess) -> None:
+    done = start(jobd, "true")
+    ok(jobd.jobctl("alice", "wait", str(done)))
+    running = start(jobd, "sleep", "1000")
+    bobs = start(jobd, "sleep", "1000", who="bob")
+    rows = [line.split("\t") for line in jobs_of(jobd, "root")]
+    assert [r[0] for r in rows] == [str(done), str(running), str(bobs)]
+    for row in rows:
+        assert len(row) == 6
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[3]), row
+        assert re.fullmatch(r"(\d+d)?(\d+h)?(\d+m)?\d+s|\d+[dh]\d\d[hm]|\d+m\d\ds", row[4]), row
+
+    def ids(*args: str) -> list[int]:
+        return [j["id"] for j in json.loads(ok(jobd.jobctl("root", "--json", "list", *args)))[
+            "jobs"]]
+
+    assert ids("--state", "running") == [running, bobs]
+    assert ids("--state", "ended") == [done]
+    assert ids("--state", "exited") == [done]
+    assert ids("--owner", "bob") == [bobs]
+    assert ids("--since", "1h") == [done, running, bobs]
+    assert ids("--owner", "nobody") == []
+    created = json.loads(ok(jobd.jobctl("root", "--json", "list")))["jobs"][0]["created"]
+    assert isinstance(created, float)  # exact epoch values in JSON
+    for job in (running, bobs):
+        ok(jobd.jobctl("root", "stop", "--grace", "0", str(job)))
+
+
+def test_list_header_on_a_terminal(jobd: JobdProcess) -> None:
+    start(jobd, "sleep", "1000")
+    main, secondary = pty.openpty()
+    try:
+        cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p",
+               str(jobd.port), "list"]
+        proc = subprocess.run(cmd, stdout=secondary, stderr=subprocess.PIPE, cwd=RUN_CWD,
+                              stdin=subprocess.DEVNULL, timeout=DEADLINE)
+        assert proc.returncode == 0
+        os.close(secondary)
+        secondary = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(main)
+        if secondary >= 0:
+            os.close(secondary)
+    header, row = out.decode().splitlines()
+    assert header.split() == ["ID", "OWNER", "STATUS", "CREATED", "DURATION", "COMMAND"]
+    assert header.index("COMMAND") == row.index("sleep 1000")
+    assert "\t" not in row
+
+
+def test_status_long(jobd: JobdProcess) -> None:
+    job = start(jobd, "--pids", "64", "sh", "-c", "echo hi")
+    ok(jobd.jobctl("alice", "wait", str(job)))
+    out = ok(jobd.jobctl("alice", "status", "-v", str(job)))
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert set(fields) >= {"id", "owner", "command", "status", "pid", "created", "started",
+                           "ended", "duration", "limits", "peak memory", "cpu time", "output",
+                           "dropped"}
+    assert fields["owner"].strip() == "alice"
+    assert fields["status"].strip() == "exited: 0"
+    assert fields["command"].strip() == "sh -c 'echo hi'"
+    assert fields["output"].strip() == "3 bytes kept"
+    assert "pids 64" in fields["limits"]
+    # aligned: every value starts in the same column
+    assert len({len(line) - len(line.split(":", 1)[1].lstrip()) for line in
+                out.splitlines()}) == 1
+    assert ok(jobd.jobctl("alice", "status", "--long", str(job))) == out
+
+
+def test_control_characters_are_escaped(pki: Pki, tmp_path: Path) -> None:
+    """A CN with a newline, and an argv that would drive the terminal, print as
+    one escaped row each; --json keeps the exact values."""
+    from .conftest import _write_leaf, start_jobd
+
+    evil_cn = "mallory\n99\troot\trunning\tforged"
+    _write_leaf(pki.dir, "mallory", pki.ca.issue_cert(common_name=evil_cn,
+                                                      organization_unit_name="control"))
+    server = start_jobd(pki, tmp_path / "state")
+    try:
+        argv = ["printf", "\x1b]0;PWNED\x07\x1b[2J\x1b[1;1H\r", "\n2\tforged"]
+        job = int(ok(server.jobctl("mallory", "start", *argv)))
+        ok(server.jobctl("mallory", "wait", str(job)))
+        for who in ("root", "mallory"):
+            out = ok(server.jobctl(who, "list"))
+            [line] = out.splitlines()
+            assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+            row = line.split("\t")
+            assert row[1] == "mallory\\n99\\troot\\trunning\\tforged"
+            assert row[5] == "printf $'\\e]0;PWNED\\a\\e[2J\\e[1;1H\\r' $'\\n2\\tforged'"
+        long = ok(server.jobctl("root", "status", "-v", str(job)))
+        assert "\x1b" not in long and len(long.splitlines()) == 14
+        exact = json.loads(ok(server.jobctl("root", "--json", "list")))["jobs"][0]
+        assert exact["owner"] == evil_cn and exact["argv"] == argv
+    finally:
+        server.stop()
+
+
+def test_a_long_stop_says_what_it_does_on_a_terminal(jobd: JobdProcess) -> None:
+    job = start(jobd, "sh", "-c", "trap '' INT; echo ready; exec sleep 1000")
+    main, secondary = pty.openpty()
+    try:
+        cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p",
+               str(jobd.port), "stop", "--grace", "2", str(job)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=secondary, cwd=RUN_CWD,
+                              stdin=subprocess.DEVNULL, timeout=DEADLINE)
+        os.close(secondary)
+        secondary = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        os.close(main)
+        if secondary >= 0:
+            os.close(secondary)
+    assert (proc.returncode, proc.stdout) == (0, b"process stopped\n")
+    assert b"SIGINT sent" in err and b"2 s apart" in err
+    # Not on a terminal: nothing but the answer.
+    job = start(jobd, "sh", "-c", "trap '' INT; exec sleep 1000")
+    result = jobd.jobctl("alice", "stop", "--grace", "1", str(job))
+    assert (result.stdout, result.stderr) == (b"process stopped\n", b"")
+
+
+# -- completion ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts(jobd: JobdProcess, shell: str) -> None:
+    script = ok(jobd.jobctl("alice", "completion", shell))
+    for word in ("run", "wait", "stop-on-interrupt", "timestamps", "jobctl_job_ids"):
+        assert word in script, word
+    if shell == "bash":
+        check = subprocess.run(["bash", "-n"], input=script.encode(), capture_output=True,
+                               timeout=DEADLINE)
+        assert check.returncode == 0, check.stderr
+
+
+def test_bash_completion_completes_job_ids(jobd: JobdProcess, tmp_path: Path) -> None:
+    job = start(jobd, "sleep", "1000")
+    script = tmp_path / "jobctl.bash"
+    script.write_bytes(jobd.jobctl("alice", "completion", "bash").stdout)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # `jobctl` on PATH for the completion function: the real one, with this server.
+    wrapper = bindir / "jobctl"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(
+        f"'{a}'" for a in [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address,
+                           "-p", str(jobd.port)]) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    test = (f"source {script}\n"
+            "COMP_WORDS=(jobctl status ''); COMP_CWORD=2; COMP_LINE='jobctl status '; "
+            "COMP_POINT=${#COMP_LINE}\n"
+            "_shtab_jobctl\n"
+            'printf "%s\\n" "${COMPREPLY[@]}"\n')
+    result = subprocess.run(["bash", "-c", test], capture_output=True, timeout=DEADLINE,
+                            env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"},
+                            cwd=RUN_CWD)
+    assert result.returncode == 0, result.stderr
+    assert str(job) in result.stdout.decode().split(), result
+    ok(jobd.jobctl("alice", "stop", "--grace", "0", str(job)))
