@@ -10,6 +10,7 @@ and ``stream``/``output`` write the job's own bytes untouched.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Sequence
@@ -20,12 +21,18 @@ import protocol as p
 #: paragraph separators, the bidirectional overrides and isolates (which can
 #: reorder what a reader sees, "Trojan Source"), and the lone surrogates that
 #: stand for bytes that were not UTF-8.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                     "\u2066-\u2069\udc80-\udcff]")
+_UNSAFE = ("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+           "\u2066-\u2069\udc80-\udcff]")
 _NAMED = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f",
           "\r": "\\r", "\x1b": "\\e"}
 #: A word the shell takes as it is, needing no quotes.
-_PLAIN = re.compile(r"[\w@%+=:,./-]+", re.ASCII)
+_PLAIN = r"[\w@%+=:,./-]+"
+
+
+@functools.cache
+def _rx(pattern: str) -> re.Pattern[str]:
+    """Compiled on first use: most runs of jobctl print nothing that needs it."""
+    return re.compile(pattern, re.ASCII if pattern is _PLAIN else 0)
 
 
 def _escape_char(m: re.Match[str]) -> str:
@@ -41,7 +48,9 @@ def _escape_char(m: re.Match[str]) -> str:
 
 def escape(text: str) -> str:
     """``text`` with every unsafe character as a C-style escape (``\\n``, ``\\e``, ``\\x9b``)."""
-    return _UNSAFE.sub(_escape_char, text)
+    if text.isprintable():  # every unsafe character is unprintable: the common case, fast
+        return text
+    return _rx(_UNSAFE).sub(_escape_char, text)
 
 
 def quote_arg(arg: bytes | str) -> str:
@@ -53,9 +62,9 @@ def quote_arg(arg: bytes | str) -> str:
     can be pasted back into a shell.
     """
     text = arg.decode("utf-8", "surrogateescape") if isinstance(arg, bytes) else arg
-    if text and _PLAIN.fullmatch(text):
+    if text and _rx(_PLAIN).fullmatch(text):
         return text
-    if not _UNSAFE.search(text):
+    if text.isprintable() or not _rx(_UNSAFE).search(text):
         return "'" + text.replace("'", "'\"'\"'") + "'"
     inner = text.replace("\\", "\\\\").replace("'", "\\'")
     return "$'" + escape(inner) + "'"
