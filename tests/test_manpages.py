@@ -18,8 +18,8 @@ def test_manpages_generated_from_the_parsers(tmp_path: Path) -> None:
     jobd = (tmp_path / "jobd.8").read_text()
     assert jobctl.startswith('.TH JOBCTL "1"')
     assert jobd.startswith('.TH JOBD "8"')
-    for word in ("jobctl run", "jobctl wait", "jobctl stream", "jobctl list", "stop\\-on\\-interrupt",
-                 "timestamps", "clear\\-env", "JOBCTL_CA"):
+    for word in ("jobctl run", "jobctl wait", "jobctl stream", "jobctl list",
+                 "stop\\-on\\-interrupt", "timestamps", "clear\\-env", "JOBCTL_CA"):
         assert word in jobctl, word
     for word in ("state\\-dir", "certificate\\-authority"):
         assert word in jobd, word
