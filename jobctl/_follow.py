@@ -191,7 +191,8 @@ def run(ns: argparse.Namespace, ctx: Context) -> int:
               f"(jobctl stream {status.id}; jobctl stop {status.id})", file=sys.stderr)
         return 130
     _truncated(end)
-    if end.status.state is p.JobState.ERROR:
+    if end.status.state in (p.JobState.ERROR, p.JobState.KILLED):
+        # As a shell says "Killed": an exit status alone does not tell an OOM kill.
         print(text.describe(end.status), file=sys.stderr)
     return core.exit_status(end.status)
 

@@ -169,7 +169,7 @@ def test_run_streams_and_exits_with_the_jobs_status(jobd: JobdProcess) -> None:
     result = jobd.jobctl("alice", "run", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (result.returncode, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
     result = jobd.jobctl("alice", "run", "sh", "-c", "kill -TERM $$")
-    assert result.returncode == 128 + signal.SIGTERM
+    assert (result.returncode, result.stderr) == (128 + signal.SIGTERM, b"killed: SIGTERM\n")
     result = jobd.jobctl("alice", "run", "nosuchcmd-jobd")
     assert (result.returncode, result.stdout) == (1, b"")
     assert result.stderr == b"error: command not found: nosuchcmd-jobd\n"
