@@ -459,6 +459,12 @@ def test_control_characters_are_escaped(pki: Pki, tmp_path: Path) -> None:
         assert "\x1b" not in long and len(long.splitlines()) == 14
         exact = json.loads(ok(server.jobctl("root", "--json", "list")))["jobs"][0]
         assert exact["owner"] == evil_cn and exact["argv"] == argv
+        # The server's error texts echo what the client sent: escaped too.
+        result = server.jobctl("mallory", "run", "nosuch\x1b[2J\rcmd")
+        assert result.returncode == 1
+        assert result.stderr == b"error: command not found: nosuch\\e[2J\\rcmd\n"
+        result = server.jobctl("mallory", "start", "nosuch\x1b[2J\rcmd")
+        assert result.stderr == b"error: command not found: nosuch\\e[2J\\rcmd\n"
     finally:
         server.stop()
 
