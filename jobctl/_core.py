@@ -84,11 +84,16 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    limits=limits, env_merge=env_merge)
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd``."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_chunk(chunk: p.OutputChunk) -> None:
     """Write a chunk to this process's stdout or stderr (its fd), all of it."""
-    view = memoryview(chunk.data)
-    while view:
-        view = view[os.write(chunk.fd, view):]
+    write_all(chunk.fd, chunk.data)
 
 
 def check_merge(env_merge: bool, welcome: p.Welcome) -> bool:

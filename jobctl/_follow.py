@@ -72,7 +72,7 @@ class Writer:
 
     def write(self, fd: int, data: bytes, when: float | None) -> None:
         if not self.timestamps:
-            core.write_chunk(p.OutputChunk(fd, data, 0))
+            core.write_all(fd, data)
             return
         prefix = _stamp(time.time() if when is None else when)
         out = bytearray()
@@ -81,7 +81,7 @@ class Writer:
                 out += prefix
             out += line
             self._at_line_start[fd] = line.endswith(b"\n")
-        core.write_chunk(p.OutputChunk(fd, bytes(out), 0))
+        core.write_all(fd, out)
 
     def follow(self, events: Iterable[p.OutputChunk | p.End]) -> p.End:
         end: p.End | None = None

@@ -249,10 +249,21 @@ def test_run_stop_on_interrupt(jobd: JobdProcess, procs: list[subprocess.Popen[b
     assert line.split("\t")[2] == "stopped"
 
 
-def test_run_interactive_asks_once(jobd: JobdProcess,
-                                   procs: list[subprocess.Popen[bytes]]) -> None:
-    """On a terminal, Ctrl-C asks; "n" follows on; "y" at a second... no: a second
-    Ctrl-C detaches. Here: "y" stops the job."""
+def _read_until(fd: int, marker: bytes) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + DEADLINE
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, seen
+        seen += os.read(fd, 4096)
+    return seen
+
+
+@pytest.mark.parametrize("answer", [b"y\n", b"n\n"])
+def test_run_interactive_asks_once(jobd: JobdProcess, procs: list[subprocess.Popen[bytes]],
+                                   answer: bytes) -> None:
+    """On a terminal, Ctrl-C asks: "y" stops the job; "n" follows on, and a
+    second Ctrl-C detaches without asking again."""
     main, secondary = pty.openpty()
     try:
         cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p",
@@ -263,20 +274,24 @@ def test_run_interactive_asks_once(jobd: JobdProcess,
         os.close(secondary)
         secondary = -1
         _interrupt_when_ready(proc, b"ready", main)
-        seen = b""
-        deadline = time.monotonic() + DEADLINE
-        while b"[y/N]" not in seen:
-            ready, _, _ = select.select([main], [], [], max(deadline - time.monotonic(), 0))
-            assert ready, seen
-            seen += os.read(main, 4096)
-        os.write(main, b"y\n")
-        assert proc.wait(DEADLINE) == 128 + signal.SIGINT
+        _read_until(main, b"[y/N]")
+        os.write(main, answer)
+        if answer == b"y\n":
+            assert proc.wait(DEADLINE) == 128 + signal.SIGINT
+            expected = "stopped"
+        else:
+            _read_until(main, b"following on")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(DEADLINE) == 130
+            expected = "running"
     finally:
         os.close(main)
         if secondary >= 0:
             os.close(secondary)
     [line] = jobs_of(jobd)
-    assert line.split("\t")[2] == "stopped"
+    assert line.split("\t")[2] == expected
+    if expected == "running":
+        ok(jobd.jobctl("alice", "stop", "--grace", "0", line.split("\t")[0]))
 
 
 # -- wait ------------------------------------------------------------------------
