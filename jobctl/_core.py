@@ -84,7 +84,7 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    limits=limits, env_merge=env_merge)
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write all of ``data`` to ``fd``."""
     view = memoryview(data)
     while view:
