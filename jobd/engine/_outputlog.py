@@ -42,7 +42,8 @@ Reading. :meth:`OutputLog.chunks` reads large blocks with ``preadv`` and
 ``RWF_NOWAIT`` in the event loop (page-cache hits, the live case, cost no
 thread hop) and falls back to a worker thread when the data is not cached.
 Consecutive records of one fd are coalesced into one chunk of at most
-``max_chunk`` bytes. A follower waits on an event the appender sets after each
+``max_chunk`` bytes (with ``timestamps``, every record is its own chunk, with
+its time: :func:`_records`). A follower waits on an event the appender sets after each
 commit: no polling. Every reader has its own file descriptor, so a slow one
 slows only itself.
 """
