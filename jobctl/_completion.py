@@ -41,7 +41,18 @@ _jobctl_job_ids() {
 ''',
     "fish": r'''
 function __jobctl_job_ids
-  jobctl list 2>/dev/null | awk -F'\t' '{print $1 "\t" $3 " " $6}'
+  set -l tokens (commandline -opc)
+  set -l opts
+  set -l i 2
+  while test $i -lt (count $tokens)
+    switch $tokens[$i]
+      case -c --certificate -k --key -C --certificate-authority -a --address -p --port --server-name
+        set -a opts $tokens[$i] $tokens[(math $i + 1)]
+        set i (math $i + 1)
+    end
+    set i (math $i + 1)
+  end
+  jobctl $opts list 2>/dev/null | awk -F'\t' '{print $1 "\t" $3 " " $6}'
 end
 ''',
 }

@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -523,32 +524,58 @@ def test_completion_scripts(jobd: JobdProcess, shell: str) -> None:
     script = ok(jobd.jobctl("alice", "completion", shell))
     for word in ("run", "wait", "stop-on-interrupt", "timestamps", "jobctl_job_ids"):
         assert word in script, word
-    if shell == "bash":
-        check = subprocess.run(["bash", "-n"], input=script.encode(), capture_output=True,
+    # Syntax: bash always; zsh and fish where installed (CI has bash only).
+    check_cmd = {"bash": ["bash", "-n"], "zsh": ["zsh", "-n"], "fish": ["fish", "--no-execute"]}
+    if shutil.which(shell):
+        check = subprocess.run(check_cmd[shell], input=script.encode(), capture_output=True,
                                timeout=DEADLINE)
         assert check.returncode == 0, check.stderr
+    else:
+        assert shell != "bash"
+
+
+def _jobctl_on_path(jobd: JobdProcess, tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH has `jobctl`: the real one, given the server's
+    address and port only on its command line, as a user would type them
+    (the certificates come from the environment)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "jobctl"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in JOBCTL) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    files = jobd.pki.files("alice")
+    return {**_no_jobctl_env(), "PATH": f"{bindir}:{os.environ['PATH']}",
+            "JOBCTL_CERTIFICATE": files["certificate"], "JOBCTL_KEY": files["key"],
+            "JOBCTL_CA": files["ca"]}
 
 
 def test_bash_completion_completes_job_ids(jobd: JobdProcess, tmp_path: Path) -> None:
     job = start(jobd, "sleep", "1000")
     script = tmp_path / "jobctl.bash"
     script.write_bytes(jobd.jobctl("alice", "completion", "bash").stdout)
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    # `jobctl` on PATH for the completion function: the real one, with this server.
-    wrapper = bindir / "jobctl"
-    wrapper.write_text("#!/bin/sh\nexec " + " ".join(
-        f"'{a}'" for a in [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address,
-                           "-p", str(jobd.port)]) + ' "$@"\n')
-    wrapper.chmod(0o755)
+    line = f"jobctl -a {jobd.address} -p {jobd.port} status "
     test = (f"source {script}\n"
-            "COMP_WORDS=(jobctl status ''); COMP_CWORD=2; COMP_LINE='jobctl status '; "
-            "COMP_POINT=${#COMP_LINE}\n"
+            f"COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}\n"
+            "read -ra COMP_WORDS <<< \"$COMP_LINE\"; COMP_WORDS+=(''); "
+            "COMP_CWORD=$((${#COMP_WORDS[@]} - 1))\n"
             "_shtab_jobctl\n"
             'printf "%s\\n" "${COMPREPLY[@]}"\n')
     result = subprocess.run(["bash", "-c", test], capture_output=True, timeout=DEADLINE,
-                            env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"},
-                            cwd=RUN_CWD)
+                            env=_jobctl_on_path(jobd, tmp_path), cwd=RUN_CWD)
     assert result.returncode == 0, result.stderr
-    assert str(job) in result.stdout.decode().split(), result
+    assert result.stdout.decode().split() == [str(job)], result
+    ok(jobd.jobctl("alice", "stop", "--grace", "0", str(job)))
+
+
+@pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed (CI has bash only)")
+def test_fish_completion_completes_job_ids(jobd: JobdProcess, tmp_path: Path) -> None:
+    job = start(jobd, "sleep", "1000")
+    script = tmp_path / "jobctl.fish"
+    script.write_bytes(jobd.jobctl("alice", "completion", "fish").stdout)
+    line = f"jobctl -a {jobd.address} -p {jobd.port} stop "
+    result = subprocess.run(["fish", "--no-config", "-c", f"source {script}; complete -C '{line}'"],
+                            capture_output=True, timeout=DEADLINE,
+                            env=_jobctl_on_path(jobd, tmp_path), cwd=RUN_CWD)
+    assert result.returncode == 0, result.stderr
+    assert [c.split("\t")[0] for c in result.stdout.decode().splitlines()] == [str(job)], result
     ok(jobd.jobctl("alice", "stop", "--grace", "0", str(job)))
