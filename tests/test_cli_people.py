@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import protocol as p
+
 from .conftest import JOBCTL, RUN_CWD, JobdProcess, Pki
 
 #: Generous bound for a whole CLI interaction on a loaded machine.
@@ -325,7 +327,8 @@ def test_wait_sends_no_output_and_times_out_with_124(jobd: JobdProcess) -> None:
 # -- stream: --tail, --timestamps, --no-follow ------------------------------------
 
 
-def test_stream_tail_then_follow(jobd: JobdProcess) -> None:
+def test_stream_tail_then_follow(jobd: JobdProcess, tmp_path: Path,
+                                 procs: list[subprocess.Popen[bytes]]) -> None:
     job = start(jobd, "sh", "-c", "seq 1 100; read x < /dev/null; sleep 0.2; echo after")
     ok(jobd.jobctl("alice", "wait", str(job)))
     assert ok(jobd.jobctl("alice", "stream", "--tail", "3", str(job))) == "99\n100\nafter\n"
@@ -333,19 +336,30 @@ def test_stream_tail_then_follow(jobd: JobdProcess) -> None:
     assert ok(jobd.jobctl("alice", "stream", "--tail", "0", str(job))) == ""
     assert ok(jobd.jobctl("alice", "stream", "--tail", "1000", str(job))).count("\n") == 101
     # A live job: the tail, then what follows, nothing lost or repeated.
-    fifo_job = start(jobd, "sh", "-c", "seq 1 10; echo ready; exec sleep 1000")
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    live = start(jobd, "sh", "-c", f"seq 1 10; echo ready; read x < {fifo}; echo $x; echo after")
+    watcher = _stream(jobd, str(live))
+    procs.append(watcher)
+    assert watcher.stdout is not None
+    _read_until(watcher.stdout.fileno(), b"ready\n")  # in the log now
+    tail = _stream(jobd, "--tail", "2", str(live))
+    procs.append(tail)
+    # Whether the tail was read before or after "more" arrived, what it writes
+    # is the last lines of the whole output, each once.
+    with open(fifo, "w") as f:
+        f.write("more\n")
+    out, _ = tail.communicate(timeout=DEADLINE)
+    assert tail.returncode == 0
+    whole = b"".join(b"%d\n" % i for i in range(1, 11)) + b"ready\nmore\nafter\n"
+    assert out in {b"".join(whole.splitlines(keepends=True)[-k:]) for k in (2, 3, 4)}, out
+
+
+def _stream(jobd: JobdProcess, *args: str) -> subprocess.Popen[bytes]:
     cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p",
-           str(jobd.port), "stream", "--tail", "2", str(fifo_job)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=RUN_CWD,
+           str(jobd.port), "stream", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=RUN_CWD,
                             stdin=subprocess.DEVNULL)
-    try:
-        ok(jobd.jobctl("alice", "stop", "--grace", "0", str(fifo_job)))
-        out, _ = proc.communicate(timeout=DEADLINE)
-        assert out == b"10\nready\n"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def test_stream_timestamps(jobd: JobdProcess) -> None:
@@ -433,7 +447,7 @@ def test_list_header_on_a_terminal(jobd: JobdProcess) -> None:
 
 
 def test_status_long(jobd: JobdProcess) -> None:
-    job = start(jobd, "--pids", "64", "sh", "-c", "echo hi")
+    job = start(jobd, "sh", "-c", "echo hi")
     ok(jobd.jobctl("alice", "wait", str(job)))
     out = ok(jobd.jobctl("alice", "status", "-v", str(job)))
     fields = dict(line.split(":", 1) for line in out.splitlines())
@@ -444,7 +458,7 @@ def test_status_long(jobd: JobdProcess) -> None:
     assert fields["status"].strip() == "exited: 0"
     assert fields["command"].strip() == "sh -c 'echo hi'"
     assert fields["output"].strip() == "3 bytes kept"
-    assert "pids 64" in fields["limits"]
+    assert fields["limits"].strip() == "none"
     # aligned: every value starts in the same column
     assert len({len(line) - len(line.split(":", 1)[1].lstrip()) for line in
                 out.splitlines()}) == 1
@@ -485,8 +499,13 @@ def test_control_characters_are_escaped(pki: Pki, tmp_path: Path) -> None:
         server.stop()
 
 
-def test_a_long_stop_says_what_it_does_on_a_terminal(jobd: JobdProcess) -> None:
+def test_a_long_stop_says_what_it_does_on_a_terminal(
+        jobd: JobdProcess, procs: list[subprocess.Popen[bytes]]) -> None:
     job = start(jobd, "sh", "-c", "trap '' INT; echo ready; exec sleep 1000")
+    watcher = _stream(jobd, str(job))
+    procs.append(watcher)
+    assert watcher.stdout is not None
+    _read_until(watcher.stdout.fileno(), b"ready\n")  # SIGINT is ignored from now on
     main, secondary = pty.openpty()
     try:
         cmd = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p",
@@ -579,3 +598,16 @@ def test_fish_completion_completes_job_ids(jobd: JobdProcess, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert [c.split("\t")[0] for c in result.stdout.decode().splitlines()] == [str(job)], result
     ok(jobd.jobctl("alice", "stop", "--grace", "0", str(job)))
+
+
+def test_limits_and_sizes_read_as_typed() -> None:
+    """status -v's limits line, in the units the options take."""
+    from jobctl import _text
+
+    limits = p.Limits(memory=256 << 20, cpus=0.5, pids=64, io_read_bps=(("/dev/sda", 10 << 20),),
+                      isolate=("pid", "net"))
+    assert _text.limits_text(limits) == ("memory 256M, cpus 0.5, pids 64, "
+                                         "io read /dev/sda 10M/s, isolate net,pid")
+    assert [_text.size(v) for v in (512, 1536, 1 << 30, 3 << 40)] == ["512B", "1.5K", "1G", "3T"]
+    assert [_text.duration(s) for s in (0, 59, 133, 3725, 93784)] == [
+        "0s", "59s", "2m13s", "1h02m", "1d02h"]
