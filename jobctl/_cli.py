@@ -47,7 +47,8 @@ exit status: 0 ok, 1 refused by the server or wrong job state, 2 usage,
 the job's own status (128+N for signal N), wait --timeout with 124.
 Global options may also follow the subcommand (jobctl status 4 --json)."""
 
-#: Global options that take a value (to find the subcommand in argv before parsing).
+#: Global options that take a value (to find the subcommand in argv before parsing):
+#: a new global option with a value must be added here too.
 _VALUE_OPTIONS = frozenset({"-c", "--certificate", "-k", "--key", "-C",
                             "--certificate-authority", "-a", "--address", "-p", "--port",
                             "--server-name"})
