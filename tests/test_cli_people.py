@@ -611,3 +611,19 @@ def test_limits_and_sizes_read_as_typed() -> None:
     assert [_text.size(v) for v in (512, 1536, 1 << 30, 3 << 40)] == ["512B", "1.5K", "1G", "3T"]
     assert [_text.duration(s) for s in (0, 59, 133, 3725, 93784)] == [
         "0s", "59s", "2m13s", "1h02m", "1d02h"]
+
+
+def test_every_global_option_with_a_value_is_known_to_the_prescan() -> None:
+    """jobctl finds the subcommand before parsing (to build only its parser):
+    a global option that takes a value must be listed, or its value would be
+    taken for the subcommand."""
+    import argparse
+
+    from jobctl import _cli
+
+    parser = _cli.build_parser()
+    takes_value = {opt for action in parser._actions if action.option_strings
+                   and action.nargs != 0 and not isinstance(action, argparse._VersionAction)
+                   for opt in action.option_strings} - {"-h", "--help"}
+    assert takes_value == _cli._VALUE_OPTIONS
+    assert _cli._selected(["-p", "list", "-a", "x", "status", "3"]) == "status"
