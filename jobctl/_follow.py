@@ -190,6 +190,10 @@ def run(ns: argparse.Namespace, ctx: Context) -> int:
         print(f"\njobctl: detached: job {status.id} keeps running "
               f"(jobctl stream {status.id}; jobctl stop {status.id})", file=sys.stderr)
         return 130
+    except JobctlError as exc:  # the connection was lost: the job may well run on
+        print(f"{text.escape(str(exc))} (following job {status.id}: jobctl status "
+              f"{status.id})", file=sys.stderr)
+        return exc.exit_status
     _truncated(end)
     if end.status.state in (p.JobState.ERROR, p.JobState.KILLED):
         # As a shell says "Killed": an exit status alone does not tell an OOM kill.

@@ -627,3 +627,25 @@ def test_every_global_option_with_a_value_is_known_to_the_prescan() -> None:
                    for opt in action.option_strings} - {"-h", "--help"}
     assert takes_value == _cli._VALUE_OPTIONS
     assert _cli._selected(["-p", "list", "-a", "x", "status", "3"]) == "status"
+
+
+def test_run_names_its_job_when_the_connection_is_lost(
+        pki: Pki, tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    from .conftest import start_jobd
+
+    server = start_jobd(pki, tmp_path / "state")
+    try:
+        proc = _run(server, "sh", "-c", "echo ready; exec sleep 1000")
+        procs.append(proc)
+        assert proc.stdout is not None
+        _read_until(proc.stdout.fileno(), b"ready\n")
+        server.proc.kill()
+        server.proc.wait()
+        _, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 3, err
+        assert err.startswith(b"connection")
+        assert err.endswith(b" (following job 1: jobctl status 1)\n")
+    finally:
+        server.stop()
+        # A restart on the same state directory kills what the dead jobd left running.
+        start_jobd(pki, tmp_path / "state").stop()
