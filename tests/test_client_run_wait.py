@@ -101,3 +101,29 @@ async def test_async_run_wait_and_errors(pki: Pki, tmp_path: Path) -> None:
             assert scope.cancelled_caught
         async with jobctl.connect("127.0.0.1", server.port, **connect) as client:
             assert (await client.stop(sleeper.id, grace=0)).describe() == "stopped"
+
+
+def test_server_honours_protocol_1_1_flags(jobd: JobdProcess) -> None:
+    """What `wait` and `--timestamps` rely on: a 1.1 server sends no output for
+    `end_only`, and a time with every chunk for `timestamps`."""
+    with blocking(jobd) as client:
+        assert client.welcome.minor >= 1
+        job = client.start(["sh", "-c", "head -c 300000 /dev/zero; echo; sleep 0.1; echo two"])
+        events = list(client._output(p.Stream(job.id, end_only=True)))
+        assert len(events) == 1 and isinstance(events[0], p.End)
+        assert events[0].status.describe() == "exited: 0"
+        events = list(client._output(p.Output(job.id, end_only=True)))
+        assert [type(e) for e in events] == [p.End]
+        before = job.created - 1
+        chunks = [e for e in client.output(job.id, timestamps=True)
+                  if isinstance(e, p.OutputChunk)]
+        assert b"".join(c.data for c in chunks) == bytes(300000) + b"\ntwo\n"
+        times = [c.time for c in chunks]
+        assert all(t is not None and before <= t for t in times), times
+        assert times == sorted(times)  # type: ignore[type-var]
+        # one chunk per record: never more than one pipe read (256 KiB) each
+        assert all(len(c.data) <= 256 * 1024 for c in chunks) and len(chunks) >= 3
+        # resuming from a timestamped chunk's position continues right after it
+        rest = [e for e in client.output(job.id, chunks[0].position, timestamps=True)
+                if isinstance(e, p.OutputChunk)]
+        assert [c.data for c in rest] == [c.data for c in chunks[1:]]
