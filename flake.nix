@@ -284,8 +284,9 @@
           config = lib.mkIf cfg.enable {
             warnings = lib.optional (inStore cfg.key) ''
               services.jobd.key (${toString cfg.key}) is, or will be copied to,
-              the world-readable Nix store. Use a string path such as
-              "/etc/jobd/server.key" to a file of mode 0600.
+              the world-readable Nix store, and jobd refuses to start with a key
+              others can read. Use a string path such as "/etc/jobd/server.key"
+              to a file of mode 0600.
             '';
 
             environment.systemPackages = [ cfg.package ];

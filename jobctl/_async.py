@@ -221,6 +221,7 @@ async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float) -
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 raise core.handshake_error(exc.__cause__ or exc) from None
+            core.check_server_purpose(stream.getpeercert(binary_form=True))
             try:
                 await stream.send_all(conn.send(p.Hello(software=core.SOFTWARE)))
                 while True:

@@ -71,6 +71,10 @@ class TLSChannel:
                 self._flush()
                 return
 
+    def peer_certificate(self) -> bytes | None:
+        """The server's verified certificate (DER)."""
+        return self._tls.getpeercert(binary_form=True)
+
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self._tls.write(data)
         self._flush()
@@ -345,6 +349,11 @@ def connect_blocking(
     except (OSError, ssl.SSLError, ValueError) as exc:
         raw.close()
         raise core.handshake_error(exc) from None
+    try:
+        core.check_server_purpose(sock.peer_certificate())
+    except BaseException:
+        raw.close()
+        raise
     conn = p.ClientConnection()
     try:
         sock.sendall(conn.send(p.Hello(software=core.SOFTWARE)))

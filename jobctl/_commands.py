@@ -212,9 +212,12 @@ def _validate_start(ns: argparse.Namespace) -> None:
 
 def start_args(ns: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``client.start`` that ``start``/``run``'s options say."""
-    limits = p.Limits(memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
-                      io_read_bps=tuple(ns.io_read_bps), io_write_bps=tuple(ns.io_write_bps),
-                      isolate=tuple(ns.isolate))
+    try:
+        limits = p.Limits(memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
+                          io_read_bps=tuple(ns.io_read_bps),
+                          io_write_bps=tuple(ns.io_write_bps), isolate=tuple(ns.isolate))
+    except p.FieldError as exc:  # e.g. more devices than the protocol takes
+        raise ConfigError(f"{ns.command}: {exc}") from None
     env: dict[str, str] | None = None
     if ns.clear_env or ns.env:
         # --env adds to (overrides in) the server's environment for jobs, never

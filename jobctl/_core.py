@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import protocol as p
+from protocol._x509 import SERVER_AUTH, allows
 
 from ._errors import (
     ConfigError,
@@ -140,6 +141,8 @@ def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[s
     """TLS 1.3 only, the server verified against ``ca`` and its name checked."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # A host name is matched against subjectAltName only, never the subject's CN.
+    ctx.hostname_checks_common_name = False
     for what, path in (("certificate", certificate), ("key", key), ("CA certificate", ca)):
         if not Path(path).is_file():
             raise ConfigError(f"cannot read {what} {os.fspath(path)}: no such file")
@@ -154,6 +157,18 @@ def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[s
         raise ConfigError(f"cannot load CA certificate {os.fspath(ca)}: "
                           f"{tls_reason(exc)}") from None
     return ctx
+
+
+def check_server_purpose(der: bytes | None) -> None:
+    """Require the serverAuth EKU on the server's certificate, after the handshake.
+
+    OpenSSL refuses a server certificate whose EKU lists other purposes only, but
+    takes one without the extension for any purpose: then a client certificate
+    of the same CA could pose as the server.
+    """
+    if not allows(der, SERVER_AUTH):
+        raise ConnectionFailed("TLS handshake failed: the server certificate is not for "
+                               "server authentication (no serverAuth extended key usage)")
 
 
 def host_name(name: str) -> str | bytes:

@@ -9,6 +9,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from protocol._x509 import CLIENT_AUTH, allows
+
 
 class Role(enum.StrEnum):
     OBSERVE = "observe"
@@ -42,6 +44,10 @@ ROLE_NAMES = ", ".join(r.value for r in Role)
 NO_ROLE = f"certificate has no role: OU must be one of {ROLE_NAMES}"
 
 
+NOT_FOR_CLIENTS = ("certificate is not for client authentication "
+                   "(no clientAuth extended key usage)")
+
+
 class IdentityError(Exception):
     """The verified certificate does not name exactly one caller and one role."""
 
@@ -62,6 +68,17 @@ class Identity:
     def may(self, action: Action, owner: str) -> bool:
         scope = POLICY[self.role][action]
         return scope is Scope.ALL or (scope is Scope.OWN and owner == self.name)
+
+
+def check_client_purpose(der: bytes | None) -> None:
+    """Require the clientAuth EKU (RFC 5280 id-kp-clientAuth) on a client certificate.
+
+    OpenSSL already refuses, during the handshake, a certificate whose EKU lists
+    other purposes only; it accepts one without the extension, which is refused
+    here: one CA's server certificates must not stand in for client certificates.
+    """
+    if not allows(der, CLIENT_AUTH):
+        raise IdentityError(NOT_FOR_CLIENTS)
 
 
 def identity_from_cert(cert: dict[str, Any] | None) -> Identity:

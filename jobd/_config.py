@@ -25,6 +25,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Enough for every operator and script of one host at once, few enough that
 #: the file-descriptor limit (1024 by default) is never the first to break.
 DEFAULT_MAX_CONNECTIONS = 1000
+#: Connection slots only admin certificates may take: a few, enough for an
+#: operator to get in and clean up while others hold every other slot.
+DEFAULT_ADMIN_RESERVED_CONNECTIONS = 3
+#: Running jobs per non-admin owner: far more than one person runs by hand, few
+#: enough that one user's jobs (about four descriptors each) cannot use up
+#: jobd's descriptors under the systemd unit's LimitNOFILE=65536.
+DEFAULT_MAX_JOBS_PER_USER = 256
 
 def default_state_dir() -> Path:
     """``$STATE_DIRECTORY``, else /var/lib/jobd for root, else ``$XDG_STATE_HOME/jobd``."""
@@ -53,6 +60,12 @@ class ServerConfig:
     output_cap: int = DEFAULT_OUTPUT_CAP
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: None: the default share (see jobd._admission).
+    max_connections_per_identity: int | None = None
+    admin_reserved_connections: int = DEFAULT_ADMIN_RESERVED_CONNECTIONS
+    max_handshakes_per_source: int | None = None
+    #: Running jobs per owner; admin certificates are exempt. None: no limit.
+    max_jobs_per_user: int | None = DEFAULT_MAX_JOBS_PER_USER
     #: Per-job limit defaults and caps (docs/isolation.md); None: none.
     limits: LimitPolicy | None = None
     cgroup_root: Path | None = None
@@ -81,6 +94,13 @@ def _count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def _count_or_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
 
 
@@ -122,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"jobd {__version__}")
     p.add_argument("-c", "--certificate", type=Path, required=True,
                    help="server certificate (PEM)")
-    p.add_argument("-k", "--key", type=Path, required=True, help="server private key (PEM)")
+    p.add_argument("-k", "--key", type=Path, required=True,
+                   help="server private key (PEM); no access for group or others (chmod 600)")
     p.add_argument("-C", "--certificate-authority", dest="ca", type=Path, required=True,
                    help="CA certificate that client certificates must chain to (PEM)")
     p.add_argument("-a", "--address", default=DEFAULT_ADDRESS,
@@ -134,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where job records and output live (default: $STATE_DIRECTORY, "
                    "else /var/lib/jobd for root, else $XDG_STATE_HOME/jobd)")
     p.add_argument("--crl", type=Path, default=None,
-                   help="certificate revocation list (PEM) checked for client certificates")
+                   help="certificate revocation lists (PEM) checked for client certificates; "
+                   "the file may hold CRLs only")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="event log format on stderr (default: %(default)s)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -152,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
                    metavar="N", help="connections served at once; more are refused "
                    "(default: %(default)s)")
+    p.add_argument("--max-connections-per-identity", type=_count, default=None, metavar="N",
+                   help="connections one certificate name (CN) may hold at once; more are "
+                   "refused with limit_exceeded (default: 64, or a quarter of "
+                   "--max-connections if less)")
+    p.add_argument("--admin-reserved-connections", type=_count_or_zero, default=None,
+                   metavar="N", help="of --max-connections, slots only admin certificates "
+                   f"may take (default: {DEFAULT_ADMIN_RESERVED_CONNECTIONS}, fewer if "
+                   "--max-connections is below 4)")
+    p.add_argument("--max-handshakes-per-source", type=_count, default=None, metavar="N",
+                   help="connections from one address still in their TLS handshake; more "
+                   "are closed at once (default: 32, or half of --max-connections if less)")
+    p.add_argument("--max-jobs-per-user", type=_count_or_zero,
+                   default=DEFAULT_MAX_JOBS_PER_USER, metavar="N",
+                   help="running jobs per owner (CN); admin certificates are exempt; "
+                   "0: no limit (default: %(default)s)")
     limits = p.add_argument_group(
         "per-job limits",
         "A job that asks for no limit gets the default, or else the maximum; a request "
@@ -183,6 +220,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
     parser = build_parser()
     ns = parser.parse_args(argv)
+    reserved = ns.admin_reserved_connections
+    if reserved is None:
+        reserved = min(DEFAULT_ADMIN_RESERVED_CONNECTIONS, ns.max_connections - 1)
+    elif reserved >= ns.max_connections:
+        parser.error("--admin-reserved-connections must be below --max-connections")
     for name in ("memory", "cpus", "pids"):
         default, cap = getattr(ns, f"default_{name}"), getattr(ns, f"max_{name}")
         if default is not None and cap is not None and default > cap:
@@ -201,6 +243,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         output_cap=ns.output_cap,
         handshake_timeout=ns.handshake_timeout,
         max_connections=ns.max_connections,
+        max_connections_per_identity=ns.max_connections_per_identity,
+        admin_reserved_connections=reserved,
+        max_handshakes_per_source=ns.max_handshakes_per_source,
+        max_jobs_per_user=ns.max_jobs_per_user or None,
         limits=LimitPolicy(
             default_memory=ns.default_memory, max_memory=ns.max_memory,
             default_cpus=ns.default_cpus, max_cpus=ns.max_cpus,

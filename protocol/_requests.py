@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import posixpath
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Self
 
 from ._base import (
@@ -15,6 +16,18 @@ from ._base import (
     _Message,
     _OutputRequest,
     _uint,
+)
+from ._bounds import (
+    MAX_ARG_BYTES,
+    MAX_ARGV_BYTES,
+    MAX_ARGV_ENTRIES,
+    MAX_CPUS,
+    MAX_ENV_BYTES,
+    MAX_ENV_ENTRIES,
+    MAX_IO_DEVICES,
+    MAX_LIMIT_VALUE,
+    MAX_PATH_BYTES,
+    MAX_PIDS,
 )
 from ._fields import check, check_type, get_bytes, get_float, get_int, get_list, get_map, get_str
 from ._status import Limits
@@ -57,16 +70,23 @@ class Start(_Message):
     """Start a job.
 
     Fields:
-      argv: the command and its arguments, as bytes; at least one, none
-        containing a NUL byte. Executed directly, never through a shell.
-      cwd: the working directory (bytes, no NUL), or None for the server's default.
+      argv: the command and its arguments, as bytes; 1 to MAX_ARGV_ENTRIES, none
+        containing a NUL byte, each at most MAX_ARG_BYTES, MAX_ARGV_BYTES in all.
+        Executed directly, never through a shell.
+      cwd: the working directory (bytes, no NUL, at most MAX_PATH_BYTES), or None
+        for the server's default.
       env: the job's whole environment as ((name, value), ...) byte pairs, or
         None for the server's default. Names are non-empty, unique, without
-        ``=``; no NUL anywhere.
-      limits: a :class:`Limits`, or None for the server's defaults.
+        ``=``; no NUL anywhere; at most MAX_ENV_ENTRIES pairs, each ``name=value``
+        at most MAX_ARG_BYTES, MAX_ENV_BYTES in all.
+      limits: a :class:`Limits`, or None for the server's defaults; checked and
+        its device paths normalised by :func:`request_limits`.
       env_merge: (minor 1) True: ``env`` is added to the server's environment
         for jobs (replacing variables of the same name) instead of being the
         whole environment.
+
+    Every bound is in ``_bounds.py``: what a start makes the server store or echo
+    stays small enough for one frame.
     """
 
     TYPE: ClassVar[str] = "start"
@@ -82,18 +102,31 @@ class Start(_Message):
             object.__setattr__(self, "argv", tuple(self.argv))
         check_type("argv", self.argv, tuple)
         check(len(self.argv) > 0, "argv must not be empty")
+        check(len(self.argv) <= MAX_ARGV_ENTRIES,
+              f"argv has {len(self.argv)} entries, more than {MAX_ARGV_ENTRIES}")
+        total = 0
         for arg in self.argv:
             _check_arg("argv entries", arg)
+            check(len(arg) <= MAX_ARG_BYTES,
+                  f"an argv entry of {len(arg)} bytes is longer than {MAX_ARG_BYTES}")
+            total += len(arg)
+        check(total <= MAX_ARGV_BYTES,
+              f"command line longer than {MAX_ARGV_BYTES} bytes ({total} bytes)")
         if self.cwd is not None:
             _check_arg("cwd", self.cwd)
             check(self.cwd != b"", "cwd must not be empty")
+            check(len(self.cwd) <= MAX_PATH_BYTES,
+                  f"cwd of {len(self.cwd)} bytes is longer than {MAX_PATH_BYTES} (PATH_MAX)")
         if self.env is not None:
             check_type("env", self.env, (tuple, list))
+            check(len(self.env) <= MAX_ENV_ENTRIES,
+                  f"env has {len(self.env)} entries, more than {MAX_ENV_ENTRIES}")
             env = tuple(
                 tuple(item) if isinstance(item, list | tuple) else item for item in self.env
             )
             object.__setattr__(self, "env", env)
             names = set()
+            total = 0
             for item in env:
                 check(isinstance(item, tuple) and len(item) == 2,
                       "env entries must be (name, value) pairs")
@@ -104,8 +137,17 @@ class Start(_Message):
                       "env names must be non-empty and contain no '='")
                 check(name not in names, f"env name {name!r} repeats")
                 names.add(name)
+                size = len(name) + 1 + len(value)
+                check(size <= MAX_ARG_BYTES,
+                      f"env variable {name[:64]!r} of {size} bytes is longer than "
+                      f"{MAX_ARG_BYTES}")
+                total += size
+            check(total <= MAX_ENV_BYTES,
+                  f"env larger than {MAX_ENV_BYTES} bytes ({total} bytes)")
         check_type("limits", self.limits, Limits, optional=True)
         check_type("env_merge", self.env_merge, bool)
+        if self.limits is not None:
+            object.__setattr__(self, "limits", request_limits(self.limits))
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "argv": list(self.argv)}
@@ -131,6 +173,42 @@ class Start(_Message):
             limits=Limits.from_wire(limits) if limits is not None else None,
             env_merge=_flag(m, "env_merge"),
         )
+
+
+def request_limits(limits: Limits) -> Limits:
+    """*limits* as a start request may ask for them, device paths canonical.
+
+    Every value within the kernel's range (:mod:`._bounds`); at most
+    MAX_IO_DEVICES entries per direction, each path at most MAX_PATH_BYTES,
+    normalised lexically (``/dev/./sda`` and ``/dev//sda`` are ``/dev/sda``) and
+    named once. Symbolic links are the server's to resolve (it compares the
+    devices' numbers). Raises FieldError.
+    """
+    check(limits.memory is None or limits.memory <= MAX_LIMIT_VALUE,
+          f"memory must be at most {MAX_LIMIT_VALUE} bytes")
+    check(limits.pids is None or limits.pids <= MAX_PIDS, f"pids must be at most {MAX_PIDS}")
+    check(limits.cpus is None or limits.cpus <= MAX_CPUS, f"cpus must be at most {MAX_CPUS:g}")
+    io: dict[str, tuple[tuple[str, int], ...]] = {}
+    for name in ("io_read_bps", "io_write_bps"):
+        entries = getattr(limits, name)
+        check(len(entries) <= MAX_IO_DEVICES,
+              f"{name} has {len(entries)} entries, more than {MAX_IO_DEVICES} per direction")
+        seen: set[str] = set()
+        out = []
+        for device, rate in entries:
+            check(device != "" and "\0" not in device,
+                  f"{name} device paths must be non-empty, without NUL")
+            check(len(device.encode("utf-8", "surrogatepass")) <= MAX_PATH_BYTES,
+                  f"{name} device paths must be at most {MAX_PATH_BYTES} bytes")
+            check(rate <= MAX_LIMIT_VALUE, f"{name} rates must be at most {MAX_LIMIT_VALUE}")
+            path = posixpath.normpath(device)
+            check(path not in seen, f"{name}: {path} is given more than once")
+            seen.add(path)
+            out.append((path, rate))
+        io[name] = tuple(out)
+    if io["io_read_bps"] == limits.io_read_bps and io["io_write_bps"] == limits.io_write_bps:
+        return limits
+    return replace(limits, io_read_bps=io["io_read_bps"], io_write_bps=io["io_write_bps"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,3 +105,13 @@ async def wait_gone(pid: int, start: int) -> None:
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
+
+
+def escapee_then_exit(tmp_path: Path) -> list[bytes]:
+    """argv of a job whose main process starts a ``setsid`` escapee (which prints its
+    pid and keeps stdout open) and exits, but only once the escapee has printed: an
+    end racing the escapee's start would kill it before anyone learns its pid."""
+    fifo = tmp_path / "escapee.fifo"
+    os.mkfifo(fifo)
+    script = b"""setsid sh -c 'echo $$; echo >"$0"; exec sleep 1000' "$0" & read x <"$0" """
+    return [b"sh", b"-c", script, os.fsencode(fifo)]

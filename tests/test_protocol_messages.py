@@ -57,6 +57,22 @@ limits_st = st.builds(
     isolate=st.sets(st.sampled_from(sorted(p.ISOLATION_KINDS))).map(tuple),
 )
 
+# What a start request may ask for (protocol/_bounds.py): values in the kernel's
+# ranges, distinct non-empty device paths that are already canonical.
+device = st.text(st.characters(codec="utf-8", exclude_characters="\0/."), min_size=1,
+                 max_size=8).map(lambda name: "/dev/" + name)
+request_limits_st = st.builds(
+    Limits,
+    memory=st.none() | st.integers(1, 2**63 - 1),
+    cpus=st.none() | st.floats(0.01, 256),
+    pids=st.none() | st.integers(1, 4 * 2**20),
+    io_read_bps=st.dictionaries(device, st.integers(1, 2**40), max_size=2)
+    .map(lambda d: tuple(d.items())),
+    io_write_bps=st.dictionaries(device, st.integers(1, 2**40), max_size=2)
+    .map(lambda d: tuple(d.items())),
+    isolate=st.sets(st.sampled_from(sorted(p.ISOLATION_KINDS))).map(tuple),
+)
+
 status_st = st.builds(
     JobStatus,
     id=uint64,
@@ -87,7 +103,7 @@ client_messages = st.one_of(
     st.builds(Hello, version=uint64, minor=uint64, software=texts),
     st.builds(Start, argv=st.lists(arg, min_size=1, max_size=4).map(tuple),
               cwd=st.none() | arg.filter(bool), env=st.none() | env_st,
-              limits=st.none() | limits_st, env_merge=st.booleans()),
+              limits=st.none() | request_limits_st, env_merge=st.booleans()),
     st.builds(Stop, job=uint64, grace=st.none() | st.floats(0, 1e9)),
     st.builds(GetStatus, job=uint64),
     st.builds(ListJobs, after=uint64),

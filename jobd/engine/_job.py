@@ -186,15 +186,33 @@ def signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
+#: The most of a command or directory name an error text quotes: the status
+#: keeps the error, and every status must stay small (``list`` pages, frames).
+ERROR_NAME_CHARS = 256
+#: The longest error text a job's status keeps.
+MAX_ERROR_TEXT = 512
+
+
+def _short(name: bytes) -> str:
+    text = os.fsdecode(name)
+    return text if len(text) <= ERROR_NAME_CHARS else text[:ERROR_NAME_CHARS - 3] + "..."
+
+
 def spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
-    """The words an operator wants when a command cannot be started."""
-    name = os.fsdecode(argv0)
+    """The words an operator wants when a command cannot be started, at most
+    MAX_ERROR_TEXT characters (names quoted are cut to ERROR_NAME_CHARS)."""
+    text = _spawn_error(exc, argv0, cwd)
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT - 3] + "..."
+
+
+def _spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
+    name = _short(argv0)
     reason = exc.strerror or str(exc)
     if isinstance(exc, SetupError):
         return f"cannot start {name}: {exc.stage}: {reason}"
     if cwd is not None and exc.filename is not None and os.fsencode(exc.filename) == cwd \
             and os.fsencode(exc.filename) != argv0:
-        return f"cannot change to directory {os.fsdecode(cwd)}: {reason}"
+        return f"cannot change to directory {_short(cwd)}: {reason}"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return f"command not found: {name}"
     if exc.errno in (errno.EACCES, errno.EPERM):

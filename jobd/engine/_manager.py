@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -24,7 +25,14 @@ from ._limits import check_enforceable, check_policy, devices, isolation_problem
 from ._outputlog import MAX_RECORD, OutputLog, recover
 from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
 from ._store import Record, Store
-from ._types import EngineConfig, EngineError, InvalidState, JobNotFound, OutputChunk
+from ._types import (
+    EngineConfig,
+    EngineError,
+    InvalidState,
+    JobNotFound,
+    LimitExceeded,
+    OutputChunk,
+)
 
 log = logging.getLogger("jobd.engine")
 
@@ -49,6 +57,8 @@ class JobManager:
         self._ctx = ctx
         self._nursery = nursery
         self._next_id = next_id
+        #: Running jobs (and starts in progress) per owner, for ``max_running``.
+        self._running: Counter[str] = Counter()
 
     def _get(self, job_id: int) -> Job:
         try:
@@ -58,10 +68,12 @@ class JobManager:
 
     async def start(self, argv: Sequence[bytes], owner: str, *, cwd: bytes | None = None,
                     env: Mapping[bytes, bytes] | None = None,
-                    limits: Limits | None = None) -> JobStatus:
+                    limits: Limits | None = None, max_running: int | None = None) -> JobStatus:
         """Start a job. Returns its status once it runs (pid set) or failed to start
         (state error: "command not found: X", "permission denied: X", ...): a record is
-        created either way. Malformed requests raise EngineError before any record.
+        created either way. Malformed requests raise EngineError before any record;
+        ``max_running``: LimitExceeded if ``owner`` already has that many jobs running
+        (or being started).
         """
         if self._ctx.closing:
             raise EngineError("the job engine is shutting down")
@@ -82,7 +94,13 @@ class JobManager:
         io_devices: dict[str, str] = {}
         if applied is not None:
             check_enforceable(applied, ctx.cgroups, ctx.cgroup_reason, ctx.isolation_reason)
-            io_devices = devices(applied)
+            if applied.io_read_bps or applied.io_write_bps:
+                # stat() of client-named paths: in a thread, so that a path on a hung
+                # file system stalls this request only, never the event loop.
+                io_devices = await trio.to_thread.run_sync(devices, applied)
+        if max_running is not None and self._running[owner] >= max_running:
+            raise LimitExceeded(f"too many running jobs for {owner} "
+                                f"(limit {max_running} per user)")
         job_id = self._next_id
         self._next_id += 1
         job = Job(ctx, job_id, owner, args,
@@ -91,8 +109,35 @@ class JobManager:
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):
-            status: JobStatus = await self._nursery.start(job.run, cwd, env, io_devices)
+            # Counted from here (no await since the check above: two starts cannot
+            # both take the last place) until the job's task ends.
+            self._running[owner] += 1
+            entered = False
+
+            async def counted(task_status: trio.TaskStatus[JobStatus]) -> None:
+                nonlocal entered
+                entered = True
+                try:
+                    await job.run(cwd, env, io_devices, task_status=task_status)
+                finally:
+                    self._uncount(owner)
+
+            try:
+                status: JobStatus = await self._nursery.start(counted)
+            except BaseException:
+                if not entered:
+                    self._uncount(owner)
+                raise
         return status
+
+    def _uncount(self, owner: str) -> None:
+        self._running[owner] -= 1
+        if not self._running[owner]:
+            del self._running[owner]
+
+    def running_count(self, owner: str) -> int:
+        """Jobs of ``owner`` running or being started."""
+        return self._running[owner]
 
     async def stop(self, job_id: int, grace: float | None = None) -> JobStatus:
         """SIGINT, grace, SIGTERM, grace, SIGKILL to the job's process group; returns the

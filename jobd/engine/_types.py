@@ -114,6 +114,10 @@ class InvalidState(EngineError):
         self.status = status
 
 
+class BadLimits(EngineError):
+    """A start request's limits that make no sense as given (a device named twice)."""
+
+
 class LimitExceeded(EngineError):
     """A start request asked for more than the server allows (or less than the kernel can)."""
 
