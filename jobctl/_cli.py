@@ -86,8 +86,22 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are usage errors (exit 2). A bad value
+    (``--grace nan``, a job ID that is not one) is one line; a bad command line
+    (a missing argument, an unknown option) also gets the usage."""
+
+    _bad_value = False
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> object:
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError:
+            self._bad_value = True
+            raise
+
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
+        if not self._bad_value:
+            self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -67,7 +67,7 @@ from ._messages import (
 )
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
-from ._units import MAX_SIZE, parse_size
+from ._units import parse_size
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -86,7 +86,6 @@ __all__ = [
     "MAX_IO_DEVICES",
     "MAX_LIMIT_VALUE",
     "MAX_OUTPUT_CHUNK",
-    "MAX_SIZE",
     "MAX_PATH_BYTES",
     "MAX_PIDS",
     "MESSAGE_TYPES",

@@ -40,6 +40,13 @@ def usage_error(result: subprocess.CompletedProcess[bytes], fragment: str) -> No
     assert usage[0].startswith("usage: jobctl") and all(u.startswith(" ") for u in usage[1:])
 
 
+def bad_value(result: subprocess.CompletedProcess[bytes], fragment: str) -> None:
+    """A bad number or value: exit 2 and one line, no usage, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    err = result.stderr.decode()
+    assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+
+
 def start(jobd: JobdProcess, *argv: str, who: str = "alice") -> int:
     return int(ok(jobd.jobctl(who, "start", *argv)))
 
@@ -93,17 +100,23 @@ def test_global_options_after_the_subcommand(jobd: JobdProcess) -> None:
 
 def test_bad_numbers_never_trace_back(jobd: JobdProcess) -> None:
     job = start(jobd, "sleep", "1000")
-    usage_error(jobd.jobctl("alice", "status", "99999999999999999999"), "not a job ID")
-    usage_error(jobd.jobctl("alice", "status", "-3"), "")
+    bad_value(jobd.jobctl("alice", "status", "99999999999999999999"), "not a job ID")
+    bad_value(jobd.jobctl("alice", "status", "-3"), "not a job ID")
     for grace in ("-1", "nan", "1e308", "inf", "x"):
-        usage_error(jobd.jobctl("alice", "stop", "--grace", grace, str(job)), "--grace")
+        bad_value(jobd.jobctl("alice", "stop", "--grace", grace, str(job)), "--grace")
     # None of these sent a stop.
     assert ok(jobd.jobctl("alice", "status", str(job))) == "running\n"
-    for args in (["list", "--since", "soon"], ["list", "--state", "sleepy"],
-                 ["wait", "--timeout", "-1", str(job)], ["stream", "--tail", "many", str(job)],
-                 ["start", "--memory", "99999999999999999999999T", "true"],
-                 ["start", "--cpus", "nan", "true"], ["start", "--env", "NOEQUALS", "true"]):
-        usage_error(jobd.jobctl("alice", *args), "")
+    for args, fragment in (
+            (["list", "--since", "soon"], "not a duration"),
+            (["wait", "--timeout", "-1", str(job)], "--timeout"),
+            (["stream", "--tail", "many", str(job)], "not a number of lines"),
+            (["start", "--memory", "99999999999999999999999T", "true"], "memory must be at most"),
+            (["start", "--memory", "0", "true"], "memory must be positive"),
+            (["start", "--cpus", "nan", "true"], "cpus must be a finite positive number"),
+            (["run", "--pids", "-1", "true"], "not a whole number"),
+            (["start", "--env", "NOEQUALS", "true"], "expected NAME=VALUE")):
+        bad_value(jobd.jobctl("alice", *args), fragment)
+    usage_error(jobd.jobctl("alice", "list", "--state", "sleepy"), "invalid choice")
     assert ok(jobd.jobctl("alice", "stop", "--grace", "0", str(job))) == "process stopped\n"
 
 
