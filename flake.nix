@@ -34,7 +34,11 @@
       # The package as a function, so that the overlay and the NixOS module
       # build it with whichever nixpkgs they are given.
       jobdPackage =
-        { python3Packages, openssl }:
+        {
+          python3Packages,
+          openssl,
+          installShellFiles,
+        }:
         python3Packages.buildPythonApplication {
           pname = pyproject.project.name;
           inherit (pyproject.project) version;
@@ -45,12 +49,31 @@
           dependencies = with python3Packages; [
             trio
             msgpack
+            shtab
+          ];
+          nativeBuildInputs = [
+            installShellFiles
+            python3Packages.argparse-manpage
           ];
 
           # The tests run scripts/dev-pki, whose "#!/usr/bin/env bash" does
           # not resolve in the build sandbox.
           postPatch = ''
             patchShebangs --build scripts
+          '';
+
+          # Completion scripts and man pages, generated from the parsers by the
+          # code just installed (run with the build's Python: the wrappers come
+          # later, in the fixup phase).
+          postInstall = ''
+            export PYTHONPATH="$out/${python3Packages.python.sitePackages}:$PYTHONPATH"
+            py=${python3Packages.python.interpreter}
+            installShellCompletion --cmd jobctl \
+              --bash <($py -m jobctl completion bash) \
+              --zsh <($py -m jobctl completion zsh) \
+              --fish <($py -m jobctl completion fish)
+            $py scripts/manpages.py man
+            installManPage man/jobctl.1 man/jobd.8
           '';
 
           nativeCheckInputs =
@@ -135,6 +158,8 @@
                   trustme
                   hypothesis
                   pytest-timeout
+                  argparse-manpage
+                  shtab
                   # the "dev" extra (mypy inside the environment sees its packages)
                   mypy
                 ]

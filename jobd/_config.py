@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobd import __version__
+from protocol import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from jobd.engine import LimitPolicy
@@ -32,30 +32,6 @@ DEFAULT_ADMIN_RESERVED_CONNECTIONS = 3
 #: enough that one user's jobs (about four descriptors each) cannot use up
 #: jobd's descriptors under the systemd unit's LimitNOFILE=65536.
 DEFAULT_MAX_JOBS_PER_USER = 256
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``512``, ``64K``, ``10M``, ``1G``, ``1GiB`` (binary units) into bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 10M, 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Parse ``90``, ``90s``, ``15m``, ``12h``, ``30d``, ``2w`` into seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"not a duration: {text!r} (examples: 3600, 90m, 12h, 30d, 2w)")
-    return float(m.group(1)) * _SECONDS[m.group(2).lower()]
-
 
 def default_state_dir() -> Path:
     """``$STATE_DIRECTORY``, else /var/lib/jobd for root, else ``$XDG_STATE_HOME/jobd``."""

@@ -763,7 +763,12 @@ class _Session:
         who = self.identity.name
         if isinstance(request, p.Start):
             self._require(Action.START)
-            env = dict(request.env) if request.env is not None else self.server.job_env
+            if request.env is None:
+                env = self.server.job_env
+            elif request.env_merge:
+                env = {**self.server.job_env, **dict(request.env)}
+            else:
+                env = dict(request.env)
             admin = self.identity.role is Role.ADMIN
             async with self.server.starting(self.identity):
                 status = await self.manager.start(
@@ -836,12 +841,21 @@ class _Session:
         """Send the output chunks; return the end frame. Errors (not found, a bad
         position, a job deleted meanwhile) are answered by ``_respond``."""
         self._visible(request.job)
+        if request.end_only:  # `jobctl wait`: no output, the end when the job has ended
+            if follow:
+                return p.End(await self.manager.wait(request.job), request.position)
+            return p.End(self.manager.status(request.job), request.position)
         reader = self.manager.follow_output if follow else self.manager.read_output
-        chunks = reader(request.job, request.position)
+        chunks = reader(request.job, request.position, timestamps=request.timestamps)
         position = request.position
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
-                await self._send(self.conn.send_output(chunk.fd, chunk.data, chunk.position))
+                if chunk.time_ns is None:
+                    frame = self.conn.send_output(chunk.fd, chunk.data, chunk.position)
+                else:  # timestamps asked for: the general encoder (not the fast path)
+                    frame = self.conn.send(p.OutputChunk(chunk.fd, chunk.data, chunk.position,
+                                                         chunk.time_ns / 1e9))
+                await self._send(frame)
                 position = chunk.position
         return p.End(self.manager.status(request.job), position)
 

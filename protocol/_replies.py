@@ -13,6 +13,7 @@ from ._fields import (
     check_type,
     get_bool,
     get_bytes,
+    get_float,
     get_int,
     get_list,
     get_map,
@@ -176,6 +177,8 @@ class OutputChunk(_Message):
       data: the bytes, exactly as the job wrote them.
       position: an opaque, increasing integer; a new Stream or Output request
         with this position resumes right after this chunk.
+      time: (minor 1) when jobd read these bytes, Unix seconds; sent only
+        when the request asked for ``timestamps``, else None.
     """
 
     TYPE: ClassVar[str] = "out"
@@ -183,6 +186,7 @@ class OutputChunk(_Message):
     fd: int
     data: bytes
     position: int
+    time: float | None = None
 
     def __post_init__(self) -> None:
         check_type("fd", self.fd, int)
@@ -191,14 +195,23 @@ class OutputChunk(_Message):
             object.__setattr__(self, "data", bytes(self.data))
         check_type("data", self.data, bytes)
         _uint("position", self.position)
+        if self.time is not None:
+            check_type("time", self.time, (int, float))
+            object.__setattr__(self, "time", float(self.time))
 
     def to_wire(self) -> dict[str, Any]:
-        # Key order matters: encode_output_chunk() builds the same bytes by hand.
-        return {"type": self.TYPE, "fd": self.fd, "data": self.data, "position": self.position}
+        # Key order matters: encode_output_chunk() builds the same bytes by hand
+        # (for chunks without a time, the only ones it makes).
+        out = {"type": self.TYPE, "fd": self.fd, "data": self.data, "position": self.position}
+        if self.time is not None:
+            out["time"] = self.time
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "fd"), get_bytes(m, "data"), get_int(m, "position"))
+        time = m.get("time")
+        return cls(get_int(m, "fd"), get_bytes(m, "data"), get_int(m, "position"),
+                   None if time is None else get_float(m, "time"))
 
 
 @dataclass(frozen=True, slots=True)

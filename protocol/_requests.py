@@ -11,6 +11,7 @@ from ._base import (
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     _check_arg,
+    _flag,
     _JobMessage,
     _Message,
     _OutputRequest,
@@ -94,6 +95,9 @@ class Start(_Message):
         at most MAX_ARG_BYTES, MAX_ENV_BYTES in all.
       limits: a :class:`Limits`, or None for the server's defaults; checked and
         its device paths normalised by :func:`request_limits`.
+      env_merge: (minor 1) True: ``env`` is added to the server's environment
+        for jobs (replacing variables of the same name) instead of being the
+        whole environment.
 
     Every bound is in ``_bounds.py``: what a start makes the server store or echo
     stays small enough for one frame.
@@ -105,6 +109,7 @@ class Start(_Message):
     cwd: bytes | None = None
     env: tuple[tuple[bytes, bytes], ...] | None = None
     limits: Limits | None = None
+    env_merge: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, list):
@@ -154,6 +159,7 @@ class Start(_Message):
             check(total <= MAX_ENV_BYTES,
                   f"env larger than {MAX_ENV_BYTES} bytes ({total} bytes)")
         check_type("limits", self.limits, Limits, optional=True)
+        check_type("env_merge", self.env_merge, bool)
         if self.limits is not None:
             object.__setattr__(self, "limits", request_limits(self.limits))
 
@@ -165,6 +171,8 @@ class Start(_Message):
             out["env"] = [[name, value] for name, value in self.env]
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.env_merge:
+            out["env_merge"] = True
         return out
 
     @classmethod
@@ -177,6 +185,7 @@ class Start(_Message):
             cwd=get_bytes(m, "cwd", None),
             env=tuple(env) if env is not None else None,
             limits=Limits.from_wire(limits) if limits is not None else None,
+            env_merge=_flag(m, "env_merge"),
         )
 
 
@@ -329,6 +338,10 @@ class Stream(_OutputRequest):
       job: the job's ID.
       position: 0 for the first byte, or the position of the last chunk
         received, to resume right after it.
+      timestamps: (minor 1) True to get one chunk per record read from the
+        job's pipes, each with the time it was read.
+      end_only: (minor 1) True to get no chunks: only the end frame, once the
+        job has ended (``jobctl wait``).
     """
 
     TYPE: ClassVar[str] = "stream"
@@ -341,6 +354,8 @@ class Output(_OutputRequest):
     Fields:
       job: the job's ID.
       position: as for :class:`Stream`.
+      timestamps: as for :class:`Stream`.
+      end_only: True to get only the end frame, at once.
     """
 
     TYPE: ClassVar[str] = "output"

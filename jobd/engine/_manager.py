@@ -392,24 +392,28 @@ class JobManager:
         return removed
 
     def read_output(self, job_id: int, position: int = 0, *,
-                    max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
+                    max_chunk: int = DEFAULT_MAX_CHUNK,
+                    timestamps: bool = False) -> AsyncIterator[OutputChunk]:
         """The output that exists now, from ``position``. Raises JobNotFound or
         BadPosition at call time; close the iterator (``aclosing``) if you stop early.
+        With ``timestamps``, one chunk per record, each with its time.
         """
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
-        return job.log.chunks(position, max_chunk, job.log.end)
+        return job.log.chunks(position, max_chunk, job.log.end, timestamps=timestamps)
 
     def follow_output(self, job_id: int, position: int = 0, *,
-                      max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
+                      max_chunk: int = DEFAULT_MAX_CHUNK,
+                      timestamps: bool = False) -> AsyncIterator[OutputChunk]:
         """Like read_output, then waits for more until the job ended and everything
         was delivered.
         """
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
-        return _then_done(job.log.chunks(position, max_chunk, None), job.done)
+        return _then_done(job.log.chunks(position, max_chunk, None, timestamps=timestamps),
+                          job.done)
 
     async def shutdown(self) -> None:
         """Stop every running job (in parallel, with the stop sequence); idempotent.

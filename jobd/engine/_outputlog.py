@@ -42,7 +42,8 @@ Reading. :meth:`OutputLog.chunks` reads large blocks with ``preadv`` and
 ``RWF_NOWAIT`` in the event loop (page-cache hits, the live case, cost no
 thread hop) and falls back to a worker thread when the data is not cached.
 Consecutive records of one fd are coalesced into one chunk of at most
-``max_chunk`` bytes. A follower waits on an event the appender sets after each
+``max_chunk`` bytes (with ``timestamps``, every record is its own chunk, with
+its time: :func:`_records`). A follower waits on an event the appender sets after each
 commit: no polling. Every reader has its own file descriptor, so a slow one
 slows only itself.
 """
@@ -476,12 +477,13 @@ class OutputLog:
                 self._changed = trio.Event()
             await self._changed.wait()
 
-    async def chunks(self, position: int, max_chunk: int,
-                     until: int | None) -> AsyncGenerator[OutputChunk, None]:
+    async def chunks(self, position: int, max_chunk: int, until: int | None, *,
+                     timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
         """Chunks from ``position`` (validated by the caller).
 
         With ``until`` None it follows: waits for more until the log is closed
-        and every byte was given. Else it stops at offset ``until``.
+        and every byte was given. Else it stops at offset ``until``. With
+        ``timestamps``, every record is its own chunk, with its time.
         """
         fd = -1  # opened once there is something to read: the first write makes the log
         try:
@@ -499,6 +501,11 @@ class OutputLog:
                         return  # deleted meanwhile: nothing more to give
                 block = await _read_block(fd, position, min(end - position,
                                                             max_chunk + _HEADER_ALLOWANCE))
+                if timestamps:
+                    for chunk in _records(block, position):
+                        yield chunk
+                        position = chunk.position
+                    continue
                 spans = _parse(block, position, max_chunk)
                 view = memoryview(block)
                 for i, (chunk_fd, parts, after) in enumerate(spans):
@@ -545,6 +552,27 @@ def _parse(block: bytearray | bytes, base: int,
     if not spans:
         raise EngineError(f"output log corrupt at offset {base}")
     return spans
+
+
+def _records(block: bytearray | bytes, base: int) -> list[OutputChunk]:
+    """The whole records of a block read at file offset ``base``, one chunk each,
+    with its time (the ``timestamps`` reading; :func:`_parse` is the fast one)."""
+    chunks: list[OutputChunk] = []
+    at = 0
+    while at + HEADER_SIZE <= len(block):
+        try:
+            fd, length = decode_header(block, at, base + at)
+        except ValueError:
+            raise EngineError(f"output log corrupt at offset {base + at}") from None
+        stop = at + HEADER_SIZE + length
+        if stop > len(block):
+            break
+        time_ns = HEADER.unpack_from(block, at)[4]
+        chunks.append(OutputChunk(fd, bytes(block[at + HEADER_SIZE:stop]), base + stop, time_ns))
+        at = stop
+    if not chunks:
+        raise EngineError(f"output log corrupt at offset {base}")
+    return chunks
 
 
 _nowait_reads = hasattr(os, "RWF_NOWAIT")

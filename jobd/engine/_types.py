@@ -97,11 +97,14 @@ class OutputChunk:
       data: the bytes, never empty.
       position: the log offset just after the last record in this chunk; reading
         again from it resumes right after this chunk, nothing lost or repeated.
+      time_ns: when jobd read the bytes (ns since the Unix epoch), for a chunk
+        read with ``timestamps``: one record, never coalesced. Else None.
     """
 
     fd: int
     data: bytes
     position: int
+    time_ns: int | None = None
 
 
 class EngineError(Exception):
