@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
-import signal
 import sys
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -43,8 +44,9 @@ import trio
 import protocol as p
 
 from . import _core as core
+from . import _text as text
 from ._async import Client, connect
-from ._errors import ConnectionFailed, JobctlError
+from ._errors import ConnectionFailed, JobctlError, WaitTimeout
 from ._profiles import Target
 from ._trust import Pinning
 
@@ -109,16 +111,7 @@ async def fanout(
     return outcomes
 
 
-def job_exit_status(status: p.JobStatus) -> int:
-    """SPEC §9: the exit code; 128+N for signal N; 1 when it never ran."""
-    if status.exit_code is not None and status.signal is None:
-        return status.exit_code
-    if status.signal is not None:
-        try:
-            return 128 + int(signal.Signals[status.signal])
-        except KeyError:
-            return 128
-    return 1 if status.state is p.JobState.ERROR else 0
+job_exit_status = core.exit_status  # SPEC §9, as `run` and `wait` exit on one server
 
 
 # -- the command line ------------------------------------------------------------------
@@ -173,9 +166,9 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
 
 
 def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str] | None,
-            start: dict[str, Any], *, group: bool) -> int:
-    """``jobctl -s GROUP COMMAND``: the command on every server of the group (and,
-    with ``group`` False, ``run`` and ``wait`` on one server, unprefixed)."""
+            start: dict[str, Any], *, group: bool = True) -> int:
+    """``jobctl -s GROUP COMMAND``: the command on every server of the group
+    (``group`` False: without name prefixes)."""
     try:
         return trio.run(_run_cli, ns, targets, command, start, group and not ns.no_prefix)
     except BaseExceptionGroup as group_exc:
@@ -214,19 +207,25 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             return job_exit_status(end), end, _kept_json(kept)
         if what == "wait":  # every job named, in order; the first one's status
             ends = []
-            for job in getattr(ns, "ids", None) or [ns.id]:
-                end = await _follow(client, job, name, printer, keep={})
-                if not ns.json:
-                    printer.line(name, end.describe())
-                ends.append(end)
+            with trio.move_on_after(ns.timeout if ns.timeout is not None else math.inf) \
+                    as scope:
+                for job in ns.ids:
+                    end = await client.wait(job)
+                    if not ns.json:
+                        printer.line(name, text.describe(end))
+                    ends.append(end)
+            if scope.cancelled_caught:
+                raise WaitTimeout(f"timed out after {ns.timeout:g}s: "
+                                  f"job {ns.ids[len(ends)]} is still running")
             return job_exit_status(ends[0]), ends[0]
         if what in ("stream", "output"):
-            end = await _follow(client, ns.id, name, printer, live=what == "stream")
+            end = await _follow(client, ns.id, name, printer,
+                                live=what == "stream" and not ns.no_follow)
             return 0, end
         if what == "status":
             status = await client.status(ns.id)
             if not ns.json:
-                printer.line(name, status.describe())
+                printer.line(name, text.describe(status))
             return 0, status
         if what == "stop":
             status = await client.stop(ns.id, ns.grace)
@@ -234,13 +233,18 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 printer.line(name, "process stopped")
             return 0, status
         if what == "list":
-            jobs = await client.list()
-            if not ns.json:
-                import shlex
+            from ._commands import _STATES
 
+            now = time.time()
+            jobs = [s for s in await client.list()
+                    if (ns.state is None or s.state in _STATES[ns.state])
+                    and (ns.owner is None or s.owner == ns.owner)
+                    and (ns.since is None or s.created >= now - ns.since)]
+            if not ns.json:
                 for s in jobs:
-                    argv = shlex.join(os.fsdecode(a) for a in s.argv)
-                    printer.line(name, f"{s.id}\t{s.owner}\t{s.describe()}\t{argv}")
+                    printer.line(name, "\t".join((
+                        str(s.id), text.escape(s.owner), text.describe(s), text.clock(s.created),
+                        text.run_time(s, now), text.quote_argv(s.argv))))
             return 0, jobs
         if what == "delete":
             await client.delete(ns.id)
@@ -253,11 +257,11 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
         if ns.json:
             print(json.dumps(_json(outcome), sort_keys=True), flush=True)
         elif outcome.error is not None and not isinstance(outcome.error, ConnectionFailed):
-            printer.line(name, str(outcome.error), fd=2)
+            printer.line(name, text.escape(str(outcome.error)), fd=2)
         elif outcome.value is not None and isinstance(outcome.value[1], p.JobStatus):
             status = outcome.value[1]
             if status.state is p.JobState.ERROR:
-                printer.line(name, status.describe(), fd=2)
+                printer.line(name, text.describe(status), fd=2)
             if status.dropped_bytes and what in ("run", "stream", "output"):
                 printer.line(name, f"jobctl: output truncated: {status.dropped_bytes} bytes "
                              "dropped by the server", fd=2)
@@ -272,8 +276,8 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
         if outcome.error is not None:
             worst = max(worst, outcome.error.exit_status)
             if isinstance(outcome.error, ConnectionFailed) and not ns.json:
-                for text in str(outcome.error).splitlines():
-                    printer.line(outcome.target.name, text, fd=2)
+                for line in str(outcome.error).splitlines():
+                    printer.line(outcome.target.name, text.escape(line), fd=2)
         elif outcome.value is not None:
             worst = max(worst, outcome.value[0])
     return worst

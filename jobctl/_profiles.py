@@ -217,13 +217,3 @@ def select(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Targ
             trust_on_first_use=bool(getattr(ns, "trust_on_first_use", False))))
     return targets
 
-
-def single_target(ns: argparse.Namespace) -> Target:
-    """The one server the options name, as a :class:`Target` (``run``/``wait``)."""
-    for option, flag in (("certificate", "-c/--certificate"), ("key", "-k/--key")):
-        if not getattr(ns, option):
-            raise ConfigError(f"no {option}: use {flag} or JOBCTL_{option.upper()}")
-    return Target(name=ns.address, address=ns.address, port=int(ns.port),
-                  certificate=ns.certificate, key=ns.key, ca=ns.ca or None,
-                  server_name=ns.server_name,
-                  trust_on_first_use=bool(getattr(ns, "trust_on_first_use", False)))

@@ -23,6 +23,7 @@ class Action(enum.StrEnum):
     STOP = "stop"
     DELETE = "delete"
     READ = "read"  # status, stream, output, list
+    PRUNE = "prune"  # remove finished jobs by age (every job at once: admin only)
 
 
 class Scope(enum.Enum):
@@ -33,11 +34,14 @@ class Scope(enum.Enum):
 
 POLICY: dict[Role, dict[Action, Scope]] = {
     Role.OBSERVE: {Action.START: Scope.NONE, Action.STOP: Scope.NONE,
-                   Action.DELETE: Scope.NONE, Action.READ: Scope.ALL},
+                   Action.DELETE: Scope.NONE, Action.READ: Scope.ALL,
+                   Action.PRUNE: Scope.NONE},
     Role.CONTROL: {Action.START: Scope.ALL, Action.STOP: Scope.OWN,
-                   Action.DELETE: Scope.OWN, Action.READ: Scope.OWN},
+                   Action.DELETE: Scope.OWN, Action.READ: Scope.OWN,
+                   Action.PRUNE: Scope.NONE},
     Role.ADMIN: {Action.START: Scope.ALL, Action.STOP: Scope.ALL,
-                 Action.DELETE: Scope.ALL, Action.READ: Scope.ALL},
+                 Action.DELETE: Scope.ALL, Action.READ: Scope.ALL,
+                 Action.PRUNE: Scope.ALL},
 }
 
 ROLE_NAMES = ", ".join(r.value for r in Role)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobd import __version__
+from protocol import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from jobd.engine import LimitPolicy
@@ -32,18 +32,6 @@ DEFAULT_ADMIN_RESERVED_CONNECTIONS = 3
 #: enough that one user's jobs (about four descriptors each) cannot use up
 #: jobd's descriptors under the systemd unit's LimitNOFILE=65536.
 DEFAULT_MAX_JOBS_PER_USER = 256
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``512``, ``64K``, ``10M``, ``1G``, ``1GiB`` (binary units) into bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 10M, 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
 
 def default_state_dir() -> Path:
     """``$STATE_DIRECTORY``, else /var/lib/jobd for root, else ``$XDG_STATE_HOME/jobd``."""
@@ -81,6 +69,12 @@ class ServerConfig:
     #: Per-job limit defaults and caps (docs/isolation.md); None: none.
     limits: LimitPolicy | None = None
     cgroup_root: Path | None = None
+    #: History: finished jobs kept this many seconds, this many of them, this many
+    #: bytes of their logs (None: no limit); an owner's logs at most this many bytes.
+    retain: float | None = None
+    retain_count: int | None = None
+    max_log_space: int | None = None
+    max_log_space_per_user: int | None = None
 
 
 def _positive_float(text: str) -> float:
@@ -134,6 +128,23 @@ def _cpus(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of CPUs above 0: {text}")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text}")
+    return value
+
+
+def _keep_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
 
 
@@ -225,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--cgroup-root", type=Path, metavar="DIR",
                         help="a delegated cgroup v2 directory for the jobs' cgroups "
                         "(default: jobd's own cgroup if delegated, else the v1 hierarchies)")
+    history = p.add_argument_group(
+        "history", "what is kept of finished jobs (by default everything, until deleted); "
+        "the oldest finished jobs go first, each removal is logged (job-pruned)")
+    history.add_argument("--retain", type=_duration, metavar="DURATION",
+                         help="remove finished jobs this long after their end "
+                         "(e.g. 30d, 12h, 90m, 3600)")
+    history.add_argument("--retain-count", type=_keep_count, metavar="N",
+                         help="keep at most N finished jobs")
+    history.add_argument("--max-log-space", type=_size, metavar="SIZE",
+                         help="keep at most SIZE of finished jobs' output logs "
+                         "(whole jobs are removed)")
+    history.add_argument("--max-log-space-per-user", type=_size, metavar="SIZE",
+                         help="an owner's jobs' logs take at most SIZE; output beyond it "
+                         "is dropped and counted in dropped_bytes")
     return p
 
 
@@ -267,4 +292,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             default_cpus=ns.default_cpus, max_cpus=ns.max_cpus,
             default_pids=ns.default_pids, max_pids=ns.max_pids, max_io_bps=ns.max_io_bps),
         cgroup_root=ns.cgroup_root,
+        retain=ns.retain,
+        retain_count=ns.retain_count,
+        max_log_space=ns.max_log_space,
+        max_log_space_per_user=ns.max_log_space_per_user,
     )

@@ -60,10 +60,12 @@ from jobd._admission import (
     nofile_soft_limit,
 )
 from jobd._auth import (
+    POLICY,
     Action,
     Identity,
     IdentityError,
     Role,
+    Scope,
     check_client_purpose,
     identity_from_cert,
 )
@@ -91,6 +93,10 @@ RECEIVE_SIZE = 64 * 1024
 #: Target size of one page of a list response, well under the frame limit
 #: (statuses are sized by their real encoding; the first always goes in).
 LIST_PAGE_BYTES = 256 * 1024
+#: Most jobs read from the database for one list page: a bound on one page's work
+#: (each row costs about 30 us to decode and check, plus its share of the frame),
+#: so that a page stays well under 20 ms (bench/README.md, *History*).
+LIST_PAGE_ROWS = 200
 #: A status larger than this cannot come from a request this jobd accepts (the
 #: request bounds of protocol/_bounds.py keep every status under ~410 KiB): it
 #: is a record an older jobd stored. ``list`` shows it shortened
@@ -230,7 +236,10 @@ async def serve(
     engine_config = EngineConfig(
         state_dir=config.state_dir, stop_grace=config.stop_grace,
         output_cap=config.output_cap, on_event=on_job_event,
-        limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root)
+        limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root,
+        retain=config.retain, retain_count=config.retain_count,
+        max_log_space=config.max_log_space,
+        max_log_space_per_user=config.max_log_space_per_user)
     async with open_job_manager(engine_config) as manager:
         listeners = await _open_listeners(config.address, config.port)
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]
@@ -256,7 +265,7 @@ async def serve(
                 task_status.started(server)
                 await server._shutdown.wait()
                 log.info("shutdown", reason="requested", running=sum(
-                    1 for s in manager.list() if s.running))
+                    1 for s in manager.running() if s.running))
                 acceptors.cancel_scope.cancel()
             for listener in listeners:
                 await listener.aclose()
@@ -507,10 +516,12 @@ class _Session:
         """Shutdown: stop waiting for the peer and say goodbye. Until the session
         ends it counts as a response in progress, so that the handlers are not
         cancelled before the goodbye is sent."""
-        if self._wait_scope is not None and not self._owes_goodbye:
+        if self._wait_scope is None:
+            return
+        if not self._owes_goodbye:
             self._owes_goodbye = True
             self.server.response_started()
-            self._wait_scope.cancel()
+        self._wait_scope.cancel()
 
     async def _refuse_shutting_down(self) -> None:
         self.log.debug("connection-closed", peer=self.peer, who=self._who(),
@@ -626,7 +637,13 @@ class _Session:
                         break
                     finally:
                         self._response_scope = None
-                        self.server.response_ended()
+                        if self.server.closing and not self._owes_goodbye:
+                            # The goodbye that follows belongs to this response: the
+                            # server must not look idle (and cancel its handlers)
+                            # between the two. run() ends it.
+                            self._owes_goodbye = True
+                        else:
+                            self.server.response_ended()
             nursery.cancel_scope.cancel()
         if shutting_down:  # the reader is gone: the stream is ours to close
             await self._refuse_shutting_down()
@@ -760,7 +777,12 @@ class _Session:
         who = self.identity.name
         if isinstance(request, p.Start):
             self._require(Action.START)
-            env = dict(request.env) if request.env is not None else self.server.job_env
+            if request.env is None:
+                env = self.server.job_env
+            elif request.env_merge:
+                env = {**self.server.job_env, **dict(request.env)}
+            else:
+                env = dict(request.env)
             admin = self.identity.role is Role.ADMIN
             async with self.server.starting(self.identity):
                 status = await self.manager.start(
@@ -787,7 +809,12 @@ class _Session:
             self.log.info("job-deleted", id=request.job, who=who)
             return p.Deleted(request.job)
         if isinstance(request, p.ListJobs):
-            return self._list_page(request.after)
+            return await self._list_page(request)
+        if isinstance(request, p.Prune):
+            self._require(Action.PRUNE)
+            removed = await self.manager.prune(request.older_than, reason=f"prune by {who}")
+            self.log.info("pruned", who=who, older_than=request.older_than, removed=removed)
+            return p.Pruned(removed)
         raise _Refusal(p.ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
 
     def _owned(self, job: int, action: Action) -> None:
@@ -798,14 +825,21 @@ class _Session:
                           id=job, reason="not the caller's job")
             raise JobNotFound(job)
 
-    def _list_page(self, after: int) -> p.JobList:
+    async def _list_page(self, request: p.ListJobs) -> p.JobList:
+        """One page, filtered by the database (owner, states, since) from its indexes;
+        a caller who may read only its own jobs gets only those, whatever it asks."""
         assert self.identity is not None
+        owner = request.owner
+        if POLICY[self.identity.role][Action.READ] is not Scope.ALL:
+            if owner is not None and owner != self.identity.name:
+                return p.JobList((), False, 0 if request.count else None)
+            owner = self.identity.name
+        statuses, more, total = await self.manager.list_page(
+            request.after, LIST_PAGE_ROWS, owner=owner, states=request.states,
+            since=request.since, count=request.count)
         page: list[p.JobStatus] = []
         size = 0
-        more = False
-        for status in self.manager.list():
-            if status.id <= after or not self.identity.sees(status.owner):
-                continue
+        for status in statuses:
             cost = p.encoded_size(status)
             if cost > LIST_ENTRY_MAX:
                 status = _shortened(status)
@@ -815,18 +849,27 @@ class _Session:
                 break
             page.append(status)
             size += cost
-        return p.JobList(tuple(page), more)
+        return p.JobList(tuple(page), more, total)
 
     async def _stream_output(self, request: p.Stream | p.Output, *, follow: bool) -> p.End:
         """Send the output chunks; return the end frame. Errors (not found, a bad
         position, a job deleted meanwhile) are answered by ``_respond``."""
         self._visible(request.job)
+        if request.end_only:  # `jobctl wait`: no output, the end when the job has ended
+            if follow:
+                return p.End(await self.manager.wait(request.job), request.position)
+            return p.End(self.manager.status(request.job), request.position)
         reader = self.manager.follow_output if follow else self.manager.read_output
-        chunks = reader(request.job, request.position)
+        chunks = reader(request.job, request.position, timestamps=request.timestamps)
         position = request.position
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
-                await self._send(self.conn.send_output(chunk.fd, chunk.data, chunk.position))
+                if chunk.time_ns is None:
+                    frame = self.conn.send_output(chunk.fd, chunk.data, chunk.position)
+                else:  # timestamps asked for: the general encoder (not the fast path)
+                    frame = self.conn.send(p.OutputChunk(chunk.fd, chunk.data, chunk.position,
+                                                         chunk.time_ns / 1e9))
+                await self._send(frame)
                 position = chunk.position
         return p.End(self.manager.status(request.job), position)
 

@@ -55,6 +55,8 @@ from ._messages import (
     Message,
     Output,
     OutputChunk,
+    Prune,
+    Pruned,
     Request,
     ServerMessage,
     Start,
@@ -67,6 +69,7 @@ from ._messages import (
 )
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
+from ._units import parse_duration, parse_size
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -117,6 +120,8 @@ __all__ = [
     "Message",
     "Output",
     "OutputChunk",
+    "Prune",
+    "Pruned",
     "ProtocolError",
     "RemoteProtocolError",
     "Request",
@@ -137,4 +142,6 @@ __all__ = [
     "encode_output_chunk",
     "encoded_size",
     "parse_output_chunk",
+    "parse_duration",
+    "parse_size",
 ]

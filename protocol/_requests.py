@@ -11,6 +11,7 @@ from ._base import (
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     _check_arg,
+    _flag,
     _JobMessage,
     _Message,
     _OutputRequest,
@@ -28,8 +29,22 @@ from ._bounds import (
     MAX_PATH_BYTES,
     MAX_PIDS,
 )
-from ._fields import check, check_type, get_bytes, get_float, get_int, get_list, get_map, get_str
-from ._status import Limits
+from ._fields import (
+    FieldError,
+    check,
+    check_type,
+    get_bool,
+    get_bytes,
+    get_float,
+    get_int,
+    get_list,
+    get_map,
+    get_str,
+)
+from ._status import JobState, Limits
+
+#: Longest owner a list filter may name (a certificate CN is at most 64 characters).
+MAX_OWNER_FILTER = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +95,9 @@ class Start(_Message):
         at most MAX_ARG_BYTES, MAX_ENV_BYTES in all.
       limits: a :class:`Limits`, or None for the server's defaults; checked and
         its device paths normalised by :func:`request_limits`.
+      env_merge: (minor 1) True: ``env`` is added to the server's environment
+        for jobs (replacing variables of the same name) instead of being the
+        whole environment.
 
     Every bound is in ``_bounds.py``: what a start makes the server store or echo
     stays small enough for one frame.
@@ -91,6 +109,7 @@ class Start(_Message):
     cwd: bytes | None = None
     env: tuple[tuple[bytes, bytes], ...] | None = None
     limits: Limits | None = None
+    env_merge: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, list):
@@ -140,6 +159,7 @@ class Start(_Message):
             check(total <= MAX_ENV_BYTES,
                   f"env larger than {MAX_ENV_BYTES} bytes ({total} bytes)")
         check_type("limits", self.limits, Limits, optional=True)
+        check_type("env_merge", self.env_merge, bool)
         if self.limits is not None:
             object.__setattr__(self, "limits", request_limits(self.limits))
 
@@ -151,6 +171,8 @@ class Start(_Message):
             out["env"] = [[name, value] for name, value in self.env]
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.env_merge:
+            out["env_merge"] = True
         return out
 
     @classmethod
@@ -163,6 +185,7 @@ class Start(_Message):
             cwd=get_bytes(m, "cwd", None),
             env=tuple(env) if env is not None else None,
             limits=Limits.from_wire(limits) if limits is not None else None,
+            env_merge=_flag(m, "env_merge"),
         )
 
 
@@ -252,22 +275,59 @@ class ListJobs(_Message):
     """List the jobs the caller may see, in ID order (answered by :class:`JobList`).
 
     Fields:
-      after: only jobs whose ID is greater than this (0: from the first).
+      after: only jobs whose ID is greater than this (0: from the first). The
+        next page's ``after`` is the last ID of the page before.
+      owner: only this owner's jobs (optional).
+      states: only jobs in one of these states (optional; empty: any).
+      since: only jobs created at or after this time, seconds since the
+        Unix epoch (optional).
+      count: also answer the total number of jobs that match (``JobList.total``);
+        it costs an index scan, so a client asks for it once, on its first page.
     """
 
     TYPE: ClassVar[str] = "list"
 
     after: int = 0
+    owner: str | None = None
+    states: tuple[JobState, ...] = ()
+    since: float | None = None
+    count: bool = False
 
     def __post_init__(self) -> None:
         _uint("after", self.after)
+        check_type("owner", self.owner, str, optional=True)
+        check(self.owner is None or len(self.owner) <= MAX_OWNER_FILTER,
+              f"owner longer than {MAX_OWNER_FILTER} characters")
+        if isinstance(self.states, list):
+            object.__setattr__(self, "states", tuple(self.states))
+        check_type("states", self.states, tuple)
+        check(len(self.states) <= len(JobState), "too many states")
+        try:
+            object.__setattr__(self, "states", tuple(JobState(s) for s in self.states))
+        except ValueError:
+            raise FieldError(f"unknown job state in {list(self.states)!r}") from None
+        check_type("since", self.since, (int, float), optional=True)
+        check(self.since is None or math.isfinite(self.since), "since must be finite")
+        check_type("count", self.count, bool)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "after": self.after}
+        out: dict[str, Any] = {"type": self.TYPE, "after": self.after}
+        if self.owner is not None:
+            out["owner"] = self.owner
+        if self.states:
+            out["states"] = [s.value for s in self.states]
+        if self.since is not None:
+            out["since"] = self.since
+        if self.count:
+            out["count"] = True
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "after", 0))
+        states = get_list(m, "states", [])
+        check(all(isinstance(x, str) for x in states), "states entries must be strings")
+        return cls(get_int(m, "after", 0), get_str(m, "owner", None), tuple(states),
+                   get_float(m, "since", None), get_bool(m, "count", False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +338,10 @@ class Stream(_OutputRequest):
       job: the job's ID.
       position: 0 for the first byte, or the position of the last chunk
         received, to resume right after it.
+      timestamps: (minor 1) True to get one chunk per record read from the
+        job's pipes, each with the time it was read.
+      end_only: (minor 1) True to get no chunks: only the end frame, once the
+        job has ended (``jobctl wait``).
     """
 
     TYPE: ClassVar[str] = "stream"
@@ -290,6 +354,8 @@ class Output(_OutputRequest):
     Fields:
       job: the job's ID.
       position: as for :class:`Stream`.
+      timestamps: as for :class:`Stream`.
+      end_only: True to get only the end frame, at once.
     """
 
     TYPE: ClassVar[str] = "output"
@@ -307,4 +373,31 @@ class Delete(_JobMessage):
 
 
 
-__all__ = ["Delete", "GetStatus", "Hello", "ListJobs", "Output", "Start", "Stop", "Stream"]
+@dataclass(frozen=True, slots=True)
+class Prune(_Message):
+    """Remove the finished jobs that ended more than ``older_than`` seconds ago, with
+    their output (admin only; protocol 1.1; answered by :class:`Pruned`).
+
+    Fields:
+      older_than: seconds, finite, 0 or more.
+    """
+
+    TYPE: ClassVar[str] = "prune"
+
+    older_than: float
+
+    def __post_init__(self) -> None:
+        check_type("older_than", self.older_than, (int, float))
+        check(math.isfinite(self.older_than) and self.older_than >= 0,
+              "older_than must be a finite number of seconds, 0 or more")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "older_than": self.older_than}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_float(m, "older_than"))
+
+
+__all__ = ["Delete", "GetStatus", "Hello", "ListJobs", "Output", "Prune", "Start", "Stop",
+           "Stream"]

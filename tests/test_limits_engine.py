@@ -265,8 +265,9 @@ async def test_shutdown_stops_contained_jobs_and_removes_their_cgroups(tmp_path:
                                   limits=Limits(pids=10, isolate=("pid",)))
         assert job.pid is not None
         dirs = [cgroup_dir(job.pid, "pids")]
-    assert manager.status(job.id).state is JobState.STOPPED
     assert not dirs[0].exists()
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.status(job.id).state is JobState.STOPPED
 
 
 # -- spawning through the helper ----------------------------------------------------

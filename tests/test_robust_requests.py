@@ -232,12 +232,12 @@ def test_legacy_status_too_large_for_a_frame(pki: Pki, tmp_path: Path) -> None:
     entry is shortened to fit), and a request whose answer cannot be encoded gets an
     ``internal`` error frame instead of a dropped connection."""
     state = tmp_path / "state"
-    store = Store(state)
-    store.load()  # creates the directories
     poison = p.JobStatus(id=1, owner="alice", argv=(b"true",) + (b"",) * 600_000,
                          state=p.JobState.ERROR, error="cannot change to directory /"
                          + "d" * (1 << 20), created=1.0, ended=1.0)
-    store.write(Record(poison, log_size=0))
+    # A record file of an older jobd (imported into jobs.db at the start below).
+    with Store.open(state) as store:
+        store.write(Record(poison, log_size=0))
     server = start_jobd(pki, state)
     try:
         ok = server.jobctl("alice", "start", "true")
