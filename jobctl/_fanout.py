@@ -46,7 +46,7 @@ import protocol as p
 from . import _core as core
 from . import _text as text
 from ._async import Client, connect
-from ._errors import ConnectionFailed, JobctlError, WaitTimeout
+from ._errors import ConfigError, ConnectionFailed, JobctlError, WaitTimeout
 from ._profiles import Target
 from ._trust import Pinning
 
@@ -169,15 +169,27 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
             start: dict[str, Any], *, group: bool = True) -> int:
     """``jobctl -s GROUP COMMAND``: the command on every server of the group
     (``group`` False: without name prefixes)."""
+    # Refused rather than silently ignored. (Ctrl-C leaves a group's jobs running, as
+    # --detach-on-interrupt does for one server.)
+    for option, flag in (("tail", "--tail"), ("timestamps", "--timestamps"),
+                         ("long", "-v/--long")):
+        if getattr(ns, option, None):
+            raise ConfigError(f"{flag} is not supported with a group of servers")
+    if getattr(ns, "on_interrupt", None) == "stop":
+        raise ConfigError("--stop-on-interrupt is not supported with a group of servers")
     try:
         return trio.run(_run_cli, ns, targets, command, start, group and not ns.no_prefix)
     except BaseExceptionGroup as group_exc:
-        # Our stdout went away (`jobctl -s all run ... | head -1`): the command line
-        # stops quietly, as for one server. Anything else is a bug: let it show.
-        broken, rest = group_exc.split(BrokenPipeError)
-        if broken is not None and rest is None:
-            raise BrokenPipeError from None
-        raise
+        # A Ctrl-C (exit 130; the jobs run on), or our stdout gone away (`jobctl -s all
+        # run ... | head -1`: quietly), reach the command line as for one server.
+        # Anything else is a bug: let it show.
+        interrupted, rest = group_exc.split(KeyboardInterrupt)
+        _broken, rest = rest.split(BrokenPipeError) if rest is not None else (None, None)
+        if rest is not None:
+            raise
+        if interrupted is not None:
+            raise KeyboardInterrupt from None
+        raise BrokenPipeError from None
 
 
 async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],

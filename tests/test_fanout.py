@@ -271,3 +271,28 @@ def test_json_run_carries_each_servers_output(fleet: Fleet) -> None:
         assert (o["exit"], o["stdout"], o["stderr"], o["output_truncated"]) == \
             (2, "out\n", "err\n", False)
         assert o["status"]["state"] == "exited"
+
+
+def test_options_a_group_cannot_honour_are_refused(fleet: Fleet) -> None:
+    for args in (["stream", "--tail", "3", "1"], ["status", "-v", "1"],
+                 ["run", "--stop-on-interrupt", "true"], ["run", "--timestamps", "true"]):
+        result = fleet.jobctl("-s", "web", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "is not supported with a group of servers" in result.stderr
+        assert result.stdout == ""
+
+
+def test_wait_timeout_on_a_group(fleet: Fleet) -> None:
+    started = fleet.jobctl("-s", "web1", "start", "sleep", "600").stdout.strip()
+    try:
+        result = fleet.jobctl("-s", "web1", "wait", "--timeout", "0.5", started)
+        assert result.returncode == 124
+        group = subprocess.run([*JOBCTL, "-s", "web", "--json", "wait", "--timeout", "0.5",
+                                started], capture_output=True, text=True, timeout=120,
+                               cwd=RUN_CWD, env=fleet.env(), stdin=subprocess.DEVNULL)
+        objects = {o["server"]: o for o in map(json.loads, group.stdout.splitlines())}
+        assert objects["web1"]["exit"] == 124 and "timed out" in objects["web1"]["error"]
+        # Elsewhere that ID is another job or none: the worst status wins either way.
+        assert group.returncode == max(o["exit"] for o in objects.values())
+    finally:
+        fleet.jobctl("-s", "web1", "stop", "--grace", "0", started)
