@@ -61,6 +61,9 @@ LINE_LIMIT = 64 * 1024
 #: With --json, ``run`` keeps this much of each server's output for its object
 #: (stdout and stderr together); more is dropped and flagged.
 JSON_OUTPUT_CAP = 1 << 20
+#: What ``jobctl -s GROUP`` runs on each server.
+GROUP_COMMANDS = ("start", "run", "status", "stop", "list", "wait", "delete", "stream",
+                  "output")
 #: ANSI colors for the name prefixes on a terminal, one per server in turn.
 COLORS = (36, 33, 35, 32, 34, 31)
 
@@ -169,6 +172,9 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
             start: dict[str, Any], *, group: bool = True) -> int:
     """``jobctl -s GROUP COMMAND``: the command on every server of the group
     (``group`` False: without name prefixes)."""
+    if ns.command not in GROUP_COMMANDS:
+        raise ConfigError(f"{ns.command} is not supported with a group of servers "
+                          f"(only {', '.join(GROUP_COMMANDS)})")
     # Refused rather than silently ignored. (Ctrl-C leaves a group's jobs running, as
     # --detach-on-interrupt does for one server.)
     for option, flag in (("tail", "--tail"), ("timestamps", "--timestamps"),
@@ -261,7 +267,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
         if what == "delete":
             await client.delete(ns.id)
             return 0, None
-        raise JobctlError(f"{what} is not supported with a group")
+        raise AssertionError(what)  # run_cli checked it
 
     def on_done(outcome: Outcome[tuple[Any, ...]]) -> None:
         name = outcome.target.name

@@ -275,7 +275,8 @@ def test_json_run_carries_each_servers_output(fleet: Fleet) -> None:
 
 def test_options_a_group_cannot_honour_are_refused(fleet: Fleet) -> None:
     for args in (["stream", "--tail", "3", "1"], ["status", "-v", "1"],
-                 ["run", "--stop-on-interrupt", "true"], ["run", "--timestamps", "true"]):
+                 ["run", "--stop-on-interrupt", "true"], ["run", "--timestamps", "true"],
+                 ["prune", "--older-than", "1d"]):
         result = fleet.jobctl("-s", "web", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "is not supported with a group of servers" in result.stderr
