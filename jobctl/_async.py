@@ -82,7 +82,7 @@ class Client:
         return (await self._request(message, p.Started)).status
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
-        return (await self._request(p.Stop(job, grace), p.Stopped,
+        return (await self._request(core.stop_request(job, grace), p.Stopped,
                                     core.stop_timeout(grace))).status
 
     async def status(self, job: int) -> p.JobStatus:

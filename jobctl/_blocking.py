@@ -160,7 +160,8 @@ class BlockingClient:
 
     def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
         """Stop a job; returns once every process of it is gone."""
-        return self._request(p.Stop(job, grace), p.Stopped, core.stop_timeout(grace)).status
+        return self._request(core.stop_request(job, grace), p.Stopped,
+                             core.stop_timeout(grace)).status
 
     def status(self, job: int) -> p.JobStatus:
         return self._request(p.GetStatus(job), p.StatusResult).status

@@ -49,6 +49,7 @@ from ._messages import (
     Stream,
     Welcome,
 )
+from ._requests import MAX_TRACEPARENT
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
 
@@ -61,6 +62,7 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_FRAME_SIZE",
     "MAX_OUTPUT_CHUNK",
+    "MAX_TRACEPARENT",
     "MESSAGE_TYPES",
     "NEED_DATA",
     "PROTOCOL_MINOR",

@@ -18,6 +18,18 @@ from ._base import (
 from ._fields import check, check_type, get_bytes, get_float, get_int, get_list, get_map, get_str
 from ._status import Limits
 
+#: Longest ``traceparent`` accepted. A W3C traceparent of version 00 is 55
+#: characters; later versions may append fields, so leave room, but bound it.
+MAX_TRACEPARENT = 256
+
+
+def _check_traceparent(value: object) -> None:
+    check_type("traceparent", value, str, optional=True)
+    if value is not None:
+        assert isinstance(value, str)
+        check(len(value) <= MAX_TRACEPARENT,
+              f"traceparent must be at most {MAX_TRACEPARENT} characters")
+
 
 @dataclass(frozen=True, slots=True)
 class Hello(_Message):
@@ -63,6 +75,9 @@ class Start(_Message):
         None for the server's default. Names are non-empty, unique, without
         ``=``; no NUL anywhere.
       limits: a :class:`Limits`, or None for the server's defaults.
+      traceparent: a W3C Trace Context ``traceparent`` (str) naming the caller's
+        span, or None. A server that traces requests makes it the parent of the
+        request's span; one that does not (or an older one) ignores it.
     """
 
     TYPE: ClassVar[str] = "start"
@@ -71,6 +86,7 @@ class Start(_Message):
     cwd: bytes | None = None
     env: tuple[tuple[bytes, bytes], ...] | None = None
     limits: Limits | None = None
+    traceparent: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, list):
@@ -100,6 +116,7 @@ class Start(_Message):
                 check(name not in names, f"env name {name!r} repeats")
                 names.add(name)
         check_type("limits", self.limits, Limits, optional=True)
+        _check_traceparent(self.traceparent)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "argv": list(self.argv)}
@@ -109,6 +126,8 @@ class Start(_Message):
             out["env"] = [[name, value] for name, value in self.env]
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
         return out
 
     @classmethod
@@ -121,6 +140,7 @@ class Start(_Message):
             cwd=get_bytes(m, "cwd", None),
             env=tuple(env) if env is not None else None,
             limits=Limits.from_wire(limits) if limits is not None else None,
+            traceparent=get_str(m, "traceparent", None),
         )
 
 
@@ -132,12 +152,14 @@ class Stop(_Message):
       job: the job's ID.
       grace: seconds between the steps of the stop sequence (SIGINT, SIGTERM,
         SIGKILL); 0 sends SIGKILL at once; None for the server's default.
+      traceparent: as for :class:`Start`.
     """
 
     TYPE: ClassVar[str] = "stop"
 
     job: int
     grace: float | None = None
+    traceparent: str | None = None
 
     def __post_init__(self) -> None:
         _uint("job", self.job)
@@ -146,16 +168,20 @@ class Stop(_Message):
             object.__setattr__(self, "grace", float(self.grace))
             check(math.isfinite(self.grace) and self.grace >= 0,
                   "grace must be a finite number of seconds, not negative")
+        _check_traceparent(self.traceparent)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "job": self.job}
         if self.grace is not None:
             out["grace"] = self.grace
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
         return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"), get_float(m, "grace", None))
+        return cls(get_int(m, "job"), get_float(m, "grace", None),
+                   get_str(m, "traceparent", None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,4 +255,5 @@ class Delete(_JobMessage):
 
 
 
-__all__ = ["Delete", "GetStatus", "Hello", "ListJobs", "Output", "Start", "Stop", "Stream"]
+__all__ = ["MAX_TRACEPARENT", "Delete", "GetStatus", "Hello", "ListJobs", "Output", "Start",
+           "Stop", "Stream"]
