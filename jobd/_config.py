@@ -68,6 +68,8 @@ class ServerConfig:
     #: Per-job limit defaults and caps (docs/isolation.md); None: none.
     limits: LimitPolicy | None = None
     cgroup_root: Path | None = None
+    #: ``off`` or ``otlp`` (OpenTelemetry, configured by the OTEL_* variables).
+    telemetry: str = "off"
 
 
 def _positive_float(text: str) -> float:
@@ -164,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
                    metavar="N", help="connections served at once; more are refused "
                    "(default: %(default)s)")
+    p.add_argument("--telemetry", choices=("off", "otlp"), default="off",
+                   help="otlp: send traces, metrics and logs to an OpenTelemetry collector "
+                   "over OTLP/HTTP, configured by the standard OTEL_* environment variables "
+                   "(needs the jobd[otel] extra); off: none, OpenTelemetry is not even "
+                   "imported (default: %(default)s)")
     limits = p.add_argument_group(
         "per-job limits",
         "A job that asks for no limit gets the default, or else the maximum; a request "
@@ -218,4 +225,5 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             default_cpus=ns.default_cpus, max_cpus=ns.max_cpus,
             default_pids=ns.default_pids, max_pids=ns.max_pids, max_io_bps=ns.max_io_bps),
         cgroup_root=ns.cgroup_root,
+        telemetry=ns.telemetry,
     )

@@ -50,6 +50,7 @@ from jobd import __version__
 from jobd._auth import Action, Identity, IdentityError, identity_from_cert
 from jobd._config import ServerConfig
 from jobd._log import EventLog, route_engine_logs
+from jobd._telemetry import NULL, Telemetry
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
 from jobd.engine import (
     BadPosition,
@@ -169,6 +170,7 @@ async def serve(
     config: ServerConfig,
     *,
     log: EventLog | None = None,
+    telemetry: Telemetry = NULL,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until :meth:`Server.request_shutdown`, then shut down gracefully.
@@ -191,6 +193,7 @@ async def serve(
         return True
 
     def on_job_event(kind: str, status: p.JobStatus) -> None:
+        telemetry.job_event(kind, status)
         argv = shlex.join(os.fsdecode(a) for a in status.argv)
         if kind == "started":
             log.info("job-started", id=status.id, owner=status.owner, pid=status.pid, argv=argv)
@@ -206,6 +209,8 @@ async def serve(
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]
         server = Server(addresses=addresses, manager=manager, _reload=reload)
         state = _ServerState(config, log, manager, lambda: tls[0])
+        state.telemetry = telemetry
+        telemetry.watch(manager, config.state_dir)
         if state.max_connections < config.max_connections:
             log.warning("connection-limit-lowered", configured=config.max_connections,
                         limit=state.max_connections,
@@ -276,6 +281,7 @@ class _ServerState:
         self.busy = 0  # responses in progress
         self.closing = False
         self.job_env = job_environment()
+        self.telemetry: Telemetry = NULL
         self._idle = trio.Event()
         self._idle.set()
 
@@ -302,6 +308,7 @@ class _ServerState:
         over_limit = self.active >= self.max_connections
         if over_limit and self.refusing >= MAX_REFUSALS:
             self.log.warning("connection-refused", peer=peer, reason="too many connections")
+            self.telemetry.connection_dropped(peer, "busy", "too many connections")
             await tcp.aclose()
             return
         if over_limit:
@@ -346,6 +353,7 @@ class _Session:
         self._send_lock = trio.StrictFIFOLock()
         self._response_scope: trio.CancelScope | None = None
         self._streaming = False
+        self.tel = server.telemetry.connection(peer)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -389,6 +397,7 @@ class _Session:
                 await self._serve_requests()
         finally:
             await self._close()
+            self.tel.closed()
 
     async def _handshake(self, *, over_limit: bool) -> bool:
         """TLS, identity, hello and welcome, under one deadline. True when welcomed."""
@@ -398,6 +407,7 @@ class _Session:
             except trio.BrokenResourceError as exc:
                 reason = describe_tls_error(exc.__cause__)
                 self.log.warning("connection-refused", peer=self.peer, reason=reason)
+                self.tel.refused("tls", reason)
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flush_tls_alert()
                 return False
@@ -410,10 +420,12 @@ class _Session:
                 refusal = (p.ErrorCode.PERMISSION_DENIED, str(exc))
                 self.log.warning("identity-refused", peer=self.peer, reason=str(exc),
                                  subject=_subject(self.stream.getpeercert()))
+                self.tel.refused("identity", str(exc))
             try:
                 hello = await self._receive_event()
             except p.RemoteProtocolError as exc:
                 self.log.warning("bad-hello", peer=self.peer, who=name, reason=exc.message)
+                self.tel.refused("bad_hello", exc.message)
                 await self._close(exc.error_frame)
                 return False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -425,8 +437,10 @@ class _Session:
                            f"(limit {self.server.max_connections})")
                 self.log.warning("connection-refused", peer=self.peer, who=name,
                                  reason="too many connections")
+                self.tel.refused("busy", "too many connections")
             if refusal is None and self.server.closing:
                 refusal = (p.ErrorCode.UNAVAILABLE, "server is shutting down")
+                self.tel.refused("shutting_down", "server is shutting down")
             if refusal is not None:
                 await self._close(self.conn.send(p.Error(*refusal)))
                 return False
@@ -436,6 +450,7 @@ class _Session:
                 self.conn.next_event()
             except p.RemoteProtocolError as exc:
                 self.log.warning("bad-hello", peer=self.peer, who=name, reason=exc.message)
+                self.tel.refused("bad_hello", exc.message)
                 await self._close(exc.error_frame)
                 return False
             assert self.identity is not None
@@ -450,10 +465,12 @@ class _Session:
                 return False
             self.log.debug("connected", peer=self.peer, who=self.identity.name,
                            role=self.identity.role.value)
+            self.tel.welcomed(self.identity.name, self.identity.role.value, self.stream.version())
             return True
         self.log.warning("connection-timeout", peer=self.peer,
                          reason=f"no handshake and hello within "
                          f"{self.server.config.handshake_timeout:g}s")
+        self.tel.refused("timeout", "no handshake and hello in time")
         return False
 
     async def _serve_requests(self) -> None:
@@ -464,7 +481,7 @@ class _Session:
                 async for request in receive:
                     self.server.response_started()
                     try:
-                        with trio.CancelScope() as self._response_scope:
+                        with self.tel.request(request), trio.CancelScope() as self._response_scope:
                             await self._respond(request)
                     except (trio.BrokenResourceError, trio.ClosedResourceError,
                             p.RemoteProtocolError):  # the reader closed on a protocol error
@@ -548,6 +565,7 @@ class _Session:
             reply = p.Error(p.ErrorCode.LIMIT_EXCEEDED, str(exc))
         except EngineError as exc:
             reply = p.Error(p.ErrorCode.UNAVAILABLE, str(exc))
+        self.tel.replied(reply)
         await self._send(self.conn.send(reply))
 
     def _visible(self, job: int, action: Action = Action.READ) -> p.JobStatus:
@@ -637,6 +655,7 @@ class _Session:
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
                 await self._send(self.conn.send_output(chunk.fd, chunk.data, chunk.position))
+                self.tel.streamed(len(chunk.data))
                 position = chunk.position
         return p.End(self.manager.status(request.job), position)
 
