@@ -60,6 +60,11 @@
               trustme
               hypothesis
               pytest-timeout
+              # the "otel" extra, which the telemetry tests use
+              opentelemetry-api
+              opentelemetry-sdk
+              opentelemetry-exporter-otlp-proto-http
+              opentelemetry-proto
             ])
             ++ [ openssl ];
           # Tests start the installed jobd and jobctl as real processes, and
@@ -135,6 +140,10 @@
                   trustme
                   hypothesis
                   pytest-timeout
+                  opentelemetry-api
+                  opentelemetry-sdk
+                  opentelemetry-exporter-otlp-proto-http
+                  opentelemetry-proto
                   # the "dev" extra (mypy inside the environment sees its packages)
                   mypy
                 ]
