@@ -242,7 +242,7 @@ def test_event_log_records_carry_trace_context(otel_jobd: JobdProcess,
         "jobd.job", **{"jobd.job.id": job}))
     assert (record.trace_id, record.span_id) == (job_span.trace_id, job_span.span_id)
     ended = receiver.wait_for("job-ended record", lambda: receiver.log(
-        "jobd.job-exited", **{"jobd.id": job}))
+        "jobd.job-ended", **{"jobd.id": job}))
     assert ended.trace_id == job_span.trace_id
     # Events outside any request are records too, without a span.
     listening = receiver.wait_for("listening record", lambda: receiver.log("jobd.listening"))
