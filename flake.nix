@@ -330,6 +330,7 @@
                 LimitNOFILE = 65536;
                 Restart = "on-failure";
                 RestartSec = "2s";
+                WatchdogSec = "30s";
               };
             };
           };

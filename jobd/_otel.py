@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -70,7 +71,13 @@ from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.resources import (
+    HOST_NAME,
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    Resource,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -109,10 +116,19 @@ def open_otel(service_version: str) -> OtelTelemetry:
         if value and value != PROTOCOL:
             raise TelemetryError(f"{name}={value} is not supported: jobd exports OTLP over "
                                  f"{PROTOCOL} only (set it to {PROTOCOL} or unset it)")
+    # Attributes given here override the environment's: only the version is ours.
     resource = Resource.create({SERVICE_VERSION: service_version})
+    defaults: dict[str, str] = {}
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         # Neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES named it.
-        resource = resource.merge(Resource({SERVICE_NAME: "jobd"}))
+        defaults[SERVICE_NAME] = "jobd"
+    if SERVICE_INSTANCE_ID not in resource.attributes:
+        # Tells the hosts of a fleet apart (Prometheus' "instance" label); one jobd
+        # per host is the rule, and several set it in OTEL_RESOURCE_ATTRIBUTES.
+        defaults[SERVICE_INSTANCE_ID] = socket.gethostname()
+    if HOST_NAME not in resource.attributes:
+        defaults[HOST_NAME] = socket.gethostname()
+    resource = resource.merge(Resource(defaults))
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     meter_provider = MeterProvider(

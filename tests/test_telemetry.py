@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import trio
 from opentelemetry.sdk.trace import TracerProvider
 
 import jobctl
+import jobd
 from jobd import _telemetry
 from jobd._telemetry import NULL, TelemetryError, open_telemetry
 
@@ -86,6 +88,8 @@ def test_start_refusal_and_stop_are_spans(otel_jobd: JobdProcess,
     assert start_span.attributes["jobd.client.identity"] == "alice"
     assert start_span.resource["service.name"] == "jobd"
     assert start_span.resource["deployment.environment"] == "test"
+    assert start_span.resource["service.instance.id"] == socket.gethostname()
+    assert start_span.resource["service.version"] == jobd.__version__
 
     # The request's connection: welcomed, who, what TLS; the request is its child.
     conn = receiver.wait_for("connection span", lambda: next(
