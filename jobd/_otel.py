@@ -108,6 +108,13 @@ _SERVER_FAULTS = frozenset({p.ErrorCode.INTERNAL, p.ErrorCode.UNAVAILABLE})
 _SEVERITY = {"debug": SeverityNumber.DEBUG, "info": SeverityNumber.INFO,
              "warning": SeverityNumber.WARN, "error": SeverityNumber.ERROR}
 _PROPAGATOR = TraceContextTextMapPropagator()
+#: Longest string jobd puts in a span attribute or a log record: clients choose
+#: some of them (argv, up to 256 KiB), and a collector should not pay for that.
+MAX_VALUE = 4096
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 3] + "..."
 
 
 def open_otel(service_version: str) -> OtelTelemetry:
@@ -141,13 +148,13 @@ def open_otel(service_version: str) -> OtelTelemetry:
 
 def _attr(value: Any) -> Any:
     """A log field as an OTel attribute value (str, bool, int, float, or a list of them)."""
-    if value is None or isinstance(value, str | bool | int | float):
+    if value is None or isinstance(value, bool | int | float):
         return value
+    if isinstance(value, str):
+        return _cut(value)
     if isinstance(value, bytes):
-        return os.fsdecode(value)
-    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        return list(value)
-    return str(value)
+        return _cut(os.fsdecode(value))
+    return _cut(str(value))
 
 
 def _job_id(request: p.Message) -> int | None:
@@ -261,20 +268,20 @@ class OtelTelemetry(Telemetry):
         if status.oom:
             self.oom_kills.add(1)
         end: dict[str, Any] = {
-            "jobd.job.state": state, "jobd.job.status": status.describe(),
+            "jobd.job.state": state, "jobd.job.status": _cut(status.describe()),
             "jobd.job.output_bytes": status.output_bytes,
             "jobd.job.dropped_bytes": status.dropped_bytes, "jobd.job.oom": status.oom,
         }
         for key, value in (("process.exit.code", status.exit_code),
                            ("jobd.job.signal", status.signal),
-                           ("jobd.job.error", status.error),
+                           ("jobd.job.error", _cut(status.error) if status.error else None),
                            ("jobd.job.peak_memory", status.peak_memory),
                            ("jobd.job.cpu_time", status.cpu_time)):
             if value is not None:
                 end[key] = value
         span.set_attributes(end)
         if status.state is p.JobState.ERROR:
-            span.set_status(Status(StatusCode.ERROR, status.error or "error"))
+            span.set_status(Status(StatusCode.ERROR, _cut(status.error or "error")))
         span.end(end_time=int((status.ended or time.time()) * 1e9))
 
     @staticmethod
@@ -286,7 +293,7 @@ class OtelTelemetry(Telemetry):
     def _job_attributes(status: p.JobStatus) -> dict[str, Any]:
         out: dict[str, Any] = {
             "jobd.job.id": status.id, "jobd.job.owner": status.owner,
-            "process.command": os.fsdecode(status.argv[0]) if status.argv else "",
+            "process.command": _cut(os.fsdecode(status.argv[0])) if status.argv else "",
         }
         if status.pid is not None:
             out["process.pid"] = status.pid
@@ -364,7 +371,7 @@ class OtelTelemetry(Telemetry):
             self._logger.emit(
                 timestamp=time.time_ns(), severity_number=_SEVERITY.get(level),
                 severity_text=level.upper(), event_name=f"jobd.{event}",
-                body=" ".join([event, *format_fields(fields)]),
+                body=_cut(" ".join([event, *format_fields(fields)])),
                 attributes={f"jobd.{k}": _attr(v) for k, v in fields.items() if v is not None})
 
     # -- shutdown -----------------------------------------------------------------------
@@ -407,8 +414,9 @@ class _OtelConnection(ConnectionTelemetry):
             return
         self._outcome = "refused"
         self._span.set_attributes({"jobd.connection.outcome": "refused",
-                                   "jobd.refusal.kind": kind, "jobd.refusal.reason": reason})
-        self._span.set_status(Status(StatusCode.ERROR, reason))
+                                   "jobd.refusal.kind": kind,
+                                   "jobd.refusal.reason": _cut(reason)})
+        self._span.set_status(Status(StatusCode.ERROR, _cut(reason)))
         self._t.refusals.add(1, {"jobd.refusal.kind": kind})
 
     def welcomed(self, identity: str, role: str, tls_version: str | None) -> None:

@@ -4,6 +4,7 @@ receiver (tests/otlp_receiver.py); and jobd with telemetry off importing none of
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -21,7 +22,7 @@ import jobd
 from jobd import _telemetry
 from jobd._telemetry import NULL, TelemetryError, open_telemetry
 
-from .conftest import EXIT_TIMEOUT, JOBD, RUN_CWD, JobdProcess, Pki, start_jobd
+from .conftest import EXIT_TIMEOUT, JOBD, ROOT, RUN_CWD, JobdProcess, Pki, start_jobd
 from .otlp_receiver import OtlpReceiver, Span, otlp_receiver
 
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_SERVER
@@ -326,3 +327,47 @@ def test_null_telemetry_hooks_do_nothing() -> None:
     conn.closed()
     assert conn.request(object()) is conn.request(object())  # type: ignore[arg-type]
     assert not NULL.enabled
+
+
+# -- what is documented is what is exported ------------------------------------------
+
+
+def documented_metrics() -> dict[str, str]:
+    """OTel name -> Prometheus name, from the metric table of docs/operations.md."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    return dict(re.findall(r"^\| `(jobd\.[a-z_.]+)` \(`(jobd_[a-z_]+)`\) \|", text, re.M))
+
+
+def test_exported_metrics_are_documented_and_on_the_dashboard(
+        otel_jobd: JobdProcess, receiver: OtlpReceiver) -> None:
+    job = start(otel_jobd, "sleep", "600")
+    assert otel_jobd.jobctl("alice", "stop", str(job)).returncode == 0
+    documented = documented_metrics()
+    assert len(documented) == 14
+    # Every instrument that has a value by now (not the OOM kills, spawn failures or
+    # refusals, which have not happened).
+    expected = set(documented) - {"jobd.jobs.oom_kills", "jobd.jobs.spawn_failures",
+                                  "jobd.connections.refused"}
+    exported = receiver.wait_for("every metric", lambda: (
+        names if expected <= (names := {q.name for q in receiver.points}) else None))
+    assert exported <= set(documented)
+    dashboard = json.loads((ROOT / "contrib" / "grafana-jobd.json").read_text())
+    exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
+    for prometheus in documented.values():
+        assert prometheus in exprs, prometheus
+
+
+def test_client_chosen_strings_are_cut(otel_jobd: JobdProcess, receiver: OtlpReceiver) -> None:
+    """A 100 KB command name reaches the collector as 4 KiB at most, in spans and logs."""
+    name = "x" * 100_000
+    result = otel_jobd.jobctl("alice", "start", name)
+    assert result.returncode == 1
+    job = int(result.stdout)
+    span = receiver.wait_for("job span", lambda: receiver.span(
+        "jobd.job", **{"jobd.job.id": job}))
+    assert span.attributes["process.command"] == name[:4093] + "..."
+    assert len(span.attributes["jobd.job.error"]) == 4096
+    record = receiver.wait_for("job-failed record", lambda: receiver.log(
+        "jobd.job-failed", **{"jobd.id": job}))
+    assert len(record.body) == 4096
+    assert len(record.attributes["jobd.status"]) == 4096
