@@ -10,8 +10,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The install's own chatter (setuptools' notes on editable installs) goes to a
+# log, shown only if the install fails.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	@echo "installing jobd (editable) and its test tools into $(VENV)"
+	@$(BIN)/python -m pip install --quiet -e '.[test,dev]' >$(VENV)/install.log 2>&1 \
+		|| { cat $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 
 demo: $(STAMP)

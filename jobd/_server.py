@@ -39,7 +39,7 @@ import resource
 import shlex
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,7 @@ from jobd.engine import (
     JobNotFound,
     LimitExceeded,
     LimitPolicy,
+    Unenforceable,
     open_job_manager,
 )
 
@@ -233,10 +234,14 @@ async def serve(
                 acceptors.cancel_scope.cancel()
             for listener in listeners:
                 await listener.aclose()
-            state.closing = True
+            state.begin_closing()
             await manager.shutdown()
-            with trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT):
+            with trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT) as flush:
                 await state.idle()
+            if flush.cancelled_caught:
+                log.warning("shutdown-flush-timeout", responses=state.busy,
+                            reason=f"responses still in progress after "
+                            f"{SHUTDOWN_FLUSH_TIMEOUT:g}s are cut off")
             handlers.cancel_scope.cancel()
         log.info("stopped")
 
@@ -280,6 +285,9 @@ class _ServerState:
         self.refusing = 0
         self.busy = 0  # responses in progress
         self.closing = False
+        #: Sessions waiting for the peer (hello phase, or idle between requests):
+        #: at shutdown each gets ``unavailable`` "server is shutting down".
+        self.waiting: set[_Session] = set()
         self.job_env = job_environment()
         self.telemetry: Telemetry = NULL
         self._idle = trio.Event()
@@ -297,6 +305,12 @@ class _ServerState:
 
     async def idle(self) -> None:
         await self._idle.wait()
+
+    def begin_closing(self) -> None:
+        """No new requests: every session waiting for its peer is told and closed."""
+        self.closing = True
+        for session in list(self.waiting):
+            session.interrupt_wait()
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         try:
@@ -352,6 +366,8 @@ class _Session:
         self.identity: Identity | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._response_scope: trio.CancelScope | None = None
+        self._wait_scope: trio.CancelScope | None = None
+        self._owes_goodbye = False
         self._streaming = False
         self.tel = server.telemetry.connection(peer)
 
@@ -389,6 +405,36 @@ class _Session:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await self.stream.transport_stream.send_all(pending)
 
+    @contextlib.contextmanager
+    def _waiting_for_peer(self) -> Iterator[trio.CancelScope]:
+        """A scope around a wait for the client's next frame that shutdown cancels."""
+        with trio.CancelScope() as scope:
+            self._wait_scope = scope
+            self.server.waiting.add(self)
+            if self.server.closing:
+                self.interrupt_wait()
+            try:
+                yield scope
+            finally:
+                self.server.waiting.discard(self)
+                self._wait_scope = None
+
+    def interrupt_wait(self) -> None:
+        """Shutdown: stop waiting for the peer and say goodbye. Until the session
+        ends it counts as a response in progress, so that the handlers are not
+        cancelled before the goodbye is sent."""
+        if self._wait_scope is not None and not self._owes_goodbye:
+            self._owes_goodbye = True
+            self.server.response_started()
+            self._wait_scope.cancel()
+
+    async def _refuse_shutting_down(self) -> None:
+        self.log.debug("connection-closed", peer=self.peer, who=self._who(),
+                       reason="server is shutting down")
+        self.tel.refused("shutting_down", "server is shutting down")  # unless welcomed
+        await self._close(self.conn.send(
+            p.Error(p.ErrorCode.UNAVAILABLE, "server is shutting down")))
+
     # -- the connection's life --------------------------------------------------
 
     async def run(self, *, over_limit: bool) -> None:
@@ -397,6 +443,8 @@ class _Session:
                 await self._serve_requests()
         finally:
             await self._close()
+            if self._owes_goodbye:
+                self.server.response_ended()
             self.tel.closed()
 
     async def _handshake(self, *, over_limit: bool) -> bool:
@@ -422,7 +470,11 @@ class _Session:
                                  subject=_subject(self.stream.getpeercert()))
                 self.tel.refused("identity", str(exc))
             try:
-                hello = await self._receive_event()
+                with self._waiting_for_peer() as wait:
+                    hello = await self._receive_event()
+                if wait.cancelled_caught:
+                    await self._refuse_shutting_down()
+                    return False
             except p.RemoteProtocolError as exc:
                 self.log.warning("bad-hello", peer=self.peer, who=name, reason=exc.message)
                 self.tel.refused("bad_hello", exc.message)
@@ -475,10 +527,19 @@ class _Session:
 
     async def _serve_requests(self) -> None:
         send, receive = trio.open_memory_channel[p.Message](1)
+        shutting_down = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reader, send)
             async with receive:
-                async for request in receive:
+                while True:
+                    with self._waiting_for_peer() as wait:
+                        try:
+                            request = await receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    if wait.cancelled_caught:
+                        shutting_down = True
+                        break
                     self.server.response_started()
                     try:
                         with self.tel.request(request), trio.CancelScope() as self._response_scope:
@@ -489,9 +550,9 @@ class _Session:
                     finally:
                         self._response_scope = None
                         self.server.response_ended()
-                    if self.server.closing:
-                        break
             nursery.cancel_scope.cancel()
+        if shutting_down:  # the reader is gone: the stream is ours to close
+            await self._refuse_shutting_down()
 
     async def _reader(self, requests: trio.MemorySendChannel[p.Message]) -> None:
         """Own the receive side: feed the protocol, hand over requests, notice EOF."""
@@ -563,6 +624,8 @@ class _Session:
             reply = p.Error(exc.code, str(exc))
         except LimitExceeded as exc:
             reply = p.Error(p.ErrorCode.LIMIT_EXCEEDED, str(exc))
+        except Unenforceable as exc:  # permanent on this machine: not "unavailable"
+            reply = p.Error(p.ErrorCode.BAD_REQUEST, str(exc))
         except EngineError as exc:
             reply = p.Error(p.ErrorCode.UNAVAILABLE, str(exc))
         self.tel.replied(reply)

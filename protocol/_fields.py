@@ -4,6 +4,11 @@ Every message is decoded from a ``dict`` whose keys are ``str``. These helpers
 read one field, check its type, and raise :class:`FieldError` (turned into a
 ``bad_request`` by the connection) when it is missing or of the wrong type.
 Unknown keys are simply never read: that is the forward-compatibility rule.
+
+An optional field (one read with a default) that holds nil is absent: many
+msgpack libraries write nil for a field the program never set, so nil and a
+missing key mean the same thing for every optional field of every message.
+A required field that holds nil is a wrong type, as before.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ class FieldError(ValueError):
 
 def _get(m: Mapping[str, Any], key: str, default: Any) -> Any:
     value = m.get(key, _MISSING)
-    if value is _MISSING:
+    if value is _MISSING or (value is None and default is not _MISSING):
         if default is _MISSING:
             raise FieldError(f"missing field {key!r}")
         return default

@@ -49,6 +49,13 @@ def _command(name: str) -> list[str]:
 JOBD = _command("jobd")
 JOBCTL = _command("jobctl")
 
+# A test run started in the background of a non-interactive shell (`make test &`)
+# inherits SIGINT ignored, and so would every job the in-process engine tests
+# spawn: their stop sequence's SIGINT step would do nothing. (A real jobd is not
+# affected: it handles SIGINT itself, and exec resets handled signals.)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Hypothesis: the example counts are each test's own; machine speed must never
 # fail a test (a loaded 2-core CI machine is slow, and a fresh clone has no
 # example database).
@@ -153,7 +160,7 @@ class JobdProcess:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> str:
         """Wait (on a condition, not a sleep loop) for a log line matching pattern."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ from jobd.engine import EngineConfig, JobManager, OutputChunk, open_job_manager
 #: Grace between the stop sequence's steps in tests: short, but long enough to see steps.
 GRACE = 0.2
 #: Deadline for any condition a test waits for.
-TIMEOUT = 10.0
+TIMEOUT = 30.0  # a deadline for what takes milliseconds: generous for a loaded machine
 
 
 def config(tmp_path: Path, **overrides: Any) -> EngineConfig:

@@ -91,7 +91,7 @@ class RawTLS:
     """A TLS 1.3 connection to jobd with *who*'s certificate, speaking raw bytes."""
 
     def __init__(self, address: str, port: int, ctx: ssl.SSLContext, *,
-                 timeout: float = 10.0, session: ssl.SSLSession | None = None) -> None:
+                 timeout: float = 30.0, session: ssl.SSLSession | None = None) -> None:
         raw = socket.create_connection((address, port), timeout=timeout)
         try:
             self.tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
@@ -128,7 +128,7 @@ class RawTLS:
         with contextlib.suppress(OSError):  # already reset by the server
             socket.socket.shutdown(self.tls, socket.SHUT_WR)
 
-    def close_notify(self, timeout: float = 10.0) -> bool:
+    def close_notify(self, timeout: float = 30.0) -> bool:
         """End our direction cleanly (TLS close_notify) and wait for the server's.
 
         True if the server answered with its own close_notify (a clean close)."""
@@ -142,7 +142,7 @@ class RawTLS:
     def hello(self) -> p.Welcome:
         """Send a valid hello and return the welcome."""
         assert self.send(HELLO)
-        message = self.next_message(10.0)
+        message = self.next_message(30.0)
         assert isinstance(message, p.Welcome), message
         return message
 
@@ -158,7 +158,7 @@ class RawTLS:
                 return None
             self._buffer += data
 
-    def read_until_closed(self, timeout: float = 10.0) -> Reply:
+    def read_until_closed(self, timeout: float = 30.0) -> Reply:
         """Every frame the server sends until it closes the connection (or the deadline)."""
         reply = Reply()
         deadline = time.monotonic() + timeout
@@ -204,7 +204,7 @@ class RawTLS:
 
 
 def attack(jobd: JobdProcess, *chunks: bytes, hello: bool = True, who: str = "alice",
-           half_close: bool = False, timeout: float = 10.0) -> Reply:
+           half_close: bool = False, timeout: float = 30.0) -> Reply:
     """Connect, optionally say hello, send *chunks*, and read until the server closes."""
     with RawTLS.to(jobd, who) as conn:
         if hello:
@@ -269,6 +269,11 @@ def wait_all_closed(socks: Iterable[socket.socket], timeout: float) -> list[sock
                 del pending[fd]
                 poller.unregister(fd)
     return list(pending.values())
+
+
+def open_now(socks: Iterable[socket.socket]) -> list[socket.socket]:
+    """The sockets the server has not closed, checked once, without waiting."""
+    return [s for s in socks if not _closed_now(s)]
 
 
 def _closed_now(sock: socket.socket) -> bool:

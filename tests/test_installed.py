@@ -7,6 +7,7 @@ that the modules come from site-packages, never from the source tree.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
 import subprocess
 import sysconfig
@@ -57,4 +58,4 @@ def test_version(command: list[str], name: str) -> None:
                             cwd=RUN_CWD, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == f"{name} {jobd.__version__}"
-    assert jobctl.__version__ == jobd.__version__
+    assert jobctl.__version__ == jobd.__version__ == importlib.metadata.version("jobd")

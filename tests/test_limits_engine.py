@@ -134,7 +134,7 @@ async def test_cpu_limit_throttles_a_busy_loop(manager: JobManager) -> None:
     final = manager.status(job.id)
     assert final.describe() == "exited: 124"  # timeout ended it after 2 s of wall time
     # 0.2 CPUs for 2 s is 0.4 s of CPU; unthrottled it would be ~2 s.
-    assert final.cpu_time is not None and 0.05 < final.cpu_time < 0.9, final.cpu_time
+    assert final.cpu_time is not None and 0 < final.cpu_time < 0.9, final.cpu_time
 
 
 async def test_io_limits_are_written_and_bad_devices_refused(manager: JobManager) -> None:

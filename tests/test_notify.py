@@ -14,7 +14,7 @@ from jobd._notify import notify, notify_ready, notify_reloading, notify_stopping
 
 # The datagram is queued before notify() returns, so recv() returns at once;
 # the timeout only turns a bug into a failure instead of a hang.
-RECV_TIMEOUT = 5.0
+RECV_TIMEOUT = 20.0
 
 
 def bound_socket(address: str) -> socket.socket:

@@ -333,3 +333,66 @@ def test_docs_hex_dump_is_what_the_code_produces() -> None:
         re.sub(r"^[0-9a-f]{8}\s+", "", line).split("|")[0] for line in block.splitlines()
     ))
     assert dumped == encode_frame(Hello(software="jobctl 0.1.0"))
+
+
+# -- nil means absent, for every optional field of every message ---------------
+
+#: The class that decodes a nested map, by the key that holds it.
+NESTED: dict[str, type[Any]] = {"limits": p.Limits, "status": p.JobStatus, "jobs": p.JobStatus}
+
+
+def _decodes(wire: dict[str, Any]) -> p.Message | None:
+    try:
+        return decode_payload(msgpack.packb(wire))
+    except p.RemoteProtocolError:
+        return None
+
+
+def _nil_variants(wire: dict[str, Any], cls: type[Any]) -> list[tuple[dict[str, Any],
+                                                                       dict[str, Any]]]:
+    """(with a field set to nil, with that field removed) pairs, for every key
+    of this map and of the maps nested in it that the class names as a field."""
+    pairs = []
+    keys = set(wire) | {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(keys - {"type"}):
+        without = {k: v for k, v in wire.items() if k != key}
+        pairs.append(({**wire, key: None}, without))
+        value = wire.get(key)
+        inner = NESTED.get(key)
+        if inner is not None and isinstance(value, dict):
+            for with_nil, removed in _nil_variants(value, inner):
+                pairs.append(({**wire, key: with_nil}, {**wire, key: removed}))
+        elif inner is not None and isinstance(value, list) and value \
+                and isinstance(value[0], dict):
+            for with_nil, removed in _nil_variants(value[0], inner):
+                pairs.append(({**wire, key: [with_nil, *value[1:]]},
+                              {**wire, key: [removed, *value[1:]]}))
+    return pairs
+
+
+@given(messages)
+@settings(max_examples=300)
+def test_nil_in_any_optional_field_is_absent(msg: p.Message) -> None:
+    wire = msg.to_wire()
+    assert _decodes(wire) == msg
+    for with_nil, without in _nil_variants(wire, type(msg)):
+        expected = _decodes(without)
+        if expected is None:
+            # A required field: nil is as wrong as leaving it out.
+            assert _decodes(with_nil) is None, with_nil
+        else:
+            assert _decodes(with_nil) == expected, with_nil
+
+
+@pytest.mark.parametrize("wire", [
+    {"type": "hello", "version": 1, "minor": None, "software": None},
+    {"type": "list", "after": None},
+    {"type": "stream", "job": 1, "position": None},
+    {"type": "output", "job": 1, "position": None},
+    {"type": "start", "argv": [b"x"], "limits": {"isolate": None, "io_read_bps": None}},
+], ids=lambda w: w["type"])
+def test_nil_fields_the_independent_client_sent(wire: dict[str, Any]) -> None:
+    """The fields an independent client found refused (issue 12)."""
+    assert _decodes(wire) == _decodes({k: v for k, v in wire.items()
+                                       if v is not None and k != "limits"}
+                                      | ({"limits": {}} if "limits" in wire else {}))

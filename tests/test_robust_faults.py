@@ -369,12 +369,11 @@ def test_sigterm_with_running_jobs_and_open_streams(pki: Pki, tmp_path: Path) ->
         streamers.append(("polite", Streamer(server, ids["polite"], who="root")))
         for name, streamer in streamers:
             streamer.wait_for(f"{name}-ready\n".encode())
-        started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0
-        took = time.monotonic() - started
-        # SIGINT, 0.5 s, SIGTERM, 0.5 s, SIGKILL for the stubborn job, then the flush
-        assert took < 1.0 + 5.0, f"shutdown took {took:.1f}s"
+        # SIGINT, 0.5 s, SIGTERM, 0.5 s, SIGKILL for the stubborn job, then every
+        # stream flushed its end frame: jobd did not have to cut any off.
+        assert "shutdown-flush-timeout" not in server.log_text()
         for name, streamer in streamers:
             assert streamer.finish() == 0, (name, bytes(streamer.err))
         server.wait_for_log(r"info stopped")

@@ -207,10 +207,10 @@ def test_truncated_then_eof(jobd: JobdProcess, bystander: Bystander, name: str, 
             conn.hello()
         assert conn.send(data)
         if how == "close_notify":
-            assert conn.close_notify(timeout=5), "jobd did not close cleanly"
+            assert conn.close_notify(timeout=20), "jobd did not close cleanly"
         else:
             conn.half_close()
-            reply = conn.read_until_closed(timeout=5)
+            reply = conn.read_until_closed(timeout=20)
             assert reply.closed and reply.messages == []
     if how == "close_notify":
         jobd.wait_for_log("connection closed in the middle of a frame")

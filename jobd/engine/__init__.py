@@ -17,6 +17,7 @@ from ._types import (
     LimitExceeded,
     LimitPolicy,
     OutputChunk,
+    Unenforceable,
 )
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "LimitExceeded",
     "LimitPolicy",
     "OutputChunk",
+    "Unenforceable",
     "open_job_manager",
 ]

@@ -19,7 +19,7 @@ from typing import TypeVar
 from protocol import Limits
 
 from ._cgroups import Hierarchy
-from ._types import EngineError, LimitExceeded, LimitPolicy
+from ._types import EngineError, LimitExceeded, LimitPolicy, Unenforceable
 
 #: The kernel's smallest CFS quota is 1 ms per 100 ms period.
 MIN_CPUS = 0.01
@@ -78,10 +78,10 @@ def devices(limits: Limits) -> dict[str, str]:
             try:
                 st = os.stat(device)
             except OSError as exc:
-                raise EngineError(f"cannot enforce {option}: {device}: "
+                raise Unenforceable(f"cannot enforce {option}: {device}: "
                                   f"{exc.strerror or exc}") from None
             if not stat.S_ISBLK(st.st_mode):
-                raise EngineError(f"cannot enforce {option}: {device} is not a block device")
+                raise Unenforceable(f"cannot enforce {option}: {device} is not a block device")
             out[device] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     return out
 
@@ -109,9 +109,9 @@ def check_enforceable(limits: Limits, cgroups: Hierarchy | None, cgroup_reason: 
             ("io", "--io-read-bps", bool(limits.io_read_bps)),
             ("io", "--io-write-bps", bool(limits.io_write_bps))):
         if wanted and resource not in have:
-            raise EngineError(_missing(resource, option, cgroups, cgroup_reason))
+            raise Unenforceable(_missing(resource, option, cgroups, cgroup_reason))
     if limits.isolate and isolation_reason is not None:
-        raise EngineError(f"cannot enforce --isolate {','.join(limits.isolate)}: "
+        raise Unenforceable(f"cannot enforce --isolate {','.join(limits.isolate)}: "
                           f"{isolation_reason}")
 
 

@@ -115,5 +115,12 @@ class LimitExceeded(EngineError):
     """A start request asked for more than the server allows (or less than the kernel can)."""
 
 
+class Unenforceable(EngineError):
+    """A limit or namespace this machine cannot give (no controller, no such device).
+
+    Permanent: the same request fails the same way until the machine changes,
+    so the server answers ``bad_request``, never the retryable ``unavailable``."""
+
+
 class BadPosition(EngineError):
     """An output position that is not a record boundary of the job's log."""
