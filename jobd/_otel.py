@@ -459,7 +459,10 @@ class _OtelConnection(ConnectionTelemetry):
         code = "cancelled"
         try:
             yield
-            code = self._code or OK
+            # No answer recorded: the response was cancelled (a stream whose client left).
+            code = self._code or "cancelled"
+            if self._code is None:
+                span.set_attribute("jobd.result.code", code)
         except BaseException as exc:
             # The answer was not delivered: the client went away, or jobd is stopping.
             code = "connection_lost" if isinstance(
@@ -489,6 +492,7 @@ class _OtelConnection(ConnectionTelemetry):
             if reply.code in _SERVER_FAULTS:
                 span.set_status(Status(StatusCode.ERROR, reply.message))
             return
+        self._code = OK
         span.set_attribute("jobd.result.code", OK)
         status = getattr(reply, "status", None)
         if isinstance(reply, p.Started) and isinstance(status, p.JobStatus):

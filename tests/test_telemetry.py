@@ -312,6 +312,7 @@ def test_otlp_without_the_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     for name in [m for m in sys.modules if m == "jobd._otel" or m.startswith("opentelemetry")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    monkeypatch.delattr(jobd, "_otel", raising=False)  # had anything imported it
     with pytest.raises(TelemetryError, match=r"pip install 'jobd\[otel\]'"):
         open_telemetry("otlp", service_version="0")
     assert open_telemetry("off", service_version="0") is NULL
