@@ -76,6 +76,7 @@ from opentelemetry.sdk.resources import (
     SERVICE_INSTANCE_ID,
     SERVICE_NAME,
     SERVICE_VERSION,
+    OTELResourceDetector,
     Resource,
 )
 from opentelemetry.sdk.trace import TracerProvider
@@ -129,9 +130,10 @@ def open_otel(service_version: str) -> OtelTelemetry:
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         # Neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES named it.
         defaults[SERVICE_NAME] = "jobd"
-    if SERVICE_INSTANCE_ID not in resource.attributes:
-        # Tells the hosts of a fleet apart (Prometheus' "instance" label); one jobd
-        # per host is the rule, and several set it in OTEL_RESOURCE_ATTRIBUTES.
+    if SERVICE_INSTANCE_ID not in OTELResourceDetector().detect().attributes:
+        # Tells the hosts of a fleet apart (Prometheus' "instance" label) and stays
+        # the same across restarts, unlike the SDK's default (a random UUID). One
+        # jobd per host is the rule; several set it in OTEL_RESOURCE_ATTRIBUTES.
         defaults[SERVICE_INSTANCE_ID] = socket.gethostname()
     if HOST_NAME not in resource.attributes:
         defaults[HOST_NAME] = socket.gethostname()

@@ -22,7 +22,16 @@ import jobd
 from jobd import _telemetry
 from jobd._telemetry import NULL, TelemetryError, open_telemetry
 
-from .conftest import EXIT_TIMEOUT, JOBD, ROOT, RUN_CWD, JobdProcess, Pki, start_jobd
+from .conftest import (
+    EXIT_TIMEOUT,
+    JOBCTL,
+    JOBD,
+    ROOT,
+    RUN_CWD,
+    JobdProcess,
+    Pki,
+    start_jobd,
+)
 from .otlp_receiver import OtlpReceiver, Span, otlp_receiver
 
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_SERVER
@@ -345,10 +354,11 @@ def test_exported_metrics_are_documented_and_on_the_dashboard(
     assert otel_jobd.jobctl("alice", "stop", str(job)).returncode == 0
     documented = documented_metrics()
     assert len(documented) == 14
-    # Every instrument that has a value by now (not the OOM kills, spawn failures or
-    # refusals, which have not happened).
+    # Every instrument that has a value by now (not those of what has not happened:
+    # OOM kills, spawn failures, refusals, streams).
     expected = set(documented) - {"jobd.jobs.oom_kills", "jobd.jobs.spawn_failures",
-                                  "jobd.connections.refused"}
+                                  "jobd.connections.refused", "jobd.streams.active",
+                                  "jobd.output.streamed"}
     exported = receiver.wait_for("every metric", lambda: (
         names if expected <= (names := {q.name for q in receiver.points}) else None))
     assert exported <= set(documented)
@@ -372,3 +382,26 @@ def test_client_chosen_strings_are_cut(otel_jobd: JobdProcess, receiver: OtlpRec
         "jobd.job-failed", **{"jobd.id": job}))
     assert len(record.body) == 4096
     assert len(record.attributes["jobd.status"]) == 4096
+
+
+def test_stream_whose_client_leaves(otel_jobd: JobdProcess, receiver: OtlpReceiver) -> None:
+    job = start(otel_jobd, "sleep", "600")
+    client = subprocess.Popen(
+        [*JOBCTL, *otel_jobd.pki.client_args("alice"), "-a", otel_jobd.address,
+         "-p", str(otel_jobd.port), "stream", str(job)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        cwd=RUN_CWD, env=base_env())
+    try:
+        def streams(value: int) -> int | None:
+            points = receiver.metric("jobd.streams.active")
+            return points[-1].batch if points and points[-1].value == value else None
+
+        receiver.wait_for("one active stream", lambda: streams(1))
+    finally:
+        client.kill()
+        client.wait()
+    span = receiver.wait_for("stream span", lambda: receiver.span(
+        "jobd.stream", **{"jobd.job.id": job}))
+    assert span.attributes["jobd.result.code"] == "cancelled"
+    receiver.wait_for("no active stream", lambda: streams(0))
+    assert otel_jobd.jobctl("alice", "stop", str(job)).returncode == 0
