@@ -26,6 +26,7 @@ from .conftest import (
     EXIT_TIMEOUT,
     JOBCTL,
     JOBD,
+    PYTHON,
     ROOT,
     RUN_CWD,
     JobdProcess,
@@ -405,3 +406,24 @@ def test_stream_whose_client_leaves(otel_jobd: JobdProcess, receiver: OtlpReceiv
     assert span.attributes["jobd.result.code"] == "cancelled"
     receiver.wait_for("no active stream", lambda: streams(0))
     assert otel_jobd.jobctl("alice", "stop", str(job)).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
+def test_oom_kill_with_limits(otel_jobd: JobdProcess, receiver: OtlpReceiver) -> None:
+    layout = otel_jobd.wait_for_log(r" cgroups mode=")
+    if "mode=none" in layout or "memory" not in layout:
+        pytest.skip(f"no memory cgroup controller on this machine: {layout}")
+    job = start(otel_jobd, "--memory", "32M", "--pids", "50", PYTHON, "-c",
+                "b = bytearray(200 * 1024 * 1024)")
+    span = receiver.wait_for("job span", lambda: receiver.span(
+        "jobd.job", **{"jobd.job.id": job}))
+    assert span.attributes["jobd.job.limits.memory"] == 32 << 20
+    assert span.attributes["jobd.job.limits.pids"] == 50
+    assert span.attributes["jobd.job.state"] == "killed"
+    assert span.attributes["jobd.job.signal"] == "SIGKILL"
+    assert span.attributes["jobd.job.oom"] is True
+    assert 0 < span.attributes["jobd.job.peak_memory"] <= 33 << 20
+    assert span.attributes["jobd.job.cpu_time"] > 0
+    [oom] = receiver.wait_for("an OOM kill", lambda: receiver.metric(
+        "jobd.jobs.oom_kills")[-1:] or None)
+    assert oom.value == 1
