@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if telemetry.enabled:
         log.sink = telemetry.log_record
+        log.info("telemetry", exporter="otlp", protocol="http/protobuf",
+                 endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "default")
     status = 0
     try:
         trio.run(_run, config, log, telemetry)

@@ -262,6 +262,8 @@ def test_event_log_records_carry_trace_context(otel_jobd: JobdProcess,
     # Events outside any request are records too, without a span.
     listening = receiver.wait_for("listening record", lambda: receiver.log("jobd.listening"))
     assert listening.trace_id == ""
+    assert otel_jobd.wait_for_log(r" telemetry exporter=otlp protocol=http/protobuf "
+                                  rf"endpoint={re.escape(receiver.endpoint)}$")
 
 
 def test_refusal_log_record_carries_the_connection_span(otel_jobd: JobdProcess,
