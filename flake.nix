@@ -34,7 +34,11 @@
       # The package as a function, so that the overlay and the NixOS module
       # build it with whichever nixpkgs they are given.
       jobdPackage =
-        { python3Packages, openssl }:
+        {
+          python3Packages,
+          openssl,
+          installShellFiles,
+        }:
         python3Packages.buildPythonApplication {
           pname = pyproject.project.name;
           inherit (pyproject.project) version;
@@ -45,12 +49,31 @@
           dependencies = with python3Packages; [
             trio
             msgpack
+            shtab
+          ];
+          nativeBuildInputs = [
+            installShellFiles
+            python3Packages.argparse-manpage
           ];
 
           # The tests run scripts/dev-pki, whose "#!/usr/bin/env bash" does
           # not resolve in the build sandbox.
           postPatch = ''
             patchShebangs --build scripts
+          '';
+
+          # Completion scripts and man pages, generated from the parsers by the
+          # code just installed (run with the build's Python: the wrappers come
+          # later, in the fixup phase).
+          postInstall = ''
+            export PYTHONPATH="$out/${python3Packages.python.sitePackages}:$PYTHONPATH"
+            py=${python3Packages.python.interpreter}
+            installShellCompletion --cmd jobctl \
+              --bash <($py -m jobctl completion bash) \
+              --zsh <($py -m jobctl completion zsh) \
+              --fish <($py -m jobctl completion fish)
+            $py scripts/manpages.py man
+            installManPage man/jobctl.1 man/jobd.8
           '';
 
           nativeCheckInputs =
@@ -140,6 +163,8 @@
                   trustme
                   hypothesis
                   pytest-timeout
+                  argparse-manpage
+                  shtab
                   opentelemetry-api
                   opentelemetry-sdk
                   opentelemetry-exporter-otlp-proto-http
@@ -246,6 +271,46 @@
               '';
             };
 
+            retain = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "30d";
+              description = ''
+                Remove finished jobs (record and output) this long after they
+                ended, passed as `--retain`; null keeps them until deleted.
+                A CI runner or a cron-heavy host wants one, e.g. "30d".
+              '';
+            };
+
+            retainCount = mkOption {
+              type = types.nullOr types.ints.unsigned;
+              default = null;
+              example = 100000;
+              description = "Keep at most this many finished jobs, passed as `--retain-count`.";
+            };
+
+            maxLogSpace = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "20G";
+              description = ''
+                Keep at most this much output of finished jobs, the oldest
+                removed first, passed as `--max-log-space`; e.g. a fifth of the
+                state directory's file system.
+              '';
+            };
+
+            maxLogSpacePerUser = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "5G";
+              description = ''
+                An owner's jobs' output may take at most this much, passed as
+                `--max-log-space-per-user`; output beyond it is dropped and
+                counted in `dropped_bytes`.
+              '';
+            };
+
             extraArgs = mkOption {
               type = types.listOf types.str;
               default = [ ];
@@ -268,8 +333,9 @@
           config = lib.mkIf cfg.enable {
             warnings = lib.optional (inStore cfg.key) ''
               services.jobd.key (${toString cfg.key}) is, or will be copied to,
-              the world-readable Nix store. Use a string path such as
-              "/etc/jobd/server.key" to a file of mode 0600.
+              the world-readable Nix store, and jobd refuses to start with a key
+              others can read. Use a string path such as "/etc/jobd/server.key"
+              to a file of mode 0600.
             '';
 
             environment.systemPackages = [ cfg.package ];
@@ -317,6 +383,22 @@
                   ++ lib.optionals (cfg.crl != null) [
                     "--crl"
                     cfg.crl
+                  ]
+                  ++ lib.optionals (cfg.retain != null) [
+                    "--retain"
+                    cfg.retain
+                  ]
+                  ++ lib.optionals (cfg.retainCount != null) [
+                    "--retain-count"
+                    (toString cfg.retainCount)
+                  ]
+                  ++ lib.optionals (cfg.maxLogSpace != null) [
+                    "--max-log-space"
+                    cfg.maxLogSpace
+                  ]
+                  ++ lib.optionals (cfg.maxLogSpacePerUser != null) [
+                    "--max-log-space-per-user"
+                    cfg.maxLogSpacePerUser
                   ]
                   ++ cfg.extraArgs
                 );

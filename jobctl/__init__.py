@@ -8,7 +8,8 @@ Async (Trio)::
 Blocking::
 
     with jobctl.connect_blocking(address, port, certificate=..., key=..., ca=...) as client:
-        status = client.start(["echo", "hi"])
+        status = client.run(["echo", "hi"])   # output to our stdout; the final status
+        sys.exit(jobctl.exit_status(status))
 
 Trio is imported only when the async client is used, so the blocking client
 (and the CLI, which uses it) start fast.
@@ -21,15 +22,18 @@ from typing import TYPE_CHECKING, Any
 from protocol import End, JobState, JobStatus, Limits, OutputChunk
 
 from ._blocking import BlockingClient, connect_blocking
+from ._core import exit_status
 from ._errors import (
     ConfigError,
     ConnectionFailed,
+    InvalidArgument,
     InvalidState,
     JobctlError,
     NotFound,
     PermissionDenied,
     ServerError,
     ServerRefused,
+    WaitTimeout,
 )
 
 if TYPE_CHECKING:
@@ -38,9 +42,10 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockingClient", "Client", "ConfigError", "ConnectionFailed", "End", "InvalidState",
-    "JobState", "JobStatus", "JobctlError", "Limits", "NotFound", "OutputChunk",
-    "PermissionDenied", "ServerError", "ServerRefused", "connect", "connect_blocking",
+    "BlockingClient", "Client", "ConfigError", "ConnectionFailed", "End", "InvalidArgument",
+    "InvalidState", "JobState", "JobStatus", "JobctlError", "Limits", "NotFound", "OutputChunk",
+    "PermissionDenied", "ServerError", "ServerRefused", "WaitTimeout", "connect",
+    "connect_blocking", "exit_status",
 ]
 
 

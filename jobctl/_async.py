@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import trio
@@ -24,7 +24,7 @@ import trio
 import protocol as p
 
 from . import _core as core
-from ._errors import ConnectionFailed
+from ._errors import ConnectionFailed, InvalidArgument
 
 Argv = core.Argv
 
@@ -54,7 +54,11 @@ class Client:
 
     async def _send(self, message: p.Message) -> None:
         try:
-            await self._stream.send_all(self._conn.send(message))
+            frame = self._conn.send(message)
+        except p.LocalProtocolError as exc:  # too large for a frame
+            raise InvalidArgument(f"cannot send {message.TYPE!r}: {exc}") from None
+        try:
+            await self._stream.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise core.lost(exc.__cause__ or exc) from None
 
@@ -76,39 +80,107 @@ class Client:
             await self._stream.aclose()
 
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
-                    env: dict[bytes, bytes] | None = None, limits: p.Limits | None = None
-                    ) -> p.JobStatus:
-        message = core.start_request(argv, cwd, env, limits)
+                    env: core.Env | None = None, limits: p.Limits | None = None,
+                    env_merge: bool = False) -> p.JobStatus:
+        """Start a job (as :meth:`jobctl.BlockingClient.start`)."""
+        message = core.start_request(argv, cwd, env, limits,
+                                           core.check_merge(env_merge, self.welcome))
         return (await self._request(message, p.Started)).status
+
+    async def run(self, argv: Argv, *, cwd: bytes | str | None = None,
+                  env: core.Env | None = None, limits: p.Limits | None = None,
+                  env_merge: bool = False,
+                  on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
+        """Start a job, follow its output until it ends, return its final status
+        (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
+        default written to this process's stdout and stderr)."""
+        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+        if status.state is p.JobState.ERROR:
+            return status
+        write = on_output or core.write_chunk
+        end: p.End | None = None
+        async with aclosing(self.stream(status.id)) as events:  # type: ignore[type-var]
+            async for event in events:
+                if isinstance(event, p.OutputChunk):
+                    write(event)
+                else:
+                    end = event
+        assert end is not None
+        return end.status
+
+    async def wait(self, job: int) -> p.JobStatus:
+        """Wait until the job has ended; its final status. No output is sent.
+
+        To bound the wait, use a Trio cancel scope (``trio.fail_after``): if it
+        expires, this connection is closed (it was in the middle of the
+        request) and the scope's exception propagates.
+        """
+        request = core.message(p.Stream, job, end_only=self.welcome.minor >= 1)
+        async with self._lock:
+            await self._send(request)
+            try:
+                while True:
+                    event = await self._receive()
+                    if not isinstance(event, p.OutputChunk):  # pre-1.1 servers send output
+                        return core.expect(event, p.End).status
+            except p.ProtocolError as exc:
+                raise core.lost(exc) from None
+            except BaseException:
+                await self.aclose()  # mid-request: this connection cannot go on
+                raise
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
         return (await self._request(core.stop_request(job, grace), p.Stopped,
                                     core.stop_timeout(grace))).status
 
     async def status(self, job: int) -> p.JobStatus:
-        return (await self._request(p.GetStatus(job), p.StatusResult)).status
+        return (await self._request(core.message(p.GetStatus, job), p.StatusResult)).status
 
-    async def list(self) -> list[p.JobStatus]:
+    async def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
+             since: float | None = None) -> list[p.JobStatus]:
+        """Every job the caller may see that matches the filters (all pages)."""
         jobs: list[p.JobStatus] = []
         after = 0
         while True:
-            page = await self._request(p.ListJobs(after), p.JobList)
+            page = await self.list_page(after, owner=owner, states=states, since=since)
             jobs.extend(page.jobs)
             if not page.more or not page.jobs:
                 return jobs
             after = page.jobs[-1].id
 
+    async def list_page(self, after: int = 0, *, owner: str | None = None,
+                  states: Sequence[p.JobState] = (), since: float | None = None,
+                  count: bool = False) -> p.JobList:
+        """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
+        ``count``: with the total that match. Filters and counts need a server of
+        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
+        request = p.ListJobs(after, owner, tuple(states), since, count)
+        if request != p.ListJobs(after):
+            core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
+        return await self._request(request, p.JobList)
+
+    async def prune(self, older_than: float) -> int:
+        """Remove every finished job that ended more than ``older_than`` seconds ago,
+        with its output (admin only; protocol 1.1); how many were removed."""
+        core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "prune")
+        return (await self._request(p.Prune(older_than), p.Pruned)).removed
+
     async def delete(self, job: int) -> None:
-        await self._request(p.Delete(job), p.Deleted)
+        await self._request(core.message(p.Delete, job), p.Deleted)
 
-    def stream(self, job: int, position: int = 0) -> AsyncIterator[p.OutputChunk | p.End]:
+    def stream(self, job: int, position: int = 0, *,
+               timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
         """Output from ``position``, following live output; OutputChunk events then End.
-        Resume after a lost connection with the last chunk's position."""
-        return self._output(p.Stream(job, position))
+        Resume after a lost connection with the last chunk's position. With
+        ``timestamps``, each chunk carries its ``time`` (servers from protocol 1.1)."""
+        return self._output(core.message(p.Stream, job, position,
+                                         timestamps=timestamps and self.welcome.minor >= 1))
 
-    def output(self, job: int, position: int = 0) -> AsyncIterator[p.OutputChunk | p.End]:
+    def output(self, job: int, position: int = 0, *,
+               timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
         """Like :meth:`stream`, but only the output that exists now."""
-        return self._output(p.Output(job, position))
+        return self._output(core.message(p.Output, job, position,
+                                         timestamps=timestamps and self.welcome.minor >= 1))
 
     async def _output(self, request: p.Stream | p.Output
                       ) -> AsyncIterator[p.OutputChunk | p.End]:
@@ -168,6 +240,7 @@ async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float) -
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 raise core.handshake_error(exc.__cause__ or exc) from None
+            core.check_server_purpose(stream.getpeercert(binary_form=True))
             try:
                 await stream.send_all(conn.send(p.Hello(software=core.SOFTWARE)))
                 while True:

@@ -17,19 +17,23 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
 import protocol as p
 
 from . import _core as core
-from ._errors import ConnectionFailed
+from ._errors import ConnectionFailed, InvalidArgument, WaitTimeout
 
 Argv = core.Argv
 
 #: Bytes taken from the socket per read: many TLS records at once.
 SOCKET_READ = 256 * 1024
+#: A request not answered within this many seconds gets its ``progress``
+#: callback: long enough that a quick stop prints nothing.
+PROGRESS_DELAY = 0.5
 
 
 class TLSChannel:
@@ -44,6 +48,9 @@ class TLSChannel:
 
     def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, server_hostname: str | bytes):
         self._raw = raw
+        #: (fd, handler): while waiting for the server, call handler() whenever fd
+        #: becomes readable (``jobctl run``'s Ctrl-C: a signal wakeup fd).
+        self.wakeup: tuple[int, Callable[[], None]] | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = ctx.wrap_bio(self._incoming, self._outgoing,
@@ -64,6 +71,10 @@ class TLSChannel:
                 self._flush()
                 return
 
+    def peer_certificate(self) -> bytes | None:
+        """The server's verified certificate (DER)."""
+        return self._tls.getpeercert(binary_form=True)
+
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self._tls.write(data)
         self._flush()
@@ -82,12 +93,32 @@ class TLSChannel:
     def close(self) -> None:
         self._raw.close()
 
+    def _wait_readable(self, fd: int, handler: Callable[[], None]) -> None:
+        """Block until the socket is readable, calling ``handler`` each time ``fd``
+        is readable first. Nothing is read from the socket here, so the handler
+        may take its time (or raise) without losing a byte."""
+        import select
+
+        while True:
+            ready, _, _ = select.select([self._raw.fileno(), fd], [], [],
+                                        self._raw.gettimeout())
+            if not ready:
+                raise TimeoutError
+            if fd in ready:
+                with contextlib.suppress(OSError):
+                    os.read(fd, 512)
+                handler()
+                continue
+            return
+
     def _flush(self) -> None:
         if self._outgoing.pending:
             self._raw.sendall(self._outgoing.read())
 
     def _fill(self) -> None:
         self._flush()  # the handshake's flights, and any post-handshake answer
+        if self.wakeup is not None:
+            self._wait_readable(*self.wakeup)
         count = self._raw.recv_into(self._buffer)
         if count:
             self._incoming.write(self._view[:count])
@@ -111,7 +142,9 @@ class BlockingClient:
 
     # -- connection -------------------------------------------------------------
 
-    def _receive(self, timeout: float | None) -> Any:
+    def _receive(self, timeout: float | None, *, quiet: bool = False) -> Any:
+        """The next event. No event within ``timeout``: ConnectionFailed, or with
+        ``quiet`` TimeoutError (nothing was read: the caller may wait on)."""
         self._sock.settimeout(timeout)
         conn = self._conn
         while True:
@@ -121,23 +154,45 @@ class BlockingClient:
             try:
                 _receive_into(self._sock, conn)
             except TimeoutError:
+                if quiet:
+                    raise
                 raise ConnectionFailed(f"no answer from the server within {timeout:g}s") from None
             except (OSError, ssl.SSLError) as exc:
                 raise core.lost(exc) from None
 
     def _send(self, message: p.Message) -> None:
         try:
-            self._sock.sendall(self._conn.send(message))
+            frame = self._conn.send(message)
+        except p.LocalProtocolError as exc:  # too large for a frame; or a request in progress
+            raise InvalidArgument(f"cannot send {message.TYPE!r}: {exc}") from None
+        try:
+            self._sock.sendall(frame)
         except (OSError, ssl.SSLError) as exc:
             raise core.lost(exc) from None
 
     def _request(self, message: p.Message, kind: type[core.R],
-                 timeout: float | None = core.REQUEST_TIMEOUT) -> core.R:
+                 timeout: float | None = core.REQUEST_TIMEOUT, *,
+                 progress: Callable[[], None] | None = None) -> core.R:
+        """Send ``message``, return its answer. ``progress`` (if given) is called
+        once if the answer takes longer than PROGRESS_DELAY."""
         self._send(message)
         try:
+            if progress is not None and (timeout is None or timeout > PROGRESS_DELAY):
+                try:
+                    return core.expect(self._receive(PROGRESS_DELAY, quiet=True), kind)
+                except TimeoutError:
+                    progress()
+                    timeout = None if timeout is None else timeout - PROGRESS_DELAY
             return core.expect(self._receive(timeout), kind)
         except p.ProtocolError as exc:
             raise core.lost(exc) from None
+
+    def set_wakeup(self, fd: int | None, handler: Callable[[], None] | None) -> None:
+        """While waiting for the server, call ``handler()`` each time ``fd`` is
+        readable (a signal's wakeup fd); None, None: no more. The handler runs
+        between reads, so it may take its time, or raise to end the request in
+        progress (the connection is then only good for closing)."""
+        self._sock.wakeup = (fd, handler) if fd is not None and handler is not None else None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -153,44 +208,125 @@ class BlockingClient:
     # -- requests ---------------------------------------------------------------
 
     def start(self, argv: Argv, *, cwd: bytes | str | None = None,
-              env: dict[bytes, bytes] | None = None, limits: p.Limits | None = None
-              ) -> p.JobStatus:
-        """Start a job. The status may be ``error`` (the command could not run)."""
-        return self._request(core.start_request(argv, cwd, env, limits), p.Started).status
+              env: core.Env | None = None, limits: p.Limits | None = None,
+              env_merge: bool = False) -> p.JobStatus:
+        """Start a job. The status may be ``error`` (the command could not run).
 
-    def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
-        """Stop a job; returns once every process of it is gone."""
+        ``argv``, ``cwd`` and ``env`` names and values may be bytes or str (str
+        is encoded as the OS does). ``env`` None: the server's environment for
+        jobs; a mapping: the job's whole environment, or with ``env_merge``
+        (servers from protocol 1.1) added to the server's.
+        """
+        request = core.start_request(argv, cwd, env, limits,
+                                     core.check_merge(env_merge, self.welcome))
+        return self._request(request, p.Started).status
+
+    def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
+            limits: p.Limits | None = None, env_merge: bool = False,
+            on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
+        """Start a job and follow its output from the first byte until it ends;
+        its final status (``jobctl.exit_status`` makes an exit status of it).
+
+        ``on_output`` gets each chunk; by default the job's stdout and stderr are
+        written to this process's, as ``subprocess.run`` does. A job that never
+        ran returns its ``error`` status at once.
+        """
+        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+        if status.state is p.JobState.ERROR:
+            return status
+        write = on_output or core.write_chunk
+        end: p.End | None = None
+        for event in self.stream(status.id):
+            if isinstance(event, p.OutputChunk):
+                write(event)
+            else:
+                end = event
+        assert end is not None
+        return end.status
+
+    def wait(self, job: int, timeout: float | None = None) -> p.JobStatus:
+        """Block until the job has ended; its final status. No output is sent.
+
+        ``timeout`` (seconds): WaitTimeout if it has not ended by then, and this
+        connection is closed (it was in the middle of the request).
+        """
+        if timeout is not None and not timeout >= 0:
+            raise InvalidArgument(f"invalid argument: timeout must be 0 or more, not {timeout}")
+        deadline = None if timeout is None else time.monotonic() + min(timeout, core.MAX_TIMEOUT)
+        self._send(core.message(p.Stream, job, end_only=self.welcome.minor >= 1))
+        while True:
+            # Never 0: that would make the socket non-blocking rather than time out.
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+            try:
+                event = self._receive(remaining, quiet=True)
+            except TimeoutError:
+                self.close()
+                raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
+            except p.ProtocolError as exc:
+                raise core.lost(exc) from None
+            if not isinstance(event, p.OutputChunk):  # a server before 1.1 sends output
+                return core.expect(event, p.End).status
+
+    def stop(self, job: int, grace: float | None = None, *,
+             progress: Callable[[], None] | None = None) -> p.JobStatus:
+        """Stop a job; returns once every process of it is gone. ``progress`` is
+        called once if that takes a while (the CLI says what it is doing)."""
         return self._request(core.stop_request(job, grace), p.Stopped,
-                             core.stop_timeout(grace)).status
+                             core.stop_timeout(grace), progress=progress).status
 
     def status(self, job: int) -> p.JobStatus:
-        return self._request(p.GetStatus(job), p.StatusResult).status
+        return self._request(core.message(p.GetStatus, job), p.StatusResult).status
 
-    def list(self) -> list[p.JobStatus]:
+    def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
+             since: float | None = None) -> list[p.JobStatus]:
+        """Every job the caller may see that matches the filters (all pages)."""
         jobs: list[p.JobStatus] = []
         after = 0
         while True:
-            page = self._request(p.ListJobs(after), p.JobList)
+            page = self.list_page(after, owner=owner, states=states, since=since)
             jobs.extend(page.jobs)
             if not page.more or not page.jobs:
                 return jobs
             after = page.jobs[-1].id
 
-    def delete(self, job: int) -> None:
-        self._request(p.Delete(job), p.Deleted)
+    def list_page(self, after: int = 0, *, owner: str | None = None,
+                  states: Sequence[p.JobState] = (), since: float | None = None,
+                  count: bool = False) -> p.JobList:
+        """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
+        ``count``: with the total that match. Filters and counts need a server of
+        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
+        request = p.ListJobs(after, owner, tuple(states), since, count)
+        if request != p.ListJobs(after):
+            core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
+        return self._request(request, p.JobList)
 
-    def stream(self, job: int, position: int = 0) -> Iterator[p.OutputChunk | p.End]:
+    def prune(self, older_than: float) -> int:
+        """Remove every finished job that ended more than ``older_than`` seconds ago,
+        with its output (admin only; protocol 1.1); how many were removed."""
+        core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "prune")
+        return (self._request(p.Prune(older_than), p.Pruned)).removed
+
+    def delete(self, job: int) -> None:
+        self._request(core.message(p.Delete, job), p.Deleted)
+
+    def stream(self, job: int, position: int = 0, *,
+               timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
         """The job's output from ``position`` (0: the first byte), following it
         live until the job ends. Yields OutputChunk events, then one End.
 
         To resume after a lost connection, connect again and pass the position
-        of the last chunk received: nothing is lost or repeated.
+        of the last chunk received: nothing is lost or repeated. With
+        ``timestamps``, each chunk is one read of jobd's and carries its
+        ``time`` (a server older than protocol 1.1 sends no times: None).
         """
-        return self._output(p.Stream(job, position))
+        return self._output(core.message(p.Stream, job, position,
+                                         timestamps=timestamps and self.welcome.minor >= 1))
 
-    def output(self, job: int, position: int = 0) -> Iterator[p.OutputChunk | p.End]:
+    def output(self, job: int, position: int = 0, *,
+               timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
         """Like :meth:`stream`, but only the output that exists now."""
-        return self._output(p.Output(job, position))
+        return self._output(core.message(p.Output, job, position,
+                                         timestamps=timestamps and self.welcome.minor >= 1))
 
     def _output(self, request: p.Stream | p.Output) -> Iterator[p.OutputChunk | p.End]:
         self._send(request)
@@ -232,6 +368,11 @@ def connect_blocking(
     except (OSError, ssl.SSLError, ValueError) as exc:
         raw.close()
         raise core.handshake_error(exc) from None
+    try:
+        core.check_server_purpose(sock.peer_certificate())
+    except BaseException:
+        raw.close()
+        raise
     conn = p.ClientConnection()
     try:
         sock.sendall(conn.send(p.Hello(software=core.SOFTWARE)))

@@ -1,13 +1,26 @@
-"""The ``jobctl`` command line (SPEC §2).
+"""The ``jobctl`` command line (SPEC §2, §9): the parser and the entry point.
 
 Exit status: 0 success; 1 the server refused or the job is in the wrong
 state; 2 usage or local configuration; 3 cannot connect, or refused at TLS
-or identity level. Every expected failure is one line on stderr.
+or identity level; ``run`` and ``wait`` exit with the job's own status, and
+124 when ``wait --timeout`` expires. Every expected failure is one line on
+stderr.
 
-Start-up time is part of the product (SPEC §6: `jobctl start true` at most a
-quarter of `ssh localhost true`), so this module imports only what every
-command needs; json, shlex and jobd's size parser are imported by the
-commands that use them, and Trio never (``python -X importtime -m jobctl``).
+The parser. The subcommands are data: :data:`jobctl._commands.COMMANDS`, one
+:class:`~jobctl._commands.Command` each (name, help, description, example,
+options, action), so adding a subcommand is adding an entry. Global options
+(``-c``, ``-a``, ``--json``, ...) are accepted before the subcommand and after
+it: each subparser gets them too, with ``SUPPRESS`` defaults so that only
+what is given there overrides the top level. ``start``/``run`` take their
+options, then the command: the first word that is not an option starts it,
+``--`` forces it, and an unknown option before it is a usage error (exit 2).
+Abbreviated options are refused everywhere (``--mem`` is not ``--memory``).
+
+Start-up time is part of the product (SPEC §6: ``jobctl start true`` at most
+a quarter of ``ssh localhost true``). Only the subcommand being run gets its
+full parser (the others are one-line stubs for ``--help``), and json, shlex
+and the like are imported by the commands that use them; Trio never
+(``python -X importtime -m jobctl``).
 """
 
 from __future__ import annotations
@@ -16,37 +29,79 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
-
-import protocol as p
+from typing import NoReturn
 
 from . import __version__
 from . import _core as core
-from ._blocking import BlockingClient, connect_blocking
+from ._commands import COMMANDS, Command, Context
 from ._errors import ConfigError, JobctlError
+from ._text import escape
 
-START_HELP = """\
-start options (before the command; the command begins at the first word that
-is not one of them, `--` forces it):
-  --memory SIZE            memory limit (e.g. 256M)
-  --cpus N                 CPU limit in cores (e.g. 0.5)
-  --pids N                 maximum number of processes
-  --io-read-bps DEV=RATE   read limit on a block device (e.g. /dev/sda=10M), repeatable
-  --io-write-bps DEV=RATE  write limit on a block device, repeatable
-  --isolate LIST           namespaces: any of pid,mount,net
-
+EPILOG = """\
 environment: JOBCTL_CERTIFICATE, JOBCTL_KEY, JOBCTL_CA, JOBCTL_ADDRESS,
 JOBCTL_PORT, JOBCTL_SERVER_NAME; the certificate files default to
 certificate.pem, key.pem and ca.pem in $XDG_CONFIG_HOME/jobctl/.
 exit status: 0 ok, 1 refused by the server or wrong job state, 2 usage,
-3 cannot connect or refused at TLS or identity level."""
+3 cannot connect or refused at TLS or identity level; run and wait exit with
+the job's own status (128+N for signal N), wait --timeout with 124.
+Global options may also follow the subcommand (jobctl status 4 --json)."""
+
+#: Global options that take a value (to find the subcommand in argv before parsing):
+#: a new global option with a value must be added here too.
+_VALUE_OPTIONS = frozenset({"-c", "--certificate", "-k", "--key", "-C",
+                            "--certificate-authority", "-a", "--address", "-p", "--port",
+                            "--server-name"})
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions filled to the terminal's width; examples and the epilog as written.
+
+    argparse builds a formatter for every option added (to check its
+    metavar), and its default asks ``shutil`` for the terminal's width:
+    importing shutil (with bz2 and lzma) costs each run of jobctl 2 ms. The
+    same width, as shutil finds it, without it.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            try:
+                width = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()  # type: ignore[union-attr]
+                                                 ).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 80
+            if width <= 0:
+                width = 80
+            width -= 2  # as argparse does
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:") or text is EPILOG:
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are usage errors (exit 2). A bad value
+    (``--grace nan``, a job ID that is not one) is one line; a bad command line
+    (a missing argument, an unknown option) also gets the usage."""
+
+    _bad_value = False
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> object:
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError:
+            self._bad_value = True
+            raise
+
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
+        if not self._bad_value:
+            self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -62,19 +117,9 @@ def _default_file(env: str, name: str) -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-def _job_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a job ID: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"not a job ID: {text!r}")
-    return value
-
-
 def _port(text: str) -> int:
     try:
-        value = int(text)
+        value = int(text) if len(text) < 10 else -1
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
     if not 0 < value < 65536:
@@ -82,199 +127,82 @@ def _port(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The common options (SPEC §2). At the top level with their defaults (from
+    the environment); on a subcommand with none, so that only what is given
+    there overrides the top level's value."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("global options") if not top else parser
+    group.add_argument("-c", "--certificate", metavar="FILE", default=default(
+        _default_file("JOBCTL_CERTIFICATE", "certificate.pem")), help="client certificate (PEM)")
+    group.add_argument("-k", "--key", metavar="FILE",
+                       default=default(_default_file("JOBCTL_KEY", "key.pem")),
+                       help="client private key (PEM)")
+    group.add_argument("-C", "--certificate-authority", dest="ca", metavar="FILE",
+                       default=default(_default_file("JOBCTL_CA", "ca.pem")),
+                       help="CA certificate the server's certificate must chain to")
+    group.add_argument("-a", "--address", metavar="HOST",
+                       default=default(os.environ.get("JOBCTL_ADDRESS") or core.DEFAULT_ADDRESS),
+                       help="server address; may include the port: host:port, [::1]:8000 "
+                            f"(default: {core.DEFAULT_ADDRESS})")
+    group.add_argument("-p", "--port", type=_port, default=default(None),
+                       help=f"server port (default: {core.DEFAULT_PORT})")
+    group.add_argument("--server-name", metavar="NAME",
+                       default=default(os.environ.get("JOBCTL_SERVER_NAME")),
+                       help="name to verify in the server certificate (default: the address)")
+    group.add_argument("--json", action="store_true", default=default(False),
+                       help="print JSON instead of text (start, status, stop, list, delete, wait)")
+
+
+def _selected(argv: list[str]) -> str | None:
+    """The subcommand's name in ``argv``: the first word that is neither a global
+    option nor its value."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if word.startswith("-") and word != "-":
+            i += 2 if word in _VALUE_OPTIONS else 1
+            continue
+        return word
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``argv``, only the subcommand it names is built in
+    full (the rest are stubs that only list themselves in ``--help``)."""
+    only = _selected(argv) if argv is not None else None
+    full = argv is None or only not in {c.name for c in COMMANDS}
     parser = _Parser(prog="jobctl", description="Control jobs on a jobd server.",
-                     epilog=START_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     epilog=EPILOG, formatter_class=_Formatter, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"jobctl {__version__}")
-    parser.add_argument("-c", "--certificate", default=_default_file(
-        "JOBCTL_CERTIFICATE", "certificate.pem"), help="client certificate (PEM)")
-    parser.add_argument("-k", "--key", default=_default_file("JOBCTL_KEY", "key.pem"),
-                        help="client private key (PEM)")
-    parser.add_argument("-C", "--certificate-authority", dest="ca",
-                        default=_default_file("JOBCTL_CA", "ca.pem"),
-                        help="CA certificate the server's certificate must chain to")
-    parser.add_argument("-a", "--address",
-                        default=os.environ.get("JOBCTL_ADDRESS") or core.DEFAULT_ADDRESS,
-                        help="server address (default: %(default)s)")
-    parser.add_argument("-p", "--port", type=_port,
-                        default=os.environ.get("JOBCTL_PORT") or core.DEFAULT_PORT,
-                        help="server port (default: %(default)s)")
-    parser.add_argument("--server-name", default=os.environ.get("JOBCTL_SERVER_NAME"),
-                        help="name to verify in the server certificate (default: the address)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (start, status, stop, list, delete)")
+    add_global_options(parser, top=True)
     # prog given: else argparse builds a help formatter just to compute it, which
     # imports shutil (and bz2, lzma) on every run.
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="jobctl",
-                                parser_class=_Parser)
-    start = sub.add_parser("start", help="start CMD [ARG...]; prints the job ID",
-                           add_help=False, prefix_chars="\0")
-    start.add_argument("words", nargs=argparse.REMAINDER)
-    for name, text in (("status", "print the job's status"),
-                       ("stream", "write the job's output from its first byte, following it"),
-                       ("output", "write the job's output so far"),
-                       ("delete", "remove a finished job's record and output")):
-        sp = sub.add_parser(name, help=text)
-        sp.add_argument("id", type=_job_id)
-    stop = sub.add_parser("stop", help="stop a job: SIGINT, SIGTERM, SIGKILL to its group")
-    stop.add_argument("--grace", type=float, default=None, metavar="SECONDS",
-                      help="wait between signals (default: the server's; 0: SIGKILL at once)")
-    stop.add_argument("id", type=_job_id)
-    sub.add_parser("list", help="list the jobs you may see")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                prog="jobctl", parser_class=_Parser)
+    for command in COMMANDS:
+        if full or command.name == only:
+            _add_command(sub, command)
+        else:
+            sub.add_parser(command.name, help=command.help, add_help=False)
     return parser
 
 
-# -- start options -----------------------------------------------------------
+def _add_command(sub: argparse._SubParsersAction[_Parser], command: Command) -> None:
+    sp = sub.add_parser(command.name, help=command.help, description=command.description,
+                        epilog="example:\n" + "\n".join(f"  {line}" for line in command.example),
+                        formatter_class=_Formatter, allow_abbrev=False)
+    command.configure(sp)
+    add_global_options(sp, top=False)
+    sp.set_defaults(action=command, subparser=sp)
 
 
-def _rate(option: str, text: str) -> tuple[str, int]:
-    device, sep, rate = text.partition("=")
-    if not sep or not device:
-        raise ConfigError(f"{option}: expected DEVICE=RATE, got {text!r}")
-    return device, _size(option, rate)
-
-
-def _size(option: str, text: str) -> int:
-    from jobd._config import parse_size
-
-    try:
-        value = parse_size(text)
-    except ValueError as exc:
-        raise ConfigError(f"{option}: {exc}") from None
-    if value <= 0:
-        raise ConfigError(f"{option}: must be positive")
-    return value
-
-
-def _number(option: str, text: str, kind: Callable[[str], Any]) -> Any:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ConfigError(f"{option}: not a number: {text!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{option}: must be positive")
-    return value
-
-
-_START_OPTIONS = ("--memory", "--cpus", "--pids", "--io-read-bps", "--io-write-bps", "--isolate")
-
-
-def parse_start(words: list[str]) -> tuple[list[str], p.Limits | None]:
-    """Split ``start``'s words into limits and the command (SPEC §8)."""
-    limits: dict[str, Any] = {"io_read_bps": [], "io_write_bps": [], "isolate": []}
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word == "--":
-            i += 1
-            break
-        name, eq, inline = word.partition("=")
-        if name not in _START_OPTIONS:
-            break
-        if eq:
-            value = inline
-            i += 1
-        else:
-            if i + 1 >= len(words):
-                raise ConfigError(f"{name} needs a value")
-            value = words[i + 1]
-            i += 2
-        if name == "--memory":
-            limits["memory"] = _size(name, value)
-        elif name == "--cpus":
-            limits["cpus"] = _number(name, value, float)
-        elif name == "--pids":
-            limits["pids"] = _number(name, value, int)
-        elif name in ("--io-read-bps", "--io-write-bps"):
-            limits[name[2:].replace("-", "_")].append(_rate(name, value))
-        else:
-            for kind in filter(None, value.split(",")):
-                if kind not in p.ISOLATION_KINDS:
-                    raise ConfigError(f"--isolate: unknown namespace {kind!r} "
-                                      f"(choose from {', '.join(sorted(p.ISOLATION_KINDS))})")
-                if kind not in limits["isolate"]:
-                    limits["isolate"].append(kind)
-    command = words[i:]
-    for key in ("io_read_bps", "io_write_bps", "isolate"):
-        limits[key] = tuple(limits[key])
-    result = p.Limits(**limits)
-    return command, None if result.is_empty() else result
-
-
-# -- commands ----------------------------------------------------------------
-
-
-def _print_json(obj: Any) -> None:
-    import json
-
-    print(json.dumps(obj, sort_keys=True))
-
-
-def _command_line(status: p.JobStatus) -> str:
-    import shlex
-
-    return shlex.join(os.fsdecode(a) for a in status.argv)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _write_output(events: Iterator[p.OutputChunk | p.End]) -> int:
-    end: p.End | None = None
-    for event in events:
-        if isinstance(event, p.OutputChunk):
-            _write_all(event.fd, event.data)
-        else:
-            end = event
-    if end is not None and end.status.dropped_bytes:
-        print(f"jobctl: output truncated: {end.status.dropped_bytes} bytes dropped by the server",
-              file=sys.stderr)
-    return 0
-
-
-def run_command(ns: argparse.Namespace, client: BlockingClient,
-                command: list[str] | None, limits: p.Limits | None) -> int:
-    if ns.command == "start":
-        assert command is not None
-        status = client.start(command, limits=limits)
-        if ns.json:
-            _print_json(status.to_json())
-        else:
-            print(status.id, flush=True)
-        if status.state is p.JobState.ERROR:
-            print(status.describe(), file=sys.stderr)
-            return 1
-        return 0
-    if ns.command == "status":
-        status = client.status(ns.id)
-        _print_json(status.to_json()) if ns.json else print(status.describe())
-        return 0
-    if ns.command == "stop":
-        status = client.stop(ns.id, ns.grace)
-        _print_json(status.to_json()) if ns.json else print("process stopped")
-        return 0
-    if ns.command == "list":
-        jobs = client.list()
-        if ns.json:
-            _print_json({"jobs": [s.to_json() for s in jobs]})
-        else:
-            for s in jobs:
-                print(f"{s.id}\t{s.owner}\t{s.describe()}\t{_command_line(s)}")
-        return 0
-    if ns.command == "delete":
-        client.delete(ns.id)
-        if ns.json:
-            _print_json({"deleted": ns.id})
-        return 0
-    if ns.command == "stream":
-        return _write_output(client.stream(ns.id))
-    if ns.command == "output":
-        return _write_output(client.output(ns.id))
-    raise AssertionError(ns.command)
+# -- the entry point -----------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,25 +230,68 @@ def _exit(status: int) -> NoReturn:
     os._exit(status)
 
 
-def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+def split_address(address: str, port: int | None) -> tuple[str, int]:
+    """``-a`` and ``-p`` as (host, port): ``-a`` may carry the port
+    (``host:8000``, ``[::1]:8000``); a bare IPv6 literal (``::1``) may not.
+    ``-p`` (or JOBCTL_PORT) wins over nothing, and must agree with ``-a``'s."""
+    host, in_address = address, None
+    if address.startswith("["):
+        inner, bracket, rest = address[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ConfigError(f"-a/--address: not an address: {address!r} "
+                              "(examples: ::1, [::1]:8000, localhost:8000)")
+        host = inner
+        if rest:
+            in_address = _port_or_error(rest[1:])
+    elif address.count(":") == 1:
+        host, _, text = address.partition(":")
+        in_address = _port_or_error(text)
+    if not host:
+        raise ConfigError(f"-a/--address: no host in {address!r}")
+    if port is not None and in_address is not None and port != in_address:
+        raise ConfigError(f"-a/--address says port {in_address}, -p/--port says {port}")
+    if port is None:
+        env = os.environ.get("JOBCTL_PORT")
+        port = in_address or (_port_or_error(env, "JOBCTL_PORT") if env else core.DEFAULT_PORT)
+    return host, port
+
+
+def _port_or_error(text: str, what: str = "-a/--address") -> int:
     try:
-        command, limits = None, None
-        if ns.command == "start":
-            command, limits = parse_start(ns.words)
-            if not command:
-                parser.error("start: missing command")
-        for option, flag in (("certificate", "-c/--certificate"), ("key", "-k/--key"),
-                             ("ca", "-C/--certificate-authority")):
-            if not getattr(ns, option):
-                raise ConfigError(f"no {option.replace('ca', 'CA certificate')}: use {flag}, "
-                                  f"JOBCTL_{option.upper()} or {_config_dir()}/")
-        with connect_blocking(ns.address, int(ns.port), certificate=ns.certificate,
-                              key=ns.key, ca=ns.ca, server_name=ns.server_name) as client:
-            return run_command(ns, client, command, limits)
+        return _port(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def _check_files(ns: argparse.Namespace) -> None:
+    for option, what, flag, env in (
+            ("certificate", "certificate", "-c/--certificate", "JOBCTL_CERTIFICATE"),
+            ("key", "key", "-k/--key", "JOBCTL_KEY"),
+            ("ca", "CA certificate", "-C/--certificate-authority", "JOBCTL_CA")):
+        path = getattr(ns, option)
+        if not path:
+            raise ConfigError(f"no {what}: use {flag}, {env} or {_config_dir()}/")
+        if os.path.isdir(path):
+            raise ConfigError(f"{flag}: {path} is a directory, not a {what} file")
+
+
+def _main(argv: list[str] | None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    parser = build_parser(args)
+    ns = parser.parse_args(args)
+    command: Command = ns.action
+    try:
+        command.check(ns, ns.subparser)
+        ctx = Context(ns)
+        if command.needs_server:
+            _check_files(ns)
+            ctx.address, ctx.port = split_address(ns.address, ns.port)
+        try:
+            return command.run(ns, ctx)
+        finally:
+            ctx.close()
     except JobctlError as exc:
-        print(exc, file=sys.stderr)
+        print(escape(str(exc)), file=sys.stderr)
         return exc.exit_status
     except BrokenPipeError:
         # Our own stdout went away (`jobctl stream 4 | head -1`): stop quietly.
@@ -329,3 +300,6 @@ def _main(argv: list[str] | None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+
+
+__all__ = ["add_global_options", "build_parser", "main", "split_address"]

@@ -8,13 +8,20 @@ import re
 import socket
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import protocol as p
+from protocol._x509 import SERVER_AUTH, allows
 
-from ._errors import ConfigError, ConnectionFailed, ServerRefused, server_error
+from ._errors import (
+    ConfigError,
+    ConnectionFailed,
+    InvalidArgument,
+    ServerRefused,
+    server_error,
+)
 
 SOFTWARE = "jobctl 0.1.0"
 DEFAULT_PORT = 8000
@@ -38,24 +45,67 @@ KEEPALIVE = (30, 10, 3)
 #: A W3C Trace Context traceparent: version, trace ID, parent span ID, flags
 #: (lower-case hex; a later version may append fields). Version ff is invalid.
 TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[^\s]*)?")
+#: The longest any request waits for its answer, whatever the grace asked for:
+#: a week is "forever" for a person, and stays within what a socket timeout
+#: and a Trio deadline can express.
+MAX_TIMEOUT = 7 * 86400.0
 
 R = TypeVar("R")
+M = TypeVar("M", bound=p.Message)
 #: A command line as the clients take it: bytes, or str encoded as the OS does.
 Argv = Sequence[bytes | str]
+#: An environment as the clients take it: names and values as bytes or str.
+Env = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
 
 
-def start_request(argv: Argv, cwd: bytes | str | None, env: Mapping[bytes, bytes] | None,
-                  limits: p.Limits | None) -> p.Start:
-    """The start message both clients send."""
-    return p.Start(argv=tuple(os.fsencode(a) for a in argv),
-                   cwd=os.fsencode(cwd) if cwd is not None else None,
-                   env=tuple(env.items()) if env is not None else None, limits=limits,
-                   traceparent=current_traceparent())
+#: The protocol minor version that brought list filters, counts and prune.
+LIST_FILTERS_MINOR = 1
+
+
+def require_minor(welcome: p.Welcome, minor: int, what: str) -> None:
+    """Refuse locally what the server's protocol version does not know (it would
+    ignore new fields, or refuse a new message as a protocol error)."""
+    if welcome.minor < minor:
+        raise ConfigError(f"the server does not support {what} (it speaks protocol "
+                          f"{welcome.version}.{welcome.minor}; they need "
+                          f"{p.PROTOCOL_VERSION}.{minor})")
+
+
+def message(kind: Callable[..., M], *args: Any, **kwargs: Any) -> M:
+    """``kind(*args, **kwargs)``, a request; a value it refuses is InvalidArgument."""
+    try:
+        return kind(*args, **kwargs)
+    except (p.FieldError, TypeError, ValueError) as exc:
+        raise InvalidArgument(f"invalid argument: {exc}") from None
+
+
+def _encode(what: str, value: object) -> bytes:
+    if not isinstance(value, bytes | str):
+        raise InvalidArgument(f"invalid argument: {what} must be bytes or str, "
+                              f"not {type(value).__name__}")
+    try:
+        return os.fsencode(value)
+    except UnicodeError:
+        raise InvalidArgument(f"invalid argument: {what} {value!r} cannot be encoded") from None
+
+
+def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
+                  limits: p.Limits | None, env_merge: bool = False) -> p.Start:
+    """The start message both clients send: str arguments, cwd, env names and
+    values encoded as the OS does (``os.fsencode``)."""
+    if isinstance(argv, bytes | str):
+        raise InvalidArgument("invalid argument: argv must be a sequence of arguments, "
+                              "not a single string")
+    return message(p.Start, argv=tuple(_encode("argv entry", a) for a in argv),
+                   cwd=_encode("cwd", cwd) if cwd is not None else None,
+                   env=tuple((_encode("env name", k), _encode("env value", v))
+                             for k, v in env.items()) if env is not None else None,
+                   limits=limits, env_merge=env_merge, traceparent=current_traceparent())
 
 
 def stop_request(job: int, grace: float | None) -> p.Stop:
     """The stop message both clients send."""
-    return p.Stop(job, grace, traceparent=current_traceparent())
+    return message(p.Stop, job, grace, traceparent=current_traceparent())
 
 
 def current_traceparent() -> str | None:
@@ -81,9 +131,51 @@ def current_traceparent() -> str | None:
     return value if TRACEPARENT.fullmatch(value) and len(value) <= p.MAX_TRACEPARENT else None
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` to ``fd``."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_chunk(chunk: p.OutputChunk) -> None:
+    """Write a chunk to this process's stdout or stderr (its fd), all of it."""
+    write_all(chunk.fd, chunk.data)
+
+
+def check_merge(env_merge: bool, welcome: p.Welcome) -> bool:
+    """``env_merge``, if this server understands it (protocol 1.1): an older one
+    would take the variables as the whole environment."""
+    if env_merge and welcome.minor < 1:
+        raise InvalidArgument(f"the server ({welcome.software}, protocol "
+                              f"{welcome.version}.{welcome.minor}) cannot add variables to "
+                              "its environment for jobs: give the whole environment")
+    return env_merge
+
+
 def stop_timeout(grace: float | None) -> float:
     """How long a stop may wait for its answer: the job's whole stop sequence."""
-    return STOP_TIMEOUT if grace is None else 3 * grace + REQUEST_TIMEOUT
+    if grace is None:
+        return STOP_TIMEOUT
+    return min(3 * grace + REQUEST_TIMEOUT, MAX_TIMEOUT)
+
+
+def exit_status(status: p.JobStatus) -> int:
+    """A job's status as a shell's exit status (what ``jobctl run`` and ``wait``
+    exit with, SPEC §9): its exit code; 128+N when a signal N ended it; 1 when
+    it never ran (or was lost); 0 while it runs."""
+    if status.state is p.JobState.RUNNING:
+        return 0
+    if status.signal is not None:
+        import signal
+
+        try:
+            return 128 + signal.Signals[status.signal].value
+        except KeyError:
+            return 1  # a signal this system does not know: failed, as far as we can tell
+    if status.exit_code is not None:
+        return status.exit_code
+    return 1
 
 
 def format_address(host: str, port: int) -> str:
@@ -95,6 +187,8 @@ def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[s
     """TLS 1.3 only, the server verified against ``ca`` and its name checked."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # A host name is matched against subjectAltName only, never the subject's CN.
+    ctx.hostname_checks_common_name = False
     for what, path in (("certificate", certificate), ("key", key), ("CA certificate", ca)):
         if not Path(path).is_file():
             raise ConfigError(f"cannot read {what} {os.fspath(path)}: no such file")
@@ -109,6 +203,18 @@ def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[s
         raise ConfigError(f"cannot load CA certificate {os.fspath(ca)}: "
                           f"{tls_reason(exc)}") from None
     return ctx
+
+
+def check_server_purpose(der: bytes | None) -> None:
+    """Require the serverAuth EKU on the server's certificate, after the handshake.
+
+    OpenSSL refuses a server certificate whose EKU lists other purposes only, but
+    takes one without the extension for any purpose: then a client certificate
+    of the same CA could pose as the server.
+    """
+    if not allows(der, SERVER_AUTH):
+        raise ConnectionFailed("TLS handshake failed: the server certificate is not for "
+                               "server authentication (no serverAuth extended key usage)")
 
 
 def host_name(name: str) -> str | bytes:

@@ -2,7 +2,12 @@
 
 Each carries the exit status the CLI uses for it (SPEC §2):
 1 the server refused or the job is in the wrong state, 2 usage or local
-configuration, 3 cannot connect or refused at TLS or identity level.
+configuration, 3 cannot connect or refused at TLS or identity level; and
+124 a wait that timed out (SPEC §9, as timeout(1)).
+
+Every error the library raises is a :class:`JobctlError`: a bad argument is an
+:class:`InvalidArgument` (also a ``ValueError``), never the protocol's own
+``FieldError``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ class ConfigError(JobctlError):
     """A local problem: a certificate or key that cannot be read, a bad option."""
 
     exit_status = 2
+
+
+class InvalidArgument(ConfigError, ValueError):
+    """An argument the library cannot send (a negative job ID, an env name with
+    ``=``, a NUL byte, a command line beyond the frame limit, ...)."""
+
+
+class WaitTimeout(JobctlError):
+    """``wait`` gave up: the job had not ended within the timeout. The
+    connection it used is closed (it was in the middle of a request)."""
+
+    exit_status = 124
 
 
 class ConnectionFailed(JobctlError):

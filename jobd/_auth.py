@@ -9,6 +9,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from protocol._x509 import CLIENT_AUTH, allows
+
 
 class Role(enum.StrEnum):
     OBSERVE = "observe"
@@ -21,6 +23,7 @@ class Action(enum.StrEnum):
     STOP = "stop"
     DELETE = "delete"
     READ = "read"  # status, stream, output, list
+    PRUNE = "prune"  # remove finished jobs by age (every job at once: admin only)
 
 
 class Scope(enum.Enum):
@@ -31,15 +34,22 @@ class Scope(enum.Enum):
 
 POLICY: dict[Role, dict[Action, Scope]] = {
     Role.OBSERVE: {Action.START: Scope.NONE, Action.STOP: Scope.NONE,
-                   Action.DELETE: Scope.NONE, Action.READ: Scope.ALL},
+                   Action.DELETE: Scope.NONE, Action.READ: Scope.ALL,
+                   Action.PRUNE: Scope.NONE},
     Role.CONTROL: {Action.START: Scope.ALL, Action.STOP: Scope.OWN,
-                   Action.DELETE: Scope.OWN, Action.READ: Scope.OWN},
+                   Action.DELETE: Scope.OWN, Action.READ: Scope.OWN,
+                   Action.PRUNE: Scope.NONE},
     Role.ADMIN: {Action.START: Scope.ALL, Action.STOP: Scope.ALL,
-                 Action.DELETE: Scope.ALL, Action.READ: Scope.ALL},
+                 Action.DELETE: Scope.ALL, Action.READ: Scope.ALL,
+                 Action.PRUNE: Scope.ALL},
 }
 
 ROLE_NAMES = ", ".join(r.value for r in Role)
 NO_ROLE = f"certificate has no role: OU must be one of {ROLE_NAMES}"
+
+
+NOT_FOR_CLIENTS = ("certificate is not for client authentication "
+                   "(no clientAuth extended key usage)")
 
 
 class IdentityError(Exception):
@@ -62,6 +72,17 @@ class Identity:
     def may(self, action: Action, owner: str) -> bool:
         scope = POLICY[self.role][action]
         return scope is Scope.ALL or (scope is Scope.OWN and owner == self.name)
+
+
+def check_client_purpose(der: bytes | None) -> None:
+    """Require the clientAuth EKU (RFC 5280 id-kp-clientAuth) on a client certificate.
+
+    OpenSSL already refuses, during the handshake, a certificate whose EKU lists
+    other purposes only; it accepts one without the extension, which is refused
+    here: one CA's server certificates must not stand in for client certificates.
+    """
+    if not allows(der, CLIENT_AUTH):
+        raise IdentityError(NOT_FOR_CLIENTS)
 
 
 def identity_from_cert(cert: dict[str, Any] | None) -> Identity:

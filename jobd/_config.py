@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobd import __version__
+from protocol import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from jobd.engine import LimitPolicy
@@ -25,18 +25,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Enough for every operator and script of one host at once, few enough that
 #: the file-descriptor limit (1024 by default) is never the first to break.
 DEFAULT_MAX_CONNECTIONS = 1000
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``512``, ``64K``, ``10M``, ``1G``, ``1GiB`` (binary units) into bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 10M, 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
+#: Connection slots only admin certificates may take: a few, enough for an
+#: operator to get in and clean up while others hold every other slot.
+DEFAULT_ADMIN_RESERVED_CONNECTIONS = 3
+#: Running jobs per non-admin owner: far more than one person runs by hand, few
+#: enough that one user's jobs (about four descriptors each) cannot use up
+#: jobd's descriptors under the systemd unit's LimitNOFILE=65536.
+DEFAULT_MAX_JOBS_PER_USER = 256
 
 def default_state_dir() -> Path:
     """``$STATE_DIRECTORY``, else /var/lib/jobd for root, else ``$XDG_STATE_HOME/jobd``."""
@@ -65,11 +60,23 @@ class ServerConfig:
     output_cap: int = DEFAULT_OUTPUT_CAP
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: None: the default share (see jobd._admission).
+    max_connections_per_identity: int | None = None
+    admin_reserved_connections: int = DEFAULT_ADMIN_RESERVED_CONNECTIONS
+    max_handshakes_per_source: int | None = None
+    #: Running jobs per owner; admin certificates are exempt. None: no limit.
+    max_jobs_per_user: int | None = DEFAULT_MAX_JOBS_PER_USER
     #: Per-job limit defaults and caps (docs/isolation.md); None: none.
     limits: LimitPolicy | None = None
     cgroup_root: Path | None = None
     #: ``off`` or ``otlp`` (OpenTelemetry, configured by the OTEL_* variables).
     telemetry: str = "off"
+    #: History: finished jobs kept this many seconds, this many of them, this many
+    #: bytes of their logs (None: no limit); an owner's logs at most this many bytes.
+    retain: float | None = None
+    retain_count: int | None = None
+    max_log_space: int | None = None
+    max_log_space_per_user: int | None = None
 
 
 def _positive_float(text: str) -> float:
@@ -98,6 +105,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _count_or_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -119,6 +133,23 @@ def _cpus(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text}")
+    return value
+
+
+def _keep_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -136,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"jobd {__version__}")
     p.add_argument("-c", "--certificate", type=Path, required=True,
                    help="server certificate (PEM)")
-    p.add_argument("-k", "--key", type=Path, required=True, help="server private key (PEM)")
+    p.add_argument("-k", "--key", type=Path, required=True,
+                   help="server private key (PEM); no access for group or others (chmod 600)")
     p.add_argument("-C", "--certificate-authority", dest="ca", type=Path, required=True,
                    help="CA certificate that client certificates must chain to (PEM)")
     p.add_argument("-a", "--address", default=DEFAULT_ADDRESS,
@@ -148,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where job records and output live (default: $STATE_DIRECTORY, "
                    "else /var/lib/jobd for root, else $XDG_STATE_HOME/jobd)")
     p.add_argument("--crl", type=Path, default=None,
-                   help="certificate revocation list (PEM) checked for client certificates")
+                   help="certificate revocation lists (PEM) checked for client certificates; "
+                   "the file may hold CRLs only")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="event log format on stderr (default: %(default)s)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -171,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "over OTLP/HTTP, configured by the standard OTEL_* environment variables "
                    "(needs the jobd[otel] extra); off: none, OpenTelemetry is not even "
                    "imported (default: %(default)s)")
+    p.add_argument("--max-connections-per-identity", type=_count, default=None, metavar="N",
+                   help="connections one certificate name (CN) may hold at once; more are "
+                   "refused with limit_exceeded (default: 64, or a quarter of "
+                   "--max-connections if less)")
+    p.add_argument("--admin-reserved-connections", type=_count_or_zero, default=None,
+                   metavar="N", help="of --max-connections, slots only admin certificates "
+                   f"may take (default: {DEFAULT_ADMIN_RESERVED_CONNECTIONS}, fewer if "
+                   "--max-connections is below 4)")
+    p.add_argument("--max-handshakes-per-source", type=_count, default=None, metavar="N",
+                   help="connections from one address still in their TLS handshake; more "
+                   "are closed at once (default: 32, or half of --max-connections if less)")
+    p.add_argument("--max-jobs-per-user", type=_count_or_zero,
+                   default=DEFAULT_MAX_JOBS_PER_USER, metavar="N",
+                   help="running jobs per owner (CN); admin certificates are exempt; "
+                   "0: no limit (default: %(default)s)")
     limits = p.add_argument_group(
         "per-job limits",
         "A job that asks for no limit gets the default, or else the maximum; a request "
@@ -192,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--cgroup-root", type=Path, metavar="DIR",
                         help="a delegated cgroup v2 directory for the jobs' cgroups "
                         "(default: jobd's own cgroup if delegated, else the v1 hierarchies)")
+    history = p.add_argument_group(
+        "history", "what is kept of finished jobs (by default everything, until deleted); "
+        "the oldest finished jobs go first, each removal is logged (job-pruned)")
+    history.add_argument("--retain", type=_duration, metavar="DURATION",
+                         help="remove finished jobs this long after their end "
+                         "(e.g. 30d, 12h, 90m, 3600)")
+    history.add_argument("--retain-count", type=_keep_count, metavar="N",
+                         help="keep at most N finished jobs")
+    history.add_argument("--max-log-space", type=_size, metavar="SIZE",
+                         help="keep at most SIZE of finished jobs' output logs "
+                         "(whole jobs are removed)")
+    history.add_argument("--max-log-space-per-user", type=_size, metavar="SIZE",
+                         help="an owner's jobs' logs take at most SIZE; output beyond it "
+                         "is dropped and counted in dropped_bytes")
     return p
 
 
@@ -202,6 +264,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
     parser = build_parser()
     ns = parser.parse_args(argv)
+    reserved = ns.admin_reserved_connections
+    if reserved is None:
+        reserved = min(DEFAULT_ADMIN_RESERVED_CONNECTIONS, ns.max_connections - 1)
+    elif reserved >= ns.max_connections:
+        parser.error("--admin-reserved-connections must be below --max-connections")
     for name in ("memory", "cpus", "pids"):
         default, cap = getattr(ns, f"default_{name}"), getattr(ns, f"max_{name}")
         if default is not None and cap is not None and default > cap:
@@ -220,10 +287,18 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         output_cap=ns.output_cap,
         handshake_timeout=ns.handshake_timeout,
         max_connections=ns.max_connections,
+        max_connections_per_identity=ns.max_connections_per_identity,
+        admin_reserved_connections=reserved,
+        max_handshakes_per_source=ns.max_handshakes_per_source,
+        max_jobs_per_user=ns.max_jobs_per_user or None,
         limits=LimitPolicy(
             default_memory=ns.default_memory, max_memory=ns.max_memory,
             default_cpus=ns.default_cpus, max_cpus=ns.max_cpus,
             default_pids=ns.default_pids, max_pids=ns.max_pids, max_io_bps=ns.max_io_bps),
         cgroup_root=ns.cgroup_root,
         telemetry=ns.telemetry,
+        retain=ns.retain,
+        retain_count=ns.retain_count,
+        max_log_space=ns.max_log_space,
+        max_log_space_per_user=ns.max_log_space_per_user,
     )

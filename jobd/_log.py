@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -30,10 +31,26 @@ def format_fields(fields: Mapping[str, Any]) -> list[str]:
     return [f"{k}={_text_value(v)}" for k, v in fields.items() if v is not None]
 
 
+#: Characters that end or forge a line, or drive a terminal, when written raw:
+#: C0 controls (NUL, ESC, CR, LF...), DEL, the C1 controls (CSI U+009B...), and
+#: the Unicode line and paragraph separators, and lone surrogates (undecodable
+#: bytes of an argv). The text format escapes them all.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+#: What else forces a value into quotes (it would split the key=value syntax).
+_QUOTE = re.compile('[ "=\\\\]')
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match[0]):04x}"
+
+
 def _text_value(value: Any) -> str:
+    """A value as the text format writes it: bare if that is unambiguous, else a
+    JSON string literal, with every control character escaped (``\\u001b``)."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if text == "" or any(c in text for c in ' "=\\\n\t'):
-        return json.dumps(text)
+    if text == "" or _QUOTE.search(text) or _UNSAFE.search(text):
+        # JSON escapes C0 controls itself; the others it leaves raw.
+        return _UNSAFE.sub(_escape, json.dumps(text, ensure_ascii=False))
     return text
 
 

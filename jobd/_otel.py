@@ -159,6 +159,23 @@ def _attr(value: Any) -> Any:
     return _cut(str(value))
 
 
+def _disk_usage(directory: Path, depth: int) -> int:
+    """Bytes allocated to the files under ``directory`` (``logs/<shard>/<id>.log``:
+    two levels), symlinks not followed. Runs in the metric reader's thread."""
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth > 1:
+                        total += _disk_usage(Path(entry.path), depth - 1)
+                    continue
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
 def _job_id(request: p.Message) -> int | None:
     job = getattr(request, "job", None)
     return job if isinstance(job, int) else None
@@ -233,8 +250,9 @@ class OtelTelemetry(Telemetry):
             self._job_started(status)
         elif kind == "ended":
             self._job_ended(status)
-        else:  # lost: found running by a new jobd; never started by this one
+        elif kind == "lost":  # found running by a new jobd; never started by this one
             self.ended.add(1, {"jobd.job.state": status.state.value})
+        # "pruned" (retention removed an ended job): nothing to report.
 
     def _job_started(self, status: p.JobStatus) -> None:
         self.running.add(1, {"jobd.job.owner": status.owner})
@@ -354,17 +372,10 @@ class OtelTelemetry(Telemetry):
     def _observe_disk(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._logs_dir is None:
             return []
-        total = 0
         try:
-            with os.scandir(self._logs_dir) as entries:
-                for entry in entries:
-                    try:
-                        total += entry.stat(follow_symlinks=False).st_blocks * 512
-                    except OSError:
-                        continue
+            return [Observation(_disk_usage(self._logs_dir, depth=2))]
         except OSError:
             return []
-        return [Observation(total)]
 
     # -- logs -------------------------------------------------------------------------
 

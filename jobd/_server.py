@@ -34,25 +34,46 @@ handlers get a moment to flush, and then everything is cancelled.
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
 import resource
 import shlex
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
 import protocol as p
 from jobd import __version__
-from jobd._auth import Action, Identity, IdentityError, identity_from_cert
+from jobd._admission import (
+    FD_RESERVE,
+    Admission,
+    Limits,
+    Ticket,
+    connection_limit,
+    descriptors_in_use,
+    nofile_soft_limit,
+)
+from jobd._auth import (
+    POLICY,
+    Action,
+    Identity,
+    IdentityError,
+    Role,
+    Scope,
+    check_client_purpose,
+    identity_from_cert,
+)
 from jobd._config import ServerConfig
 from jobd._log import EventLog, route_engine_logs
 from jobd._telemetry import NULL, Telemetry
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
 from jobd.engine import (
+    BadLimits,
     BadPosition,
     EngineConfig,
     EngineError,
@@ -68,22 +89,34 @@ from jobd.engine import (
 SOFTWARE = f"jobd {__version__}"
 #: Bytes asked of the TLS stream per read: one TLS record is at most 16 KiB.
 RECEIVE_SIZE = 64 * 1024
-#: The whole argv of a start request: generous for any real command line, and
-#: small enough that every status carrying it fits in one frame.
-MAX_ARGV_BYTES = 256 * 1024
-#: Target size of one page of a list response, well under the frame limit.
+#: Target size of one page of a list response, well under the frame limit
+#: (statuses are sized by their real encoding; the first always goes in).
 LIST_PAGE_BYTES = 256 * 1024
+#: Most jobs read from the database for one list page: a bound on one page's work
+#: (each row costs about 30 us to decode and check, plus its share of the frame),
+#: so that a page stays well under 20 ms (bench/README.md, *History*).
+LIST_PAGE_ROWS = 200
+#: A status larger than this cannot come from a request this jobd accepts (the
+#: request bounds of protocol/_bounds.py keep every status under ~410 KiB): it
+#: is a record an older jobd stored. ``list`` shows it shortened
+#: (:func:`_shortened`) rather than fail for everyone.
+LIST_ENTRY_MAX = p.MAX_FRAME_SIZE // 2
+#: How much of a shortened status's argv ``list`` shows: entries and bytes.
+SHORT_ARGV = (64, 4096)
 #: How long a connection closing (close_notify, error frame) may take.
 CLOSE_TIMEOUT = 2.0
 #: After the jobs are stopped at shutdown, open streams get this long to
 #: write their end frames before the handlers are cancelled.
 SHUTDOWN_FLUSH_TIMEOUT = 5.0
-#: Connections over the limit still get a clear refusal, but only this many
-#: refusals are in progress at once; beyond that the socket is just closed.
-MAX_REFUSALS = 64
-#: File descriptors the connection limit leaves free for everything else: jobs
-#: (two pipes, a log and a pidfd each), stream readers, records being written.
-FD_RESERVE = 256
+#: accept() failing for want of descriptors (or kernel memory): jobd waits this
+#: long before it tries again, doubling up to ACCEPT_BACKOFF_MAX, and logs the
+#: pause once. A retry cannot wait for "a descriptor was freed" (any close in the
+#: process frees one), so it backs off as trio's serve_listeners does, quietly.
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+#: At most one accept-paused line per this many seconds (see _accept_loop).
+ACCEPT_PAUSE_LOG_INTERVAL = 60.0
+ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: TCP keepalive: a peer that vanished without a FIN is noticed in ~1 minute.
 KEEPALIVE = (30, 10, 3)  # idle seconds, interval seconds, probes
 
@@ -204,7 +237,10 @@ async def serve(
     engine_config = EngineConfig(
         state_dir=config.state_dir, stop_grace=config.stop_grace,
         output_cap=config.output_cap, on_event=on_job_event,
-        limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root)
+        limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root,
+        retain=config.retain, retain_count=config.retain_count,
+        max_log_space=config.max_log_space,
+        max_log_space_per_user=config.max_log_space_per_user)
     async with open_job_manager(engine_config) as manager:
         listeners = await _open_listeners(config.address, config.port)
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]
@@ -212,6 +248,7 @@ async def serve(
         state = _ServerState(config, log, manager, lambda: tls[0])
         state.telemetry = telemetry
         telemetry.watch(manager, config.state_dir)
+        log.debug("admission", **vars(state.admission.limits))
         if state.max_connections < config.max_connections:
             log.warning("connection-limit-lowered", configured=config.max_connections,
                         limit=state.max_connections,
@@ -221,7 +258,7 @@ async def serve(
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as acceptors:
                 await acceptors.start(
-                    _serve_listeners, state.handle, listeners, handlers
+                    _serve_listeners, state.handle, listeners, handlers, log
                 )
                 log.info("cgroups", **manager.cgroup_layout())
                 log.info("listening", address=" ".join(format_address(h, pt) for h, pt in
@@ -230,7 +267,7 @@ async def serve(
                 task_status.started(server)
                 await server._shutdown.wait()
                 log.info("shutdown", reason="requested", running=sum(
-                    1 for s in manager.list() if s.running))
+                    1 for s in manager.running() if s.running))
                 acceptors.cancel_scope.cancel()
             for listener in listeners:
                 await listener.aclose()
@@ -250,25 +287,61 @@ async def _serve_listeners(
     handler: Callable[[trio.SocketStream], Any],
     listeners: Sequence[trio.SocketListener],
     handler_nursery: trio.Nursery,
+    log: EventLog,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await trio.serve_listeners(handler, list(listeners), handler_nursery=handler_nursery,
-                               task_status=task_status)
+    """One accept loop per listener (trio.serve_listeners, but quiet on EMFILE)."""
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handler, handler_nursery, log)
+        task_status.started(list(listeners))
 
 
-def connection_limit(configured: int) -> int:
-    """``--max-connections``, lowered if jobd's file-descriptor limit cannot hold it.
+async def _accept_loop(listener: trio.SocketListener,
+                       handler: Callable[[trio.SocketStream], Any],
+                       handler_nursery: trio.Nursery, log: EventLog) -> None:
+    """Accept and hand each connection to ``handler`` in ``handler_nursery``.
 
-    A connection takes up to two descriptors (its socket and, while it streams,
-    the job's log), refusals in progress take MAX_REFUSALS more, and FD_RESERVE
-    stay free, so that a flood of connections can never leave jobd unable to
-    start a job or keep its output (``ulimit -n`` is often 1024 outside systemd).
+    Out of descriptors (EMFILE, ENFILE) or kernel memory, accept() fails at once,
+    as often as it is called: trio's serve_listeners logs a traceback for each try
+    (ten a second). Here a pause is one log line, the retries back off, and one
+    more line says when connections are accepted again. At the edge of the limit
+    accept() may fail and succeed by turns: pauses that begin within
+    ACCEPT_PAUSE_LOG_INTERVAL of the last one logged are only counted, and the
+    next line logged says how many there were. Connections wait in the kernel's
+    backlog meanwhile.
     """
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    return max(1, min(configured, (soft - FD_RESERVE - MAX_REFUSALS) // 2))
+    backoff = ACCEPT_BACKOFF_MIN
+    paused_by: str | None = None  # the pause under way, if any
+    logged = False  # was it logged (then its end is too)
+    last_logged = -math.inf
+    unlogged = 0  # pauses since the last one logged
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_RESOURCE_ERRNOS:
+                raise
+            if paused_by is None:
+                paused_by = os.strerror(exc.errno or 0).lower()
+                now = trio.current_time()
+                logged = now - last_logged >= ACCEPT_PAUSE_LOG_INTERVAL
+                if logged:
+                    log.error("accept-paused", reason=paused_by, unlogged_pauses=unlogged or None,
+                              note="connections wait in the backlog until descriptors are free")
+                    last_logged, unlogged = now, 0
+                else:
+                    unlogged += 1
+            await trio.sleep(backoff)
+            backoff = min(2 * backoff, ACCEPT_BACKOFF_MAX)
+            continue
+        if paused_by is not None:
+            if logged:
+                log.info("accept-resumed", after=paused_by)
+            paused_by = None
+            backoff = ACCEPT_BACKOFF_MIN
+        handler_nursery.start_soon(handler, stream)
 
 
 class _ServerState:
@@ -280,9 +353,10 @@ class _ServerState:
         self.log = log
         self.manager = manager
         self.tls = tls
-        self.max_connections = connection_limit(config.max_connections)
-        self.active = 0
-        self.refusing = 0
+        self.admission = Admission(Limits.derive(
+            config.max_connections, config.admin_reserved_connections,
+            config.max_connections_per_identity, config.max_handshakes_per_source))
+        self.max_connections = self.admission.limits.connections
         self.busy = 0  # responses in progress
         self.closing = False
         #: Sessions waiting for the peer (hello phase, or idle between requests):
@@ -306,6 +380,22 @@ class _ServerState:
     async def idle(self) -> None:
         await self._idle.wait()
 
+    @contextlib.asynccontextmanager
+    async def starting(self, identity: Identity) -> AsyncIterator[None]:
+        """Around a start: refused when the descriptors left would eat into the
+        admin's reserve (non-admin) or the last few (anyone; see jobd._admission)."""
+        if nofile_soft_limit() is not None:
+            in_use = await trio.to_thread.run_sync(descriptors_in_use)
+            short = self.admission.descriptors_short(
+                in_use, admin=identity.role is Role.ADMIN)
+            if short is not None:  # logged as start-refused, as every refused start
+                raise _Refusal(p.ErrorCode.UNAVAILABLE, short)
+        self.admission.starts_in_progress += 1
+        try:
+            yield
+        finally:
+            self.admission.starts_in_progress -= 1
+
     def begin_closing(self) -> None:
         """No new requests: every session waiting for its peer is told and closed."""
         self.closing = True
@@ -314,33 +404,29 @@ class _ServerState:
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         try:
-            peer = format_address(*tcp.socket.getpeername()[:2])
+            host, port = tcp.socket.getpeername()[:2]
         except OSError:
             await tcp.aclose()
             return
-        _set_keepalive(tcp)
-        over_limit = self.active >= self.max_connections
-        if over_limit and self.refusing >= MAX_REFUSALS:
-            self.log.warning("connection-refused", peer=peer, reason="too many connections")
-            self.telemetry.connection_dropped(peer, "busy", "too many connections")
+        peer = format_address(host, port)
+        ticket = Ticket(source=host)
+        refused = self.admission.begin_handshake(ticket)
+        if refused is not None:
+            self.log.warning("connection-refused", peer=peer, reason=refused)
+            self.telemetry.connection_dropped(peer, "busy", refused)
             await tcp.aclose()
             return
-        if over_limit:
-            self.refusing += 1
-        else:
-            self.active += 1
+        _set_keepalive(tcp)
         try:
-            session = _Session(self, trio.SSLStream(tcp, self.tls(), server_side=True), peer)
-            await session.run(over_limit=over_limit)
+            session = _Session(self, trio.SSLStream(tcp, self.tls(), server_side=True), peer,
+                               ticket)
+            await session.run()
         except* Exception as group:
             # One connection must never take the daemon down: log and drop it.
             for exc in group.exceptions:
                 self.log.error("connection-failed", peer=peer, reason=repr(exc))
         finally:
-            if over_limit:
-                self.refusing -= 1
-            else:
-                self.active -= 1
+            self.admission.release(ticket)
 
 
 def _set_keepalive(tcp: trio.SocketStream) -> None:
@@ -356,8 +442,9 @@ class _Session:
     """One client connection: handshake, identity, then requests in sequence."""
 
     def __init__(self, server: _ServerState, stream: trio.SSLStream[trio.SocketStream],
-                 peer: str):
+                 peer: str, ticket: Ticket):
         self.server = server
+        self.ticket = ticket
         self.log = server.log
         self.manager = server.manager
         self.stream = stream
@@ -423,10 +510,12 @@ class _Session:
         """Shutdown: stop waiting for the peer and say goodbye. Until the session
         ends it counts as a response in progress, so that the handlers are not
         cancelled before the goodbye is sent."""
-        if self._wait_scope is not None and not self._owes_goodbye:
+        if self._wait_scope is None:
+            return
+        if not self._owes_goodbye:
             self._owes_goodbye = True
             self.server.response_started()
-            self._wait_scope.cancel()
+        self._wait_scope.cancel()
 
     async def _refuse_shutting_down(self) -> None:
         self.log.debug("connection-closed", peer=self.peer, who=self._who(),
@@ -437,9 +526,9 @@ class _Session:
 
     # -- the connection's life --------------------------------------------------
 
-    async def run(self, *, over_limit: bool) -> None:
+    async def run(self) -> None:
         try:
-            if await self._handshake(over_limit=over_limit):
+            if await self._handshake():
                 await self._serve_requests()
         finally:
             await self._close()
@@ -447,7 +536,7 @@ class _Session:
                 self.server.response_ended()
             self.tel.closed()
 
-    async def _handshake(self, *, over_limit: bool) -> bool:
+    async def _handshake(self) -> bool:
         """TLS, identity, hello and welcome, under one deadline. True when welcomed."""
         with trio.move_on_after(self.server.config.handshake_timeout):
             try:
@@ -462,6 +551,7 @@ class _Session:
             refusal: tuple[p.ErrorCode, str] | None = None
             name = "-"
             try:
+                check_client_purpose(self.stream.getpeercert(binary_form=True))
                 self.identity = identity_from_cert(self.stream.getpeercert())
                 name = self.identity.name
             except IdentityError as exc:
@@ -469,6 +559,14 @@ class _Session:
                 self.log.warning("identity-refused", peer=self.peer, reason=str(exc),
                                  subject=_subject(self.stream.getpeercert()))
                 self.tel.refused("identity", str(exc))
+            if refusal is None and self.identity is not None:
+                # A slot is taken (or refused) before the hello is read: the wait for
+                # it then counts against the caller's share, not the handshake slots.
+                refusal = self.server.admission.admit(self.ticket, self.identity)
+                if refusal is not None:
+                    self.log.warning("connection-refused", peer=self.peer, who=name,
+                                     role=self.identity.role.value, reason=refusal[1])
+                    self.tel.refused("busy", refusal[1])
             try:
                 with self._waiting_for_peer() as wait:
                     hello = await self._receive_event()
@@ -484,12 +582,6 @@ class _Session:
                 return False
             if hello is p.CLOSED:
                 return False
-            if refusal is None and over_limit:
-                refusal = (p.ErrorCode.UNAVAILABLE, "server busy: too many connections "
-                           f"(limit {self.server.max_connections})")
-                self.log.warning("connection-refused", peer=self.peer, who=name,
-                                 reason="too many connections")
-                self.tel.refused("busy", "too many connections")
             if refusal is None and self.server.closing:
                 refusal = (p.ErrorCode.UNAVAILABLE, "server is shutting down")
                 self.tel.refused("shutting_down", "server is shutting down")
@@ -549,7 +641,13 @@ class _Session:
                         break
                     finally:
                         self._response_scope = None
-                        self.server.response_ended()
+                        if self.server.closing and not self._owes_goodbye:
+                            # The goodbye that follows belongs to this response: the
+                            # server must not look idle (and cancel its handlers)
+                            # between the two. run() ends it.
+                            self._owes_goodbye = True
+                        else:
+                            self.server.response_ended()
             nursery.cancel_scope.cancel()
         if shutting_down:  # the reader is gone: the stream is ours to close
             await self._refuse_shutting_down()
@@ -575,8 +673,11 @@ class _Session:
                         self.conn.next_event()
                         await requests.send(event)
             except p.RemoteProtocolError as exc:
-                self.log.warning("bad-request", peer=self.peer, who=self._who(),
+                role = self.identity.role.value if self.identity is not None else "-"
+                self.log.warning("bad-request", peer=self.peer, who=self._who(), role=role,
                                  code=exc.code.value, reason=exc.message)
+                if exc.message_type == "start":
+                    self._log_refused_start(exc.code, exc.message)
                 # A stream ends now; a one-shot request in progress (a start being
                 # spawned, a stop waiting for its job) is carried out, its answer lost:
                 # cancelling a start half-way could leave its job unsupervised.
@@ -620,6 +721,8 @@ class _Session:
             reply = p.Error(p.ErrorCode.INVALID_STATE, str(exc))
         except BadPosition as exc:
             reply = p.Error(p.ErrorCode.BAD_REQUEST, f"bad position: {exc}")
+        except BadLimits as exc:
+            reply = p.Error(p.ErrorCode.BAD_REQUEST, str(exc))
         except _Refusal as exc:
             reply = p.Error(exc.code, str(exc))
         except LimitExceeded as exc:
@@ -628,8 +731,33 @@ class _Session:
             reply = p.Error(p.ErrorCode.BAD_REQUEST, str(exc))
         except EngineError as exc:
             reply = p.Error(p.ErrorCode.UNAVAILABLE, str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise
+        except Exception as exc:  # a bug: answer and log it, keep serving this client
+            self.log.error("request-failed", peer=self.peer, who=self._who(),
+                           request=request.TYPE, reason=repr(exc)[:p.MAX_ERROR_MESSAGE])
+            reply = p.Error(p.ErrorCode.INTERNAL, "internal error: the request failed")
+        if isinstance(reply, p.Error):
+            reply = p.Error(reply.code, p.clip(reply.message))
+            if isinstance(request, p.Start):
+                self._log_refused_start(reply.code, reply.message)
         self.tel.replied(reply)
-        await self._send(self.conn.send(reply))
+        try:
+            frame = self.conn.send(reply)
+        except p.LocalProtocolError as exc:
+            # Too large for a frame, or not encodable (a record an older jobd wrote):
+            # an error frame, never a dropped connection.
+            self.log.error("response-failed", peer=self.peer, who=self._who(),
+                           request=request.TYPE, reason=p.clip(exc.message))
+            frame = self.conn.send(p.Error(p.ErrorCode.INTERNAL,
+                                           p.clip(f"cannot send the answer: {exc.message}")))
+        await self._send(frame)
+
+    def _log_refused_start(self, code: p.ErrorCode, reason: str) -> None:
+        """Every refused start is an event: who asked, with what role, and why."""
+        role = self.identity.role.value if self.identity is not None else "-"
+        self.log.info("start-refused", peer=self.peer, who=self._who(), role=role,
+                      code=code.value, reason=reason)
 
     def _visible(self, job: int, action: Action = Action.READ) -> p.JobStatus:
         """The job's status if the caller may see it, else JobNotFound (no existence leak)."""
@@ -654,12 +782,17 @@ class _Session:
         who = self.identity.name
         if isinstance(request, p.Start):
             self._require(Action.START)
-            if sum(len(a) for a in request.argv) > MAX_ARGV_BYTES:
-                raise _Refusal(p.ErrorCode.BAD_REQUEST,
-                               f"command line longer than {MAX_ARGV_BYTES} bytes")
-            env = dict(request.env) if request.env is not None else self.server.job_env
-            status = await self.manager.start(request.argv, who, cwd=request.cwd, env=env,
-                                              limits=request.limits)
+            if request.env is None:
+                env = self.server.job_env
+            elif request.env_merge:
+                env = {**self.server.job_env, **dict(request.env)}
+            else:
+                env = dict(request.env)
+            admin = self.identity.role is Role.ADMIN
+            async with self.server.starting(self.identity):
+                status = await self.manager.start(
+                    request.argv, who, cwd=request.cwd, env=env, limits=request.limits,
+                    max_running=None if admin else self.server.config.max_jobs_per_user)
             if status.state is p.JobState.ERROR:
                 self.log.info("job-failed", id=status.id, owner=who, status=status.describe())
             return p.Started(status)
@@ -681,7 +814,12 @@ class _Session:
             self.log.info("job-deleted", id=request.job, who=who)
             return p.Deleted(request.job)
         if isinstance(request, p.ListJobs):
-            return self._list_page(request.after)
+            return await self._list_page(request)
+        if isinstance(request, p.Prune):
+            self._require(Action.PRUNE)
+            removed = await self.manager.prune(request.older_than, reason=f"prune by {who}")
+            self.log.info("pruned", who=who, older_than=request.older_than, removed=removed)
+            return p.Pruned(removed)
         raise _Refusal(p.ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
 
     def _owned(self, job: int, action: Action) -> None:
@@ -692,32 +830,51 @@ class _Session:
                           id=job, reason="not the caller's job")
             raise JobNotFound(job)
 
-    def _list_page(self, after: int) -> p.JobList:
+    async def _list_page(self, request: p.ListJobs) -> p.JobList:
+        """One page, filtered by the database (owner, states, since) from its indexes;
+        a caller who may read only its own jobs gets only those, whatever it asks."""
         assert self.identity is not None
+        owner = request.owner
+        if POLICY[self.identity.role][Action.READ] is not Scope.ALL:
+            if owner is not None and owner != self.identity.name:
+                return p.JobList((), False, 0 if request.count else None)
+            owner = self.identity.name
+        statuses, more, total = await self.manager.list_page(
+            request.after, LIST_PAGE_ROWS, owner=owner, states=request.states,
+            since=request.since, count=request.count)
         page: list[p.JobStatus] = []
         size = 0
-        more = False
-        for status in self.manager.list():
-            if status.id <= after or not self.identity.sees(status.owner):
-                continue
-            cost = 256 + sum(len(a) + 2 for a in status.argv) + len(status.error or "")
+        for status in statuses:
+            cost = p.encoded_size(status)
+            if cost > LIST_ENTRY_MAX:
+                status = _shortened(status)
+                cost = p.encoded_size(status)
             if page and size + cost > LIST_PAGE_BYTES:
                 more = True
                 break
             page.append(status)
             size += cost
-        return p.JobList(tuple(page), more)
+        return p.JobList(tuple(page), more, total)
 
     async def _stream_output(self, request: p.Stream | p.Output, *, follow: bool) -> p.End:
         """Send the output chunks; return the end frame. Errors (not found, a bad
         position, a job deleted meanwhile) are answered by ``_respond``."""
         self._visible(request.job)
+        if request.end_only:  # `jobctl wait`: no output, the end when the job has ended
+            if follow:
+                return p.End(await self.manager.wait(request.job), request.position)
+            return p.End(self.manager.status(request.job), request.position)
         reader = self.manager.follow_output if follow else self.manager.read_output
-        chunks = reader(request.job, request.position)
+        chunks = reader(request.job, request.position, timestamps=request.timestamps)
         position = request.position
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
-                await self._send(self.conn.send_output(chunk.fd, chunk.data, chunk.position))
+                if chunk.time_ns is None:
+                    frame = self.conn.send_output(chunk.fd, chunk.data, chunk.position)
+                else:  # timestamps asked for: the general encoder (not the fast path)
+                    frame = self.conn.send(p.OutputChunk(chunk.fd, chunk.data, chunk.position,
+                                                         chunk.time_ns / 1e9))
+                await self._send(frame)
                 self.tel.streamed(len(chunk.data))
                 position = chunk.position
         return p.End(self.manager.status(request.job), position)
@@ -731,10 +888,33 @@ class _Refusal(Exception):
         self.code = code
 
 
+def _shortened(status: p.JobStatus) -> p.JobStatus:
+    """*status* cut to fit a list page: the first arguments (then ``...``), the
+    error clipped, at most MAX_IO_DEVICES devices per direction. For records an
+    older jobd stored before requests were bounded; the full record stays on disk.
+    """
+    entries, budget = SHORT_ARGV
+    argv: list[bytes] = []
+    for arg in status.argv[:entries]:
+        if budget <= 0:
+            break
+        argv.append(arg[:budget])
+        budget -= len(arg)
+    if len(argv) < len(status.argv) or budget < 0:
+        argv.append(b"...")
+    limits = status.limits
+    if limits is not None:
+        limits = replace(limits, io_read_bps=limits.io_read_bps[:p.MAX_IO_DEVICES],
+                         io_write_bps=limits.io_write_bps[:p.MAX_IO_DEVICES])
+    error = p.clip(status.error) if status.error is not None else None
+    return replace(status, argv=tuple(argv), error=error, limits=limits)
+
+
 def _subject(cert: dict[str, Any] | None) -> str:
     if not cert:
         return "-"
     return ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
 
 
-__all__ = ["Server", "TLSConfigError", "format_address", "serve"]
+__all__ = ["FD_RESERVE", "Server", "TLSConfigError", "connection_limit", "format_address",
+           "serve"]

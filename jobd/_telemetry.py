@@ -96,7 +96,8 @@ class Telemetry:
         """A connection closed at once, without a session (too many refusals at once)."""
 
     def job_event(self, kind: str, status: p.JobStatus) -> None:
-        """The engine's job events: ``started``, ``ended``, ``lost`` (EngineConfig.on_event)."""
+        """The engine's job events (EngineConfig.on_event): ``started``, ``ended``,
+        ``lost``, ``pruned``."""
 
     def watch(self, manager: JobManager, state_dir: Path) -> None:
         """Serving begins: observe ``manager``'s running jobs and the logs' disk usage."""

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+from ._bounds import (
+    MAX_ARG_BYTES,
+    MAX_ARGV_BYTES,
+    MAX_ARGV_ENTRIES,
+    MAX_CPUS,
+    MAX_ENV_BYTES,
+    MAX_ENV_ENTRIES,
+    MAX_IO_DEVICES,
+    MAX_LIMIT_VALUE,
+    MAX_PATH_BYTES,
+    MAX_PIDS,
+    REQUEST_DECODE_LIMITS,
+    DecodeLimits,
+)
 from ._connection import CLOSED, NEED_DATA, ClientConnection, Event, Sentinel, ServerConnection
 from ._errors import (
     MAX_ERROR_MESSAGE,
@@ -9,6 +23,7 @@ from ._errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    clip,
 )
 from ._fields import FieldError
 from ._frames import (
@@ -19,6 +34,7 @@ from ._frames import (
     decode_payload,
     encode_frame,
     encode_output_chunk,
+    encoded_size,
     parse_output_chunk,
 )
 from ._messages import (
@@ -39,6 +55,8 @@ from ._messages import (
     Message,
     Output,
     OutputChunk,
+    Prune,
+    Pruned,
     Request,
     ServerMessage,
     Start,
@@ -52,27 +70,40 @@ from ._messages import (
 from ._requests import MAX_TRACEPARENT
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
+from ._units import parse_duration, parse_size
 
 __all__ = [
     "CLIENT_MESSAGES",
     "CLOSED",
     "HEADER_SIZE",
     "ISOLATION_KINDS",
+    "MAX_ARGV_BYTES",
+    "MAX_ARGV_ENTRIES",
+    "MAX_ARG_BYTES",
+    "MAX_CPUS",
     "MAX_DEPTH",
+    "MAX_ENV_BYTES",
+    "MAX_ENV_ENTRIES",
     "MAX_ERROR_MESSAGE",
     "MAX_FRAME_SIZE",
+    "MAX_IO_DEVICES",
+    "MAX_LIMIT_VALUE",
     "MAX_OUTPUT_CHUNK",
+    "MAX_PATH_BYTES",
+    "MAX_PIDS",
     "MAX_TRACEPARENT",
     "MESSAGE_TYPES",
     "NEED_DATA",
     "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",
+    "REQUEST_DECODE_LIMITS",
     "RESULT_FOR",
     "SERVER_MESSAGES",
     "STATUS_FIELDS",
     "ClientConnection",
     "ClientMessage",
     "ConnectionState",
+    "DecodeLimits",
     "Delete",
     "Deleted",
     "End",
@@ -91,6 +122,8 @@ __all__ = [
     "Message",
     "Output",
     "OutputChunk",
+    "Prune",
+    "Pruned",
     "ProtocolError",
     "RemoteProtocolError",
     "Request",
@@ -105,8 +138,12 @@ __all__ = [
     "Stopped",
     "Stream",
     "Welcome",
+    "clip",
     "decode_payload",
     "encode_frame",
     "encode_output_chunk",
+    "encoded_size",
     "parse_output_chunk",
+    "parse_duration",
+    "parse_size",
 ]

@@ -16,13 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from ._fields import check, check_type, get_int, get_map
+from ._fields import check, check_type, get_bool, get_int, get_map
 from ._status import JobStatus
 
 #: Major version: a server refuses a hello with another major version.
 PROTOCOL_VERSION = 1
-#: Minor version: additions that older peers can ignore (new optional fields).
-PROTOCOL_MINOR = 0
+#: Minor version: additions that older peers can ignore (new optional fields), or
+#: that a peer uses only when the other side's minor is at least theirs.
+#: 1 (2026-11-30): list filters (owner, states, since) and count; prune;
+#: ``stream``/``output`` take ``timestamps`` and ``end_only``; ``out`` may carry
+#: ``time``; ``start`` takes ``env_merge``.
+PROTOCOL_MINOR = 1
 
 #: Integers on the wire are msgpack uint64 at most.
 _UINT_LIMIT = 1 << 64
@@ -39,6 +43,11 @@ def _check_arg(name: str, value: object) -> None:
     check(isinstance(value, bytes), f"{name} must be bytes")
     assert isinstance(value, bytes)
     check(b"\0" not in value, f"{name} must not contain a NUL byte")
+
+
+def _flag(m: dict[str, Any], key: str) -> bool:
+    """An optional boolean: absent and nil are False."""
+    return m.get(key) is not None and bool(get_bool(m, key))
 
 
 class _Message:
@@ -75,21 +84,35 @@ class _JobMessage(_Message):
 
 @dataclass(frozen=True, slots=True)
 class _OutputRequest(_Message):
-    """The shape of the two output requests: a job ID and a position."""
+    """The shape of the two output requests: a job ID, a position, and (minor 1)
+    two flags: ``timestamps`` asks for the time of every record (one ``out``
+    frame per record, each with ``time``); ``end_only`` asks for no ``out``
+    frame at all, only the ``end`` (for a stream, once the job has ended)."""
 
     job: int
     position: int = 0
+    timestamps: bool = False
+    end_only: bool = False
 
     def __post_init__(self) -> None:
         _uint("job", self.job)
         _uint("position", self.position)
+        check_type("timestamps", self.timestamps, bool)
+        check_type("end_only", self.end_only, bool)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "job": self.job, "position": self.position}
+        out: dict[str, Any] = {"type": self.TYPE, "job": self.job, "position": self.position}
+        # Sent only when set: a request without them is byte for byte a 1.0 request.
+        if self.timestamps:
+            out["timestamps"] = True
+        if self.end_only:
+            out["end_only"] = True
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"), get_int(m, "position", 0))
+        return cls(get_int(m, "job"), get_int(m, "position", 0),
+                   _flag(m, "timestamps"), _flag(m, "end_only"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ import enum
 from typing import ClassVar, Final, Literal, TypeAlias
 
 from ._base import PROTOCOL_VERSION, _Message
+from ._bounds import REQUEST_DECODE_LIMITS, DecodeLimits
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, clip
 from ._frames import (
     _HEADER,
@@ -93,6 +94,8 @@ class _Connection:
 
     our_role: ClassVar[Role]
     their_role: ClassVar[Role]
+    #: Caps for decoding the peer's frames; None: derived from each frame's size.
+    _decode_limits: ClassVar[DecodeLimits | None] = None
     #: Drop the receive buffer's memory whenever it is empty (servers: many idle
     #: connections) rather than keep it for the next frame (clients: few, busy).
     _release_when_empty: ClassVar[bool] = False
@@ -237,7 +240,8 @@ class _Connection:
         if error is not None:
             if isinstance(error, RemoteProtocolError):
                 raise RemoteProtocolError(error.code, error.message,
-                                          error_frame=error.error_frame)
+                                          error_frame=error.error_frame,
+                                          message_type=error.message_type)
             raise type(error)(error.code, error.message)
 
     def _next_event(self) -> Event:
@@ -297,7 +301,7 @@ class _Connection:
                 msg = OutputChunk(fd, bytes(data), position)
                 data.release()
             else:
-                msg = decode_payload(payload)
+                msg = decode_payload(payload, self._decode_limits)
         self._consume(HEADER_SIZE + size)
         return msg
 
@@ -349,6 +353,9 @@ class ServerConnection(_Connection):
     our_role = Role.SERVER
     their_role = Role.CLIENT
     _release_when_empty = True
+    # Requests are small by construction (docs/protocol.md §9): refuse anything
+    # larger from its header. Replies, decoded by the client, are capped by size only.
+    _decode_limits = REQUEST_DECODE_LIMITS
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         super().__init__(max_frame_size)

@@ -85,15 +85,20 @@ class RemoteProtocolError(ProtocolError):
       error_frame: an encoded ``error`` frame to send to the peer before
         closing; ``b""`` when there is nothing to say (always on the client
         side: a client does not send errors to the server).
+      message_type: the wire type of the message refused (``"start"``) when the
+        frame decoded far enough to tell, else None (for the server's log).
     """
 
     error_frame: bytes
+    message_type: str | None
 
     def __init__(
-        self, code: ErrorCode | str, message: str | None = None, *, error_frame: bytes = b""
+        self, code: ErrorCode | str, message: str | None = None, *, error_frame: bytes = b"",
+        message_type: str | None = None,
     ) -> None:
         super().__init__(code, message)
         self.error_frame = error_frame
+        self.message_type = message_type
 
 
 __all__ = [

@@ -17,15 +17,18 @@ trailing bytes after the map, a top level that is not a map, an unknown
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
 import msgpack
 
 from ._base import _Message
+from ._bounds import DecodeLimits
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, clip
 from ._fields import FieldError
 from ._messages import MESSAGE_TYPES, Error, Message
+from ._status import JobStatus
 
 #: Default maximum frame payload, in bytes. Big enough for a 512 KiB output
 #: chunk with room to spare, and for a page of job statuses; small enough that
@@ -77,6 +80,12 @@ def encode_frame(msg: Message, *, max_frame_size: int = MAX_FRAME_SIZE) -> bytes
             f"{msg.TYPE!r} frame of {size} bytes exceeds the frame limit of {max_frame_size}",
         )
     return _HEADER.pack(size) + payload
+
+
+def encoded_size(value: JobStatus) -> int:
+    """Bytes *value* takes inside a frame (its msgpack map): for sizing pages."""
+    packed: bytes = msgpack.packb(value.to_wire(), use_bin_type=True)
+    return len(packed)
 
 
 # The fixed start of an "out" frame's map, as msgpack.packb writes it for
@@ -205,27 +214,44 @@ def bad_request(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.BAD_REQUEST, message, error_frame=frame)
 
 
-def decode_payload(payload: bytes | bytearray | memoryview) -> Message:
+def decode_payload(payload: bytes | bytearray | memoryview,
+                   limits: DecodeLimits | None = None) -> Message:
     """The message in one frame's payload (the bytes after the length prefix).
+
+    *limits* caps the lengths and the number of containers (a server decoding
+    requests passes :data:`REQUEST_DECODE_LIMITS`); None (replies, decoded by a
+    client) caps every length at the payload's size, so that no length field
+    can claim more than the frame holds.
 
     Raises RemoteProtocolError(bad_request), with ``error_frame`` set, on
     anything wrong: invalid or truncated msgpack, trailing bytes, a top level
     that is not a map, extension types, nesting deeper than
-    :data:`MAX_DEPTH`, non-string map keys, an unknown ``type``, a missing or
-    mistyped field, or a value the message refuses.
+    :data:`MAX_DEPTH`, a length or container count beyond *limits*,
+    non-string map keys, an unknown ``type``, a missing or mistyped field, or a
+    value the message refuses. The error's ``message_type`` names the message
+    when its type was read.
     """
     size = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
-    # unpackb has no max_buffer_size (the whole input is the buffer); every
-    # other limit is the payload's size, so no length field can claim more
-    # than the frame holds.
+    # unpackb has no max_buffer_size (the whole input is the buffer).
+    options: dict[str, Any] = dict(
+        max_str_len=size, max_bin_len=size, max_array_len=size, max_map_len=size,
+        max_ext_len=size)
+    if limits is not None:
+        # A length over the limit is refused from its header, before anything is
+        # allocated; the hooks count containers as they complete (C calls them).
+        options.update(
+            max_str_len=min(size, limits.max_str_len), max_bin_len=min(size, limits.max_bin_len),
+            max_array_len=min(size, limits.max_array_len),
+            max_map_len=min(size, limits.max_map_len))
+        budget = _ItemBudget(limits.max_items)
+        options.update(list_hook=budget.count, object_hook=budget.count)
     try:
-        obj = msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
-            max_str_len=size, max_bin_len=size, max_array_len=size, max_map_len=size,
-            max_ext_len=size,
-        )
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True,
+                              ext_hook=_reject_ext, **options)
     except Exception as exc:  # msgpack raises several kinds; no input may escape as those
-        raise bad_request(_describe(exc)) from None
+        error = bad_request(_describe(exc, size))
+        error.message_type = _peek_type(payload, size, options)
+        raise error from None
     if type(obj) is not dict:
         raise bad_request(f"a frame must hold a map, not {_kind(obj)}")
     _check_structure(obj)
@@ -238,7 +264,54 @@ def decode_payload(payload: bytes | bytearray | memoryview) -> Message:
     try:
         return cls.from_wire(obj)
     except (FieldError, ValueError, TypeError) as exc:
-        raise bad_request(f"bad {kind!r} message: {exc}") from None
+        error = bad_request(f"bad {kind!r} message: {exc}")
+        error.message_type = kind
+        raise error from None
+
+
+#: How many entries of a refused frame's map _peek_type looks through.
+_PEEK_ENTRIES = 64
+
+
+def _peek_type(payload: bytes | bytearray | memoryview, size: int,
+               options: dict[str, Any]) -> str | None:
+    """The ``type`` of a frame that failed to decode, if it can be read cheaply: for
+    the log (a start refused for its size is still a refused start). Values before
+    the ``type`` key are skipped, which msgpack does in C without building them."""
+    try:
+        unpacker = msgpack.Unpacker(
+            raw=False, strict_map_key=True, ext_hook=_reject_ext, max_buffer_size=size,
+            **{k: v for k, v in options.items() if k.startswith("max_")})
+        unpacker.feed(payload)
+        for _ in range(min(unpacker.read_map_header(), _PEEK_ENTRIES)):
+            if unpacker.unpack() == "type":
+                kind = unpacker.unpack()
+                return kind if type(kind) is str and kind in MESSAGE_TYPES else None
+            unpacker.skip()
+    except Exception:  # anything wrong: the type is unknown, as it was
+        return None
+    return None
+
+
+class _TooManyItems(ValueError):
+    pass
+
+
+class _ItemBudget:
+    """Counts the arrays, maps and elements of one frame as msgpack completes them."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def count(self, container: Any) -> Any:
+        self.left -= 1 + len(container)
+        if self.left < 0:
+            raise _TooManyItems(f"more than {self.limit} arrays, maps and elements "
+                                "in one request")
+        return container
 
 
 def _check_structure(top: dict[Any, Any]) -> None:
@@ -246,7 +319,9 @@ def _check_structure(top: dict[Any, Any]) -> None:
 
     Walks level by level without recursion. The C unpacker decodes the
     timestamp extension (-1) itself without calling ext_hook, so it is caught
-    here.
+    here. Each container's element types are collected in C (``set(map(type,
+    ...))``); only containers holding containers are walked in Python, so a
+    frame of a million scalars costs a few milliseconds, not a Python loop.
     """
     level: list[Any] = [top]
     depth = 1
@@ -256,29 +331,39 @@ def _check_structure(top: dict[Any, Any]) -> None:
         below: list[Any] = []
         for node in level:
             if type(node) is dict:
-                for key in node:
-                    if type(key) is not str:
-                        raise bad_request("map keys must be strings")
-                values = node.values()
+                if not _STR_ONLY.issuperset(map(type, node)):
+                    raise bad_request("map keys must be strings")
+                values: Any = node.values()
             else:
                 values = node
-            for value in values:
-                t = type(value)
-                if t is dict or t is list:
-                    below.append(value)
-                elif t is msgpack.Timestamp:
-                    raise bad_request("msgpack extension type -1 is not allowed")
+            kinds = set(map(type, values))
+            if msgpack.Timestamp in kinds:
+                raise bad_request("msgpack extension type -1 is not allowed")
+            if dict in kinds or list in kinds:
+                below.extend(v for v in values if type(v) is dict or type(v) is list)
         level = below
         depth += 1
 
 
-def _describe(exc: Exception) -> str:
+_STR_ONLY = frozenset({str})
+
+
+_OVER_LIMIT = re.compile(r"^(\d+) exceeds max_(str|bin|array|map)_len\((\d+)\)$")
+_WHAT = {"str": "a string of {} bytes", "bin": "binary of {} bytes",
+         "array": "an array of {} elements", "map": "a map of {} entries"}
+
+
+def _describe(exc: Exception, size: int) -> str:
     if isinstance(exc, msgpack.ExtraData):
         return "trailing bytes after the frame's map"
     if isinstance(exc, msgpack.StackError | RecursionError):
         return f"nesting deeper than {MAX_DEPTH} levels"
-    if isinstance(exc, _ExtensionType):
+    if isinstance(exc, _ExtensionType | _TooManyItems):
         return str(exc)
+    over = _OVER_LIMIT.match(str(exc))
+    if over is not None and int(over[1]) <= size:  # fits the frame, but not the limit
+        what = _WHAT[over[2]].format(over[1])
+        return f"{what} exceeds the request limit of {over[3]}"
     if isinstance(exc, UnicodeDecodeError):
         return "a string is not valid UTF-8"
     if isinstance(exc, msgpack.FormatError):
@@ -305,5 +390,6 @@ __all__ = [
     "decode_payload",
     "encode_frame",
     "encode_output_chunk",
+    "encoded_size",
     "parse_output_chunk",
 ]

@@ -17,27 +17,31 @@ from ._replies import (
     Error,
     JobList,
     OutputChunk,
+    Pruned,
     Started,
     StatusResult,
     Stopped,
     Welcome,
 )
-from ._requests import Delete, GetStatus, Hello, ListJobs, Output, Start, Stop, Stream
+from ._requests import Delete, GetStatus, Hello, ListJobs, Output, Prune, Start, Stop, Stream
 
-ClientMessage: TypeAlias = Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete
+ClientMessage: TypeAlias = (
+    Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
+)
 ServerMessage: TypeAlias = (
-    Welcome | Started | Stopped | StatusResult | JobList | Deleted | OutputChunk | End | Error
+    Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
+    | Error
 )
 #: Any message (usable with isinstance()).
 Message: TypeAlias = ClientMessage | ServerMessage
 #: The requests a client may send once welcomed.
-Request: TypeAlias = Start | Stop | GetStatus | ListJobs | Stream | Output | Delete
+Request: TypeAlias = Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
 
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
-    Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete,
+    Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete, Prune,
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
-    Welcome, Started, Stopped, StatusResult, JobList, Deleted, OutputChunk, End, Error,
+    Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
 )
 #: Wire type string -> message class.
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -62,6 +66,8 @@ __all__ = [
     "Message",
     "Output",
     "OutputChunk",
+    "Prune",
+    "Pruned",
     "Request",
     "ServerMessage",
     "Start",

@@ -13,6 +13,7 @@ from ._fields import (
     check_type,
     get_bool,
     get_bytes,
+    get_float,
     get_int,
     get_list,
     get_map,
@@ -101,12 +102,14 @@ class JobList(_Message):
     Fields:
       jobs: the statuses, in increasing ID order.
       more: True when more jobs follow: ask again with ``after`` = the last ID.
+      total: how many jobs match the request's filters, if it asked (``count``).
     """
 
     TYPE: ClassVar[str] = "jobs"
 
     jobs: tuple[JobStatus, ...]
     more: bool = False
+    total: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.jobs, list):
@@ -114,15 +117,20 @@ class JobList(_Message):
         check_type("jobs", self.jobs, tuple)
         check(all(isinstance(s, JobStatus) for s in self.jobs), "jobs entries must be JobStatus")
         check_type("more", self.more, bool)
+        check_type("total", self.total, int, optional=True)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "jobs": [s.to_wire() for s in self.jobs], "more": self.more}
+        out = {"type": self.TYPE, "jobs": [s.to_wire() for s in self.jobs], "more": self.more}
+        if self.total is not None:
+            out["total"] = self.total
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
         jobs = get_list(m, "jobs")
         check(all(isinstance(s, dict) for s in jobs), "jobs entries must be maps")
-        return cls(tuple(JobStatus.from_wire(s) for s in jobs), get_bool(m, "more"))
+        return cls(tuple(JobStatus.from_wire(s) for s in jobs), get_bool(m, "more"),
+                   get_int(m, "total", None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,30 @@ class Deleted(_JobMessage):
 
 
 @dataclass(frozen=True, slots=True)
+class Pruned(_Message):
+    """The answer to :class:`Prune`.
+
+    Fields:
+      removed: how many jobs were removed.
+    """
+
+    TYPE: ClassVar[str] = "pruned"
+
+    removed: int
+
+    def __post_init__(self) -> None:
+        check_type("removed", self.removed, int)
+        check(self.removed >= 0, "removed must not be negative")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "removed": self.removed}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "removed"))
+
+
+@dataclass(frozen=True, slots=True)
 class OutputChunk(_Message):
     """Some of a job's output, in a stream or output response.
 
@@ -145,6 +177,8 @@ class OutputChunk(_Message):
       data: the bytes, exactly as the job wrote them.
       position: an opaque, increasing integer; a new Stream or Output request
         with this position resumes right after this chunk.
+      time: (minor 1) when jobd read these bytes, Unix seconds; sent only
+        when the request asked for ``timestamps``, else None.
     """
 
     TYPE: ClassVar[str] = "out"
@@ -152,6 +186,7 @@ class OutputChunk(_Message):
     fd: int
     data: bytes
     position: int
+    time: float | None = None
 
     def __post_init__(self) -> None:
         check_type("fd", self.fd, int)
@@ -160,14 +195,23 @@ class OutputChunk(_Message):
             object.__setattr__(self, "data", bytes(self.data))
         check_type("data", self.data, bytes)
         _uint("position", self.position)
+        if self.time is not None:
+            check_type("time", self.time, (int, float))
+            object.__setattr__(self, "time", float(self.time))
 
     def to_wire(self) -> dict[str, Any]:
-        # Key order matters: encode_output_chunk() builds the same bytes by hand.
-        return {"type": self.TYPE, "fd": self.fd, "data": self.data, "position": self.position}
+        # Key order matters: encode_output_chunk() builds the same bytes by hand
+        # (for chunks without a time, the only ones it makes).
+        out = {"type": self.TYPE, "fd": self.fd, "data": self.data, "position": self.position}
+        if self.time is not None:
+            out["time"] = self.time
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "fd"), get_bytes(m, "data"), get_int(m, "position"))
+        time = m.get("time")
+        return cls(get_int(m, "fd"), get_bytes(m, "data"), get_int(m, "position"),
+                   None if time is None else get_float(m, "time"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +278,7 @@ __all__ = [
     "End",
     "Error",
     "JobList",
+    "Pruned",
     "OutputChunk",
     "Started",
     "StatusResult",

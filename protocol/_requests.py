@@ -3,20 +3,48 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import posixpath
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Self
 
 from ._base import (
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     _check_arg,
+    _flag,
     _JobMessage,
     _Message,
     _OutputRequest,
     _uint,
 )
-from ._fields import check, check_type, get_bytes, get_float, get_int, get_list, get_map, get_str
-from ._status import Limits
+from ._bounds import (
+    MAX_ARG_BYTES,
+    MAX_ARGV_BYTES,
+    MAX_ARGV_ENTRIES,
+    MAX_CPUS,
+    MAX_ENV_BYTES,
+    MAX_ENV_ENTRIES,
+    MAX_IO_DEVICES,
+    MAX_LIMIT_VALUE,
+    MAX_PATH_BYTES,
+    MAX_PIDS,
+)
+from ._fields import (
+    FieldError,
+    check,
+    check_type,
+    get_bool,
+    get_bytes,
+    get_float,
+    get_int,
+    get_list,
+    get_map,
+    get_str,
+)
+from ._status import JobState, Limits
+
+#: Longest owner a list filter may name (a certificate CN is at most 64 characters).
+MAX_OWNER_FILTER = 1024
 
 #: Longest ``traceparent`` accepted. A W3C traceparent of version 00 is 55
 #: characters; later versions may append fields, so leave room, but bound it.
@@ -68,16 +96,27 @@ class Start(_Message):
     """Start a job.
 
     Fields:
-      argv: the command and its arguments, as bytes; at least one, none
-        containing a NUL byte. Executed directly, never through a shell.
-      cwd: the working directory (bytes, no NUL), or None for the server's default.
+      argv: the command and its arguments, as bytes; 1 to MAX_ARGV_ENTRIES, none
+        containing a NUL byte, each at most MAX_ARG_BYTES, MAX_ARGV_BYTES in all.
+        Executed directly, never through a shell.
+      cwd: the working directory (bytes, no NUL, at most MAX_PATH_BYTES), or None
+        for the server's default.
       env: the job's whole environment as ((name, value), ...) byte pairs, or
         None for the server's default. Names are non-empty, unique, without
-        ``=``; no NUL anywhere.
-      limits: a :class:`Limits`, or None for the server's defaults.
-      traceparent: a W3C Trace Context ``traceparent`` (str) naming the caller's
-        span, or None. A server that traces requests makes it the parent of the
-        request's span; one that does not (or an older one) ignores it.
+        ``=``; no NUL anywhere; at most MAX_ENV_ENTRIES pairs, each ``name=value``
+        at most MAX_ARG_BYTES, MAX_ENV_BYTES in all.
+      limits: a :class:`Limits`, or None for the server's defaults; checked and
+        its device paths normalised by :func:`request_limits`.
+      env_merge: (minor 1) True: ``env`` is added to the server's environment
+        for jobs (replacing variables of the same name) instead of being the
+        whole environment.
+      traceparent: a W3C Trace Context ``traceparent`` (str, at most
+        MAX_TRACEPARENT characters) naming the caller's span, or None. A server
+        that traces requests makes it the parent of the request's span; one
+        that does not (or an older one) ignores it.
+
+    Every bound is in ``_bounds.py``: what a start makes the server store or echo
+    stays small enough for one frame.
     """
 
     TYPE: ClassVar[str] = "start"
@@ -86,6 +125,7 @@ class Start(_Message):
     cwd: bytes | None = None
     env: tuple[tuple[bytes, bytes], ...] | None = None
     limits: Limits | None = None
+    env_merge: bool = False
     traceparent: str | None = None
 
     def __post_init__(self) -> None:
@@ -93,18 +133,31 @@ class Start(_Message):
             object.__setattr__(self, "argv", tuple(self.argv))
         check_type("argv", self.argv, tuple)
         check(len(self.argv) > 0, "argv must not be empty")
+        check(len(self.argv) <= MAX_ARGV_ENTRIES,
+              f"argv has {len(self.argv)} entries, more than {MAX_ARGV_ENTRIES}")
+        total = 0
         for arg in self.argv:
             _check_arg("argv entries", arg)
+            check(len(arg) <= MAX_ARG_BYTES,
+                  f"an argv entry of {len(arg)} bytes is longer than {MAX_ARG_BYTES}")
+            total += len(arg)
+        check(total <= MAX_ARGV_BYTES,
+              f"command line longer than {MAX_ARGV_BYTES} bytes ({total} bytes)")
         if self.cwd is not None:
             _check_arg("cwd", self.cwd)
             check(self.cwd != b"", "cwd must not be empty")
+            check(len(self.cwd) <= MAX_PATH_BYTES,
+                  f"cwd of {len(self.cwd)} bytes is longer than {MAX_PATH_BYTES} (PATH_MAX)")
         if self.env is not None:
             check_type("env", self.env, (tuple, list))
+            check(len(self.env) <= MAX_ENV_ENTRIES,
+                  f"env has {len(self.env)} entries, more than {MAX_ENV_ENTRIES}")
             env = tuple(
                 tuple(item) if isinstance(item, list | tuple) else item for item in self.env
             )
             object.__setattr__(self, "env", env)
             names = set()
+            total = 0
             for item in env:
                 check(isinstance(item, tuple) and len(item) == 2,
                       "env entries must be (name, value) pairs")
@@ -115,7 +168,17 @@ class Start(_Message):
                       "env names must be non-empty and contain no '='")
                 check(name not in names, f"env name {name!r} repeats")
                 names.add(name)
+                size = len(name) + 1 + len(value)
+                check(size <= MAX_ARG_BYTES,
+                      f"env variable {name[:64]!r} of {size} bytes is longer than "
+                      f"{MAX_ARG_BYTES}")
+                total += size
+            check(total <= MAX_ENV_BYTES,
+                  f"env larger than {MAX_ENV_BYTES} bytes ({total} bytes)")
         check_type("limits", self.limits, Limits, optional=True)
+        check_type("env_merge", self.env_merge, bool)
+        if self.limits is not None:
+            object.__setattr__(self, "limits", request_limits(self.limits))
         _check_traceparent(self.traceparent)
 
     def to_wire(self) -> dict[str, Any]:
@@ -126,6 +189,8 @@ class Start(_Message):
             out["env"] = [[name, value] for name, value in self.env]
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.env_merge:
+            out["env_merge"] = True
         if self.traceparent is not None:
             out["traceparent"] = self.traceparent
         return out
@@ -140,8 +205,45 @@ class Start(_Message):
             cwd=get_bytes(m, "cwd", None),
             env=tuple(env) if env is not None else None,
             limits=Limits.from_wire(limits) if limits is not None else None,
+            env_merge=_flag(m, "env_merge"),
             traceparent=get_str(m, "traceparent", None),
         )
+
+
+def request_limits(limits: Limits) -> Limits:
+    """*limits* as a start request may ask for them, device paths canonical.
+
+    Every value within the kernel's range (:mod:`._bounds`); at most
+    MAX_IO_DEVICES entries per direction, each path at most MAX_PATH_BYTES,
+    normalised lexically (``/dev/./sda`` and ``/dev//sda`` are ``/dev/sda``) and
+    named once. Symbolic links are the server's to resolve (it compares the
+    devices' numbers). Raises FieldError.
+    """
+    check(limits.memory is None or limits.memory <= MAX_LIMIT_VALUE,
+          f"memory must be at most {MAX_LIMIT_VALUE} bytes")
+    check(limits.pids is None or limits.pids <= MAX_PIDS, f"pids must be at most {MAX_PIDS}")
+    check(limits.cpus is None or limits.cpus <= MAX_CPUS, f"cpus must be at most {MAX_CPUS:g}")
+    io: dict[str, tuple[tuple[str, int], ...]] = {}
+    for name in ("io_read_bps", "io_write_bps"):
+        entries = getattr(limits, name)
+        check(len(entries) <= MAX_IO_DEVICES,
+              f"{name} has {len(entries)} entries, more than {MAX_IO_DEVICES} per direction")
+        seen: set[str] = set()
+        out = []
+        for device, rate in entries:
+            check(device != "" and "\0" not in device,
+                  f"{name} device paths must be non-empty, without NUL")
+            check(len(device.encode("utf-8", "surrogatepass")) <= MAX_PATH_BYTES,
+                  f"{name} device paths must be at most {MAX_PATH_BYTES} bytes")
+            check(rate <= MAX_LIMIT_VALUE, f"{name} rates must be at most {MAX_LIMIT_VALUE}")
+            path = posixpath.normpath(device)
+            check(path not in seen, f"{name}: {path} is given more than once")
+            seen.add(path)
+            out.append((path, rate))
+        io[name] = tuple(out)
+    if io["io_read_bps"] == limits.io_read_bps and io["io_write_bps"] == limits.io_write_bps:
+        return limits
+    return replace(limits, io_read_bps=io["io_read_bps"], io_write_bps=io["io_write_bps"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,22 +302,59 @@ class ListJobs(_Message):
     """List the jobs the caller may see, in ID order (answered by :class:`JobList`).
 
     Fields:
-      after: only jobs whose ID is greater than this (0: from the first).
+      after: only jobs whose ID is greater than this (0: from the first). The
+        next page's ``after`` is the last ID of the page before.
+      owner: only this owner's jobs (optional).
+      states: only jobs in one of these states (optional; empty: any).
+      since: only jobs created at or after this time, seconds since the
+        Unix epoch (optional).
+      count: also answer the total number of jobs that match (``JobList.total``);
+        it costs an index scan, so a client asks for it once, on its first page.
     """
 
     TYPE: ClassVar[str] = "list"
 
     after: int = 0
+    owner: str | None = None
+    states: tuple[JobState, ...] = ()
+    since: float | None = None
+    count: bool = False
 
     def __post_init__(self) -> None:
         _uint("after", self.after)
+        check_type("owner", self.owner, str, optional=True)
+        check(self.owner is None or len(self.owner) <= MAX_OWNER_FILTER,
+              f"owner longer than {MAX_OWNER_FILTER} characters")
+        if isinstance(self.states, list):
+            object.__setattr__(self, "states", tuple(self.states))
+        check_type("states", self.states, tuple)
+        check(len(self.states) <= len(JobState), "too many states")
+        try:
+            object.__setattr__(self, "states", tuple(JobState(s) for s in self.states))
+        except ValueError:
+            raise FieldError(f"unknown job state in {list(self.states)!r}") from None
+        check_type("since", self.since, (int, float), optional=True)
+        check(self.since is None or math.isfinite(self.since), "since must be finite")
+        check_type("count", self.count, bool)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "after": self.after}
+        out: dict[str, Any] = {"type": self.TYPE, "after": self.after}
+        if self.owner is not None:
+            out["owner"] = self.owner
+        if self.states:
+            out["states"] = [s.value for s in self.states]
+        if self.since is not None:
+            out["since"] = self.since
+        if self.count:
+            out["count"] = True
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "after", 0))
+        states = get_list(m, "states", [])
+        check(all(isinstance(x, str) for x in states), "states entries must be strings")
+        return cls(get_int(m, "after", 0), get_str(m, "owner", None), tuple(states),
+                   get_float(m, "since", None), get_bool(m, "count", False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +365,10 @@ class Stream(_OutputRequest):
       job: the job's ID.
       position: 0 for the first byte, or the position of the last chunk
         received, to resume right after it.
+      timestamps: (minor 1) True to get one chunk per record read from the
+        job's pipes, each with the time it was read.
+      end_only: (minor 1) True to get no chunks: only the end frame, once the
+        job has ended (``jobctl wait``).
     """
 
     TYPE: ClassVar[str] = "stream"
@@ -238,6 +381,8 @@ class Output(_OutputRequest):
     Fields:
       job: the job's ID.
       position: as for :class:`Stream`.
+      timestamps: as for :class:`Stream`.
+      end_only: True to get only the end frame, at once.
     """
 
     TYPE: ClassVar[str] = "output"
@@ -255,5 +400,31 @@ class Delete(_JobMessage):
 
 
 
-__all__ = ["MAX_TRACEPARENT", "Delete", "GetStatus", "Hello", "ListJobs", "Output", "Start",
-           "Stop", "Stream"]
+@dataclass(frozen=True, slots=True)
+class Prune(_Message):
+    """Remove the finished jobs that ended more than ``older_than`` seconds ago, with
+    their output (admin only; protocol 1.1; answered by :class:`Pruned`).
+
+    Fields:
+      older_than: seconds, finite, 0 or more.
+    """
+
+    TYPE: ClassVar[str] = "prune"
+
+    older_than: float
+
+    def __post_init__(self) -> None:
+        check_type("older_than", self.older_than, (int, float))
+        check(math.isfinite(self.older_than) and self.older_than >= 0,
+              "older_than must be a finite number of seconds, 0 or more")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "older_than": self.older_than}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_float(m, "older_than"))
+
+
+__all__ = ["MAX_TRACEPARENT", "Delete", "GetStatus", "Hello", "ListJobs", "Output", "Prune",
+           "Start", "Stop", "Stream"]

@@ -93,6 +93,7 @@ RESULT_FOR: dict[str, str] = {
     "status": "status_result",
     "list": "jobs",
     "delete": "deleted",
+    "prune": "pruned",
 }
 
 #: (state, message type) -> next state. Anything not here is illegal.

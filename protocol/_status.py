@@ -8,6 +8,7 @@ when built and converts to and from its wire map (``to_wire``/``from_wire``).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -61,8 +62,12 @@ class Limits:
             check(value is None or value > 0, f"{name} must be positive")
         check_type("cpus", self.cpus, (int, float), optional=True)
         if self.cpus is not None:
-            object.__setattr__(self, "cpus", float(self.cpus))
-            check(self.cpus > 0, "cpus must be positive")
+            try:
+                cpus = float(self.cpus)
+            except OverflowError:  # an integer beyond a float's range
+                cpus = math.inf
+            object.__setattr__(self, "cpus", cpus)
+            check(math.isfinite(cpus) and cpus > 0, "cpus must be a finite positive number")
         for name in ("io_read_bps", "io_write_bps"):
             value = getattr(self, name)
             check_type(name, value, tuple)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """`make demo`: a dev PKI, a real jobd on ::1, and jobctl driving it end to end.
 
-Runs start / status / stream / stop / list as alice (control) and a refused
-start as olga (observe), then stops jobd with SIGTERM. Exits 0 only if every
-step behaved as documented.
+Runs run / start / wait / status / output / stop / list as alice (control)
+and a refused start as olga (observe), then stops jobd with SIGTERM. Exits 0
+only if every step behaved as documented.
 """
 
 from __future__ import annotations
@@ -100,17 +100,21 @@ def drive(pki: Path, port: int, jobd: subprocess.Popen[bytes], log: list[str]) -
             print(f"!! expected exit {expect}", flush=True)
         return result.stdout.decode()
 
-    say("alice (control) starts a job that counts, and streams it from the first byte")
-    job = jobctl("alice", "start", "sh", "-c",
-                 "for i in 1 2 3; do echo tick $i; sleep 0.2; done; echo done >&2").strip()
+    say("alice (control) runs a command: its output live, its exit status as jobctl's")
+    jobctl("alice", "run", "sh", "-c",
+           "for i in 1 2 3; do echo tick $i; sleep 0.2; done; echo done >&2; exit 3", expect=3)
+    say("jobs in the background: start, then wait for them (exit status: the first one's)")
+    job = jobctl("alice", "start", "sh", "-c", "sleep 0.3; echo built").strip()
+    other = jobctl("alice", "start", "--env", "WHO=demo", "sh", "-c", "echo hello $WHO").strip()
     jobctl("alice", "status", job)
-    jobctl("alice", "stream", job)
-    jobctl("alice", "status", job)
+    jobctl("alice", "wait", job, other)
+    jobctl("alice", "output", "--timestamps", other)
+    jobctl("alice", "status", "-v", job)
     say("a long job, stopped with SIGINT, SIGTERM, SIGKILL as needed")
     sleeper = jobctl("alice", "start", "sleep", "600").strip()
     jobctl("alice", "status", sleeper)
     jobctl("alice", "stop", sleeper)
-    jobctl("alice", "status", sleeper)
+    jobctl("alice", "wait", sleeper, expect=128 + signal.SIGINT)
     say("what alice may see")
     jobctl("alice", "list")
     say("olga (observe) may look but not start")
@@ -118,13 +122,10 @@ def drive(pki: Path, port: int, jobd: subprocess.Popen[bytes], log: list[str]) -
     jobctl("olga", "start", "true", expect=1)
     if os.geteuid() == 0 and "cgroups mode=none" not in "".join(log):
         say("limits and isolation: an out-of-memory kill is named; PID 1 of its own namespace")
-        hog = jobctl("alice", "start", "--memory", "32M", "python3", "-c",
-                     "b = bytearray(200 * 1024 * 1024)").strip()
-        jobctl("alice", "stream", hog)
-        jobctl("alice", "status", hog)
-        alone = jobctl("alice", "start", "--isolate", "pid,net", "sh", "-c",
-                       "echo my pid is $$; ls /sys/class/net").strip()
-        jobctl("alice", "stream", alone)
+        jobctl("alice", "run", "--memory", "32M", "python3", "-c",
+               "b = bytearray(200 * 1024 * 1024)", expect=128 + signal.SIGKILL)
+        jobctl("alice", "run", "--isolate", "pid,net", "sh", "-c",
+               "echo my pid is $$; ls /sys/class/net")
     say("stopping jobd with SIGTERM")
     jobd.send_signal(signal.SIGTERM)
     code = jobd.wait(30)

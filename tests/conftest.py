@@ -85,6 +85,7 @@ class Pki:
 
 def _write_leaf(directory: Path, name: str, leaf: trustme.LeafCert) -> None:
     leaf.private_key_pem.write_to_path(str(directory / f"{name}.key"))
+    (directory / f"{name}.key").chmod(0o600)  # jobd refuses a key others may read
     leaf.cert_chain_pems[0].write_to_path(str(directory / f"{name}.pem"))
 
 
@@ -111,6 +112,7 @@ def _custom_cert(ca: trustme.CA, directory: Path, name: str, subject: list[x509.
     (directory / f"{name}.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
+    (directory / f"{name}.key").chmod(0o600)
 
 
 @pytest.fixture(scope="session")

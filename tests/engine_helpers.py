@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,9 @@ import pytest
 import trio
 
 from jobd.engine import EngineConfig, JobManager, OutputChunk, open_job_manager
+from jobd.engine._outputlog import encode_header
+from jobd.engine._store import Record, Store
+from protocol import JobState, JobStatus
 
 #: Grace between the stop sequence's steps in tests: short, but long enough to see steps.
 GRACE = 0.2
@@ -105,3 +110,36 @@ async def wait_gone(pid: int, start: int) -> None:
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
+
+def log_file(tmp_path: Path, job_id: int) -> Path:
+    """Where the engine keeps a job's output log (sharded by thousands of IDs)."""
+    return tmp_path / "state" / "logs" / str(job_id // 1000) / f"{job_id}.log"
+
+
+def legacy_job(store: Store, job_id: int, output: bytes = b"", *, running: bool = False,
+               owner: str = "alice") -> JobStatus:
+    """Write a job the way a jobd before 2026-11-30 did: a msgpack record (the start
+    entry, then for an ended job the end entry appended) and a flat log."""
+    now = time.time() - 3600
+    log = encode_header(1, len(output), 0, 0) + output if output else b""
+    start = JobStatus(id=job_id, owner=owner, argv=(b"echo", b"x"), state=JobState.RUNNING,
+                      pid=1 << 22, created=now, started=now)
+    store.write(Record(start, 0, "another-boot"))
+    if log:
+        (store.logs_dir / f"{job_id}.log").write_bytes(log)
+    if running:
+        return start
+    end = dataclasses.replace(start, state=JobState.EXITED, exit_code=0, ended=now + 1,
+                              output_bytes=len(output))
+    store.write(Record(end, 0, "another-boot", len(log)))
+    return end
+
+
+def escapee_then_exit(tmp_path: Path) -> list[bytes]:
+    """argv of a job whose main process starts a ``setsid`` escapee (which prints its
+    pid and keeps stdout open) and exits, but only once the escapee has printed: an
+    end racing the escapee's start would kill it before anyone learns its pid."""
+    fifo = tmp_path / "escapee.fifo"
+    os.mkfifo(fifo)
+    script = b"""setsid sh -c 'echo $$; echo >"$0"; exec sleep 1000' "$0" & read x <"$0" """
+    return [b"sh", b"-c", script, os.fsencode(fifo)]

@@ -55,6 +55,16 @@ def packed(obj: Any) -> bytes:
 
 
 HELLO = p.encode_frame(p.Hello(software="hostile 0"))
+#: Decode amplification (issue 13 item 10): one array of a million empty arrays, a
+#: whole 1 MiB frame, that decoded to 85 MB of lists before its type was looked at.
+AMPLIFIER = packed({"type": "status", "job": 1, "x": [[]] * 1048551})
+#: The same as a hello, which a certificate without a role may still send.
+AMPLIFIER_HELLO = packed({"type": "hello", "version": 1, "x": [[]] * 1048546})
+
+
+def start_frame(argv: list[bytes] | None = None, **fields: Any) -> bytes:
+    """A raw start request with any fields, valid or not (``argv`` defaults to ``true``)."""
+    return packed({"type": "start", "argv": [b"true"] if argv is None else argv, **fields})
 
 
 def client_context(pki: Pki, who: str | None = "alice") -> ssl.SSLContext:

@@ -34,3 +34,14 @@ def test_every_benchmark_runs() -> None:
         assert f"\n| {number} | " in out, out[-3000:]
     assert "| identical |" in out
     assert "written to" not in out  # --smoke never writes bench/README.md
+
+
+def test_the_history_benchmark_runs() -> None:
+    """bench/bench_history.py on a tiny history: every measurement works."""
+    result = subprocess.run([PYTHON, str(ROOT / "bench" / "bench_history.py"), "--jobs", "300",
+                             "--running", "3", "--start-seconds", "0.2"],
+                            capture_output=True, timeout=180, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out[-3000:] + result.stderr.decode(errors="replace")[-3000:]
+    assert "\n| 300 | " in out, out

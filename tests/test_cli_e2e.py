@@ -143,7 +143,9 @@ def test_roles(jobd: JobdProcess) -> None:
         result = jobd.jobctl("alice", command, str(theirs))
         assert (result.returncode, result.stderr) == (1, b"process not found\n"), command
     lines = ok(jobd.jobctl("alice", "list")).splitlines()
-    assert lines == [f"{mine}\talice\trunning\tsleep 1000"]
+    # ID, owner, status, created, duration, command (tab-separated: not a terminal)
+    assert [line.split("\t")[:3] + line.split("\t")[5:] for line in lines] == [
+        [str(mine), "alice", "running", "sleep 1000"]]
     # admin: everyone's
     assert ok(jobd.jobctl("root", "stop", str(theirs))) == "process stopped\n"
     assert ok(jobd.jobctl("root", "stop", str(mine))) == "process stopped\n"
@@ -226,10 +228,14 @@ def test_cannot_connect(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_usage_errors(jobd: JobdProcess) -> None:
-    for args in (["status", "abc"], ["start"], ["frobnicate"], []):
+    for args in (["start"], ["frobnicate"], []):
         result = jobd.jobctl("alice", *args)
         assert result.returncode == 2, args
         assert b"usage:" in result.stderr and b"Traceback" not in result.stderr
+    # a bad value: one line (issue 14)
+    result = jobd.jobctl("alice", "status", "abc")
+    assert (result.returncode, result.stderr) == (
+        2, b"jobctl status: error: argument ID: not a job ID: 'abc'\n")
     result = jobd.jobctl("alice", "list", extra=["-k", "/nonexistent/key.pem"])
     assert result.returncode == 2
     assert result.stderr == b"cannot read key /nonexistent/key.pem: no such file\n"

@@ -13,7 +13,8 @@ import subprocess
 
 from .conftest import PYTHON, RUN_CWD, JobdProcess
 
-LAZY = ("json", "shlex", "jobd._config")
+LAZY = ("json", "shlex", "jobd", "jobd._config", "shtab", "jobctl._follow",
+        "jobctl._completion", "argparse_manpage")
 
 
 def imported(jobd: JobdProcess, *args: str) -> tuple[set[str], subprocess.CompletedProcess[bytes]]:

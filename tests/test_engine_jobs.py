@@ -282,7 +282,7 @@ async def test_delete(manager: JobManager, tmp_path: Path) -> None:
         await manager.delete(running.id)
     assert info.value.status.running
     files = sorted(p.name for p in (tmp_path / "state").rglob(f"{ended.id}.*"))
-    assert files == [f"{ended.id}.log", f"{ended.id}.msgpack"]
+    assert files == [f"{ended.id}.log"]  # the record is a row of jobs.db
     await manager.delete(ended.id)
     assert list((tmp_path / "state").rglob(f"{ended.id}.*")) == []
     with pytest.raises(JobNotFound):
@@ -293,14 +293,15 @@ async def test_delete(manager: JobManager, tmp_path: Path) -> None:
     await manager.stop(running.id)
 
 
-async def test_deleting_the_newest_job_leaves_only_a_tombstone(manager: JobManager,
-                                                               tmp_path: Path) -> None:
-    status = await manager.start([b"echo", b"hi"], "alice")
-    await manager.wait(status.id)
-    await manager.delete(status.id)
-    assert not (tmp_path / "state" / "logs" / f"{status.id}.log").exists()
-    assert (tmp_path / "state" / "jobs" / f"{status.id}.msgpack").read_bytes() == b""
-    assert manager.list() == []
+async def test_deleting_the_newest_job_keeps_its_id_retired(tmp_path: Path) -> None:
+    async with open_job_manager(config(tmp_path)) as manager:
+        status = await manager.start([b"echo", b"hi"], "alice")
+        await manager.wait(status.id)
+        await manager.delete(status.id)
+        assert not (tmp_path / "state" / "logs" / "0" / f"{status.id}.log").exists()
+        assert manager.list() == []
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert (await manager.start([b"true"], "alice")).id == status.id + 1
 
 
 async def test_events(tmp_path: Path) -> None:
@@ -343,7 +344,8 @@ async def test_shutdown_ends_every_follower(tmp_path: Path) -> None:
         # Leaving the block closes the manager first: its shutdown stops the job, and that
         # ends the followers, so the nursery can close.
     assert results == [b"go\n", b"go\n"]
-    assert manager.status(status.id).describe() == "stopped"
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.status(status.id).describe() == "stopped"
 
 
 async def test_cancelling_the_owner_still_shuts_down_cleanly(tmp_path: Path) -> None:
@@ -355,7 +357,8 @@ async def test_cancelling_the_owner_still_shuts_down_cleanly(tmp_path: Path) -> 
             start = start_ticks(pid)
             scope.cancel()
             await trio.sleep_forever()
-    assert manager.status(status.id).describe() == "stopped"
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.status(status.id).describe() == "stopped"
     assert pid is not None and not alive(pid, start)
 
 

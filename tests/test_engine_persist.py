@@ -6,15 +6,17 @@ import dataclasses
 import errno
 import os
 import signal
+import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
 import pytest
 import trio
 
-from jobd.engine import LOST, _store, open_job_manager
+from jobd.engine import LOST, _db, open_job_manager
+from jobd.engine._db import JobDB
 from jobd.engine._procs import boot_id
 from jobd.engine._store import Record, Store
 from protocol import JobState, JobStatus
@@ -25,6 +27,7 @@ from tests.engine_helpers import (
     collect,
     config,
     data,
+    log_file,
     start_ticks,
     wait_for_output,
 )
@@ -35,14 +38,14 @@ Spawner = Callable[..., Awaitable[trio.Process]]
 def stale_record(tmp_path: Path, job_id: int, pid: int, proc_start: int,
                  boot: str | None = None) -> None:
     """What a jobd that died while the job ran leaves behind."""
-    store = Store(tmp_path / "state")
-    store.jobs_dir.mkdir(parents=True, exist_ok=True)
-    store.logs_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     status = JobStatus(id=job_id, owner="alice", argv=(b"sleep", b"1000"),
                        state=JobState.RUNNING, pid=pid, created=now, started=now)
-    store.write(Record(status, proc_start, boot_id() if boot is None else boot))
-    store.log_path(job_id).write_bytes(b"")
+    db = JobDB.open(tmp_path / "state")
+    try:
+        db.put_now([Record(status, proc_start, boot_id() if boot is None else boot)])
+    finally:
+        db.close()
 
 
 @pytest.fixture
@@ -115,20 +118,14 @@ async def test_deleting_the_newest_job_after_a_restart_keeps_its_id_retired(
 async def test_a_full_disk_neither_blocks_a_delete_nor_loses_a_final_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full = [False]
-    real_write, real_append = _store.atomic_write, _store.append_entry
+    real_puts = _db.apply_puts
 
-    def atomic_write(path: Path, data: bytes) -> None:
+    def apply_puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
         if full[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(path, data)
+            raise sqlite3.OperationalError("database or disk is full")
+        real_puts(conn, records)
 
-    def append_entry(path: Path, payload: bytes) -> bool:
-        if full[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_append(path, payload)
-
-    monkeypatch.setattr(_store, "atomic_write", atomic_write)
-    monkeypatch.setattr(_store, "append_entry", append_entry)
+    monkeypatch.setattr(_db, "apply_puts", apply_puts)
     async with open_job_manager(config(tmp_path)) as manager:
         old = await manager.start([b"echo", b"old"], "alice")
         await manager.wait(old.id)
@@ -197,7 +194,7 @@ async def test_a_lost_job_keeps_its_whole_output(tmp_path: Path) -> None:
     async with open_job_manager(config(tmp_path)) as manager:
         status = await manager.start([b"sh", b"-c", b"echo kept; exec sleep 1000"], "alice")
         await wait_for_output(manager, status.id, b"kept\n")
-        log_path = tmp_path / "state" / "logs" / f"{status.id}.log"
+        log_path = log_file(tmp_path, status.id)
         saved = log_path.read_bytes()
         await manager.stop(status.id)
     # Pretend jobd died mid-job: the running record, the log with a torn last record.
@@ -210,52 +207,9 @@ async def test_a_lost_job_keeps_its_whole_output(tmp_path: Path) -> None:
     assert log_path.read_bytes() == saved
 
 
-async def test_interrupted_writes_and_unreadable_records(tmp_path: Path) -> None:
-    async with open_job_manager(config(tmp_path)) as manager:
-        ok = await manager.start([b"echo", b"hi"], "alice")
-        await manager.wait(ok.id)
-        broken = await manager.start([b"true"], "alice")
-        await manager.wait(broken.id)
-        before = manager.status(ok.id)
-    jobs = tmp_path / "state" / "jobs"
-    (jobs / f"{ok.id}.msgpack.tmp").write_bytes(b"half a rec")  # a crash mid-write
-    (jobs / f"{broken.id}.msgpack").write_bytes(b"\xc1garbage")
-    (tmp_path / "state" / "logs" / "99.log").write_bytes(b"")  # a start a crash cut short
-    async with open_job_manager(config(tmp_path)) as manager:
-        assert manager.list() == [before]  # the old record, the unreadable one skipped
-        assert (await manager.start([b"true"], "alice")).id == broken.id + 1
-    assert not (jobs / f"{ok.id}.msgpack.tmp").exists()
-    assert not (tmp_path / "state" / "logs" / "99.log").exists()
-
-
-async def test_a_record_file_keeps_its_last_whole_entry(tmp_path: Path) -> None:
-    """The end is appended to the start record; a torn append leaves the start,
-    and a record of the first format (a bare map) still loads."""
-    async with open_job_manager(config(tmp_path)) as manager:
-        first = await manager.start([b"echo", b"one"], "alice")
-        ended = await manager.wait(first.id)
-        legacy = await manager.wait((await manager.start([b"true"], "alice")).id)
-    jobs = tmp_path / "state" / "jobs"
-    raw = (jobs / f"{first.id}.msgpack").read_bytes()
-    start_entry = raw[len(_store.MAGIC):]
-    length = int.from_bytes(start_entry[:4], "little")
-    assert raw.startswith(_store.MAGIC) and len(raw) > len(_store.MAGIC) + 8 + length
-    start_only = raw[:len(_store.MAGIC) + 8 + length]
-    # A crash mid-append: the start record and half of the end one.
-    (jobs / f"{first.id}.msgpack").write_bytes(start_only + raw[len(start_only):-3])
-    legacy_map = _store.encode(Record(legacy))
-    (jobs / f"{legacy.id}.msgpack").write_bytes(legacy_map)
-    async with open_job_manager(config(tmp_path)) as manager:
-        lost = manager.status(first.id)
-        assert lost.state is JobState.ERROR and lost.error == LOST  # it was running then
-        assert manager.status(legacy.id) == legacy
-        await manager.delete(first.id)
-    assert ended.state is JobState.EXITED
-
-
 async def test_a_failed_append_is_cut_so_the_next_one_counts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(tmp_path / "state")
+    store = Store.open(tmp_path / "state")
     store.load()
     now = time.time()
     running = JobStatus(id=7, owner="alice", argv=(b"x",), state=JobState.RUNNING, pid=1,
@@ -277,3 +231,4 @@ async def test_a_failed_append_is_cut_so_the_next_one_counts(
     monkeypatch.undo()
     store.write(Record(ended))
     assert [r.status for r in store.load()[0]] == [ended]
+    store.close()

@@ -27,6 +27,7 @@ from tests.engine_helpers import (
     collect,
     config,
     data,
+    escapee_then_exit,
     start_ticks,
     stat_fields,
     wait_for_output,
@@ -227,9 +228,10 @@ async def test_stop_kills_a_setsid_escapee(manager: JobManager) -> None:
     assert not alive(escapee, start)  # gone before stop answered
 
 
-async def test_an_escapee_left_behind_is_killed_when_the_job_ends(manager: JobManager) -> None:
+async def test_an_escapee_left_behind_is_killed_when_the_job_ends(manager: JobManager,
+                                                                  tmp_path: Path) -> None:
     require(manager, "pids")
-    job = await manager.start([b"sh", b"-c", ESCAPE], "alice", limits=Limits(pids=100))
+    job = await manager.start(escapee_then_exit(tmp_path), "alice", limits=Limits(pids=100))
     escapee = int(await wait_for_output(manager, job.id, b"\n"))
     start = start_ticks(escapee)
     await wait_end(manager, job.id)
@@ -263,8 +265,9 @@ async def test_shutdown_stops_contained_jobs_and_removes_their_cgroups(tmp_path:
                                   limits=Limits(pids=10, isolate=("pid",)))
         assert job.pid is not None
         dirs = [cgroup_dir(job.pid, "pids")]
-    assert manager.status(job.id).state is JobState.STOPPED
     assert not dirs[0].exists()
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert manager.status(job.id).state is JobState.STOPPED
 
 
 # -- spawning through the helper ----------------------------------------------------

@@ -24,7 +24,14 @@ from jobd.engine import EngineError, JobManager, open_job_manager
 from jobd.engine._cgroup_layout import _Mount, _unescape
 from jobd.engine._manager import _instance_key
 from protocol import JobState, Limits
-from tests.engine_helpers import TIMEOUT, alive, config, start_ticks, wait_for_output
+from tests.engine_helpers import (
+    TIMEOUT,
+    alive,
+    config,
+    escapee_then_exit,
+    start_ticks,
+    wait_for_output,
+)
 from tests.limits_helpers import v2_cgroup
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting cgroup2 needs root")
@@ -120,7 +127,8 @@ async def test_v2_placement_kill_and_removal(manager: JobManager, tmp_path: Path
 
 async def test_v2_job_end_waits_for_the_cgroup_to_empty(manager: JobManager, tmp_path: Path,
                                                         v2_root: Path) -> None:
-    job = await manager.start([b"sh", b"-c", ESCAPE], "alice", limits=Limits(isolate=("net",)))
+    job = await manager.start(escapee_then_exit(tmp_path), "alice",
+                              limits=Limits(isolate=("net",)))
     escapee = int(await wait_for_output(manager, job.id, b"\n"))
     start = start_ticks(escapee)
     with trio.fail_after(TIMEOUT):

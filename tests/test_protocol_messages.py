@@ -57,6 +57,22 @@ limits_st = st.builds(
     isolate=st.sets(st.sampled_from(sorted(p.ISOLATION_KINDS))).map(tuple),
 )
 
+# What a start request may ask for (protocol/_bounds.py): values in the kernel's
+# ranges, distinct non-empty device paths that are already canonical.
+device = st.text(st.characters(codec="utf-8", exclude_characters="\0/."), min_size=1,
+                 max_size=8).map(lambda name: "/dev/" + name)
+request_limits_st = st.builds(
+    Limits,
+    memory=st.none() | st.integers(1, 2**63 - 1),
+    cpus=st.none() | st.floats(0.01, 256),
+    pids=st.none() | st.integers(1, 4 * 2**20),
+    io_read_bps=st.dictionaries(device, st.integers(1, 2**40), max_size=2)
+    .map(lambda d: tuple(d.items())),
+    io_write_bps=st.dictionaries(device, st.integers(1, 2**40), max_size=2)
+    .map(lambda d: tuple(d.items())),
+    isolate=st.sets(st.sampled_from(sorted(p.ISOLATION_KINDS))).map(tuple),
+)
+
 status_st = st.builds(
     JobStatus,
     id=uint64,
@@ -87,13 +103,18 @@ client_messages = st.one_of(
     st.builds(Hello, version=uint64, minor=uint64, software=texts),
     st.builds(Start, argv=st.lists(arg, min_size=1, max_size=4).map(tuple),
               cwd=st.none() | arg.filter(bool), env=st.none() | env_st,
-              limits=st.none() | limits_st),
+              limits=st.none() | request_limits_st, env_merge=st.booleans()),
     st.builds(Stop, job=uint64, grace=st.none() | st.floats(0, 1e9)),
     st.builds(GetStatus, job=uint64),
-    st.builds(ListJobs, after=uint64),
-    st.builds(Stream, job=uint64, position=uint64),
-    st.builds(Output, job=uint64, position=uint64),
+    st.builds(ListJobs, after=uint64, owner=st.none() | texts,
+              states=st.lists(st.sampled_from(list(p.JobState)), max_size=5).map(tuple),
+              since=st.none() | st.floats(0, 1e10), count=st.booleans()),
+    st.builds(Stream, job=uint64, position=uint64, timestamps=st.booleans(),
+              end_only=st.booleans()),
+    st.builds(Output, job=uint64, position=uint64, timestamps=st.booleans(),
+              end_only=st.booleans()),
     st.builds(Delete, job=uint64),
+    st.builds(p.Prune, older_than=st.floats(0, 1e10)),
 )
 server_messages = st.one_of(
     st.builds(Welcome, version=uint64, minor=uint64, software=texts, identity=texts,
@@ -103,8 +124,9 @@ server_messages = st.one_of(
     st.builds(StatusResult, status=status_st),
     st.builds(JobList, jobs=st.lists(status_st, max_size=3).map(tuple), more=st.booleans()),
     st.builds(Deleted, job=uint64),
+    st.builds(p.Pruned, removed=uint64),
     st.builds(OutputChunk, fd=st.sampled_from([1, 2]), data=st.binary(max_size=300),
-              position=uint64),
+              position=uint64, time=st.none() | st.floats(0, 1e10)),
     st.builds(End, status=status_st, position=uint64),
     st.builds(Error, code=st.sampled_from(ErrorCode), message=texts),
 )
@@ -121,19 +143,25 @@ EXAMPLES: list[p.Message] = [
     Hello(software="jobctl 0.1.0"),
     Start(argv=(b"sh", b"-c", b"echo \xff"), cwd=b"/tmp", env=((b"PATH", b"/bin"),),
           limits=Limits(memory=1 << 28, cpus=0.5, pids=64, isolate=("net", "pid"))),
+    Start(argv=(b"env",), env=((b"LANG", b"C"),), env_merge=True),
     Stop(job=3, grace=0.5),
     GetStatus(job=7),
-    ListJobs(after=100),
+    ListJobs(after=100, owner="bob", states=(p.JobState.RUNNING, p.JobState.EXITED),
+             since=1.5, count=True),
     Stream(job=7, position=12),
+    Stream(job=7, position=12, timestamps=True, end_only=True),
     Output(job=7),
     Delete(job=7),
+    p.Prune(older_than=86400.0),
     WELCOME,
     Started(STATUS),
     Stopped(STATUS),
     StatusResult(STATUS),
-    JobList((STATUS, dataclasses.replace(STATUS, id=8)), more=True),
+    JobList((STATUS, dataclasses.replace(STATUS, id=8)), more=True, total=12),
     Deleted(job=7),
+    p.Pruned(removed=3),
     OutputChunk(fd=2, data=b"\x00\xffhello", position=300),
+    OutputChunk(fd=1, data=b"hi\n", position=320, time=1764492062.25),
     End(STATUS, position=300),
     Error(ErrorCode.NOT_FOUND, "process not found"),
 ]
@@ -147,7 +175,7 @@ GOLDEN: list[tuple[p.Message, bytes]] = [
         b"\x84"  # map, 4 entries
         b"\xa4type" b"\xa5hello"
         b"\xa7version" b"\x01"
-        b"\xa5minor" b"\x00"
+        b"\xa5minor" b"\x01"
         b"\xa8software" b"\xacjobctl 0.1.0",
     ),
     (
@@ -201,7 +229,7 @@ def test_golden_decode(msg: p.Message, frame: bytes) -> None:
 
 def test_examples_cover_every_type() -> None:
     assert {type(m) for m in EXAMPLES} == set(p.MESSAGE_TYPES.values())
-    assert len(p.MESSAGE_TYPES) == 17
+    assert len(p.MESSAGE_TYPES) == 19
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)
@@ -231,7 +259,8 @@ def test_nil_is_absent_for_optional_fields() -> None:
 
 
 def test_defaults_when_absent() -> None:
-    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == Hello(software="")
+    hello = Hello(minor=0, software="")
+    assert decode_payload(msgpack.packb({"type": "hello", "version": 1})) == hello
     assert decode_payload(msgpack.packb({"type": "list"})) == ListJobs(0)
     assert decode_payload(msgpack.packb({"type": "stream", "job": 2})) == Stream(2, 0)
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
+from jobd._admission import FD_RESERVE, connection_limit
 from jobd._config import parse_args
-from jobd._server import FD_RESERVE, MAX_REFUSALS, connection_limit
 
 from .conftest import JOBD, RUN_CWD, Pki
 from .hostile import soft_fd_limit
@@ -60,8 +60,9 @@ def test_the_jobd_command_refuses_a_nan_grace(pki: Pki) -> None:
     ("nofile", "configured", "expected"),
     [
         (4096, 1000, 1000),
-        (1024, 1000, (1024 - FD_RESERVE - MAX_REFUSALS) // 2),
-        (512, 1000, 96),
+        # two descriptors per connection slot, one per handshake slot
+        (1024, 1000, (1024 - FD_RESERVE) // 3),
+        (512, 1000, 85),
         (512, 50, 50),
         (256, 1000, 1),
     ],

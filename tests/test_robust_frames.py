@@ -19,6 +19,8 @@ import protocol as p
 
 from .conftest import JobdProcess
 from .hostile import (
+    AMPLIFIER,
+    AMPLIFIER_HELLO,
     HELLO,
     Bystander,
     RawTLS,
@@ -30,6 +32,7 @@ from .hostile import (
     jobd,
     packed,
     rogue_certificate,
+    start_frame,
     vm_rss,
 )
 
@@ -105,7 +108,7 @@ AFTER_HELLO: list[tuple[str, bytes, p.ErrorCode, tuple[str, ...]]] = [
      ("argv entries must be bytes",)),
     ("argv empty", packed({"type": "start", "argv": []}), BAD, ("argv must not be empty",)),
     ("argv with NUL", packed({"type": "start", "argv": [b"l\0s"]}), BAD, ("NUL",)),
-    ("env not pairs", packed({"type": "start", "argv": [b"true"], "env": [[b"A"]]}), BAD,
+    ("env not pairs", start_frame(env=[[b"A"]]), BAD,
      ("pairs",)),
     ("grace not a number", packed({"type": "stop", "job": 1, "grace": "soon"}), BAD,
      ("'grace' must be a number",)),
@@ -113,8 +116,42 @@ AFTER_HELLO: list[tuple[str, bytes, p.ErrorCode, tuple[str, ...]]] = [
      ("finite",)),
     ("position a float", packed({"type": "stream", "job": 1, "position": 1.5}), BAD,
      ("'position' must be an integer",)),
-    ("limits not a map", packed({"type": "start", "argv": [b"true"], "limits": [1]}), BAD,
+    ("limits not a map", start_frame(limits=[1]), BAD,
      ("'limits' must be a map",)),
+    # request bounds (protocol/_bounds.py, issue 13): refused while decoding
+    ("decode amplification: 1 MiB of empty arrays", AMPLIFIER, BAD,
+     ("an array of 1048551 elements exceeds the request limit of 8192",)),
+    ("many small arrays", packed({"type": "status", "job": 1, "x": [[[]] * 4000] * 60}),
+     BAD, ("arrays, maps and elements",)),
+    ("a map of 1000 entries", packed({"type": "list", "x": {str(i): 0 for i in range(1000)}}),
+     BAD, ("a map of 1000 entries exceeds the request limit of 64",)),
+    ("a string of 64 KiB", packed({"type": "list", "x": "s" * 65536}), BAD,
+     ("a string of 65536 bytes exceeds the request limit of 4095",)),
+    ("cwd of 1 MiB", start_frame(cwd=b"/" + b"d" * (LIMIT - 100)), BAD,
+     ("exceeds the request limit of 131071",)),
+    ("cwd over PATH_MAX", start_frame(cwd=b"/" * 5000),
+     BAD, ("cwd of 5000 bytes is longer than 4095",)),
+    ("argv entry over MAX_ARG_STRLEN", packed({"type": "start", "argv": [b"x" * 131072]}),
+     BAD, ("binary of 131072 bytes exceeds the request limit of 131071",)),
+    ("argv over 256 KiB", packed({"type": "start", "argv": [b"x" * 100_000] * 3}), BAD,
+     ("command line longer than 262144 bytes",)),
+    ("9000 arguments", packed({"type": "start", "argv": [b""] * 9000}), BAD,
+     ("an array of 9000 elements exceeds the request limit of 8192",)),
+    ("5000 environment variables",
+     start_frame(env=[[b"V%d" % i, b""] for i in range(5000)]), BAD,
+     ("env has 5000 entries, more than 4096",)),
+    ("cpus +inf", start_frame(limits={"cpus": float("inf")}),
+     BAD, ("cpus must be a finite positive number",)),
+    ("cpus nan", start_frame(limits={"cpus": float("nan")}),
+     BAD, ("cpus must be a finite positive number",)),
+    ("memory 2**64-1", start_frame(limits={"memory": 2**64 - 1}), BAD,
+     ("memory must be at most",)),
+    ("17 devices", start_frame(limits={
+        "io_read_bps": [[f"/dev/d{i}", 1] for i in range(17)]}), BAD,
+     ("io_read_bps has 17 entries, more than 16 per direction",)),
+    ("one device under two names", start_frame(limits={
+        "io_write_bps": [["/dev/null", 1], ["/dev/././null", 1]]}), BAD,
+     ("io_write_bps: /dev/null is given more than once",)),
     ("a second hello", HELLO, BAD, ("hello",)),
     ("two requests at once", p.encode_frame(p.ListJobs()) * 2, BAD,
      ("request while another is in progress",)),
@@ -160,6 +197,8 @@ BEFORE_HELLO: list[tuple[str, bytes, p.ErrorCode, tuple[str, ...]]] = [
     ("invalid msgpack", frame(b"\xc1\xc1"), BAD, ("invalid msgpack",)),
     ("a map claiming 4 billion entries", frame(b"\xdf\xff\xff\xff\xff"), BAD,
      ("truncated msgpack",)),
+    ("decode amplification as the hello", AMPLIFIER_HELLO, BAD,
+     ("an array of 1048546 elements exceeds the request limit",)),
     ("hello with a string version", packed({"type": "hello", "version": "1"}), BAD,
      ("'version' must be an integer",)),
     ("hello of another major version", p.encode_frame(p.Hello(version=2)),
@@ -250,7 +289,8 @@ def test_request_level_errors_keep_the_connection(jobd: JobdProcess,
     with RawTLS.to(jobd) as conn:
         conn.hello()
         cases: list[tuple[p.Message, p.ErrorCode, str]] = [
-            (p.Start((b"x" * (300 * 1024),)), BAD, "command line longer than"),
+            (p.Start((b"true",), limits=p.Limits(cpus=0.001)), p.ErrorCode.LIMIT_EXCEEDED,
+             "below the kernel's minimum"),
             (p.GetStatus(2**64 - 1), p.ErrorCode.NOT_FOUND, "process not found"),
             (p.Stream(2**64 - 1, 2**64 - 1), p.ErrorCode.NOT_FOUND, "process not found"),
             (p.Stream(bystander.job, 2**64 - 1), p.ErrorCode.NOT_FOUND, "process not found"),
@@ -283,6 +323,7 @@ def test_memory_does_not_jump_under_repeated_attacks(jobd: JobdProcess,
         frame(b"\xdd\xff\xff\xff\xff" + b"\0" * (LIMIT - 5)),  # a whole 1 MiB frame
         nested(200_000),
         frame(b"\xdf\xff\xff\xff\xff"),
+        AMPLIFIER,
     ]
     attack(jobd, heavy[2])  # warm up: the first full-size buffer
     before = vm_rss(jobd.proc.pid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._manager import LOST, JobManager, open_job_manager
 from ._outputlog import MAX_RECORD
 from ._types import (
+    BadLimits,
     BadPosition,
     EngineConfig,
     EngineError,
@@ -23,6 +24,7 @@ from ._types import (
 __all__ = [
     "LOST",
     "MAX_RECORD",
+    "BadLimits",
     "BadPosition",
     "EngineConfig",
     "EngineError",

@@ -62,7 +62,8 @@ import trio
 from protocol import JobState, JobStatus, Limits
 
 from ._cgroups import Hierarchy, JobCgroup, Usage
-from ._outputlog import MAX_RECORD, OutputLog
+from ._db import JobDB
+from ._outputlog import MAX_RECORD, Budget, OutputLog
 from ._procs import (
     ProcInfo,
     ProcScanner,
@@ -77,7 +78,7 @@ from ._procs import (
     start_time,
     wait_exit,
 )
-from ._store import Record, Store
+from ._store import Record
 from ._types import EngineConfig, EngineError
 
 log = logging.getLogger("jobd.engine")
@@ -102,7 +103,7 @@ class Context:
     """What every job shares with the manager (one object, not one per job)."""
 
     config: EngineConfig
-    store: Store
+    store: JobDB
     scanner: ProcScanner
     boot_id: str
     #: The cgroup layout (None: none usable; ``cgroup_reason`` says why).
@@ -120,6 +121,10 @@ class Context:
     #: never make a spawn or a record write wait for a thread.
     writers: trio.CapacityLimiter = field(
         default_factory=lambda: trio.CapacityLimiter(WRITER_THREADS))
+    #: Each owner's log space left under ``max_log_space_per_user`` (made at its first start).
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    #: Jobs being deleted (a second delete of one is "not found").
+    deleting: set[int] = field(default_factory=set)
 
     def emit(self, kind: str, status: JobStatus) -> None:
         if self.config.on_event is None:
@@ -130,20 +135,24 @@ class Context:
             log.exception("on_event(%r) failed for job %d", kind, status.id)
 
     async def persist(self, record: Record) -> None:
-        """Write the record.
+        """Write the record; returns once it is committed (durable).
 
         A failure (a full disk) is logged and the record kept in ``unsaved``; a
-        later successful write, a delete and the shutdown try it again.
+        later successful write, a delete and the shutdown try it again. A job
+        whose final record is committed leaves memory (``jobs``): its status is
+        read from the database from then on.
         """
         job_id = record.status.id
         try:
-            await trio.to_thread.run_sync(self.store.write, record)
+            await self.store.write(record)
         except OSError as exc:
             if job_id not in self.unsaved:
                 log.warning("cannot write the record of job %d: %s", job_id, exc)
             self.unsaved[job_id] = record
             return
         self.unsaved.pop(job_id, None)
+        if record.status.state is not JobState.RUNNING:
+            self.jobs.pop(job_id, None)
         if self.unsaved:
             await self.retry_unsaved()
 
@@ -156,25 +165,19 @@ class Context:
         """
         async with self.retry_lock:
             ready = [r for r in self.unsaved.values() if r.status.state is not JobState.RUNNING]
-            if not ready:
-                return
-
-            def write_all() -> list[Record]:
-                written = []
-                for record in ready:
-                    try:
-                        self.store.write(record)
-                    except OSError:
-                        break
-                    written.append(record)
-                return written
-
-            written = await trio.to_thread.run_sync(write_all)
-            for record in written:
-                if self.unsaved.get(record.status.id) is record:
-                    del self.unsaved[record.status.id]
+            written = 0
+            for record in ready:
+                try:
+                    await self.store.write(record)
+                except OSError:
+                    break
+                written += 1
+                job_id = record.status.id
+                if self.unsaved.get(job_id) is record:
+                    del self.unsaved[job_id]
+                    self.jobs.pop(job_id, None)
             if written:
-                log.info("wrote %d job records that could not be written before", len(written))
+                log.info("wrote %d job records that could not be written before", written)
 
 
 def signal_name(number: int) -> str:
@@ -186,15 +189,33 @@ def signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
+#: The most of a command or directory name an error text quotes: the status
+#: keeps the error, and every status must stay small (``list`` pages, frames).
+ERROR_NAME_CHARS = 256
+#: The longest error text a job's status keeps.
+MAX_ERROR_TEXT = 512
+
+
+def _short(name: bytes) -> str:
+    text = os.fsdecode(name)
+    return text if len(text) <= ERROR_NAME_CHARS else text[:ERROR_NAME_CHARS - 3] + "..."
+
+
 def spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
-    """The words an operator wants when a command cannot be started."""
-    name = os.fsdecode(argv0)
+    """The words an operator wants when a command cannot be started, at most
+    MAX_ERROR_TEXT characters (names quoted are cut to ERROR_NAME_CHARS)."""
+    text = _spawn_error(exc, argv0, cwd)
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT - 3] + "..."
+
+
+def _spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
+    name = _short(argv0)
     reason = exc.strerror or str(exc)
     if isinstance(exc, SetupError):
         return f"cannot start {name}: {exc.stage}: {reason}"
     if cwd is not None and exc.filename is not None and os.fsencode(exc.filename) == cwd \
             and os.fsencode(exc.filename) != argv0:
-        return f"cannot change to directory {os.fsdecode(cwd)}: {reason}"
+        return f"cannot change to directory {_short(cwd)}: {reason}"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return f"command not found: {name}"
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -304,7 +325,8 @@ class Job:
                 self.error = spawn_error(exc, self.argv[0], cwd)
                 self._finish(None)
                 await ctx.persist(self._record())
-                ctx.jobs[self.id] = self
+                if self.id in ctx.unsaved:  # else it is read from the database
+                    ctx.jobs[self.id] = self
                 task_status.started(self.status())
                 ctx.emit("ended", self.status())
                 self.done.set()

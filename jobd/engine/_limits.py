@@ -16,10 +16,10 @@ import stat
 from collections.abc import Callable
 from typing import TypeVar
 
-from protocol import Limits
+from protocol import MAX_IO_DEVICES, Limits
 
 from ._cgroups import Hierarchy
-from ._types import EngineError, LimitExceeded, LimitPolicy, Unenforceable
+from ._types import BadLimits, EngineError, LimitExceeded, LimitPolicy, Unenforceable
 
 #: The kernel's smallest CFS quota is 1 ms per 100 ms period.
 MIN_CPUS = 0.01
@@ -60,20 +60,30 @@ def resolve(requested: Limits | None, policy: LimitPolicy) -> Limits | None:
                             f"minimum of {MIN_CPUS:g}")
     for option, entries in (("--io-read-bps", req.io_read_bps),
                             ("--io-write-bps", req.io_write_bps)):
+        # Linear, and bounded: the protocol caps the entries (Start refuses more),
+        # and a caller of the engine API gets the same cap here.
+        if len(entries) > MAX_IO_DEVICES:
+            raise BadLimits(f"{option}: {len(entries)} devices, more than "
+                            f"{MAX_IO_DEVICES}")
+        seen: set[str] = set()
         for device, rate in entries:
             _pick(option, rate, None, policy.max_io_bps, format_size)
-            if len([d for d, _ in entries if d == device]) > 1:
-                raise EngineError(f"{option}: {device} is given more than once")
+            if device in seen:
+                raise BadLimits(f"{option}: {device} is given more than once")
+            seen.add(device)
     limits = Limits(memory=memory, cpus=cpus, pids=pids, io_read_bps=req.io_read_bps,
                     io_write_bps=req.io_write_bps, isolate=req.isolate)
     return None if limits.is_empty() else limits
 
 
 def devices(limits: Limits) -> dict[str, str]:
-    """``MAJOR:MINOR`` of every device the io limits name. Raises EngineError."""
+    """``MAJOR:MINOR`` of every device the io limits name. Raises EngineError, and
+    BadLimits when two names of one direction are one device (``/dev/sda`` and a
+    symbolic link to it): the kernel keeps one limit per device."""
     out: dict[str, str] = {}
     for option, entries in (("--io-read-bps", limits.io_read_bps),
                             ("--io-write-bps", limits.io_write_bps)):
+        named: dict[str, str] = {}
         for device, _ in entries:
             try:
                 st = os.stat(device)
@@ -82,7 +92,12 @@ def devices(limits: Limits) -> dict[str, str]:
                                   f"{exc.strerror or exc}") from None
             if not stat.S_ISBLK(st.st_mode):
                 raise Unenforceable(f"cannot enforce {option}: {device} is not a block device")
-            out[device] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            number = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            if number in named:
+                raise BadLimits(f"{option}: {device} and {named[number]} are one device "
+                                f"({number}): give it once")
+            named[number] = device
+            out[device] = number
     return out
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import math
 import os
 import signal
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -19,12 +22,20 @@ import trio
 from protocol import JobState, JobStatus, Limits
 
 from ._cgroup_layout import detect
+from ._db import JobDB, Page, finished_count, finished_oldest_first, log_name, log_space
 from ._job import Context, Job
 from ._limits import check_enforceable, check_policy, devices, isolation_problem, resolve
-from ._outputlog import MAX_RECORD, OutputLog, recover
+from ._outputlog import MAX_RECORD, Budget, OutputLog, recover
 from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
-from ._store import Record, Store
-from ._types import EngineConfig, EngineError, InvalidState, JobNotFound, OutputChunk
+from ._store import Record
+from ._types import (
+    EngineConfig,
+    EngineError,
+    InvalidState,
+    JobNotFound,
+    LimitExceeded,
+    OutputChunk,
+)
 
 log = logging.getLogger("jobd.engine")
 
@@ -37,6 +48,14 @@ LOST_KILL_TIMEOUT = 5.0
 #: Rounds of scan-and-kill for lost jobs (a process may fork between a scan and its kill).
 LOST_KILL_ROUNDS = 5
 DEFAULT_MAX_CHUNK = 512 * 1024
+#: Jobs removed per retention batch: one commit and one event-loop turn per batch.
+PRUNE_BATCH = 1000
+#: How often retention runs (and once at start): finished jobs outlive their limit
+#: by at most this long.
+RETENTION_INTERVAL = 60.0
+
+#: (An alias: inside JobManager, ``list`` names its method.)
+Records = list[Record]
 
 
 class JobManager:
@@ -49,19 +68,38 @@ class JobManager:
         self._ctx = ctx
         self._nursery = nursery
         self._next_id = next_id
+        #: One retention run or prune at a time (the next sees what the last removed).
+        self._pruning = trio.Lock()
+        #: Running jobs (and starts in progress) per owner, for ``max_running``.
+        self._running: Counter[str] = Counter()
 
     def _get(self, job_id: int) -> Job:
+        """The job: a running one (or one whose end is not on disk yet) from memory,
+        a finished one made from its record on demand."""
+        if not isinstance(job_id, int) or isinstance(job_id, bool) or not 0 < job_id < 1 << 63:
+            raise JobNotFound(job_id)
+        ctx = self._ctx
+        job = ctx.jobs.get(job_id)
+        if job is not None:
+            return job
+        if job_id in ctx.deleting:
+            raise JobNotFound(job_id)
         try:
-            return self._ctx.jobs[job_id]
-        except (KeyError, TypeError):
-            raise JobNotFound(job_id) from None
+            record = ctx.store.get(job_id)
+        except sqlite3.Error as exc:
+            raise EngineError(f"job database: {exc}") from None
+        if record is None:
+            raise JobNotFound(job_id)
+        return _ended_job(ctx, record)
 
     async def start(self, argv: Sequence[bytes], owner: str, *, cwd: bytes | None = None,
                     env: Mapping[bytes, bytes] | None = None,
-                    limits: Limits | None = None) -> JobStatus:
+                    limits: Limits | None = None, max_running: int | None = None) -> JobStatus:
         """Start a job. Returns its status once it runs (pid set) or failed to start
         (state error: "command not found: X", "permission denied: X", ...): a record is
-        created either way. Malformed requests raise EngineError before any record.
+        created either way. Malformed requests raise EngineError before any record;
+        ``max_running``: LimitExceeded if ``owner`` already has that many jobs running
+        (or being started).
         """
         if self._ctx.closing:
             raise EngineError("the job engine is shutting down")
@@ -82,17 +120,51 @@ class JobManager:
         io_devices: dict[str, str] = {}
         if applied is not None:
             check_enforceable(applied, ctx.cgroups, ctx.cgroup_reason, ctx.isolation_reason)
-            io_devices = devices(applied)
+            if applied.io_read_bps or applied.io_write_bps:
+                # stat() of client-named paths: in a thread, so that a path on a hung
+                # file system stalls this request only, never the event loop.
+                io_devices = await trio.to_thread.run_sync(devices, applied)
+        if max_running is not None and self._running[owner] >= max_running:
+            raise LimitExceeded(f"too many running jobs for {owner} "
+                                f"(limit {max_running} per user)")
         job_id = self._next_id
         self._next_id += 1
         job = Job(ctx, job_id, owner, args,
                   OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap,
-                            writers=ctx.writers), applied)
+                            writers=ctx.writers, dir_fd=ctx.store.logs_fd,
+                            name=log_name(job_id), budget=self._budget(owner)), applied)
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):
-            status: JobStatus = await self._nursery.start(job.run, cwd, env, io_devices)
+            # Counted from here (no await since the check above: two starts cannot
+            # both take the last place) until the job's task ends.
+            self._running[owner] += 1
+            entered = False
+
+            async def counted(task_status: trio.TaskStatus[JobStatus]) -> None:
+                nonlocal entered
+                entered = True
+                try:
+                    await job.run(cwd, env, io_devices, task_status=task_status)
+                finally:
+                    self._uncount(owner)
+
+            try:
+                status: JobStatus = await self._nursery.start(counted)
+            except BaseException:
+                if not entered:
+                    self._uncount(owner)
+                raise
         return status
+
+    def _uncount(self, owner: str) -> None:
+        self._running[owner] -= 1
+        if not self._running[owner]:
+            del self._running[owner]
+
+    def running_count(self, owner: str) -> int:
+        """Jobs of ``owner`` running or being started."""
+        return self._running[owner]
 
     async def stop(self, job_id: int, grace: float | None = None) -> JobStatus:
         """SIGINT, grace, SIGTERM, grace, SIGKILL to the job's process group; returns the
@@ -110,8 +182,17 @@ class JobManager:
         return job.status()
 
     def status(self, job_id: int) -> JobStatus:
-        """The job's status; a running job in a cgroup with its usage so far."""
-        return self._get(job_id).status(live=True)
+        """The job's status; a running job in a cgroup with its usage so far.
+
+        A job whose end is not yet committed is still reported running: an end a
+        client saw is on disk (a crash in those milliseconds makes the job lost).
+        """
+        job = self._get(job_id)
+        status = job.status(live=True)
+        if not status.running and not job.done.is_set():
+            status = replace(status, state=JobState.RUNNING, exit_code=None, signal=None,
+                             error=None, oom=False, ended=None)
+        return status
 
     def cgroup_layout(self) -> dict[str, str]:
         """What jobd found for limits and isolation, for its start-up log line:
@@ -123,9 +204,60 @@ class JobManager:
                             else f"none ({ctx.isolation_reason})")
         return out
 
-    def list(self) -> list[JobStatus]:
+    def _budget(self, owner: str) -> Budget | None:
+        quota = self._ctx.config.max_log_space_per_user
+        if quota is None:
+            return None
+        budget = self._ctx.budgets.get(owner)
+        if budget is None:  # the owner's first start: what its finished jobs hold now
+            budget = self._ctx.budgets[owner] = Budget(quota - self._ctx.store.usage(owner))
+        return budget
+
+    def running(self) -> list[JobStatus]:
+        """The jobs in memory (running, or ended with their end not yet on disk)."""
         jobs = self._ctx.jobs
         return [jobs[i].status() for i in sorted(jobs)]
+
+    async def list_page(self, after: int, limit: int, *, owner: str | None = None,
+                        states: tuple[JobState, ...] = (), since: float | None = None,
+                        count: bool = False) -> tuple[list[JobStatus], bool, int | None]:
+        """Up to ``limit`` jobs with ID > ``after`` matching the filters, by ID:
+        (statuses, more follow, the total that match if ``count``). Answered from
+        the database's indexes in a worker thread; jobs in memory (running, or
+        with their end not yet on disk) with their live status."""
+        ctx = self._ctx
+        names = tuple(state.value for state in states)
+        try:
+            page: Page = await trio.to_thread.run_sync(functools.partial(
+                ctx.store.page, after, limit, owner=owner, states=names, since=since,
+                count=count))
+        except sqlite3.Error as exc:
+            raise EngineError(f"job database: {exc}") from None
+        found = {r.status.id: r.status for r in page.records}
+        upto = page.records[-1].status.id if page.more else None
+        for job_id, job in ctx.jobs.items():  # the live status; also starts not yet on disk
+            if job_id > after and (upto is None or job_id <= upto):
+                found[job_id] = job.status()
+        out = [s for i, s in sorted(found.items())
+               if (owner is None or s.owner == owner) and (not states or s.state in states)
+               and (since is None or s.created >= since)]
+        return out[:limit], page.more or len(out) > limit, page.total
+
+    def list(self) -> list[JobStatus]:
+        """Every job, by ID (reads the whole table in the calling thread: for tests
+        and small histories; the server pages with :meth:`list_page`)."""
+        out: dict[int, JobStatus] = {}
+        after = 0
+        while True:
+            page = self._ctx.store.page(after, 10_000)
+            for record in page.records:
+                out[record.status.id] = record.status
+            if not page.more:
+                break
+            after = page.records[-1].status.id
+        for status in self.running():
+            out[status.id] = status
+        return [out[i] for i in sorted(out)]
 
     async def wait(self, job_id: int) -> JobStatus:
         """Wait until the job has ended; its final status."""
@@ -139,43 +271,149 @@ class JobManager:
         if job.running:
             raise InvalidState(job.status())
         await job.done.wait()  # its final record is written
-        if self._ctx.jobs.get(job_id) is not job:
-            raise JobNotFound(job_id)  # a concurrent delete won
         ctx = self._ctx
-        del ctx.jobs[job_id]
-        # The highest ID on disk must stay (as a tombstone) or it would come back after
-        # a restart; a job that did not get its record written does not count.
-        keep_id = not any(i > job_id and i not in ctx.unsaved for i in ctx.jobs)
-        with trio.CancelScope(shield=True):  # bounded file operations; half a delete helps nobody
-            async with ctx.retry_lock:
-                ctx.unsaved.pop(job_id, None)
-                try:
-                    await trio.to_thread.run_sync(
-                        functools.partial(ctx.store.delete, job_id, keep_id=keep_id))
-                except OSError as exc:
-                    log.warning("job %d deleted, but its files remain: %s", job_id, exc)
-            if ctx.unsaved:  # the delete may have freed the space they lacked
-                await ctx.retry_unsaved()
+        if job_id in ctx.deleting:
+            raise JobNotFound(job_id)  # a concurrent delete won
+        ctx.deleting.add(job_id)
+        try:
+            with trio.CancelScope(shield=True):  # bounded; half a delete helps nobody
+                async with ctx.retry_lock:
+                    await self._remove(job_id, job.owner, job.log.end)
+                if ctx.unsaved:  # the delete may have freed the space they lacked
+                    await ctx.retry_unsaved()
+        finally:
+            ctx.deleting.discard(job_id)
+
+    async def _remove(self, job_id: int, owner: str, log_size: int) -> None:
+        ctx = self._ctx
+        ctx.jobs.pop(job_id, None)
+        ctx.unsaved.pop(job_id, None)
+        try:
+            await ctx.store.delete(job_id)
+        except OSError as exc:
+            log.warning("job %d deleted, but its record remains: %s", job_id, exc)
+        budget = ctx.budgets.get(owner)
+        if budget is not None:
+            budget.left += log_size
+
+    # -- retention ---------------------------------------------------------------
+
+    async def prune(self, older_than: float, *, reason: str = "prune") -> int:
+        """Remove the finished jobs that ended more than ``older_than`` seconds ago,
+        with their logs; how many. Each removal is reported as a "pruned" event."""
+        if not math.isfinite(older_than) or older_than < 0:
+            raise EngineError("older_than must be a finite number of seconds, 0 or more")
+        cutoff = time.time() - older_than
+        return await self._prune_while(reason, lambda: functools.partial(
+            finished_oldest_first, self._ctx.store, PRUNE_BATCH, ended_before=cutoff))
+
+    async def apply_retention(self) -> int:
+        """Remove what ``retain``, ``retain_count`` and ``max_log_space`` say must go
+        (the oldest finished jobs first); how many."""
+        cfg, db = self._ctx.config, self._ctx.store
+        removed = 0
+        if cfg.retain is not None:
+            removed += await self.prune(cfg.retain, reason=f"older than --retain {cfg.retain:g}s")
+        if cfg.retain_count is not None:
+            keep = cfg.retain_count
+
+            async def over_count() -> Records:
+                excess = await trio.to_thread.run_sync(finished_count, db) - keep
+                if excess <= 0:
+                    return []
+                return await trio.to_thread.run_sync(functools.partial(
+                    finished_oldest_first, db, min(excess, PRUNE_BATCH)))
+
+            removed += await self._prune_async(f"more than --retain-count {keep}", over_count)
+        if cfg.max_log_space is not None:
+            cap = cfg.max_log_space
+
+            async def over_space() -> Records:
+                excess = await trio.to_thread.run_sync(log_space, db) - cap
+                if excess <= 0:
+                    return []
+                oldest = await trio.to_thread.run_sync(functools.partial(
+                    finished_oldest_first, db, PRUNE_BATCH, with_log=True))
+                out = []
+                for record in oldest:  # only as many as it takes
+                    out.append(record)
+                    excess -= record.log_size or 0
+                    if excess <= 0:
+                        break
+                return out
+
+            removed += await self._prune_async(f"logs over --max-log-space {cap}", over_space)
+        return removed
+
+    async def _prune_while(self, reason: str,
+                           query: Callable[[], Callable[[], Records]]) -> int:
+        async def candidates() -> Records:
+            return await trio.to_thread.run_sync(query())
+
+        return await self._prune_async(reason, candidates)
+
+    async def _prune_async(self, reason: str,
+                           candidates: Callable[[], Awaitable[Records]]) -> int:
+        """Remove batches of candidates until there are none (or none removable)."""
+        async with self._pruning:
+            return await self._prune_locked(reason, candidates)
+
+    async def _prune_locked(self, reason: str,
+                            candidates: Callable[[], Awaitable[Records]]) -> int:
+        ctx = self._ctx
+        removed = 0
+        while True:
+            try:
+                batch = [r for r in await candidates()
+                         if r.status.id not in ctx.jobs and r.status.id not in ctx.deleting]
+            except sqlite3.Error as exc:
+                raise EngineError(f"job database: {exc}") from None
+            if not batch:
+                break
+            ids = [r.status.id for r in batch]
+            ctx.deleting.update(ids)
+            try:
+                with trio.CancelScope(shield=True):  # bounded; half a batch helps nobody
+                    async with ctx.retry_lock:
+                        await ctx.store.delete(*ids)
+            except OSError as exc:
+                log.warning("retention could not remove %d jobs: %s", len(ids), exc)
+                break
+            finally:
+                ctx.deleting.difference_update(ids)
+            for record in batch:
+                budget = ctx.budgets.get(record.status.owner)
+                if budget is not None:
+                    budget.left += record.log_size or 0
+                ctx.emit("pruned", record.status)
+            removed += len(batch)
+        if removed:
+            log.info("removed %d finished jobs and their logs (%s)", removed, reason)
+        return removed
 
     def read_output(self, job_id: int, position: int = 0, *,
-                    max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
+                    max_chunk: int = DEFAULT_MAX_CHUNK,
+                    timestamps: bool = False) -> AsyncIterator[OutputChunk]:
         """The output that exists now, from ``position``. Raises JobNotFound or
         BadPosition at call time; close the iterator (``aclosing``) if you stop early.
+        With ``timestamps``, one chunk per record, each with its time.
         """
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
-        return job.log.chunks(position, max_chunk, job.log.end)
+        return job.log.chunks(position, max_chunk, job.log.end, timestamps=timestamps)
 
     def follow_output(self, job_id: int, position: int = 0, *,
-                      max_chunk: int = DEFAULT_MAX_CHUNK) -> AsyncIterator[OutputChunk]:
+                      max_chunk: int = DEFAULT_MAX_CHUNK,
+                      timestamps: bool = False) -> AsyncIterator[OutputChunk]:
         """Like read_output, then waits for more until the job ended and everything
         was delivered.
         """
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
-        return job.log.chunks(position, max_chunk, None)
+        return _then_done(job.log.chunks(position, max_chunk, None, timestamps=timestamps),
+                          job.done)
 
     async def shutdown(self) -> None:
         """Stop every running job (in parallel, with the stop sequence); idempotent.
@@ -224,7 +462,21 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     machine cannot enforce raise EngineError). On exit (normal, error or
     cancelled) runs :meth:`JobManager.shutdown`.
     """
-    ctx = Context(config, Store(config.state_dir), ProcScanner(), boot_id())
+    # First of all: a state directory that is unsafe or in use by another jobd is
+    # refused (StateDirError) before anything in it, or any process, is touched.
+    db = await trio.to_thread.run_sync(JobDB.open, config.state_dir)
+    try:
+        db.start_writer(trio.lowlevel.current_trio_token())
+        async with _open_with(config, db) as manager:
+            yield manager
+    finally:
+        with trio.CancelScope(shield=True):  # commits what is queued: bounded
+            await trio.to_thread.run_sync(db.close)
+
+
+@asynccontextmanager
+async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManager]:
+    ctx = Context(config, db, ProcScanner(), boot_id())
     records, highest = await trio.to_thread.run_sync(_load, ctx.store)
     ctx.cgroups, ctx.cgroup_reason = await trio.to_thread.run_sync(
         detect, config.cgroup_root, _instance_key(config.state_dir))
@@ -234,30 +486,51 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     if lost:
         await _kill_lost(ctx, lost)
     await _sweep_cgroups(ctx)
-    for record in records:
-        status = record.status
-        if status.state is JobState.RUNNING:
-            status = replace(status, state=JobState.ERROR, error=LOST, ended=time.time())
-            record = replace(record, status=status)
-            await ctx.persist(record)
-            ctx.emit("lost", status)
-        log_ = OutputLog(ctx.store.log_path(status.id), config.output_cap,
-                         end=record.log_size or 0, output_bytes=status.output_bytes,
-                         dropped_bytes=status.dropped_bytes, closed=True)
-        ctx.jobs[status.id] = Job.ended_from(ctx, status, log_)
+    for record in records:  # all were running: lost
+        status = replace(record.status, state=JobState.ERROR, error=LOST, ended=time.time())
+        record = replace(record, status=status)
+        await ctx.persist(record)
+        if status.id in ctx.unsaved:  # else it is read from the database from now on
+            ctx.jobs[status.id] = _ended_job(ctx, record)
+        ctx.emit("lost", status)
     closed = trio.Event()
     async with trio.open_nursery() as root:
         jobs_nursery: trio.Nursery = await root.start(_host_jobs, closed)
         manager = JobManager(ctx, jobs_nursery, highest + 1)
+        retention = trio.CancelScope()
+        if (config.retain, config.retain_count, config.max_log_space) != (None, None, None):
+            root.start_soon(_retain, manager, retention)
         try:
             yield manager
         finally:
+            retention.cancel()
             # Bounded by shutdown itself: 2 x grace + SHUTDOWN_SLACK, then SIGKILL.
             with trio.CancelScope(shield=True):
                 await manager.shutdown()
                 if ctx.cgroups is not None:
                     await trio.to_thread.run_sync(ctx.cgroups.close)
             closed.set()
+
+
+async def _then_done(chunks: AsyncGenerator[OutputChunk, None],
+                     done: trio.Event) -> AsyncGenerator[OutputChunk, None]:
+    """The chunks, then a wait until the job's end is committed (bounded by
+    PERSIST_TIMEOUT), so that the status a stream ends with is on disk."""
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            yield chunk
+    await done.wait()
+
+
+async def _retain(manager: JobManager, scope: trio.CancelScope) -> None:
+    """Apply retention at start and then every RETENTION_INTERVAL, until cancelled."""
+    with scope:
+        while True:
+            try:
+                await manager.apply_retention()
+            except EngineError as exc:
+                log.warning("retention failed: %s", exc)
+            await trio.sleep(RETENTION_INTERVAL)
 
 
 async def _host_jobs(closed: trio.Event, *,
@@ -272,26 +545,33 @@ async def _host_jobs(closed: trio.Event, *,
             await closed.wait()
 
 
-def _load(store: Store) -> tuple[list[Record], int]:
-    """Records, with their logs checked against a torn tail (blocking)."""
-    records, highest = store.load()
+def _ended_job(ctx: Context, record: Record) -> Job:
+    """A job that ended, made from its record."""
+    status = record.status
+    log_ = OutputLog(ctx.store.log_path(status.id), ctx.config.output_cap,
+                     end=record.log_size or 0, output_bytes=status.output_bytes,
+                     dropped_bytes=status.dropped_bytes, closed=True,
+                     dir_fd=ctx.store.logs_fd, name=log_name(status.id))
+    return Job.ended_from(ctx, status, log_)
+
+
+def _load(db: JobDB) -> tuple[list[Record], int]:
+    """The records still running (jobd died with them), with their logs cut after
+    their last whole record, and the highest ID (blocking). Finished jobs are not
+    read: restart costs what was running, whatever the history."""
+    records, highest = db.load_running()
     out = []
     for record in records:
         status = record.status
-        path = store.log_path(status.id)
+        path = db.log_path(status.id)
         try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            size = 0
-        if status.state is JobState.RUNNING or record.log_size != size:
-            end, data = recover(path)
-            if status.state is JobState.RUNNING:  # its counters were never written
-                status = replace(status, output_bytes=data)
-            elif end != record.log_size:
-                log.warning("job %d: log is %d bytes, its record says %s", status.id, end,
-                            record.log_size)
-            record = replace(record, status=status, log_size=end)
-        out.append(record)
+            end, data = recover(path, db.logs_fd, log_name(status.id))
+        except OSError as exc:  # a symlink (ELOOP): not followed, not trusted
+            log.warning("job %d: cannot check its log %s: %s; treating it as empty",
+                        status.id, path, exc.strerror)
+            end, data = 0, 0
+        # Its counters were never written while it ran.
+        out.append(replace(record, status=replace(status, output_bytes=data), log_size=end))
     return out, highest
 
 

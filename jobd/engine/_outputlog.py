@@ -42,7 +42,8 @@ Reading. :meth:`OutputLog.chunks` reads large blocks with ``preadv`` and
 ``RWF_NOWAIT`` in the event loop (page-cache hits, the live case, cost no
 thread hop) and falls back to a worker thread when the data is not cached.
 Consecutive records of one fd are coalesced into one chunk of at most
-``max_chunk`` bytes. A follower waits on an event the appender sets after each
+``max_chunk`` bytes (with ``timestamps``, every record is its own chunk, with
+its time: :func:`_records`). A follower waits on an event the appender sets after each
 commit: no polling. Every reader has its own file descriptor, so a slow one
 slows only itself.
 """
@@ -117,18 +118,46 @@ def decode_header(buf: bytes | bytearray | memoryview, at: int, offset: int) -> 
     return fd, length
 
 
-def create_file(path: Path) -> None:
+#: Flags for opening a shard directory of the logs.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_log(path: Path, flags: int, dir_fd: int | None = None, name: str | None = None) -> int:
+    """Open a log file, never through a symlink (ELOOP).
+
+    With ``dir_fd``: ``name`` (``SHARD/FILE``, or ``path``'s name) relative to
+    that directory (the state directory's logs, see _statedir), each component
+    opened with O_NOFOLLOW; with O_CREAT the shard directory is made (0700).
+    """
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    if dir_fd is None:
+        return os.open(path, flags, 0o600)
+    shard, _, leaf = (name or path.name).rpartition("/")
+    if not shard:
+        return os.open(leaf, flags, 0o600, dir_fd=dir_fd)
+    if flags & os.O_CREAT:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(shard, 0o700, dir_fd=dir_fd)
+    shard_fd = os.open(shard, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        return os.open(leaf, flags, 0o600, dir_fd=shard_fd)
+    finally:
+        os.close(shard_fd)
+
+
+def create_file(path: Path, dir_fd: int | None = None, name: str | None = None) -> None:
     """Create an empty log (blocking: call from a worker thread)."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+    os.close(open_log(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, dir_fd, name))
 
 
-def recover(path: Path) -> tuple[int, int]:
+def recover(path: Path, dir_fd: int | None = None, name: str | None = None) -> tuple[int, int]:
     """Truncate a log after a crash to its last whole record (blocking).
 
-    Returns (size, data bytes). A missing log counts as empty.
+    Returns (size, data bytes). A missing log counts as empty; a symlink
+    raises OSError (ELOOP).
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = open_log(path, os.O_RDWR, dir_fd, name)
     except FileNotFoundError:
         return 0, 0
     try:
@@ -159,6 +188,16 @@ def recover(path: Path) -> tuple[int, int]:
         os.close(fd)
 
 
+class Budget:
+    """What an owner's logs may still take on disk (``--max-log-space-per-user``), in
+    file bytes (record headers included); shared by the owner's logs."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+
 class OutputLog:
     """The appender and reader state of one job's log file.
 
@@ -168,15 +207,21 @@ class OutputLog:
     """
 
     __slots__ = (
-        "_accepted", "_changed", "_cond", "_done", "_failed", "_fd", "_idle", "_lingering",
-        "_nursery", "_posted", "_queue", "_queued_cost", "_room", "_token", "_writers",
-        "_writing", "cap", "closed", "dropped_bytes", "end", "output_bytes", "path",
+        "_accepted", "_budget", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd",
+        "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue", "_queued_cost",
+        "_room", "_token", "_writers", "_writing", "cap", "closed", "dropped_bytes", "end",
+        "output_bytes", "path",
     )
 
     def __init__(self, path: Path, cap: int, *, end: int = 0, output_bytes: int = 0,
                  dropped_bytes: int = 0, closed: bool = False,
-                 writers: trio.CapacityLimiter | None = None) -> None:
+                 writers: trio.CapacityLimiter | None = None,
+                 dir_fd: int | None = None, name: str | None = None,
+                 budget: Budget | None = None) -> None:
         self.path = path
+        self._dir_fd = dir_fd  # the directory ``name`` is opened relative to (None: none)
+        self._name = name
+        self._budget = budget  # the owner's disk quota for output, shared (None: none)
         self._writers = writers  # the threads logs write with (None: Trio's default)
         self.cap = cap
         self.end = end
@@ -216,13 +261,18 @@ class OutputLog:
     def append(self, fd: int, data: bytes) -> None:
         """Queue one pipe read (at most MAX_RECORD bytes) for writing; never blocks."""
         assert not self.closed and 0 < len(data) <= MAX_RECORD
-        keep = 0 if self._failed is not None else min(len(data), self.cap - self._accepted)
+        room = self.cap - self._accepted
+        if self._budget is not None:  # the owner's quota counts file bytes: headers too
+            room = min(room, self._budget.left - HEADER_SIZE)
+        keep = 0 if self._failed is not None else max(0, min(len(data), room))
         if keep < len(data):
             self.dropped_bytes += len(data) - keep
             if keep <= 0:
                 return
             data = data[:keep]
         self._accepted += keep
+        if self._budget is not None:
+            self._budget.left -= keep + HEADER_SIZE
         self._queued_cost += keep + _RECORD_COST
         with self._cond:
             self._queue.append((fd, data, time.time_ns()))
@@ -261,6 +311,8 @@ class OutputLog:
         for _fd, data, _t in records:
             self.dropped_bytes += len(data)
             self._accepted -= len(data)
+            if self._budget is not None:
+                self._budget.left += len(data) + HEADER_SIZE
             self._queued_cost -= len(data) + _RECORD_COST
         self._wake_room()
 
@@ -350,11 +402,13 @@ class OutputLog:
         try:
             if self._fd is None:  # made by its first write: a job without output has no log
                 truncate = os.O_TRUNC if offset == 0 else 0
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | truncate,
-                                   0o600)
+                self._fd = open_log(self.path, os.O_WRONLY | os.O_CREAT | truncate,
+                                    self._dir_fd, self._name)
             written = _pwritev(self._fd, iov, offset)
         except OSError as exc:
             written, error = 0, os.strerror(exc.errno) if exc.errno else str(exc)
+            if exc.errno == errno.ELOOP:  # planted in the logs directory: never followed
+                error = "the log file is a symlink (not followed)"
         else:
             if written == total:
                 return written, None
@@ -382,6 +436,8 @@ class OutputLog:
             else:
                 self.dropped_bytes += len(data)
                 self._accepted -= len(data)
+                if self._budget is not None:
+                    self._budget.left += len(data) + HEADER_SIZE
         self.end += written
         if error is not None:
             log.warning("output log %s: %s; dropping further output", self.path, error)
@@ -398,7 +454,7 @@ class OutputLog:
         if position in (0, self.end):
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
         except FileNotFoundError:
             raise BadPosition(f"{position}: the log is gone") from None
         try:
@@ -421,12 +477,13 @@ class OutputLog:
                 self._changed = trio.Event()
             await self._changed.wait()
 
-    async def chunks(self, position: int, max_chunk: int,
-                     until: int | None) -> AsyncGenerator[OutputChunk, None]:
+    async def chunks(self, position: int, max_chunk: int, until: int | None, *,
+                     timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
         """Chunks from ``position`` (validated by the caller).
 
         With ``until`` None it follows: waits for more until the log is closed
-        and every byte was given. Else it stops at offset ``until``.
+        and every byte was given. Else it stops at offset ``until``. With
+        ``timestamps``, every record is its own chunk, with its time.
         """
         fd = -1  # opened once there is something to read: the first write makes the log
         try:
@@ -439,11 +496,16 @@ class OutputLog:
                     continue
                 if fd < 0:
                     try:
-                        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                        fd = open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
                     except FileNotFoundError:
                         return  # deleted meanwhile: nothing more to give
                 block = await _read_block(fd, position, min(end - position,
                                                             max_chunk + _HEADER_ALLOWANCE))
+                if timestamps:
+                    for chunk in _records(block, position):
+                        yield chunk
+                        position = chunk.position
+                    continue
                 spans = _parse(block, position, max_chunk)
                 view = memoryview(block)
                 for i, (chunk_fd, parts, after) in enumerate(spans):
@@ -490,6 +552,27 @@ def _parse(block: bytearray | bytes, base: int,
     if not spans:
         raise EngineError(f"output log corrupt at offset {base}")
     return spans
+
+
+def _records(block: bytearray | bytes, base: int) -> list[OutputChunk]:
+    """The whole records of a block read at file offset ``base``, one chunk each,
+    with its time (the ``timestamps`` reading; :func:`_parse` is the fast one)."""
+    chunks: list[OutputChunk] = []
+    at = 0
+    while at + HEADER_SIZE <= len(block):
+        try:
+            fd, length = decode_header(block, at, base + at)
+        except ValueError:
+            raise EngineError(f"output log corrupt at offset {base + at}") from None
+        stop = at + HEADER_SIZE + length
+        if stop > len(block):
+            break
+        time_ns = HEADER.unpack_from(block, at)[4]
+        chunks.append(OutputChunk(fd, bytes(block[at + HEADER_SIZE:stop]), base + stop, time_ns))
+        at = stop
+    if not chunks:
+        raise EngineError(f"output log corrupt at offset {base}")
+    return chunks
 
 
 _nowait_reads = hasattr(os, "RWF_NOWAIT")

@@ -56,6 +56,12 @@ class EngineConfig:
       limits: the server's defaults and caps for per-job limits.
       cgroup_root: a delegated cgroup v2 directory for the jobs' cgroups; None:
         find one (see docs/isolation.md).
+      retain: seconds a finished job is kept after its end; None: forever.
+      retain_count: the most finished jobs kept (the oldest go first); None: no cap.
+      max_log_space: the most bytes of output logs kept for finished jobs (the
+        oldest finished jobs go first, with their records); None: no cap.
+      max_log_space_per_user: the most bytes of output logs one owner's jobs may
+        hold; output beyond it is dropped and counted in dropped_bytes; None: no cap.
     """
 
     state_dir: Path
@@ -64,8 +70,18 @@ class EngineConfig:
     on_event: EventCallback | None = None
     limits: LimitPolicy = field(default_factory=LimitPolicy)
     cgroup_root: Path | None = None
+    retain: float | None = None
+    retain_count: int | None = None
+    max_log_space: int | None = None
+    max_log_space_per_user: int | None = None
 
     def __post_init__(self) -> None:
+        if self.retain is not None and not self.retain > 0:
+            raise ValueError("retain must be a positive number of seconds")
+        for name in ("retain_count", "max_log_space", "max_log_space_per_user"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative")
         if not self.stop_grace >= 0:  # also refuses NaN
             raise ValueError("stop_grace must be 0 or more seconds")
         if self.output_cap < 0:
@@ -81,11 +97,14 @@ class OutputChunk:
       data: the bytes, never empty.
       position: the log offset just after the last record in this chunk; reading
         again from it resumes right after this chunk, nothing lost or repeated.
+      time_ns: when jobd read the bytes (ns since the Unix epoch), for a chunk
+        read with ``timestamps``: one record, never coalesced. Else None.
     """
 
     fd: int
     data: bytes
     position: int
+    time_ns: int | None = None
 
 
 class EngineError(Exception):
@@ -109,6 +128,10 @@ class InvalidState(EngineError):
         else:
             super().__init__(f"process not running: {status.describe()}")
         self.status = status
+
+
+class BadLimits(EngineError):
+    """A start request's limits that make no sense as given (a device named twice)."""
 
 
 class LimitExceeded(EngineError):
