@@ -86,6 +86,11 @@
               trustme
               hypothesis
               pytest-timeout
+              # the "otel" extra, which the telemetry tests use
+              opentelemetry-api
+              opentelemetry-sdk
+              opentelemetry-exporter-otlp-proto-http
+              opentelemetry-proto
             ])
             ++ [ openssl ];
           # Tests start the installed jobd and jobctl as real processes, and
@@ -165,6 +170,10 @@
                   pytest-timeout
                   argparse-manpage
                   shtab
+                  opentelemetry-api
+                  opentelemetry-sdk
+                  opentelemetry-exporter-otlp-proto-http
+                  opentelemetry-proto
                   # the "dev" extra (mypy inside the environment sees its packages)
                   mypy
                 ]
@@ -408,6 +417,7 @@
                 LimitNOFILE = 65536;
                 Restart = "on-failure";
                 RestartSec = "2s";
+                WatchdogSec = "30s";
               };
             };
           };

@@ -133,7 +133,7 @@ class Client:
                 raise
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
-        return (await self._request(core.message(p.Stop, job, grace), p.Stopped,
+        return (await self._request(core.stop_request(job, grace), p.Stopped,
                                     core.stop_timeout(grace))).status
 
     async def status(self, job: int) -> p.JobStatus:

@@ -274,7 +274,7 @@ class BlockingClient:
              progress: Callable[[], None] | None = None) -> p.JobStatus:
         """Stop a job; returns once every process of it is gone. ``progress`` is
         called once if that takes a while (the CLI says what it is doing)."""
-        return self._request(core.message(p.Stop, job, grace), p.Stopped,
+        return self._request(core.stop_request(job, grace), p.Stopped,
                              core.stop_timeout(grace), progress=progress).status
 
     def status(self, job: int) -> p.JobStatus:

@@ -4,8 +4,10 @@ reading the server's answers. No IO here: each client only moves bytes."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +42,9 @@ RECEIVE_SIZE = 64 * 1024
 #: which bounds the wait of a stream on a silent job.
 KEEPALIVE = (30, 10, 3)
 
+#: A W3C Trace Context traceparent: version, trace ID, parent span ID, flags
+#: (lower-case hex; a later version may append fields). Version ff is invalid.
+TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[^\s]*)?")
 #: The longest any request waits for its answer, whatever the grace asked for:
 #: a week is "forever" for a person, and stays within what a socket timeout
 #: and a Trio deadline can express.
@@ -95,7 +100,35 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    cwd=_encode("cwd", cwd) if cwd is not None else None,
                    env=tuple((_encode("env name", k), _encode("env value", v))
                              for k, v in env.items()) if env is not None else None,
-                   limits=limits, env_merge=env_merge)
+                   limits=limits, env_merge=env_merge, traceparent=current_traceparent())
+
+
+def stop_request(job: int, grace: float | None) -> p.Stop:
+    """The stop message both clients send."""
+    return message(p.Stop, job, grace, traceparent=current_traceparent())
+
+
+def current_traceparent() -> str | None:
+    """The caller's trace context, as a W3C ``traceparent``, for start and stop requests.
+
+    The current OpenTelemetry span, if the program uses OpenTelemetry and a span
+    is current; else ``$TRACEPARENT``, the context a parent process hands to its
+    children (how a traced shell script reaches ``jobctl``); else None.
+
+    OpenTelemetry is never imported here: a program that has not imported it
+    has no span, so looking in ``sys.modules`` is enough, and jobctl's start-up
+    stays free of it.
+    """
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is not None:
+        try:
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+        except Exception:  # a broken tracing setup must never fail a request
+            pass
+    value = os.environ.get("TRACEPARENT", "")
+    return value if TRACEPARENT.fullmatch(value) and len(value) <= p.MAX_TRACEPARENT else None
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

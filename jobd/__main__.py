@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 import trio
 
+from jobd import __version__
 from jobd._alloc import tune_allocator
 from jobd._config import ServerConfig, parse_args
 from jobd._log import EventLog
-from jobd._notify import notify_ready, notify_reloading, notify_stopping
+from jobd._notify import (
+    notify_ready,
+    notify_reloading,
+    notify_stopping,
+    notify_watchdog,
+    watchdog_interval,
+)
 from jobd._server import Server, serve
+from jobd._telemetry import NULL, Telemetry, TelemetryError, open_telemetry
 from jobd._tls import TLSConfigError
 from jobd.engine import EngineError
 
 
-async def _run(config: ServerConfig, log: EventLog) -> None:
+async def _watchdog(interval: float) -> None:
+    """Ping systemd's watchdog from the event loop: a frozen loop stops the pings."""
+    while True:
+        notify_watchdog()
+        await trio.sleep(interval)
+
+
+async def _run(config: ServerConfig, log: EventLog, telemetry: Telemetry = NULL) -> None:
+    async with trio.open_nursery() as watchdog:
+        interval = watchdog_interval()
+        if interval is not None:
+            watchdog.start_soon(_watchdog, interval)
+        await _serve_until_signalled(config, log, telemetry)
+        watchdog.cancel_scope.cancel()
+
+
+async def _serve_until_signalled(config: ServerConfig, log: EventLog,
+                                 telemetry: Telemetry) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(lambda task_status: serve(
-                config, log=log, task_status=task_status))
+                config, log=log, telemetry=telemetry, task_status=task_status))
             notify_ready(f"listening on port {server.port}")
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -45,9 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     tune_allocator()
     log = EventLog(config.log_format, config.log_level)
+    try:
+        telemetry = open_telemetry(config.telemetry, service_version=__version__)
+    except TelemetryError as problem:
+        log.error("startup-failed", reason=str(problem))
+        return 1
+    if telemetry.enabled:
+        log.sink = telemetry.log_record
+        log.info("telemetry", exporter="otlp", protocol="http/protobuf",
+                 endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "default")
     status = 0
     try:
-        trio.run(_run, config, log)
+        trio.run(_run, config, log, telemetry)
     except* TLSConfigError as group:
         for exc in _leaves(group):
             log.error("startup-failed", reason=str(exc))
@@ -60,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         for exc in _leaves(engine_group):
             log.error("startup-failed", reason=str(exc))
         status = 1
+    finally:
+        log.sink = None
+        telemetry.shutdown()
     return status
 
 

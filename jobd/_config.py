@@ -69,6 +69,8 @@ class ServerConfig:
     #: Per-job limit defaults and caps (docs/isolation.md); None: none.
     limits: LimitPolicy | None = None
     cgroup_root: Path | None = None
+    #: ``off`` or ``otlp`` (OpenTelemetry, configured by the OTEL_* variables).
+    telemetry: str = "off"
     #: History: finished jobs kept this many seconds, this many of them, this many
     #: bytes of their logs (None: no limit); an owner's logs at most this many bytes.
     retain: float | None = None
@@ -200,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
                    metavar="N", help="connections served at once; more are refused "
                    "(default: %(default)s)")
+    p.add_argument("--telemetry", choices=("off", "otlp"), default="off",
+                   help="otlp: send traces, metrics and logs to an OpenTelemetry collector "
+                   "over OTLP/HTTP, configured by the standard OTEL_* environment variables "
+                   "(needs the jobd[otel] extra); off: none, OpenTelemetry is not even "
+                   "imported (default: %(default)s)")
     p.add_argument("--max-connections-per-identity", type=_count, default=None, metavar="N",
                    help="connections one certificate name (CN) may hold at once; more are "
                    "refused with limit_exceeded (default: 64, or a quarter of "
@@ -292,6 +299,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             default_cpus=ns.default_cpus, max_cpus=ns.max_cpus,
             default_pids=ns.default_pids, max_pids=ns.max_pids, max_io_bps=ns.max_io_bps),
         cgroup_root=ns.cgroup_root,
+        telemetry=ns.telemetry,
         retain=ns.retain,
         retain_count=ns.retain_count,
         max_log_space=ns.max_log_space,

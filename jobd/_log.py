@@ -15,6 +15,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -23,6 +24,11 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 def _timestamp(now: float) -> str:
     ms = int(now * 1000) % 1000
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{ms:03d}Z"
+
+
+def format_fields(fields: Mapping[str, Any]) -> list[str]:
+    """``key=value`` words of a text line, None values left out."""
+    return [f"{k}={_text_value(v)}" for k, v in fields.items() if v is not None]
 
 
 #: Characters that end or forge a line, or drive a terminal, when written raw:
@@ -55,19 +61,22 @@ class EventLog:
         self._json = fmt == "json"
         self._min = LEVELS[level]
         self._stream = stream
+        #: Also called with each event logged (event, level, fields): the telemetry's
+        #: log records (jobd._telemetry). None: the event goes to the stream only.
+        self.sink: Callable[[str, str, Mapping[str, Any]], None] | None = None
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
         if LEVELS[level] < self._min:
             return
+        if self.sink is not None:
+            self.sink(event, level, fields)
         now = time.time()
         if self._json:
             record = {"ts": _timestamp(now), "level": level, "event": event}
             record.update(fields)
             line = json.dumps(record, default=str)
         else:
-            parts = [_timestamp(now), level, event]
-            parts += [f"{k}={_text_value(v)}" for k, v in fields.items() if v is not None]
-            line = " ".join(parts)
+            line = " ".join([_timestamp(now), level, event, *format_fields(fields)])
         stream = self._stream if self._stream is not None else sys.stderr
         try:
             stream.write(line + "\n")

@@ -11,7 +11,12 @@ datagram per message (see sd_notify(3)):
   when a reload begins, then ``READY=1`` again when it is done: systemd ≥ 253
   (``Type=notify-reload``) needs the timestamp to tell this reload from an
   earlier one; older versions ignore the extra field;
-- ``STOPPING=1`` when shutdown begins.
+- ``STOPPING=1`` when shutdown begins;
+- ``WATCHDOG=1`` at least every ``$WATCHDOG_USEC`` microseconds when the
+  unit sets ``WatchdogSec=`` (systemd exports the variable, and
+  ``$WATCHDOG_PID`` naming the process it is for): a service that misses a
+  ping is considered hung and is killed (and restarted, with ``Restart=``).
+  jobd pings from its event loop, so a frozen loop stops the pings.
 
 The address is a file system path (``/run/systemd/notify``) or, when it
 starts with ``@``, a Linux abstract socket whose name follows the ``@``.
@@ -88,3 +93,28 @@ def notify_reloading() -> bool:
     """
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings, or None when systemd expects none.
+
+    Half of ``$WATCHDOG_USEC``, as sd_watchdog_enabled(3) advises, so that one
+    late ping is not yet a missed one. None when the variable is unset, not a
+    positive integer, or ``$WATCHDOG_PID`` names another process (the variables
+    were inherited, not meant for this one).
+    """
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    if usec <= 0:
+        return None
+    return usec / 2 / 1_000_000
+
+
+def notify_watchdog() -> bool:
+    """``WATCHDOG=1``: the service is alive."""
+    return notify("WATCHDOG=1")

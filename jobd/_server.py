@@ -72,6 +72,7 @@ from jobd._auth import (
 from jobd._config import ServerConfig
 from jobd._expiry import expiry_warnings
 from jobd._log import EventLog, route_engine_logs
+from jobd._telemetry import NULL, Telemetry
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
 from jobd.engine import (
     BadLimits,
@@ -205,6 +206,7 @@ async def serve(
     config: ServerConfig,
     *,
     log: EventLog | None = None,
+    telemetry: Telemetry = NULL,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until :meth:`Server.request_shutdown`, then shut down gracefully.
@@ -227,6 +229,7 @@ async def serve(
         return True
 
     def on_job_event(kind: str, status: p.JobStatus) -> None:
+        telemetry.job_event(kind, status)
         argv = shlex.join(os.fsdecode(a) for a in status.argv)
         if kind == "started":
             log.info("job-started", id=status.id, owner=status.owner, pid=status.pid, argv=argv)
@@ -245,6 +248,8 @@ async def serve(
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]
         server = Server(addresses=addresses, manager=manager, _reload=reload)
         state = _ServerState(config, log, manager, lambda: tls[0])
+        state.telemetry = telemetry
+        telemetry.watch(manager, config.state_dir)
         log.debug("admission", **vars(state.admission.limits))
         if state.max_connections < config.max_connections:
             log.warning("connection-limit-lowered", configured=config.max_connections,
@@ -372,6 +377,7 @@ class _ServerState:
         #: at shutdown each gets ``unavailable`` "server is shutting down".
         self.waiting: set[_Session] = set()
         self.job_env = job_environment()
+        self.telemetry: Telemetry = NULL
         self._idle = trio.Event()
         self._idle.set()
 
@@ -421,6 +427,7 @@ class _ServerState:
         refused = self.admission.begin_handshake(ticket)
         if refused is not None:
             self.log.warning("connection-refused", peer=peer, reason=refused)
+            self.telemetry.connection_dropped(peer, "busy", refused)
             await tcp.aclose()
             return
         _set_keepalive(tcp)
@@ -463,6 +470,7 @@ class _Session:
         self._wait_scope: trio.CancelScope | None = None
         self._owes_goodbye = False
         self._streaming = False
+        self.tel = server.telemetry.connection(peer)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -526,6 +534,7 @@ class _Session:
     async def _refuse_shutting_down(self) -> None:
         self.log.debug("connection-closed", peer=self.peer, who=self._who(),
                        reason="server is shutting down")
+        self.tel.refused("shutting_down", "server is shutting down")  # unless welcomed
         await self._close(self.conn.send(
             p.Error(p.ErrorCode.UNAVAILABLE, "server is shutting down")))
 
@@ -539,6 +548,7 @@ class _Session:
             await self._close()
             if self._owes_goodbye:
                 self.server.response_ended()
+            self.tel.closed()
 
     async def _handshake(self) -> bool:
         """TLS, identity, hello and welcome, under one deadline. True when welcomed."""
@@ -548,6 +558,7 @@ class _Session:
             except trio.BrokenResourceError as exc:
                 reason = describe_tls_error(exc.__cause__)
                 self.log.warning("connection-refused", peer=self.peer, reason=reason)
+                self.tel.refused("tls", reason)
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flush_tls_alert()
                 return False
@@ -561,6 +572,7 @@ class _Session:
                 refusal = (p.ErrorCode.PERMISSION_DENIED, str(exc))
                 self.log.warning("identity-refused", peer=self.peer, reason=str(exc),
                                  subject=_subject(self.stream.getpeercert()))
+                self.tel.refused("identity", str(exc))
             if refusal is None and self.identity is not None:
                 # A slot is taken (or refused) before the hello is read: the wait for
                 # it then counts against the caller's share, not the handshake slots.
@@ -568,6 +580,7 @@ class _Session:
                 if refusal is not None:
                     self.log.warning("connection-refused", peer=self.peer, who=name,
                                      role=self.identity.role.value, reason=refusal[1])
+                    self.tel.refused("busy", refusal[1])
             try:
                 with self._waiting_for_peer() as wait:
                     hello = await self._receive_event()
@@ -576,6 +589,7 @@ class _Session:
                     return False
             except p.RemoteProtocolError as exc:
                 self.log.warning("bad-hello", peer=self.peer, who=name, reason=exc.message)
+                self.tel.refused("bad_hello", exc.message)
                 await self._close(exc.error_frame)
                 return False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -584,6 +598,7 @@ class _Session:
                 return False
             if refusal is None and self.server.closing:
                 refusal = (p.ErrorCode.UNAVAILABLE, "server is shutting down")
+                self.tel.refused("shutting_down", "server is shutting down")
             if refusal is not None:
                 await self._close(self.conn.send(p.Error(*refusal)))
                 return False
@@ -593,6 +608,7 @@ class _Session:
                 self.conn.next_event()
             except p.RemoteProtocolError as exc:
                 self.log.warning("bad-hello", peer=self.peer, who=name, reason=exc.message)
+                self.tel.refused("bad_hello", exc.message)
                 await self._close(exc.error_frame)
                 return False
             assert self.identity is not None
@@ -607,10 +623,12 @@ class _Session:
                 return False
             self.log.debug("connected", peer=self.peer, who=self.identity.name,
                            role=self.identity.role.value)
+            self.tel.welcomed(self.identity.name, self.identity.role.value, self.stream.version())
             return True
         self.log.warning("connection-timeout", peer=self.peer,
                          reason=f"no handshake and hello within "
                          f"{self.server.config.handshake_timeout:g}s")
+        self.tel.refused("timeout", "no handshake and hello in time")
         return False
 
     async def _serve_requests(self) -> None:
@@ -630,7 +648,7 @@ class _Session:
                         break
                     self.server.response_started()
                     try:
-                        with trio.CancelScope() as self._response_scope:
+                        with self.tel.request(request), trio.CancelScope() as self._response_scope:
                             await self._respond(request)
                     except (trio.BrokenResourceError, trio.ClosedResourceError,
                             p.RemoteProtocolError):  # the reader closed on a protocol error
@@ -737,6 +755,7 @@ class _Session:
             reply = p.Error(reply.code, p.clip(reply.message))
             if isinstance(request, p.Start):
                 self._log_refused_start(reply.code, reply.message)
+        self.tel.replied(reply)
         try:
             frame = self.conn.send(reply)
         except p.LocalProtocolError as exc:
@@ -870,6 +889,7 @@ class _Session:
                     frame = self.conn.send(p.OutputChunk(chunk.fd, chunk.data, chunk.position,
                                                          chunk.time_ns / 1e9))
                 await self._send(frame)
+                self.tel.streamed(len(chunk.data))
                 position = chunk.position
         return p.End(self.manager.status(request.job), position)
 

@@ -67,6 +67,7 @@ from ._messages import (
     Stream,
     Welcome,
 )
+from ._requests import MAX_TRACEPARENT
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
 from ._units import parse_duration, parse_size
@@ -90,6 +91,7 @@ __all__ = [
     "MAX_OUTPUT_CHUNK",
     "MAX_PATH_BYTES",
     "MAX_PIDS",
+    "MAX_TRACEPARENT",
     "MESSAGE_TYPES",
     "NEED_DATA",
     "PROTOCOL_MINOR",

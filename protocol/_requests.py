@@ -46,6 +46,18 @@ from ._status import JobState, Limits
 #: Longest owner a list filter may name (a certificate CN is at most 64 characters).
 MAX_OWNER_FILTER = 1024
 
+#: Longest ``traceparent`` accepted. A W3C traceparent of version 00 is 55
+#: characters; later versions may append fields, so leave room, but bound it.
+MAX_TRACEPARENT = 256
+
+
+def _check_traceparent(value: object) -> None:
+    check_type("traceparent", value, str, optional=True)
+    if value is not None:
+        assert isinstance(value, str)
+        check(len(value) <= MAX_TRACEPARENT,
+              f"traceparent must be at most {MAX_TRACEPARENT} characters")
+
 
 @dataclass(frozen=True, slots=True)
 class Hello(_Message):
@@ -98,6 +110,10 @@ class Start(_Message):
       env_merge: (minor 1) True: ``env`` is added to the server's environment
         for jobs (replacing variables of the same name) instead of being the
         whole environment.
+      traceparent: a W3C Trace Context ``traceparent`` (str, at most
+        MAX_TRACEPARENT characters) naming the caller's span, or None. A server
+        that traces requests makes it the parent of the request's span; one
+        that does not (or an older one) ignores it.
 
     Every bound is in ``_bounds.py``: what a start makes the server store or echo
     stays small enough for one frame.
@@ -110,6 +126,7 @@ class Start(_Message):
     env: tuple[tuple[bytes, bytes], ...] | None = None
     limits: Limits | None = None
     env_merge: bool = False
+    traceparent: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, list):
@@ -162,6 +179,7 @@ class Start(_Message):
         check_type("env_merge", self.env_merge, bool)
         if self.limits is not None:
             object.__setattr__(self, "limits", request_limits(self.limits))
+        _check_traceparent(self.traceparent)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "argv": list(self.argv)}
@@ -173,6 +191,8 @@ class Start(_Message):
             out["limits"] = self.limits.to_wire()
         if self.env_merge:
             out["env_merge"] = True
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
         return out
 
     @classmethod
@@ -186,6 +206,7 @@ class Start(_Message):
             env=tuple(env) if env is not None else None,
             limits=Limits.from_wire(limits) if limits is not None else None,
             env_merge=_flag(m, "env_merge"),
+            traceparent=get_str(m, "traceparent", None),
         )
 
 
@@ -233,12 +254,14 @@ class Stop(_Message):
       job: the job's ID.
       grace: seconds between the steps of the stop sequence (SIGINT, SIGTERM,
         SIGKILL); 0 sends SIGKILL at once; None for the server's default.
+      traceparent: as for :class:`Start`.
     """
 
     TYPE: ClassVar[str] = "stop"
 
     job: int
     grace: float | None = None
+    traceparent: str | None = None
 
     def __post_init__(self) -> None:
         _uint("job", self.job)
@@ -247,16 +270,20 @@ class Stop(_Message):
             object.__setattr__(self, "grace", float(self.grace))
             check(math.isfinite(self.grace) and self.grace >= 0,
                   "grace must be a finite number of seconds, not negative")
+        _check_traceparent(self.traceparent)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "job": self.job}
         if self.grace is not None:
             out["grace"] = self.grace
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
         return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
-        return cls(get_int(m, "job"), get_float(m, "grace", None))
+        return cls(get_int(m, "job"), get_float(m, "grace", None),
+                   get_str(m, "traceparent", None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,5 +426,5 @@ class Prune(_Message):
         return cls(get_float(m, "older_than"))
 
 
-__all__ = ["Delete", "GetStatus", "Hello", "ListJobs", "Output", "Prune", "Start", "Stop",
-           "Stream"]
+__all__ = ["MAX_TRACEPARENT", "Delete", "GetStatus", "Hello", "ListJobs", "Output", "Prune",
+           "Start", "Stop", "Stream"]
