@@ -182,14 +182,11 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],
-                   ca: str | os.PathLike[str]) -> ssl.SSLContext:
-    """TLS 1.3 only, the server verified against ``ca`` and its name checked."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    # A host name is matched against subjectAltName only, never the subject's CN.
-    ctx.hostname_checks_common_name = False
-    for what, path in (("certificate", certificate), ("key", key), ("CA certificate", ca)):
+def load_client_certificate(ctx: ssl.SSLContext, certificate: str | os.PathLike[str],
+                            key: str | os.PathLike[str]) -> None:
+    """Load the client's certificate and key into ``ctx``; a clear ConfigError if
+    either is missing or they do not load."""
+    for what, path in (("certificate", certificate), ("key", key)):
         if not Path(path).is_file():
             raise ConfigError(f"cannot read {what} {os.fspath(path)}: no such file")
     try:
@@ -197,6 +194,18 @@ def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[s
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load certificate {os.fspath(certificate)} "
                           f"with key {os.fspath(key)}: {tls_reason(exc)}") from None
+
+
+def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],
+                   ca: str | os.PathLike[str]) -> ssl.SSLContext:
+    """TLS 1.3 only, the server verified against ``ca`` and its name checked."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # A host name is matched against subjectAltName only, never the subject's CN.
+    ctx.hostname_checks_common_name = False
+    if not Path(ca).is_file():
+        raise ConfigError(f"cannot read CA certificate {os.fspath(ca)}: no such file")
+    load_client_certificate(ctx, certificate, key)
     try:
         ctx.load_verify_locations(cafile=ca)
     except (OSError, ssl.SSLError) as exc:

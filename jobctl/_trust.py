@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._core import load_client_certificate
 from ._errors import ConfigError, ConnectionFailed
 
 if TYPE_CHECKING:
@@ -89,14 +90,7 @@ class Pinning:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False  # the pin is per address and port, not per name
         ctx.verify_mode = ssl.CERT_NONE  # replaced by check(), before any request
-        for what, path in (("certificate", certificate), ("key", key)):
-            if not Path(path).is_file():
-                raise ConfigError(f"cannot read {what} {os.fspath(path)}: no such file")
-        try:
-            ctx.load_cert_chain(certificate, key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load certificate {os.fspath(certificate)} "
-                              f"with key {os.fspath(key)}: {exc}") from None
+        load_client_certificate(ctx, certificate, key)
         return ctx
 
     def lookup(self) -> tuple[str, int] | None:
