@@ -259,15 +259,17 @@ def soft_fd_limit(limit: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def wait_all_closed(socks: Iterable[socket.socket], timeout: float) -> list[socket.socket]:
-    """Wait until the server closed every socket (EOF or reset); those still open after
-    *timeout* are returned. Works on plain and TLS sockets (TLS: close_notify or EOF)."""
+def wait_all_closed(socks: Iterable[socket.socket], timeout: float, *,
+                    leave: int = 0) -> list[socket.socket]:
+    """Wait until the server closed every socket (EOF or reset), or all but *leave*
+    of them; those still open then, or after *timeout*, are returned. Works on plain
+    and TLS sockets (TLS: close_notify or EOF)."""
     pending = {s.fileno(): s for s in socks}
     deadline = time.monotonic() + timeout
     poller = select.poll()
     for fd in pending:
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    while pending:
+    while len(pending) > leave:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break

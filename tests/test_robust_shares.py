@@ -131,7 +131,9 @@ def test_bare_sockets_from_one_source_do_not_block_others(pki: Pki, tmp_path: Pa
     try:
         with many(100, lambda: socket.create_connection(
                 (server.address, server.port), source_address=(OTHER_SOURCE, 0))) as flood:
-            still_open = wait_all_closed(flood, timeout=20)
+            # the 90 beyond the share are closed at once; the wait ends then (the
+            # deadline only bounds a failure)
+            still_open = wait_all_closed(flood, timeout=50, leave=10)
             assert len(still_open) == 10, len(still_open)
             for _ in range(3):
                 result = server.jobctl("alice", "list")
@@ -150,7 +152,7 @@ def test_explicit_handshakes_per_source(pki: Pki, tmp_path: Path) -> None:
     try:
         with many(10, lambda: socket.create_connection(
                 (server.address, server.port), source_address=(OTHER_SOURCE, 0))) as flood:
-            still_open = wait_all_closed(flood, timeout=20)
+            still_open = wait_all_closed(flood, timeout=50, leave=3)
             assert len(still_open) == 3, len(still_open)
             assert server.jobctl("alice", "list").returncode == 0
     finally:
