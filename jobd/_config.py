@@ -143,13 +143,6 @@ def _duration(text: str) -> float:
     return value
 
 
-def _keep_count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-    return value
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -249,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--retain", type=_duration, metavar="DURATION",
                          help="remove finished jobs this long after their end "
                          "(e.g. 30d, 12h, 90m, 3600)")
-    history.add_argument("--retain-count", type=_keep_count, metavar="N",
+    history.add_argument("--retain-count", type=_count_or_zero, metavar="N",
                          help="keep at most N finished jobs")
     history.add_argument("--max-log-space", type=_size, metavar="SIZE",
                          help="keep at most SIZE of finished jobs' output logs "

@@ -59,24 +59,25 @@ def now() -> datetime.datetime:
 # -- files ---------------------------------------------------------------------
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file with mode 0600 from birth (never world-readable)."""
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` atomically (a reader sees the old file or the new one), the new
+    file created with ``mode`` from birth."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically, mode 0600 from birth (never world-readable)."""
+    _write_atomic(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically (a reader sees the old file or the new one), mode 0644."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write ``data`` atomically, mode 0644."""
+    _write_atomic(path, data, 0o644)
 
 
 def read_small(path: Path, what: str) -> bytes:

@@ -114,16 +114,6 @@ class Page:
     total: int | None
 
 
-@dataclass(frozen=True)
-class Removed:
-    """A job that retention or a prune removed."""
-
-    id: int
-    owner: str
-    log_size: int
-    reason: str
-
-
 @dataclass
 class _Op:
     kind: str  # "put" | "delete"

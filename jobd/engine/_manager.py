@@ -162,10 +162,6 @@ class JobManager:
         if not self._running[owner]:
             del self._running[owner]
 
-    def running_count(self, owner: str) -> int:
-        """Jobs of ``owner`` running or being started."""
-        return self._running[owner]
-
     async def stop(self, job_id: int, grace: float | None = None) -> JobStatus:
         """SIGINT, grace, SIGTERM, grace, SIGKILL to the job's process group; returns the
         final status once every process of the job is gone. Joins a stop under way.

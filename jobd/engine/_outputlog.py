@@ -63,6 +63,7 @@ from pathlib import Path
 
 import trio
 
+from ._statedir import DIR_FLAGS
 from ._types import BadPosition, EngineError, OutputChunk
 
 log = logging.getLogger("jobd.engine")
@@ -118,10 +119,6 @@ def decode_header(buf: bytes | bytearray | memoryview, at: int, offset: int) -> 
     return fd, length
 
 
-#: Flags for opening a shard directory of the logs.
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 def open_log(path: Path, flags: int, dir_fd: int | None = None, name: str | None = None) -> int:
     """Open a log file, never through a symlink (ELOOP).
 
@@ -138,7 +135,7 @@ def open_log(path: Path, flags: int, dir_fd: int | None = None, name: str | None
     if flags & os.O_CREAT:
         with contextlib.suppress(FileExistsError):
             os.mkdir(shard, 0o700, dir_fd=dir_fd)
-    shard_fd = os.open(shard, _DIR_FLAGS, dir_fd=dir_fd)
+    shard_fd = os.open(shard, DIR_FLAGS, dir_fd=dir_fd)
     try:
         return os.open(leaf, flags, 0o600, dir_fd=shard_fd)
     finally:
