@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,15 +89,16 @@ def _write_leaf(directory: Path, name: str, leaf: trustme.LeafCert) -> None:
     leaf.cert_chain_pems[0].write_to_path(str(directory / f"{name}.pem"))
 
 
-def _custom_cert(ca: trustme.CA, directory: Path, name: str, subject: list[x509.NameAttribute],
-                 *, server_only: bool = False) -> None:
-    """A client certificate trustme cannot make (several OUs, server-only usage)."""
+def custom_cert(ca: trustme.CA, directory: Path, name: str, subject: list[x509.NameAttribute],
+                *, eku: list[x509.ObjectIdentifier] | None,
+                hosts: list[str] | None = None) -> None:
+    """A leaf certificate of ``ca`` that trustme cannot make (several OUs, exactly the
+    EKU given, or none with None) and, with ``hosts``, a subjectAltName; written to
+    ``name``.pem and ``name``.key (mode 0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    usage = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server_only else \
-        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
@@ -105,14 +106,34 @@ def _custom_cert(ca: trustme.CA, directory: Path, name: str, subject: list[x509.
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .sign(ca._private_key, hashes.SHA256())
     )
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    if hosts:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(h) for h in hosts]), critical=False)
+    cert = builder.sign(ca._private_key, hashes.SHA256())
     (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (directory / f"{name}.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     (directory / f"{name}.key").chmod(0o600)
+
+
+def crl_pem(ca: trustme.CA, revoked: Iterable[int] = ()) -> bytes:
+    """A CRL signed by ``ca`` revoking the certificates with these serial numbers."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(now - datetime.timedelta(minutes=5))
+               .next_update(now + datetime.timedelta(days=1)))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial)
+            .revocation_date(now - datetime.timedelta(minutes=1)).build())
+    return builder.sign(ca._private_key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM)
 
 
 @pytest.fixture(scope="session")
@@ -134,11 +155,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         common_name="future", organization_unit_name="control",
         not_before=now + datetime.timedelta(days=1), not_after=now + datetime.timedelta(days=10)))
     ou = NameOID.ORGANIZATIONAL_UNIT_NAME
-    _custom_cert(ca, d, "tworoles", [x509.NameAttribute(NameOID.COMMON_NAME, "tworoles"),
-                                     x509.NameAttribute(ou, "control"),
-                                     x509.NameAttribute(ou, "admin")])
-    _custom_cert(ca, d, "serveronly", [x509.NameAttribute(NameOID.COMMON_NAME, "serveronly"),
-                                       x509.NameAttribute(ou, "admin")], server_only=True)
+    usage = x509.oid.ExtendedKeyUsageOID
+    custom_cert(ca, d, "tworoles", [x509.NameAttribute(NameOID.COMMON_NAME, "tworoles"),
+                                    x509.NameAttribute(ou, "control"),
+                                    x509.NameAttribute(ou, "admin")], eku=[usage.CLIENT_AUTH])
+    custom_cert(ca, d, "serveronly", [x509.NameAttribute(NameOID.COMMON_NAME, "serveronly"),
+                                      x509.NameAttribute(ou, "admin")], eku=[usage.SERVER_AUTH])
     other = trustme.CA()
     other.cert_pem.write_to_path(str(d / "other-ca.pem"))
     _write_leaf(d, "stranger", other.issue_cert(common_name="stranger",

@@ -97,6 +97,18 @@ class Reply:
         return errors[0]
 
 
+def expect_error(reply: Reply, code: p.ErrorCode, *fragments: str) -> p.Error:
+    """The one error frame of *code* that *reply* holds (its message containing each
+    fragment), then the close."""
+    assert reply.closed, f"the server did not close the connection: {reply}"
+    assert reply.garbage == b""
+    error = reply.only_error()
+    assert error.code is code, error
+    for fragment in fragments:
+        assert fragment in error.message, error
+    return error
+
+
 class RawTLS:
     """A TLS 1.3 connection to jobd with *who*'s certificate, speaking raw bytes."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import socket
@@ -10,27 +9,16 @@ import subprocess
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
-from .conftest import JOBCTL, JOBD, RUN_CWD, Pki, start_jobd
+from .conftest import JOBCTL, JOBD, RUN_CWD, Pki, crl_pem, start_jobd
 
 
 def write_crl(pki: Pki, path: Path, revoked: list[str]) -> None:
     """A CRL signed by the test CA, revoking the named clients' certificates."""
-    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateRevocationListBuilder()
-               .issuer_name(ca_cert.subject)
-               .last_update(now - datetime.timedelta(minutes=5))
-               .next_update(now + datetime.timedelta(days=1)))
-    for who in revoked:
-        cert = x509.load_pem_x509_certificate(Path(pki.path(f"{who}.pem")).read_bytes())
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
-            .revocation_date(now - datetime.timedelta(minutes=1)).build())
-    crl = builder.sign(pki.ca._private_key, hashes.SHA256())
+    serials = [x509.load_pem_x509_certificate(Path(pki.path(f"{who}.pem")).read_bytes())
+               .serial_number for who in revoked]
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    tmp.write_bytes(crl_pem(pki.ca, serials))
     tmp.replace(path)
 
 

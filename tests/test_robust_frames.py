@@ -28,6 +28,7 @@ from .hostile import (
     attack,
     bystander,
     client_context,
+    expect_error,
     frame,
     jobd,
     packed,
@@ -40,16 +41,6 @@ __all__ = ["bystander", "jobd"]  # the fixtures
 
 LIMIT = p.MAX_FRAME_SIZE
 BAD = p.ErrorCode.BAD_REQUEST
-
-
-def expect_error(reply: Reply, code: p.ErrorCode, *fragments: str) -> p.Error:
-    assert reply.closed, f"the server did not close the connection: {reply}"
-    assert reply.garbage == b""
-    error = reply.only_error()
-    assert error.code is code, error
-    for fragment in fragments:
-        assert fragment in error.message, error
-    return error
 
 
 def nested(depth: int) -> bytes:

@@ -27,6 +27,7 @@ from .hostile import (
     attack,
     bystander,
     client_context,
+    expect_error,
     frame,
     jobd,
     packed,
@@ -39,13 +40,7 @@ BAD = p.ErrorCode.BAD_REQUEST
 
 def refused(reply: Reply, *fragments: str) -> p.Error:
     """The one bad_request error frame *reply* holds, then the close."""
-    assert reply.closed, f"the server did not close the connection: {reply}"
-    assert reply.garbage == b""
-    error = reply.only_error()
-    assert error.code is BAD, error
-    for fragment in fragments:
-        assert fragment in error.message, error
-    return error
+    return expect_error(reply, BAD, *fragments)
 
 
 def listing(jobd: JobdProcess, who: str) -> list[dict[str, object]]:

@@ -3,7 +3,6 @@ for their purpose (EKU), and the server key must be private to jobd."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import subprocess
@@ -12,13 +11,12 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol._x509 import CLIENT_AUTH, SERVER_AUTH, CertificateFormatError, extended_key_usage
 
-from .conftest import JOBD, RUN_CWD, JobdProcess, Pki, start_jobd
+from .conftest import JOBD, RUN_CWD, JobdProcess, Pki, crl_pem, custom_cert, start_jobd
 
 NOT_CLIENT = "certificate is not for client authentication (no clientAuth extended key usage)"
 
@@ -27,48 +25,10 @@ def issue(ca: trustme.CA, directory: Path, name: str, *, cn: str, ou: str | None
           eku: list[x509.ObjectIdentifier] | None = None, hosts: list[str] | None = None) -> None:
     """A leaf certificate of ``ca`` with exactly the EKU given (None: no EKU extension)
     and, with ``hosts``, a subjectAltName; its key is written mode 0600."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     subject = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
     if ou is not None:
         subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(subject))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
-    if eku is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    if hosts:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName(h) for h in hosts]), critical=False)
-    cert = builder.sign(ca._private_key, hashes.SHA256())
-    (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = directory / f"{name}.key"
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    key_path.chmod(0o600)
-
-
-def crl_pem(ca: trustme.CA, revoked: tuple[int, ...] = ()) -> bytes:
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateRevocationListBuilder()
-               .issuer_name(ca_cert.subject)
-               .last_update(now - datetime.timedelta(minutes=5))
-               .next_update(now + datetime.timedelta(days=1)))
-    for serial in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial)
-            .revocation_date(now - datetime.timedelta(minutes=1)).build())
-    return builder.sign(ca._private_key, hashes.SHA256()).public_bytes(
-        serialization.Encoding.PEM)
+    custom_cert(ca, directory, name, subject, eku=eku, hosts=hosts)
 
 
 def client(directory: Path, name: str) -> list[str]:
