@@ -4,19 +4,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench clean
+.PHONY: test lint demo bench clean lock test-newest test-lowest
+
+LOCK := requirements/lock.txt
+LOCK_EXTRAS := --extra ca --extra otel --extra test --extra dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The install's own chatter (setuptools' notes on editable installs) goes to a
-# log, shown only if the install fails.
-$(STAMP): pyproject.toml | $(BIN)/python
-	@echo "installing jobd (editable) and its test tools into $(VENV)"
-	@$(BIN)/python -m pip install --quiet -e '.[test,dev]' >$(VENV)/install.log 2>&1 \
-		|| { cat $(VENV)/install.log; exit 1; }
+# Every dependency comes from the committed lock, each file checked against its
+# hash; then jobd itself, editable, without dependencies and without build
+# isolation (setuptools is in the lock too). The install's own chatter goes to a
+# log, shown only if the install fails. docs/operations.md: "The lock".
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	@echo "installing the locked dependencies and jobd (editable) into $(VENV)"
+	@{ $(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK) \
+		&& $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . ; \
+	} >$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
+
+# Regenerate the lock after changing a range in pyproject.toml or
+# requirements/tools.in, or to take newer releases (docs/operations.md).
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml requirements/tools.in $(LOCK_EXTRAS) \
+		--generate-hashes --universal --python-version 3.11 --upgrade \
+		--custom-compile-command 'make lock' -o $(LOCK)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

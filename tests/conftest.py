@@ -120,6 +120,48 @@ def custom_cert(ca: trustme.CA, directory: Path, name: str, subject: list[x509.N
     (directory / f"{name}.key").chmod(0o600)
 
 
+def client_leaf(ca: trustme.CA, *, common_name: str, organization_unit_name: str | None = None,
+                not_before: datetime.datetime | None = None,
+                not_after: datetime.datetime | None = None) -> trustme.LeafCert:
+    """A client certificate of ``ca`` with the extensions trustme gives its leaves
+    (clientAuth and serverAuth) but no subjectAltName: ``trustme.CA.issue_cert``
+    without host names writes an empty one, which RFC 5280 forbids and
+    cryptography 51 refuses. Without ``organization_unit_name`` the subject has
+    no OU at all."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization_unit_name is not None:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                                          organization_unit_name))
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    usage = x509.oid.ExtendedKeyUsageOID
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - datetime.timedelta(hours=1))
+        .not_valid_after(not_after or now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=True,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False,
+            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage.CLIENT_AUTH, usage.SERVER_AUTH]),
+                       critical=True)
+        .sign(ca._private_key, hashes.SHA256())
+    )
+    return trustme.LeafCert(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption()),
+        cert.public_bytes(serialization.Encoding.PEM), [])
+
+
 def crl_pem(ca: trustme.CA, revoked: Iterable[int] = ()) -> bytes:
     """A CRL signed by ``ca`` revoking the certificates with these serial numbers."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
@@ -144,15 +186,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _write_leaf(d, "server", ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="server"))
     for name, role in (("alice", "control"), ("bob", "control"), ("olga", "observe"),
                        ("root", "admin"), ("wizard", "wizard")):
-        _write_leaf(d, name, ca.issue_cert(common_name=name, organization_unit_name=role))
-    _write_leaf(d, "norole", ca.issue_cert(common_name="norole"))
+        _write_leaf(d, name, client_leaf(ca, common_name=name, organization_unit_name=role))
+    _write_leaf(d, "norole", client_leaf(ca, common_name="norole"))
     _write_leaf(d, "nocn", ca.issue_cert("nocn.example", organization_unit_name="control"))
     now = datetime.datetime.now(datetime.UTC)
-    _write_leaf(d, "expired", ca.issue_cert(
-        common_name="expired", organization_unit_name="control",
+    _write_leaf(d, "expired", client_leaf(
+        ca, common_name="expired", organization_unit_name="control",
         not_before=now - datetime.timedelta(days=10), not_after=now - datetime.timedelta(days=1)))
-    _write_leaf(d, "future", ca.issue_cert(
-        common_name="future", organization_unit_name="control",
+    _write_leaf(d, "future", client_leaf(
+        ca, common_name="future", organization_unit_name="control",
         not_before=now + datetime.timedelta(days=1), not_after=now + datetime.timedelta(days=10)))
     ou = NameOID.ORGANIZATIONAL_UNIT_NAME
     usage = x509.oid.ExtendedKeyUsageOID
@@ -163,8 +205,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                                       x509.NameAttribute(ou, "admin")], eku=[usage.SERVER_AUTH])
     other = trustme.CA()
     other.cert_pem.write_to_path(str(d / "other-ca.pem"))
-    _write_leaf(d, "stranger", other.issue_cert(common_name="stranger",
-                                                organization_unit_name="admin"))
+    _write_leaf(d, "stranger", client_leaf(other, common_name="stranger",
+                                           organization_unit_name="admin"))
     _write_leaf(d, "otherserver", other.issue_cert("localhost", "127.0.0.1", "::1",
                                                    common_name="server"))
     return Pki(d, ca)

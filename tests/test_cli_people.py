@@ -485,11 +485,11 @@ def test_status_long(jobd: JobdProcess) -> None:
 def test_control_characters_are_escaped(pki: Pki, tmp_path: Path) -> None:
     """A CN with a newline, and an argv that would drive the terminal, print as
     one escaped row each; --json keeps the exact values."""
-    from .conftest import _write_leaf, start_jobd
+    from .conftest import _write_leaf, client_leaf, start_jobd
 
     evil_cn = "mallory\n99\troot\trunning\tforged"
-    _write_leaf(pki.dir, "mallory", pki.ca.issue_cert(common_name=evil_cn,
-                                                      organization_unit_name="control"))
+    _write_leaf(pki.dir, "mallory", client_leaf(pki.ca, common_name=evil_cn,
+                                                organization_unit_name="control"))
     server = start_jobd(pki, tmp_path / "state")
     try:
         argv = ["printf", "\x1b]0;PWNED\x07\x1b[2J\x1b[1;1H\r", "\n2\tforged"]

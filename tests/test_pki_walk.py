@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .conftest import JOBCTL, JOBD, PYTHON, RUN_CWD, JobdProcess, Pki, start_jobd
+from .conftest import JOBCTL, JOBD, PYTHON, RUN_CWD, JobdProcess, Pki, client_leaf, start_jobd
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -177,8 +177,8 @@ def test_operator_walk(tmp_path: Path) -> None:
 def test_client_warns_before_its_certificate_expires(jobd: JobdProcess, tmp_path: Path) -> None:
     now = datetime.datetime.now(datetime.UTC)
     for name, days in (("carol", 3), ("dave", 30)):
-        leaf = jobd.pki.ca.issue_cert(common_name=name, organization_unit_name="control",
-                                      not_after=now + datetime.timedelta(days=days))
+        leaf = client_leaf(jobd.pki.ca, common_name=name, organization_unit_name="control",
+                           not_after=now + datetime.timedelta(days=days))
         leaf.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
         leaf.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.pem"))
     args = ["-c", str(tmp_path / "carol.pem"), "-k", str(tmp_path / "carol.key")]
