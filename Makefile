@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	touch $(STAMP)
 
 # Regenerate the lock after changing a range in pyproject.toml or
-# requirements/tools.in, or to take newer releases (docs/operations.md).
+# requirements/tools.in: pins already in the lock stay where they are. `make
+# lock UPGRADE=1` takes the newest releases the ranges allow (docs/operations.md).
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml requirements/tools.in $(LOCK_EXTRAS) \
-		--generate-hashes --universal --python-version 3.11 --upgrade \
+		--generate-hashes --universal --python-version 3.11 $(if $(UPGRADE),--upgrade) \
 		--custom-compile-command 'make lock' -o $(LOCK)
 
 demo: $(STAMP)
