@@ -97,8 +97,8 @@ class Command:
 
 
 def job_id(value: str) -> int:
-    """A job ID: a non-negative integer that fits the wire (uint64)."""
-    if not value.isdecimal() or len(value) > 20 or int(value) >= 1 << 64:
+    """A job ID: a non-negative integer the protocol allows (at most MAX_JOB_ID)."""
+    if not value.isdecimal() or len(value) > 20 or int(value) > p.MAX_JOB_ID:
         raise argparse.ArgumentTypeError(f"not a job ID: {value!r}")
     return int(value)
 

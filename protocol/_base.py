@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+from ._bounds import MAX_JOB_ID
 from ._fields import check, check_type, get_bool, get_int, get_map
 from ._status import JobStatus
 
@@ -37,6 +38,13 @@ def _uint(name: str, value: object) -> None:
     assert isinstance(value, int)
     check(value >= 0, f"{name} must not be negative")
     check(value < _UINT_LIMIT, f"{name} must be below 2**64")
+
+
+def _id(name: str, value: object) -> None:
+    """A job ID, a list's ``after`` or an output position: below 2**63 (MAX_JOB_ID)."""
+    _uint(name, value)
+    assert isinstance(value, int)
+    check(value <= MAX_JOB_ID, f"{name} must be below 2**63")
 
 
 def _check_arg(name: str, value: object) -> None:
@@ -72,7 +80,7 @@ class _JobMessage(_Message):
     job: int
 
     def __post_init__(self) -> None:
-        _uint("job", self.job)
+        _id("job", self.job)
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": self.TYPE, "job": self.job}
@@ -95,8 +103,8 @@ class _OutputRequest(_Message):
     end_only: bool = False
 
     def __post_init__(self) -> None:
-        _uint("job", self.job)
-        _uint("position", self.position)
+        _id("job", self.job)
+        _id("position", self.position)
         check_type("timestamps", self.timestamps, bool)
         check_type("end_only", self.end_only, bool)
 

@@ -28,6 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The largest job ID (and list ``after``, and output position): jobd keeps IDs in
+#: SQLite and positions are file offsets, both signed 64-bit. A larger value names
+#: no job, so it is refused while decoding (``bad_request``), not looked up.
+MAX_JOB_ID = 2**63 - 1
+
 #: The longest path the kernel accepts (PATH_MAX is 4096 and counts the
 #: terminating NUL): a longer ``cwd`` or device path could never work.
 MAX_PATH_BYTES = 4095

@@ -12,6 +12,7 @@ from ._base import (
     PROTOCOL_VERSION,
     _check_arg,
     _flag,
+    _id,
     _JobMessage,
     _Message,
     _OutputRequest,
@@ -264,7 +265,7 @@ class Stop(_Message):
     traceparent: str | None = None
 
     def __post_init__(self) -> None:
-        _uint("job", self.job)
+        _id("job", self.job)
         if self.grace is not None:
             check_type("grace", self.grace, (int, float))
             object.__setattr__(self, "grace", float(self.grace))
@@ -302,8 +303,9 @@ class ListJobs(_Message):
     """List the jobs the caller may see, in ID order (answered by :class:`JobList`).
 
     Fields:
-      after: only jobs whose ID is greater than this (0: from the first). The
-        next page's ``after`` is the last ID of the page before.
+      after: only jobs whose ID is greater than this (0: from the first; at
+        most MAX_JOB_ID, 2**63 - 1). The next page's ``after`` is the last ID of
+        the page before.
       owner: only this owner's jobs (optional).
       states: only jobs in one of these states (optional; empty: any).
       since: only jobs created at or after this time, seconds since the
@@ -321,7 +323,7 @@ class ListJobs(_Message):
     count: bool = False
 
     def __post_init__(self) -> None:
-        _uint("after", self.after)
+        _id("after", self.after)
         check_type("owner", self.owner, str, optional=True)
         check(self.owner is None or len(self.owner) <= MAX_OWNER_FILTER,
               f"owner longer than {MAX_OWNER_FILTER} characters")

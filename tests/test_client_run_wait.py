@@ -62,6 +62,7 @@ def test_blocking_env_as_str_and_bytes(jobd: JobdProcess, tmp_path: Path) -> Non
 @pytest.mark.parametrize(("call", "fragment"), [
     (lambda c: c.status(-1), "job must not be negative"),
     (lambda c: c.status(1 << 64), r"below 2\*\*64"),
+    (lambda c: c.status(1 << 63), r"below 2\*\*63"),
     (lambda c: c.stop(1, grace=float("nan")), "grace"),
     (lambda c: c.start([]), "argv must not be empty"),
     (lambda c: c.start("ls"), "not a single string"),

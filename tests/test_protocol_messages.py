@@ -43,6 +43,8 @@ from tests.conftest import ROOT
 # -- strategies (also used by the other protocol tests) -----------------------
 
 uint64 = st.integers(0, 2**64 - 1)
+#: Job IDs, list ``after`` and request positions (issue 22 item 12).
+ids = st.integers(0, p.MAX_JOB_ID)
 finite = st.floats(allow_nan=False, allow_infinity=False)
 texts = st.text(max_size=12)
 arg = st.binary(max_size=12).map(lambda b: b.replace(b"\0", b"x"))
@@ -104,16 +106,16 @@ client_messages = st.one_of(
     st.builds(Start, argv=st.lists(arg, min_size=1, max_size=4).map(tuple),
               cwd=st.none() | arg.filter(bool), env=st.none() | env_st,
               limits=st.none() | request_limits_st, env_merge=st.booleans()),
-    st.builds(Stop, job=uint64, grace=st.none() | st.floats(0, 1e9)),
-    st.builds(GetStatus, job=uint64),
-    st.builds(ListJobs, after=uint64, owner=st.none() | texts,
+    st.builds(Stop, job=ids, grace=st.none() | st.floats(0, 1e9)),
+    st.builds(GetStatus, job=ids),
+    st.builds(ListJobs, after=ids, owner=st.none() | texts,
               states=st.lists(st.sampled_from(list(p.JobState)), max_size=5).map(tuple),
               since=st.none() | st.floats(0, 1e10), count=st.booleans()),
-    st.builds(Stream, job=uint64, position=uint64, timestamps=st.booleans(),
+    st.builds(Stream, job=ids, position=ids, timestamps=st.booleans(),
               end_only=st.booleans()),
-    st.builds(Output, job=uint64, position=uint64, timestamps=st.booleans(),
+    st.builds(Output, job=ids, position=ids, timestamps=st.booleans(),
               end_only=st.booleans()),
-    st.builds(Delete, job=uint64),
+    st.builds(Delete, job=ids),
     st.builds(p.Prune, older_than=st.floats(0, 1e10)),
 )
 server_messages = st.one_of(
@@ -123,7 +125,7 @@ server_messages = st.one_of(
     st.builds(Stopped, status=status_st),
     st.builds(StatusResult, status=status_st),
     st.builds(JobList, jobs=st.lists(status_st, max_size=3).map(tuple), more=st.booleans()),
-    st.builds(Deleted, job=uint64),
+    st.builds(Deleted, job=ids),
     st.builds(p.Pruned, removed=uint64),
     st.builds(OutputChunk, fd=st.sampled_from([1, 2]), data=st.binary(max_size=300),
               position=uint64, time=st.none() | st.floats(0, 1e10)),
