@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from ._errors import ConfigError
 
 #: A config file larger than this is a mistake (and is not read whole).
 MAX_CONFIG = 1024 * 1024
+#: How deep groups may nest (a group naming a group naming ...): far beyond any
+#: real fleet's layout, and a bound on the expansion's stack (issue 22 item 13).
+MAX_GROUP_DEPTH = 32
 #: server field -> (namespace attribute, environment variable)
 FIELDS = {
     "address": ("address", "JOBCTL_ADDRESS"),
@@ -112,6 +116,10 @@ class Config:
                     self._fail(f"{where}: port must be a number from 1 to 65535")
             elif not isinstance(value, str) or not value:
                 self._fail(f"{where}: {key} must be a non-empty string")
+            elif not value.isprintable():
+                # A NUL reached getaddrinfo or open() as a TypeError traceback; a
+                # newline or an escape sequence would be printed in messages.
+                self._fail(f"{where}: {key} must not contain control characters")
             if key in PATH_FIELDS:
                 path = Path(value).expanduser()
                 value = str(path if path.is_absolute() else self.path.parent / path)
@@ -126,24 +134,38 @@ class Config:
             known = sorted(set(self.servers) | set(self.groups))
             raise ConfigError(f"no server or group {name!r} in {self.path} "
                               f"(known: {', '.join(known) or 'none'})")
+        # Iterative depth-first expansion: each group is expanded once (a group named
+        # twice, or by two groups, adds nothing the second time: without that, 40
+        # groups each naming the next twice took 2**40 steps), the path is bounded by
+        # MAX_GROUP_DEPTH (a 3,000-deep chain was a RecursionError), and a group on
+        # the path naming itself again is a cycle.
         out: list[str] = []
-        stack: list[str] = []
-
-        def expand(group: str) -> None:
-            if group in stack:
-                self._fail(f"group {group!r} contains itself")
-            stack.append(group)
-            for member in self.groups[group]:
-                if member in self.servers:
-                    if member not in out:
-                        out.append(member)
-                elif member in self.groups:
-                    expand(member)
-                else:
-                    self._fail(f"groups.{group}: no server or group {member!r}")
-            stack.pop()
-
-        expand(name)
+        seen_servers: set[str] = set()
+        expanded: set[str] = {name}
+        path: list[str] = [name]
+        todo: list[Iterator[str]] = [iter(self.groups[name])]
+        while todo:
+            member = next(todo[-1], None)
+            if member is None:
+                todo.pop()
+                path.pop()
+            elif member in self.servers:
+                if member not in seen_servers:
+                    seen_servers.add(member)
+                    out.append(member)
+            elif member in path:
+                self._fail(f"group {member!r} contains itself")
+            elif member in expanded:
+                continue
+            elif member in self.groups:
+                if len(path) >= MAX_GROUP_DEPTH:
+                    self._fail(f"groups nest deeper than {MAX_GROUP_DEPTH} levels "
+                               f"(from {name!r} through {path[-1]!r} to {member!r})")
+                expanded.add(member)
+                path.append(member)
+                todo.append(iter(self.groups[member]))
+            else:
+                self._fail(f"groups.{path[-1]}: no server or group {member!r}")
         return out
 
     def fields(self, server: str) -> dict[str, Any]:
@@ -168,6 +190,8 @@ def load(path: Path | None = None) -> Config:
         data = tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"{path}: arrays or tables nested too deeply") from None
     return Config(path, data)
 
 
