@@ -42,7 +42,7 @@ maps = st.builds(
     st.dictionaries(st.sampled_from(FIELDS[1:]), values, max_size=5),
 )
 real_messages = st.sampled_from([
-    p.Hello(), p.Hello(version=7), p.ListJobs(), p.ListJobs(2**64 - 1), p.GetStatus(1),
+    p.Hello(), p.Hello(version=7), p.ListJobs(), p.ListJobs(p.MAX_JOB_ID), p.GetStatus(1),
     p.Output(1), p.Output(1, 20), p.Stream(2**40), p.Start((b"true",)), p.Stop(1, 0),
     p.Delete(1), p.Welcome(1, 0, "x", "y", "admin", 10),
 ]).map(p.encode_frame)
