@@ -19,7 +19,11 @@ A connection goes through two pools:
    ``admin_reserved`` slots only admin certificates may take (PostgreSQL's
    superuser_reserved_connections), and one identity (CN) holds at most
    ``max_per_identity`` slots, so that no certificate, and no crowd of
-   non-admin ones, can lock the admin out. A refusal is an error frame in place
+   non-admin ones, can lock the admin out. The share is counted per CN *and*
+   role class (admin or not): an admin's connections never count against a
+   non-admin share of the same CN, nor a non-admin certificate's against the
+   admin's (an observe ``CN=root`` filling "root"'s share locked the real
+   admin out: issue 22 item 2). A refusal is an error frame in place
    of the welcome: ``unavailable`` when the server is full, ``limit_exceeded``
    when the caller's own share is used up.
 
@@ -128,7 +132,7 @@ class Admission:
         self.welcomed = 0
         self.welcomed_admin = 0
         self._per_source: Counter[str] = Counter()
-        self._per_identity: Counter[str] = Counter()
+        self._per_identity: Counter[tuple[str, bool]] = Counter()  # (CN, admin?)
         self.starts_in_progress = 0
 
     # -- handshake slots --------------------------------------------------------
@@ -160,7 +164,8 @@ class Admission:
         """Move a verified connection to a connection slot, or say why it is refused."""
         limits = self.limits
         admin = identity.role is Role.ADMIN
-        if self._per_identity[identity.name] >= limits.per_identity:
+        share = (identity.name, admin)
+        if self._per_identity[share] >= limits.per_identity:
             return (p.ErrorCode.LIMIT_EXCEEDED,
                     f"too many connections for {identity.name} "
                     f"(limit {limits.per_identity} per identity)")
@@ -180,18 +185,20 @@ class Admission:
         ticket.identity = identity
         self.welcomed += 1
         self.welcomed_admin += admin
-        self._per_identity[identity.name] += 1
+        self._per_identity[share] += 1
         return None
 
     def release(self, ticket: Ticket) -> None:
         self._end_handshake(ticket)
         identity, ticket.identity = ticket.identity, None
         if identity is not None:
+            admin = identity.role is Role.ADMIN
+            share = (identity.name, admin)
             self.welcomed -= 1
-            self.welcomed_admin -= identity.role is Role.ADMIN
-            self._per_identity[identity.name] -= 1
-            if not self._per_identity[identity.name]:
-                del self._per_identity[identity.name]
+            self.welcomed_admin -= admin
+            self._per_identity[share] -= 1
+            if not self._per_identity[share]:
+                del self._per_identity[share]
 
     # -- descriptors for jobs ---------------------------------------------------
 

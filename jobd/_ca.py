@@ -40,6 +40,9 @@ MAX_LEAF_DAYS = 825
 #: checks has expired, so `jobd ca crl` must run (cron, timer) well within this.
 CRL_DAYS = 30
 ROLES = ("observe", "control", "admin")
+#: The CA's own files: ``sign`` never writes a certificate over one of them, not even
+#: with --force (a request named ``ca.csr``, or a CN ``ca``, would replace ca.pem).
+CA_FILES = frozenset({"ca.key", "ca.pem", "policy.toml", "index.json", "crl.pem", ".lock"})
 CA_HELP = "the CA directory (default: $JOBD_CA_DIR, else the current directory)"
 
 POLICY_TEMPLATE = """\
@@ -111,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"lifetime (default: {CLIENT_DAYS} for clients, "
                       f"{SERVER_DAYS} for servers)")
     sign.add_argument("--out", type=Path, default=None, metavar="CERT",
-                      help="where to write the certificate (default: next to the CSR, .pem)")
+                      help="where to write the certificate (default: CN.pem next to the CSR)")
+    sign.add_argument("--force", action="store_true",
+                      help="replace an existing certificate file (never one of the CA's own)")
+    sign.add_argument("--allow-new-role", action="store_true",
+                      help="issue a CN that the CA's index holds under another role (the "
+                      "name keeps its jobs: a change of role, not a new person)")
     sign.add_argument("--server", action="store_true",
                       help="a server certificate (serverAuth); needs --san")
     sign.add_argument("--san", action="extend", nargs="+", default=[], metavar="NAME",
@@ -195,7 +203,7 @@ def _run(ns: argparse.Namespace) -> int:
         if ns.action == "revoke":
             entry = ca.revoke(_serial(ns.what))
             path, count = ca.write_crl(ns.crl_days)
-            print(f"revoked {entry['serial']} ({entry['subject']}); {path} now lists "
+            print(f"revoked {entry['serial']} ({_pki.show(entry['subject'])}); {path} now lists "
                   f"{count}; send jobd SIGHUP to apply it")
             return 0
         path, count = ca.write_crl(ns.days)
@@ -274,6 +282,7 @@ def _sign(ns: argparse.Namespace, ca: _pki.CA) -> int:
             raise Refused("a server certificate needs --san NAME... (the DNS names and "
                           "addresses clients connect to)")
         days = ns.days or SERVER_DAYS
+        policy_path = None
     else:
         if ns.san:
             raise Refused("--san is for server certificates (--server)")
@@ -288,15 +297,47 @@ def _sign(ns: argparse.Namespace, ca: _pki.CA) -> int:
         if role not in allowed:
             raise Refused(f"refused: policy {policy_path} lets {name!r} hold "
                           f"{', '.join(sorted(allowed))}, not {role}")
+        held = ca.roles_of(name) - {role}
+        if held and not ns.allow_new_role:
+            raise Refused(f"refused: {name!r} was issued as {', '.join(sorted(held))} "
+                          f"({ca.index_path}); a name is one identity: the same CN as "
+                          f"{role} would own its jobs and share its connections. "
+                          "--allow-new-role changes the name's role on purpose")
         days = ns.days or CLIENT_DAYS
+    out = _output_path(ns, ca, name, policy_path)
     cert = ca.issue(csr, days=days, server=ns.server, sans=ns.san)
-    out: Path = ns.out if ns.out is not None else ns.csr.with_suffix(".pem")
-    _pki.write_public(out, _pki.cert_pem(cert))
+    try:
+        _pki.write_public(out, _pki.cert_pem(cert), replace=ns.force)
+    except FileExistsError:  # created since the check above
+        raise Refused(f"{out} exists (--force replaces it); the certificate was issued "
+                      f"(serial {cert.serial_number:x}) but not written") from None
     kind = "server" if ns.server else "client"
-    print(f"signed {kind} certificate {cert.subject.rfc4514_string()} serial "
+    print(f"signed {kind} certificate {_pki.show(cert.subject.rfc4514_string())} serial "
           f"{cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
           f"{out}\n  SHA-256 fingerprint {_pki.fingerprint(cert)}")
     return 0
+
+
+def _output_path(ns: argparse.Namespace, ca: _pki.CA, name: str,
+                 policy: Path | None) -> Path:
+    """Where ``sign`` writes: ``--out``, else CN.pem next to the request (the request's
+    own file name is the sender's choice: ``ca.csr`` must not become ca.pem). Never one
+    of the CA's files; never over an existing file without --force."""
+    if ns.out is not None:
+        out: Path = ns.out
+    else:
+        if "/" in name or name in (".", ".."):
+            raise Refused(f"the CN {name!r} cannot name a file: give --out FILE")
+        out = ns.csr.parent / f"{name}.pem"
+    target = Path(os.path.realpath(out.parent)) / out.name
+    own = {Path(os.path.realpath(ca.dir)) / f for f in CA_FILES}
+    if policy is not None:
+        own.add(Path(os.path.realpath(policy)))
+    if target in own:
+        raise Refused(f"refused: {out} is one of the CA's own files; give --out FILE")
+    if os.path.lexists(out) and not ns.force:
+        raise Refused(f"{out} exists; --force replaces it, or give --out FILE")
+    return out
 
 
 def _serial(text: str) -> int:

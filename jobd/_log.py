@@ -32,10 +32,14 @@ def format_fields(fields: Mapping[str, Any]) -> list[str]:
 
 
 #: Characters that end or forge a line, or drive a terminal, when written raw:
-#: C0 controls (NUL, ESC, CR, LF...), DEL, the C1 controls (CSI U+009B...), and
-#: the Unicode line and paragraph separators, and lone surrogates (undecodable
-#: bytes of an argv). The text format escapes them all.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+#: C0 controls (NUL, ESC, CR, LF...), DEL, the C1 controls (CSI U+009B...), the
+#: Unicode line and paragraph separators, lone surrogates (undecodable bytes of an
+#: argv), and the format characters (Unicode Cf: the bidirectional overrides and
+#: isolates that make a line read differently than it is, zero-width ones). The
+#: text format escapes them all.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+                     "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff"
+                     "\ufeff\ufff9-\ufffb]")
 #: What else forces a value into quotes (it would split the key=value syntax).
 _QUOTE = re.compile('[ "=\\\\]')
 

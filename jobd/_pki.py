@@ -59,15 +59,23 @@ def now() -> datetime.datetime:
 # -- files ---------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
     """Write ``data`` atomically (a reader sees the old file or the new one), the new
-    file created with ``mode`` from birth."""
+    file created with ``mode`` from birth. With ``replace=False`` an existing file
+    (or symlink) at ``path`` is never replaced: :class:`FileExistsError` instead,
+    decided atomically by ``link()``."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -75,9 +83,21 @@ def write_private(path: Path, data: bytes) -> None:
     _write_atomic(path, data, 0o600)
 
 
-def write_public(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically, mode 0644."""
-    _write_atomic(path, data, 0o644)
+def write_public(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Write ``data`` atomically, mode 0644 (``replace=False``: never over a file)."""
+    _write_atomic(path, data, 0o644, replace=replace)
+
+
+def show(text: str) -> str:
+    """``text`` safe for a terminal: every character that is not printable (C0 and
+    C1 controls, DEL, format characters such as the bidirectional overrides, line
+    separators) as a ``\\x9b`` or ``\\u202e`` escape. For names from a request or
+    an index, which ``jobd ca`` prints on the CA operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 def read_small(path: Path, what: str) -> bytes:
@@ -109,11 +129,23 @@ def fingerprint(cert: x509.Certificate) -> str:
     return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
 
 
+#: Unicode categories a name may not hold: controls (C0, DEL, C1), format
+#: characters (bidirectional overrides and isolates, zero-width ones: a name that
+#: reads differently than it is), surrogates, private use, unassigned, and the line
+#: and paragraph separators.
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def check_name(name: str, what: str = "name") -> str:
+    """A CN (or a CA name): 1 to MAX_NAME characters, none of them a control or
+    format character. ``repr`` escapes what it shows of a refused name."""
+    import unicodedata
+
     if not name or len(name) > MAX_NAME:
         raise PkiError(f"{what} must be 1 to {MAX_NAME} characters: {name!r}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise PkiError(f"{what} must not contain control characters: {name!r}")
+    if not name.isprintable() and any(unicodedata.category(c) in _BAD_CATEGORIES
+                                      for c in name):
+        raise PkiError(f"{what} must not contain control or format characters: {name!r}")
     return name
 
 
@@ -189,6 +221,20 @@ class CA:
             raise PkiError(f"{self.index_path} is not a jobd CA index")
         return entries
 
+    def roles_of(self, name: str) -> set[str]:
+        """Every role the index holds client certificates of CN ``name`` under
+        (revoked and expired ones too: the name still owns their jobs)."""
+        roles: set[str] = set()
+        for entry in self.index():
+            if entry.get("kind", "client") != "client":
+                continue
+            cn, role = entry.get("cn"), entry.get("role")
+            if not isinstance(cn, str) or not isinstance(role, str):
+                cn, role = _subject_names(entry.get("subject"))  # an older index
+            if cn == name and role is not None:
+                roles.add(role)
+        return roles
+
     def save_index(self, entries: list[dict[str, Any]]) -> None:
         write_public(self.index_path,
                      (json.dumps({"certificates": entries}, indent=1) + "\n").encode())
@@ -198,6 +244,7 @@ class CA:
     def issue(self, csr: x509.CertificateSigningRequest, *, days: int, server: bool,
               sans: Sequence[str]) -> x509.Certificate:
         cn = single(csr.subject, NameOID.COMMON_NAME, "CN")
+        role: str | None = None
         if server:
             subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
             usage = ExtendedKeyUsageOID.SERVER_AUTH
@@ -240,6 +287,8 @@ class CA:
         entries.append({
             "serial": f"{cert.serial_number:x}",
             "subject": cert.subject.rfc4514_string(),
+            "cn": cn,
+            "role": role,
             "kind": "server" if server else "client",
             "not_after": cert.not_valid_after_utc.isoformat(),
             "revoked": None,
@@ -282,6 +331,22 @@ class CA:
         path = self.dir / "crl.pem"
         write_public(path, crl.public_bytes(serialization.Encoding.PEM))
         return path, count
+
+
+def _subject_names(subject: Any) -> tuple[str | None, str | None]:
+    """(CN, OU) of an index entry's RFC 4514 subject (entries written before the index
+    kept them apart); (None, None) if it cannot be read."""
+    if not isinstance(subject, str):
+        return None, None
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError:
+        return None, None
+    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ous = name.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    cn = cns[0].value if len(cns) == 1 else None
+    ou = ous[0].value if len(ous) == 1 else None
+    return (cn if isinstance(cn, str) else None), (ou if isinstance(ou, str) else None)
 
 
 def _valid_entry(entry: Any) -> bool:
