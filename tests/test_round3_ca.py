@@ -45,7 +45,7 @@ def ca(tmp_path: Path) -> Path:
     assert jobd_ca("init", directory).returncode == 0
     policy = directory / "policy.toml"
     policy.write_text(policy.read_text() + '"*" = ["observe"]\nroot = ["admin", "control"]\n'
-                      f'"ci-*" = ["observe"]\n')
+                      '"ci-*" = ["observe"]\n')
     return directory
 
 
