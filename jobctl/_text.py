@@ -22,8 +22,8 @@ import protocol as p
 #: overrides and isolates, which can reorder what a reader sees, "Trojan Source",
 #: and the zero-width ones), and the lone surrogates that stand for bytes that
 #: were not UTF-8.
-_UNSAFE = ("[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
-           "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\udc80-\udcff"
+_UNSAFE = ("[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f"
+           "\u0890\u0891\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\udc80-\udcff"
            "\ufeff\ufff9-\ufffb]")
 _NAMED = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f",
           "\r": "\\r", "\x1b": "\\e"}

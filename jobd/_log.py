@@ -37,8 +37,8 @@ def format_fields(fields: Mapping[str, Any]) -> list[str]:
 #: argv), and the format characters (Unicode Cf: the bidirectional overrides and
 #: isolates that make a line read differently than it is, zero-width ones). The
 #: text format escapes them all.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
-                     "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff"
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f"
+                     "\u0890\u0891\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff"
                      "\ufeff\ufff9-\ufffb]")
 #: What else forces a value into quotes (it would split the key=value syntax).
 _QUOTE = re.compile('[ "=\\\\]')
