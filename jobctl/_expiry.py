@@ -25,17 +25,49 @@ _MONTHS = {m: i for i, m in enumerate(
 
 def not_after(path: str | os.PathLike[str]) -> float | None:
     """The first certificate's notAfter in ``path`` (Unix time), or None if unknown."""
+    dates = validity(path)
+    return None if dates is None else dates[1]
+
+
+def validity(path: str | os.PathLike[str]) -> tuple[float, float] | None:
+    """The first certificate's (notBefore, notAfter) in ``path`` (Unix times), or
+    None if unknown (no such file, not a certificate, no decoder)."""
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decode is None:
         return None
     try:
-        text = decode(os.fspath(path))["notAfter"]
-        month, day, clock, year, _zone = text.split()
-        hour, minute, second = (int(x) for x in clock.split(":"))
-        days = _days_from_civil(int(year), _MONTHS[month], int(day))
+        decoded = decode(os.fspath(path))
+        return _time(decoded["notBefore"]), _time(decoded["notAfter"])
     except (OSError, ssl.SSLError, KeyError, ValueError, TypeError):
         return None
+
+
+def _time(text: str) -> float:
+    """OpenSSL's "Jun  1 12:00:00 2026 GMT" as Unix time."""
+    month, day, clock, year, _zone = text.split()
+    hour, minute, second = (int(x) for x in clock.split(":"))
+    days = _days_from_civil(int(year), _MONTHS[month], int(day))
     return float(days * 86400 + hour * 3600 + minute * 60 + second)
+
+
+def utc(when: float) -> str:
+    """A Unix time as ``2026-12-07 18:00 UTC`` (without importing datetime)."""
+    days, rest = divmod(int(when), 86400)
+    year, month, day = _civil_from_days(days)
+    return f"{year:04d}-{month:02d}-{day:02d} {rest // 3600:02d}:{rest % 3600 // 60:02d} UTC"
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    """The inverse of :func:`_days_from_civil` (H. Hinnant's algorithm)."""
+    days += 719468
+    era = days // 146097
+    doe = days - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day
 
 
 def _days_from_civil(year: int, month: int, day: int) -> int:

@@ -216,14 +216,22 @@ async def serve(
     """
     log = log if log is not None else EventLog(config.log_format, config.log_level)
     route_engine_logs(log)
-    tls = [make_server_context(config.certificate, config.key, config.ca, config.crl)]
+    warnings: list[str] = []
+    tls = [make_server_context(config.certificate, config.key, config.ca, config.crl,
+                               warnings)]
+    for warning in warnings:
+        log.warning("certificate-warning", reason=warning)
 
     def reload() -> bool:
+        warnings.clear()
         try:
-            tls[0] = make_server_context(config.certificate, config.key, config.ca, config.crl)
+            tls[0] = make_server_context(config.certificate, config.key, config.ca, config.crl,
+                                         warnings)
         except TLSConfigError as exc:
             log.error("reload-failed", reason=str(exc), note="old certificates stay in use")
             return False
+        for warning in warnings:
+            log.warning("certificate-warning", reason=warning)
         log.info("reloaded", certificate=str(config.certificate), ca=str(config.ca),
                  crl=str(config.crl) if config.crl else None)
         return True

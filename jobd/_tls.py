@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import ssl
 import stat
+import time
 from pathlib import Path
+
+from protocol._x509 import SERVER_AUTH, CertificateFormatError, extended_key_usage
 
 #: The only PEM block a ``--crl`` file may hold. OpenSSL's loader also takes
 #: certificates from it, which would make them trusted: a CRL file (public data,
@@ -17,6 +21,9 @@ CRL_LABEL = "X509 CRL"
 _PEM_BEGIN = re.compile(rb"^[ \t]*-----BEGIN ([^\r\n]*?)-----[ \t\r]*$", re.MULTILINE)
 #: Any mention of a BEGIN marker, to catch one the pattern above would not parse.
 _ANY_BEGIN = re.compile(rb"-----BEGIN")
+#: The first certificate of a PEM file (the leaf; a chain may follow).
+_FIRST_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*?)-----END CERTIFICATE-----")
 #: A CRL file larger than this is refused (a CRL of 100,000 revocations is ~4 MB).
 MAX_CRL_BYTES = 64 << 20
 
@@ -25,8 +32,8 @@ class TLSConfigError(Exception):
     """A certificate, key, CA or CRL file cannot be used."""
 
 
-def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None = None
-                        ) -> ssl.SSLContext:
+def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None = None,
+                        warnings: list[str] | None = None) -> ssl.SSLContext:
     """Build the context every connection is served with.
 
     ``ssl.create_default_context(Purpose.CLIENT_AUTH)`` would leave
@@ -46,10 +53,13 @@ def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None
     ctx.num_tickets = 0
     check_key_private(key)
     try:
-        ctx.load_cert_chain(str(certificate), str(key))
+        ctx.load_cert_chain(str(certificate), str(key))  # also: the key is the cert's
     except (OSError, ssl.SSLError) as exc:
         raise TLSConfigError(f"cannot load certificate {certificate} with key {key}: "
                              f"{_reason(exc)}") from None
+    warning = check_server_certificate(certificate)
+    if warning is not None and warnings is not None:
+        warnings.append(warning)
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:
@@ -58,6 +68,49 @@ def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None
         load_crls(ctx, crl)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
+
+
+def check_server_certificate(certificate: Path, now: float | None = None) -> str | None:
+    """Refuse a server certificate clients would refuse, at start and on reload, rather
+    than log ``listening`` and fail every handshake: one whose extended key usage
+    leaves out ``serverAuth`` (a client certificate, ``-c alice.pem``: every TLS client
+    refuses it, "unsuitable certificate purpose"), and one not valid now. (That the key
+    is the certificate's, ``load_cert_chain`` checked.)
+
+    A certificate without the extension is allowed (clients that pinned it accept it)
+    but returns a warning: jobctl with a CA refuses it."""
+    from jobctl._expiry import utc, validity
+
+    try:
+        with open(certificate, "rb") as f:
+            pem = f.read(MAX_CRL_BYTES)
+    except OSError as exc:
+        raise TLSConfigError(f"cannot load certificate {certificate}: {_reason(exc)}") from None
+    first = _FIRST_CERT.search(pem)  # the leaf: what load_cert_chain took as ours
+    try:
+        usages = extended_key_usage(base64.b64decode(first.group(1))) if first else None
+    except (ValueError, CertificateFormatError):
+        usages = None
+    warning = None
+    if usages is None:
+        warning = (f"certificate {certificate} has no extended key usage: clients that "
+                   "check it against a CA (jobctl -C) refuse it; only pinned clients "
+                   "accept it. Issue it with serverAuth (jobd ca sign --server)")
+    elif SERVER_AUTH not in usages:
+        raise TLSConfigError(
+            f"certificate {certificate} is not for server authentication (its extended "
+            "key usage lacks serverAuth: a client certificate?): clients would refuse it")
+    dates = validity(certificate)
+    if dates is not None:
+        now = time.time() if now is None else now
+        not_before, not_after = dates
+        if now < not_before:
+            raise TLSConfigError(f"certificate {certificate} is not valid until "
+                                 f"{utc(not_before)}: clients would refuse it")
+        if now > not_after:
+            raise TLSConfigError(f"certificate {certificate} expired on {utc(not_after)}: "
+                                 "clients would refuse it")
+    return warning
 
 
 def check_key_private(key: Path) -> None:

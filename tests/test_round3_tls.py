@@ -1,0 +1,126 @@
+"""Issue 22 items 5, 7 and 8: jobd refuses a server certificate clients would refuse
+(at start and on reload); jobctl names the real cause of a certificate error; pins
+cannot be sidestepped by spelling the address differently."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .conftest import JOBD, RUN_CWD, Pki, start_jobd
+
+NOW = datetime.datetime.now(datetime.UTC)
+DAY = datetime.timedelta(days=1)
+
+
+def leaf(pki: Pki, directory: Path, name: str, *, eku: list[x509.ObjectIdentifier],
+         not_before: datetime.datetime = NOW - DAY, not_after: datetime.datetime = NOW + DAY,
+         cn: str = "server", ou: str | None = None) -> tuple[Path, Path]:
+    """A certificate of the test CA for localhost/127.0.0.1 with exactly ``eku``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if ou:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name(subject))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(pki.ca._private_key, hashes.SHA256()))
+    pem, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return pem, key_path
+
+
+def run_jobd(pki: Pki, tmp_path: Path, cert: Path | str, key: Path | str
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*JOBD, "-c", str(cert), "-k", str(key), "-C", pki.path("ca.pem"),
+                           "-a", "127.0.0.1", "-p", "0", "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=60, cwd=RUN_CWD,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("client-only", "is not for server authentication (its extended key usage lacks"),
+    ("expired", "expired on "),
+    ("future", "is not valid until "),
+    ("other-key", "key values mismatch"),
+])
+def test_jobd_refuses_a_server_certificate_clients_would_refuse(
+        pki: Pki, tmp_path: Path, case: str, fragment: str) -> None:
+    """``-c alice.pem`` started, logged ``listening``, and every client then failed with
+    ``unsuitable certificate purpose``."""
+    cert, key = {
+        "client-only": lambda: leaf(pki, tmp_path, "c", eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+                                    cn="alice", ou="control"),
+        "expired": lambda: leaf(pki, tmp_path, "c", eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+                                not_before=NOW - 10 * DAY, not_after=NOW - DAY),
+        "future": lambda: leaf(pki, tmp_path, "c", eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+                               not_before=NOW + DAY, not_after=NOW + 10 * DAY),
+        "other-key": lambda: (Path(pki.path("server.pem")), Path(pki.path("alice.key"))),
+    }[case]()
+    result = run_jobd(pki, tmp_path, cert, key)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1, result
+    assert len(lines) == 1 and "startup-failed" in lines[0], lines
+    assert fragment in lines[0], lines
+    assert "listening" not in result.stderr
+
+
+def test_a_server_certificate_without_eku_starts_with_a_warning(pki: Pki,
+                                                                tmp_path: Path) -> None:
+    """Without the extension a certificate suits every purpose to OpenSSL, and a pinned
+    client accepts it; jobctl with a CA does not: jobd says so."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - DAY).not_valid_after(NOW + DAY)
+            .sign(pki.ca._private_key, hashes.SHA256()))
+    (tmp_path / "noeku.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "noeku.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "noeku.key").chmod(0o600)
+    server = start_jobd(pki, tmp_path / "state", "-c", str(tmp_path / "noeku.pem"),
+                        "-k", str(tmp_path / "noeku.key"))
+    try:
+        server.wait_for_log(r"warning certificate-warning .*has no extended key usage")
+    finally:
+        assert server.stop() == 0
+
+
+def test_reload_keeps_the_old_certificate_when_the_new_one_would_be_refused(
+        pki: Pki, tmp_path: Path) -> None:
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(Path(pki.path("server.pem")).read_bytes())
+    key.write_bytes(Path(pki.path("server.key")).read_bytes())
+    key.chmod(0o600)
+    server = start_jobd(pki, tmp_path / "state", "-c", str(cert), "-k", str(key))
+    try:
+        leaf(pki, tmp_path, "server", eku=[ExtendedKeyUsageOID.CLIENT_AUTH], cn="alice",
+             ou="control")  # the files replaced by a client certificate and its key
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"error reload-failed .*not for server authentication")
+        assert server.jobctl("alice", "list").returncode == 0
+    finally:
+        assert server.stop() == 0
