@@ -8,6 +8,7 @@ import re
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -194,6 +195,27 @@ def load_client_certificate(ctx: ssl.SSLContext, certificate: str | os.PathLike[
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load certificate {os.fspath(certificate)} "
                           f"with key {os.fspath(key)}: {tls_reason(exc)}") from None
+    check_own_dates(certificate)
+
+
+def check_own_dates(certificate: str | os.PathLike[str], now: float | None = None) -> None:
+    """Refuse, before connecting, a client certificate outside its dates: the server
+    would refuse it with an alert that names the cause poorly (a not-yet-valid one
+    gets "bad certificate"). Exit status 3, as the server's refusal was."""
+    from ._expiry import utc, validity
+
+    dates = validity(certificate)
+    if dates is None:
+        return
+    now = time.time() if now is None else now
+    not_before, not_after = dates
+    if now < not_before:
+        raise ConnectionFailed(f"your certificate {os.fspath(certificate)} is not valid until "
+                               f"{utc(not_before)} (is this machine's clock right?)")
+    if now > not_after:
+        raise ConnectionFailed(f"your certificate {os.fspath(certificate)} expired on "
+                               f"{utc(not_after)}: renew it (jobctl cert renew) and have "
+                               "it signed")
 
 
 def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],
@@ -259,6 +281,24 @@ def handshake_error(exc: BaseException) -> ConnectionFailed:
     return ConnectionFailed(f"TLS handshake failed: {tls_reason(exc)}")
 
 
+#: What each alert a server sends about the client's certificate means. OpenSSL
+#: answers a revoked certificate with "certificate revoked", an expired one (or an
+#: expired CRL on the server) with "certificate expired", a not-yet-valid or
+#: malformed one with "bad certificate", a CA it does not trust with "unknown ca".
+ALERT_HINTS = {
+    "unknown ca": "is the client certificate issued by the server's CA?",
+    "certificate revoked": "the client certificate was revoked: ask the CA for a new one",
+    "certificate expired": "the client certificate has expired, or the server's CRL has: "
+                           "renew it, or tell the server's operator",
+    "bad certificate": "the server cannot use the client certificate: not yet valid by "
+                       "its clock, or malformed?",
+    "certificate required": "no client certificate was sent",
+    "unsupported certificate": "the client certificate is not for client authentication",
+    "decrypt error": "the client certificate does not match its key, or is forged?",
+}
+ALERT_HINT_DEFAULT = "is the client certificate valid and issued by the server's CA?"
+
+
 def refused_before_welcome(exc: BaseException | None) -> ServerRefused:
     """The server closed or alerted after the TLS 1.3 handshake, before its welcome.
 
@@ -270,8 +310,8 @@ def refused_before_welcome(exc: BaseException | None) -> ServerRefused:
         alert = str(exc.reason).lower().replace("_", " ")
         for prefix in ("sslv3 alert ", "tlsv13 alert ", "tlsv1 alert "):
             alert = alert.replace(prefix, "")
-        return ServerRefused(f"server refused the connection: TLS alert: {alert} "
-                             "(is the client certificate valid and issued by the server's CA?)")
+        hint = ALERT_HINTS.get(alert, ALERT_HINT_DEFAULT)
+        return ServerRefused(f"server refused the connection: TLS alert: {alert} ({hint})")
     return ServerRefused("server refused the connection: it closed before its welcome "
                          "(client certificate rejected?)")
 

@@ -282,9 +282,9 @@ def test_request_level_errors_keep_the_connection(jobd: JobdProcess,
         cases: list[tuple[p.Message, p.ErrorCode, str]] = [
             (p.Start((b"true",), limits=p.Limits(cpus=0.001)), p.ErrorCode.LIMIT_EXCEEDED,
              "below the kernel's minimum"),
-            (p.GetStatus(2**64 - 1), p.ErrorCode.NOT_FOUND, "process not found"),
-            (p.Stream(2**64 - 1, 2**64 - 1), p.ErrorCode.NOT_FOUND, "process not found"),
-            (p.Stream(bystander.job, 2**64 - 1), p.ErrorCode.NOT_FOUND, "process not found"),
+            (p.GetStatus(p.MAX_JOB_ID), p.ErrorCode.NOT_FOUND, "process not found"),
+            (p.Stream(p.MAX_JOB_ID, p.MAX_JOB_ID), p.ErrorCode.NOT_FOUND, "process not found"),
+            (p.Stream(bystander.job, p.MAX_JOB_ID), p.ErrorCode.NOT_FOUND, "process not found"),
         ]
         for request, code, fragment in cases:
             assert conn.send(p.encode_frame(request))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import signal
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .conftest import JOBD, RUN_CWD, Pki, start_jobd
+import jobctl
+
+from .conftest import JOBD, RUN_CWD, JobdProcess, Pki, crl_pem, start_jobd
+from .hostile import RawTLS, jobd
+
+__all__ = ["jobd"]  # the fixture
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -124,3 +130,78 @@ def test_reload_keeps_the_old_certificate_when_the_new_one_would_be_refused(
         assert server.jobctl("alice", "list").returncode == 0
     finally:
         assert server.stop() == 0
+
+
+# -- item 7: certificate errors name their cause -----------------------------------
+
+
+@pytest.mark.parametrize(("who", "message"), [
+    ("expired", "your certificate {path} expired on {date}: renew it (jobctl cert renew) "
+                "and have it signed"),
+    ("future", "your certificate {path} is not valid until {date} (is this machine's "
+               "clock right?)"),
+])
+def test_jobctl_reads_its_own_certificates_dates(jobd: JobdProcess, who: str,
+                                                 message: str) -> None:
+    """A not-yet-valid certificate showed "bad certificate (is the client certificate
+    valid and issued by the server's CA?)"; now jobctl says why, before connecting."""
+    cert = x509.load_pem_x509_certificate(Path(jobd.pki.path(f"{who}.pem")).read_bytes())
+    when = cert.not_valid_after_utc if who == "expired" else cert.not_valid_before_utc
+    result = jobd.jobctl(who, "list")
+    assert result.returncode == 3, result
+    expected = message.format(path=jobd.pki.path(f"{who}.pem"),
+                              date=f"{when:%Y-%m-%d %H:%M} UTC")
+    assert result.stderr.decode() == expected + "\n"
+    with pytest.raises(jobctl.ConnectionFailed, match="your certificate"):
+        jobctl.connect_blocking(jobd.address, jobd.port, **jobd.pki.files(who))
+
+
+def expired_crl(pki: Pki, revoked: list[int]) -> bytes:
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(NOW - 10 * DAY).next_update(NOW - DAY))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial)
+            .revocation_date(NOW - 10 * DAY).build())
+    return builder.sign(pki.ca._private_key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM)
+
+
+def test_each_alert_has_its_own_hint(pki: Pki, tmp_path: Path) -> None:
+    """The CA hint was appended to "certificate revoked" too."""
+    alice = x509.load_pem_x509_certificate(Path(pki.path("alice.pem")).read_bytes())
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(crl_pem(pki.ca, [alice.serial_number]))
+    server = start_jobd(pki, tmp_path / "state", "--crl", str(crl))
+    try:
+        revoked = server.jobctl("alice", "list")
+        assert revoked.returncode == 3
+        assert revoked.stderr.decode() == (
+            "server refused the connection: TLS alert: certificate revoked (the client "
+            "certificate was revoked: ask the CA for a new one)\n")
+        stranger = server.jobctl("stranger", "list")
+        assert stranger.returncode == 3
+        assert stranger.stderr.decode() == (
+            "server refused the connection: TLS alert: unknown ca (is the client "
+            "certificate issued by the server's CA?)\n")
+        # a CRL past its next update: OpenSSL refuses everyone with "certificate expired"
+        crl.write_bytes(expired_crl(pki, []))
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"info reloaded ")
+        expired = server.jobctl("olga", "list")
+        assert expired.returncode == 3
+        assert expired.stderr.decode() == (
+            "server refused the connection: TLS alert: certificate expired (the client "
+            "certificate has expired, or the server's CRL has: renew it, or tell the "
+            "server's operator)\n")
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_server_still_refuses_a_not_yet_valid_certificate(jobd: JobdProcess) -> None:
+    """jobctl no longer sends one; a client that does is refused at TLS, as before."""
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with RawTLS.to(jobd, "future") as conn:
+            conn.hello()
+    jobd.wait_for_log(r"connection-refused .*certificate is not yet valid")
