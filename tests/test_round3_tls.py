@@ -201,7 +201,7 @@ def test_each_alert_has_its_own_hint(pki: Pki, tmp_path: Path) -> None:
 
 def test_the_server_still_refuses_a_not_yet_valid_certificate(jobd: JobdProcess) -> None:
     """jobctl no longer sends one; a client that does is refused at TLS, as before."""
-    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        with RawTLS.to(jobd, "future") as conn:
-            conn.hello()
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)), \
+            RawTLS.to(jobd, "future") as conn:
+        conn.hello()
     jobd.wait_for_log(r"connection-refused .*certificate is not yet valid")
