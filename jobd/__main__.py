@@ -19,7 +19,8 @@ from jobd._notify import (
     watchdog_interval,
 )
 from jobd._server import Server, serve
-from jobd._telemetry import NULL, Telemetry, TelemetryError, open_telemetry
+from jobd._telemetry import NULL, Telemetry, TelemetryError
+from jobd._telemetry_factory import open_telemetry
 from jobd._tls import TLSConfigError
 from jobd._version import __version__
 from jobd.engine import EngineError
