@@ -196,7 +196,7 @@ class Session:
         self._wait_scope: trio.CancelScope | None = None
         self._owes_goodbye = False
         self._streaming = False
-        self._context: Context | None = None  # made at the first request
+        self._context: Context | None = None  # the handlers', made at the first request
         self.tel = server.telemetry.connection(peer)
 
     # -- plumbing -------------------------------------------------------------
@@ -441,15 +441,19 @@ class Session:
         return self.identity.name if self.identity is not None else "-"
 
     # -- requests ---------------------------------------------------------------
+
+    def _handler_context(self) -> Context:
+        """What the handlers get: the welcomed caller, the engine, the way out."""
+        assert self.identity is not None
+        return Context(
+            identity=self.identity, manager=self.manager, log=self.log, peer=self.peer,
+            job_env=self.server.job_env, max_jobs_per_user=self.server.config.max_jobs_per_user,
+            starting=self.server.starting, send_chunk=self._send_chunk)
+
     async def _respond(self, request: p.Message) -> None:
         """Answer one request (jobd/_handlers.py) and send the reply."""
         if self._context is None:
-            assert self.identity is not None
-            self._context = Context(
-                identity=self.identity, manager=self.manager, log=self.log, peer=self.peer,
-                job_env=self.server.job_env,
-                max_jobs_per_user=self.server.config.max_jobs_per_user,
-                starting=self.server.starting, send_chunk=self._send_chunk)
+            self._context = self._handler_context()
         self._streaming = type(request) in STREAMS
         try:
             reply = await answer(self._context, request)
@@ -482,7 +486,6 @@ def _subject(cert: dict[str, Any] | None) -> str:
     if not cert:
         return "-"
     return ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
-
 
 
 __all__ = ["KEEPALIVE", "ServerState", "Session", "format_address"]
