@@ -202,9 +202,9 @@ def check_own_dates(certificate: str | os.PathLike[str], now: float | None = Non
     """Refuse, before connecting, a client certificate outside its dates: the server
     would refuse it with an alert that names the cause poorly (a not-yet-valid one
     gets "bad certificate"). Exit status 3, as the server's refusal was."""
-    from ._expiry import utc, validity
+    from protocol._x509 import pem_validity, utc
 
-    dates = validity(certificate)
+    dates = pem_validity(certificate)
     if dates is None:
         return
     now = time.time() if now is None else now

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import ssl
@@ -10,7 +9,15 @@ import stat
 import time
 from pathlib import Path
 
-from protocol._x509 import SERVER_AUTH, CertificateFormatError, extended_key_usage
+from protocol._x509 import (
+    MAX_PEM_BYTES,
+    SERVER_AUTH,
+    CertificateFormatError,
+    extended_key_usage,
+    first_certificate,
+    utc,
+    validity,
+)
 
 #: The only PEM block a ``--crl`` file may hold. OpenSSL's loader also takes
 #: certificates from it, which would make them trusted: a CRL file (public data,
@@ -21,9 +28,6 @@ CRL_LABEL = "X509 CRL"
 _PEM_BEGIN = re.compile(rb"^[ \t]*-----BEGIN ([^\r\n]*?)-----[ \t\r]*$", re.MULTILINE)
 #: Any mention of a BEGIN marker, to catch one the pattern above would not parse.
 _ANY_BEGIN = re.compile(rb"-----BEGIN")
-#: The first certificate of a PEM file (the leaf; a chain may follow).
-_FIRST_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*?)-----END CERTIFICATE-----")
 #: A CRL file larger than this is refused (a CRL of 100,000 revocations is ~4 MB).
 MAX_CRL_BYTES = 64 << 20
 
@@ -79,18 +83,16 @@ def check_server_certificate(certificate: Path, now: float | None = None) -> str
 
     A certificate without the extension is allowed (clients that pinned it accept it)
     but returns a warning: jobctl with a CA refuses it."""
-    from jobctl._expiry import utc, validity
-
     try:
         with open(certificate, "rb") as f:
-            pem = f.read(MAX_CRL_BYTES)
+            pem = f.read(MAX_PEM_BYTES)
     except OSError as exc:
         raise TLSConfigError(f"cannot load certificate {certificate}: {_reason(exc)}") from None
-    first = _FIRST_CERT.search(pem)  # the leaf: what load_cert_chain took as ours
-    try:
-        usages = extended_key_usage(base64.b64decode(first.group(1))) if first else None
-    except (ValueError, CertificateFormatError):
-        usages = None
+    try:  # the first certificate is the leaf: what load_cert_chain took as ours
+        der: bytes | None = first_certificate(pem)
+        usages = extended_key_usage(der) if der else None
+    except CertificateFormatError:
+        der = usages = None
     warning = None
     if usages is None:
         warning = (f"certificate {certificate} has no extended key usage: clients that "
@@ -100,7 +102,10 @@ def check_server_certificate(certificate: Path, now: float | None = None) -> str
         raise TLSConfigError(
             f"certificate {certificate} is not for server authentication (its extended "
             "key usage lacks serverAuth: a client certificate?): clients would refuse it")
-    dates = validity(certificate)
+    try:
+        dates = validity(der) if der else None
+    except CertificateFormatError:
+        dates = None
     if dates is not None:
         now = time.time() if now is None else now
         not_before, not_after = dates
