@@ -269,7 +269,8 @@ async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float,
             # TOFU (issue 15): the pin, checked before the hello goes out, replaces the
             # CA and its purpose check; with a CA, the server must be for serverAuth.
             if pin is not None:
-                pin.check(stream.getpeercert(binary_form=True))
+                peer = stream.transport_stream.socket.getpeername()[0]
+                pin.check(stream.getpeercert(binary_form=True), peer)
             else:
                 core.check_server_purpose(stream.getpeercert(binary_form=True))
             try:

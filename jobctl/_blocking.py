@@ -381,7 +381,7 @@ def connect_blocking(
         # TOFU (issue 15): the pin, checked before the hello goes out, replaces the CA
         # and its purpose check; with a CA, the server must be for serverAuth.
         if pin is not None:
-            pin.check(sock.peer_certificate())
+            pin.check(sock.peer_certificate(), raw.getpeername()[0])
         else:
             core.check_server_purpose(sock.peer_certificate())
     except BaseException:

@@ -320,7 +320,8 @@ def _main(argv: list[str] | None) -> int:
         finally:
             ctx.close()
     except JobctlError as exc:
-        print(escape(str(exc)), file=sys.stderr)
+        lines = str(exc).splitlines() if exc.multiline else [str(exc)]
+        print("\n".join(escape(line) for line in lines), file=sys.stderr)
         return exc.exit_status
     except BrokenPipeError:
         # Our own stdout went away (`jobctl stream 4 | head -1`): stop quietly.

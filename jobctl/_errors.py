@@ -18,6 +18,10 @@ from protocol import ErrorCode
 class JobctlError(Exception):
     """Base class. ``str(exc)`` is the one-line message for the user."""
 
+    #: True only for the one message printed on several lines (a changed pin's
+    #: banner, written by jobctl itself); any other newline is escaped.
+    multiline = False
+
     exit_status = 1
 
 

@@ -23,13 +23,20 @@ replaces only the CA's verification of the server.
 
 ``known_servers`` has one pin per line, ``[ADDRESS]:PORT SHA256-FINGERPRINT``,
 blank lines and ``#`` comments allowed. The address is the one given to
-jobctl (lowercased), as ssh keys known_hosts by the name typed.
+jobctl (lowercased), as ssh keys known_hosts by the name typed; an IP literal
+is written in its one canonical form (``127.1``, ``0x7f000001`` and
+``2130706433`` are all ``127.0.0.1``, as the resolver reads them), so that
+another spelling cannot get a fresh pin. And as ssh's CheckHostIP, the address
+actually connected to is pinned too: a name never pinned before still meets
+the pin of its IP address.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -51,8 +58,29 @@ def fingerprint(der: bytes) -> str:
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
+def canonical_address(address: str) -> str:
+    """An IP literal in its canonical form, whatever its spelling (``127.1``,
+    ``0x7f000001``, ``2130706433``, ``[::0:1]``, ``::ffff:127.0.0.1``: the forms the
+    resolver accepts); a name lowercased."""
+    text = address.lower()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        if not text or any(c.isspace() for c in text):
+            return text
+        try:  # the classic forms inet_aton (and getaddrinfo) accept
+            return socket.inet_ntoa(socket.inet_aton(text))
+        except (OSError, ValueError):
+            return text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return ip.compressed
+
+
 def server_key(address: str, port: int) -> str:
-    return f"[{address.lower()}]:{port}"
+    return f"[{canonical_address(address)}]:{port}"
 
 
 class UnknownServer(ConnectionFailed):
@@ -66,6 +94,8 @@ class UnknownServer(ConnectionFailed):
 
 class PinMismatch(ConnectionFailed):
     """The server shows another certificate than the one pinned for it."""
+
+    multiline = True  # the banner, as docs/security.md shows it
 
 
 class Pinning:
@@ -89,8 +119,9 @@ class Pinning:
         load_client_certificate(ctx, certificate, key)
         return ctx
 
-    def lookup(self) -> tuple[str, int] | None:
-        """The pinned fingerprint and its line number, if any."""
+    def lookup(self, key: str | None = None) -> tuple[str, int] | None:
+        """The fingerprint pinned for ``key`` (default: this server's) and its line."""
+        key = self.key if key is None else key
         try:
             with open(self.path, "rb") as f:
                 data = f.read(MAX_FILE + 1)
@@ -102,14 +133,15 @@ class Pinning:
             raise ConfigError(f"{self.path} is larger than {MAX_FILE} bytes")
         for number, raw in enumerate(data.decode(errors="replace").splitlines(), 1):
             words = raw.split("#", 1)[0].split()
-            if len(words) >= 2 and words[0].lower() == self.key:
+            if len(words) >= 2 and _canonical_key(words[0]) == key:
                 return words[1].upper(), number
         return None
 
-    def record(self, fp: str) -> int:
-        """Append the pin; return its line number."""
+    def record(self, fp: str, key: str | None = None) -> int:
+        """Append the pin (for ``key``, default this server's); return its line number."""
+        key = self.key if key is None else key
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        line = f"{self.key} {fp}\n".encode()
+        line = f"{key} {fp}\n".encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
                          0o600)
@@ -120,38 +152,62 @@ class Pinning:
         except OSError as exc:
             raise ConfigError(f"cannot record the pin in {self.path}: "
                               f"{exc.strerror or exc}") from None
-        found = self.lookup()
+        found = self.lookup(key)
         return found[1] if found else 0
 
-    def check(self, der: bytes | None) -> None:
-        """Accept the server's certificate or raise (exit 3). Runs before any request."""
+    def _changed(self, key: str, pinned: str, line: int, fp: str, note: str = "") -> PinMismatch:
+        return PinMismatch(
+            f"@@@ WARNING: THE CERTIFICATE OF SERVER {key} HAS CHANGED @@@\n"
+            f"{note}"
+            "Someone could be intercepting this connection (man in the middle), or the\n"
+            "server was given a new certificate. Nothing was sent to it.\n"
+            f"  pinned:  SHA256 {pinned}\n"
+            f"  offered: SHA256 {fp}\n"
+            f"The pin is {self.path}:{line}. If you know the change is expected, remove "
+            "that line and connect again.")
+
+    def check(self, der: bytes | None, peer: str | None = None) -> None:
+        """Accept the server's certificate or raise (exit 3). Runs before any request.
+
+        ``peer``: the IP address actually connected to. Its pin, when there is one,
+        must match too (ssh's CheckHostIP); when there is none, it is recorded once
+        the server's own pin is (or matches).
+        """
         if not der:
             raise ConnectionFailed(f"server {self.key} showed no certificate")
         fp = fingerprint(der)
+        ip_key = server_key(peer, self.port) if peer else self.key
+        ip_found = self.lookup(ip_key) if ip_key != self.key else None
+        if ip_found is not None and ip_found[0] != fp:
+            raise self._changed(ip_key, *ip_found, fp,
+                                note=f"(the address {self.key} connected to)\n")
         found = self.lookup()
         if found is not None:
             pinned, line = found
-            if pinned == fp:
-                return
-            raise PinMismatch(
-                f"@@@ WARNING: THE CERTIFICATE OF SERVER {self.key} HAS CHANGED @@@\n"
-                "Someone could be intercepting this connection (man in the middle), or the\n"
-                "server was given a new certificate. Nothing was sent to it.\n"
-                f"  pinned:  SHA256 {pinned}\n"
-                f"  offered: SHA256 {fp}\n"
-                f"The pin is {self.path}:{line}. If you know the change is expected, remove "
-                "that line and connect again.")
-        if self.accept_new:
+            if pinned != fp:
+                raise self._changed(self.key, pinned, line, fp)
+        elif self.accept_new:
             line = self.record(fp)
             print(f"jobctl: trusting server {self.key} on first use: SHA256 {fp} "
                   f"(pinned in {self.path}:{line})", file=sys.stderr)
-            return
-        raise UnknownServer(
-            f"server {self.key} is not known (no CA certificate: -C/--certificate-authority, "
-            f"JOBCTL_CA or {self.path.parent}/ca.pem; no pin in {self.path}): its "
-            f"certificate's SHA256 fingerprint is {fp}; if that is the server's, connect "
-            "again with --trust-on-first-use",
-            self, fp)
+        else:
+            raise UnknownServer(
+                f"server {self.key} is not known (no CA certificate: -C/--certificate-"
+                f"authority, JOBCTL_CA or {self.path.parent}/ca.pem; no pin in {self.path}): "
+                f"its certificate's SHA256 fingerprint is {fp}; if that is the server's, "
+                "connect again with --trust-on-first-use",
+                self, fp)
+        if ip_key != self.key and ip_found is None:
+            self.record(fp, ip_key)  # as ssh's CheckHostIP: the address, pinned too
+
+
+def _canonical_key(text: str) -> str:
+    """A ``[ADDRESS]:PORT`` word of the file, its address canonical (pins written by
+    hand, or by an older jobctl that kept ``127.1`` as typed)."""
+    address, sep, port = text.rpartition(":")
+    if not sep or not address.startswith("[") or not address.endswith("]"):
+        return text.lower()
+    return f"[{canonical_address(address[1:-1])}]:{port}"
 
 
 def ask(exc: UnknownServer) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import signal
 import ssl
 import subprocess
@@ -19,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import jobctl
 
-from .conftest import JOBD, RUN_CWD, JobdProcess, Pki, crl_pem, start_jobd
+from .conftest import JOBCTL, JOBD, RUN_CWD, JobdProcess, Pki, crl_pem, start_jobd
 from .hostile import RawTLS, jobd
 
 __all__ = ["jobd"]  # the fixture
@@ -205,3 +206,63 @@ def test_the_server_still_refuses_a_not_yet_valid_certificate(jobd: JobdProcess)
             RawTLS.to(jobd, "future") as conn:
         conn.hello()
     jobd.wait_for_log(r"connection-refused .*certificate is not yet valid")
+
+
+# -- item 8: pins cannot be sidestepped by another spelling ------------------------
+
+
+def _tofu(server: JobdProcess, home: Path, address: str, *extra: str
+          ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
+    env["XDG_CONFIG_HOME"] = str(home)
+    pki = server.pki
+    return subprocess.run([*JOBCTL, "-c", pki.path("alice.pem"), "-k", pki.path("alice.key"),
+                           "-a", address, "-p", str(server.port), *extra, "list"],
+                          capture_output=True, text=True, timeout=60, cwd=RUN_CWD, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_another_spelling_of_the_address_meets_the_same_pin(pki: Pki, tmp_path: Path) -> None:
+    """``-a 127.1 --trust-on-first-use`` accepted a changed certificate that
+    ``127.0.0.1`` refused: ``127.1``, ``0x7f000001`` and ``2130706433`` each got a new
+    pin. And the banner printed as one line with literal ``\\n``."""
+    home = tmp_path / "home"
+    first = start_jobd(pki, tmp_path / "state")
+    port = first.port
+    try:
+        pinned = _tofu(first, home, "127.0.0.1", "--trust-on-first-use")
+        assert pinned.returncode == 0, pinned.stderr
+    finally:
+        assert first.stop() == 0
+    known = home / "jobctl" / "known_servers"
+    assert known.read_text().splitlines()[0].startswith(f"[127.0.0.1]:{port} ")
+    # the same port, another certificate (another CA's): a server in the middle
+    changed = start_jobd(pki, tmp_path / "state2", port=port, server="otherserver")
+    try:
+        for spelling in ("127.0.0.1", "127.1", "0x7f000001", "2130706433", "[::ffff:127.0.0.1]"):
+            result = _tofu(changed, home, spelling, "--trust-on-first-use")
+            assert result.returncode == 3, (spelling, result)
+            lines = result.stderr.splitlines()
+            assert lines[0] == (f"@@@ WARNING: THE CERTIFICATE OF SERVER [127.0.0.1]:{port} "
+                                "HAS CHANGED @@@"), lines
+            assert lines[1].startswith("Someone could be intercepting"), lines
+            assert lines[3].startswith("  pinned:  SHA256 ") and "\\n" not in result.stderr
+        # a name never pinned meets the pin of the address it connects to (CheckHostIP)
+        result = _tofu(changed, home, "localhost", "--trust-on-first-use")
+        assert result.returncode == 3, result
+        assert result.stderr.splitlines()[:2] == [
+            f"@@@ WARNING: THE CERTIFICATE OF SERVER [127.0.0.1]:{port} HAS CHANGED @@@",
+            "(the address [localhost]:%d connected to)" % port], result.stderr
+    finally:
+        assert changed.stop() == 0
+    assert len(known.read_text().splitlines()) == 1  # nothing was pinned meanwhile
+
+
+def test_a_new_name_pins_its_address_too(jobd: JobdProcess, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = _tofu(jobd, home, "localhost", "--trust-on-first-use")
+    assert result.returncode == 0, result.stderr
+    pins = (home / "jobctl" / "known_servers").read_text().splitlines()
+    assert [line.split()[0] for line in pins] == [f"[localhost]:{jobd.port}",
+                                                  f"[127.0.0.1]:{jobd.port}"]
+    assert _tofu(jobd, home, "127.1").returncode == 0  # no flag needed: pinned
