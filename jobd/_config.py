@@ -77,6 +77,8 @@ class ServerConfig:
     retain_count: int | None = None
     max_log_space: int | None = None
     max_log_space_per_user: int | None = None
+    #: --job-env: NAME (jobd's value) or NAME=VALUE, added to PATH and LANG.
+    job_env: tuple[str, ...] = ()
 
 
 def _positive_float(text: str) -> float:
@@ -141,6 +143,21 @@ def _duration(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text}")
     return value
+
+
+#: Variables systemd hands to jobd itself (jobd._handlers.DAEMON_ONLY_ENV):
+#: --job-env may not pass them to jobs.
+_DAEMON_ONLY = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC",
+                "WATCHDOG_PID")
+
+
+def _job_env(text: str) -> str:
+    name = text.partition("=")[0]
+    if not name or "\0" in text or not name.isprintable() or " " in name:
+        raise argparse.ArgumentTypeError(f"not NAME or NAME=VALUE: {text!r}")
+    if name in _DAEMON_ONLY:
+        raise argparse.ArgumentTypeError(f"{name} belongs to jobd itself, not to its jobs")
+    return text
 
 
 def _port(text: str) -> int:
@@ -215,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=DEFAULT_MAX_JOBS_PER_USER, metavar="N",
                    help="running jobs per owner (CN); admin certificates are exempt; "
                    "0: no limit (default: %(default)s)")
+    p.add_argument("--job-env", type=_job_env, action="append", metavar="NAME[=VALUE]",
+                   help="a variable jobs get (repeatable): NAME passes jobd's own value, "
+                   "NAME=VALUE sets it. Jobs get PATH, LANG and these only, never jobd's "
+                   "whole environment (a start may add its own with --env)")
     limits = p.add_argument_group(
         "per-job limits",
         "A job that asks for no limit gets the default, or else the maximum; a request "
@@ -297,4 +318,5 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         retain_count=ns.retain_count,
         max_log_space=ns.max_log_space,
         max_log_space_per_user=ns.max_log_space_per_user,
+        job_env=tuple(ns.job_env or ()),
     )

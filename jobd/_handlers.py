@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -70,10 +70,30 @@ DAEMON_ONLY_ENV = frozenset({b"NOTIFY_SOCKET", b"LISTEN_FDS", b"LISTEN_PID", b"L
                              b"WATCHDOG_USEC", b"WATCHDOG_PID"})
 
 
-def job_environment() -> dict[bytes, bytes]:
-    """The environment a job gets when its start request names none: jobd's own,
-    less what belongs to the daemon alone."""
-    return {k: v for k, v in os.environb.items() if k not in DAEMON_ONLY_ENV}
+#: PATH for jobs when jobd has none (systemd's default for services).
+DEFAULT_PATH = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def job_environment(names: Sequence[str] = (),
+                    environ: Mapping[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+    """The environment a job gets when its start request names none (and the base an
+    ``env_merge`` start adds to): explicit and minimal, never jobd's whole environment,
+    which holds the daemon's secrets (``OTEL_EXPORTER_OTLP_HEADERS``, credentials).
+
+    PATH (jobd's, else DEFAULT_PATH) and LANG (jobd's, if set), then each of
+    ``names`` (``--job-env``): ``NAME=VALUE`` sets it, ``NAME`` passes jobd's value
+    when jobd has one. Checked by the option's parser (jobd._config)."""
+    env = os.environb if environ is None else environ
+    out = {b"PATH": env.get(b"PATH") or DEFAULT_PATH}
+    if env.get(b"LANG"):
+        out[b"LANG"] = env[b"LANG"]
+    for spec in names:
+        name, eq, value = os.fsencode(spec).partition(b"=")
+        if eq:
+            out[name] = value
+        elif name in env:
+            out[name] = env[name]
+    return out
 
 
 class Denied(Exception):

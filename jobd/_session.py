@@ -102,7 +102,7 @@ class ServerState:
         #: Sessions waiting for the peer (hello phase, or idle between requests):
         #: at shutdown each gets ``unavailable`` "server is shutting down".
         self.waiting: set[Session] = set()
-        self.job_env = job_environment()
+        self.job_env = job_environment(config.job_env)
         self.telemetry: Telemetry = NULL
         self._idle = trio.Event()
         self._idle.set()

@@ -252,7 +252,7 @@ def test_another_spelling_of_the_address_meets_the_same_pin(pki: Pki, tmp_path: 
         assert result.returncode == 3, result
         assert result.stderr.splitlines()[:2] == [
             f"@@@ WARNING: THE CERTIFICATE OF SERVER [127.0.0.1]:{port} HAS CHANGED @@@",
-            "(the address [localhost]:%d connected to)" % port], result.stderr
+            f"(the address [localhost]:{port} connected to)"], result.stderr
     finally:
         assert changed.stop() == 0
     assert len(known.read_text().splitlines()) == 1  # nothing was pinned meanwhile
