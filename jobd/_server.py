@@ -40,7 +40,7 @@ from jobd._expiry import expiry_warnings
 from jobd._log import EventLog, route_engine_logs
 from jobd._session import ServerState, format_address
 from jobd._telemetry import NULL, Telemetry
-from jobd._tls import TLSConfigError, make_server_context
+from jobd._tls import ContextReport, TLSConfigError, make_server_context
 from jobd.engine import EngineConfig, JobManager, LimitPolicy, open_job_manager
 
 #: After the jobs are stopped at shutdown, open streams get this long to
@@ -130,22 +130,24 @@ async def serve(
     """
     log = log if log is not None else EventLog(config.log_format, config.log_level)
     route_engine_logs(log)
-    warnings: list[str] = []
-    tls = [make_server_context(config.certificate, config.key, config.ca, config.crl,
-                               warnings)]
-    for warning in warnings:
+    report = ContextReport()
+    tls = [make_server_context(config.certificate, config.key, config.ca, config.crl, report)]
+    for warning in report.warnings:
         log.warning("certificate-warning", reason=warning)
+    state: ServerState | None = None
 
     def reload() -> bool:
-        warnings.clear()
+        report = ContextReport()
         try:
             tls[0] = make_server_context(config.certificate, config.key, config.ca, config.crl,
-                                         warnings)
+                                         report)
         except TLSConfigError as exc:
             log.error("reload-failed", reason=str(exc), note="old certificates stay in use")
             return False
-        for warning in warnings:
+        for warning in report.warnings:
             log.warning("certificate-warning", reason=warning)
+        if state is not None:  # revocation reaches open connections too
+            state.revoke(report.revoked)
         log.info("reloaded", certificate=str(config.certificate), ca=str(config.ca),
                  crl=str(config.crl) if config.crl else None)
         return True

@@ -63,6 +63,7 @@ from jobd._handlers import STREAMS, Context, Refusal, answer, job_environment, l
 from jobd._telemetry import NULL, Telemetry
 from jobd._tls import describe_tls_error
 from jobd._version import __version__
+from protocol._x509 import CertificateFormatError, issuer_and_serial
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -102,6 +103,9 @@ class ServerState:
         #: Sessions waiting for the peer (hello phase, or idle between requests):
         #: at shutdown each gets ``unavailable`` "server is shutting down".
         self.waiting: set[Session] = set()
+        #: Sessions past their TLS handshake, by the certificate they showed
+        #: (issuer DER, serial): a CRL reload closes those it revokes.
+        self.sessions: dict[Session, tuple[bytes, int]] = {}
         self.job_env = job_environment(config.job_env)
         self.telemetry: Telemetry = NULL
         self._idle = trio.Event()
@@ -135,6 +139,14 @@ class ServerState:
             yield
         finally:
             self.admission.starts_in_progress -= 1
+
+    def revoke(self, revoked: frozenset[tuple[bytes, int]]) -> None:
+        """A CRL was (re)loaded: close every open connection whose certificate it
+        revokes, as Teleport's locks end live sessions. New connections are refused
+        by OpenSSL at the handshake."""
+        for session, cert in list(self.sessions.items()):
+            if cert in revoked:
+                session.revoke()
 
     def begin_closing(self) -> None:
         """No new requests: every session waiting for its peer is told and closed."""
@@ -198,6 +210,8 @@ class Session:
         self._streaming = False
         self._context: Context | None = None  # the handlers', made at the first request
         self.tel = server.telemetry.connection(peer)
+        self._scope: trio.CancelScope | None = None  # the whole session's
+        self._revoked = False
 
     # -- plumbing -------------------------------------------------------------
 
@@ -267,11 +281,36 @@ class Session:
 
     # -- the connection's life --------------------------------------------------
 
+    def revoke(self) -> None:
+        """The certificate was revoked (a CRL reload): end the session now. A request
+        in progress is cancelled (a start being spawned still completes, unanswered);
+        the client gets an error frame saying why."""
+        if self._revoked:
+            return
+        self._revoked = True
+        cert = self.server.sessions.get(self)
+        self.log.warning("connection-revoked", peer=self.peer, who=self._who(),
+                         role=self.identity.role.value if self.identity else "-",
+                         serial=f"{cert[1]:x}" if cert else None,
+                         reason="certificate revoked by the CRL just loaded")
+        if self._scope is not None:
+            self._scope.cancel()
+
     async def run(self) -> None:
         try:
-            if await self._handshake():
-                await self._serve_requests()
+            with trio.CancelScope() as self._scope:
+                if await self._handshake():
+                    await self._serve_requests()
+            if self._revoked:
+                try:
+                    goodbye = self.conn.send(p.Error(
+                        p.ErrorCode.PERMISSION_DENIED, "certificate revoked: the server "
+                        "closed this connection"))
+                except p.LocalProtocolError:
+                    goodbye = b""
+                await self._close(goodbye)
         finally:
+            self.server.sessions.pop(self, None)
             await self._close()
             if self._owes_goodbye:
                 self.server.response_ended()
@@ -291,8 +330,11 @@ class Session:
                 return False
             refusal: tuple[p.ErrorCode, str] | None = None
             name = "-"
+            der = self.stream.getpeercert(binary_form=True)
+            with contextlib.suppress(CertificateFormatError):
+                self.server.sessions[self] = issuer_and_serial(der or b"")
             try:
-                check_client_purpose(self.stream.getpeercert(binary_form=True))
+                check_client_purpose(der)
                 self.identity = identity_from_cert(self.stream.getpeercert())
                 name = self.identity.name
             except IdentityError as exc:

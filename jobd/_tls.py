@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import ssl
 import stat
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol._x509 import (
     MAX_PEM_BYTES,
     SERVER_AUTH,
     CertificateFormatError,
+    crl_revocations,
     extended_key_usage,
     first_certificate,
     utc,
@@ -28,6 +31,8 @@ CRL_LABEL = "X509 CRL"
 _PEM_BEGIN = re.compile(rb"^[ \t]*-----BEGIN ([^\r\n]*?)-----[ \t\r]*$", re.MULTILINE)
 #: Any mention of a BEGIN marker, to catch one the pattern above would not parse.
 _ANY_BEGIN = re.compile(rb"-----BEGIN")
+#: One CRL's PEM block: its base64 body.
+_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----([A-Za-z0-9+/=\s]*?)-----END X509 CRL-----")
 #: A CRL file larger than this is refused (a CRL of 100,000 revocations is ~4 MB).
 MAX_CRL_BYTES = 64 << 20
 
@@ -36,8 +41,19 @@ class TLSConfigError(Exception):
     """A certificate, key, CA or CRL file cannot be used."""
 
 
+@dataclass
+class ContextReport:
+    """What building a context found besides the context itself."""
+
+    #: Warnings for the log (a server certificate without extended key usage).
+    warnings: list[str] = field(default_factory=list)
+    #: (issuer DER, serial) of every certificate the CRL file revokes: open
+    #: connections of those are closed when a reload brings them (issue 22 item 4).
+    revoked: frozenset[tuple[bytes, int]] = frozenset()
+
+
 def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None = None,
-                        warnings: list[str] | None = None) -> ssl.SSLContext:
+                        report: ContextReport | None = None) -> ssl.SSLContext:
     """Build the context every connection is served with.
 
     ``ssl.create_default_context(Purpose.CLIENT_AUTH)`` would leave
@@ -62,16 +78,35 @@ def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None
         raise TLSConfigError(f"cannot load certificate {certificate} with key {key}: "
                              f"{_reason(exc)}") from None
     warning = check_server_certificate(certificate)
-    if warning is not None and warnings is not None:
-        warnings.append(warning)
+    if warning is not None and report is not None:
+        report.warnings.append(warning)
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:
         raise TLSConfigError(f"cannot load CA {ca}: {_reason(exc)}") from None
     if crl is not None:
-        load_crls(ctx, crl)
+        data = load_crls(ctx, crl)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        if report is not None:
+            try:
+                report.revoked = revocations(data)
+            except CertificateFormatError as exc:
+                report.warnings.append(f"cannot read the revocations in CRL {crl} ({exc}): "
+                                       "open connections are not checked against it")
     return ctx
+
+
+def revocations(data: bytes) -> frozenset[tuple[bytes, int]]:
+    """(issuer DER, serial) of every revocation in the CRL file's PEM blocks."""
+    out: set[tuple[bytes, int]] = set()
+    for block in _CRL_BLOCK.finditer(data):
+        try:
+            der = base64.b64decode(block.group(1))
+        except ValueError:
+            raise CertificateFormatError("bad base64") from None
+        issuer, serials = crl_revocations(der)
+        out.update((issuer, serial) for serial in serials)
+    return frozenset(out)
 
 
 def check_server_certificate(certificate: Path, now: float | None = None) -> str | None:
@@ -135,7 +170,7 @@ def check_key_private(key: Path) -> None:
             f"(group or others may access it): run chmod 600 {key}")
 
 
-def load_crls(ctx: ssl.SSLContext, crl: Path) -> None:
+def load_crls(ctx: ssl.SSLContext, crl: Path) -> bytes:
     """Load the CRLs of ``crl`` into ``ctx``, refusing a file that holds anything else.
 
     ``load_verify_locations(cafile=)`` is the only way ``ssl`` loads a CRL, and it
@@ -176,6 +211,7 @@ def load_crls(ctx: ssl.SSLContext, crl: Path) -> None:
         raise TLSConfigError(f"cannot load CRL {crl}: {_reason(exc)}") from None
     finally:
         os.close(fd)
+    return data
 
 
 def _reason(exc: BaseException) -> str:

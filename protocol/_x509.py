@@ -41,6 +41,7 @@ CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
 
 _SEQUENCE = 0x30
 _OID = 0x06
+_INTEGER = 0x02
 _BOOLEAN = 0x01
 _OCTET_STRING = 0x04
 _EXTENSIONS = 0xA3  # [3] EXPLICIT, constructed
@@ -146,6 +147,76 @@ def extended_key_usage(der: bytes) -> frozenset[str] | None:
                 raise CertificateFormatError("bad extended key usage extension")
             return frozenset(_oid(der[s:e]) for _, s, e in usages)
     return None
+
+
+def _raw_children(der: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """Like :func:`_children`, with each element's own start: (tag, element start,
+    value start, value end)."""
+    out = []
+    while start < end:
+        tag, value, value_end = _element(der, start, end)
+        out.append((tag, start, value, value_end))
+        start = value_end
+    return out
+
+
+def _integer(raw: bytes) -> int:
+    if not raw:
+        raise CertificateFormatError("empty integer")
+    return int.from_bytes(raw, "big", signed=True)
+
+
+def issuer_and_serial(der: bytes) -> tuple[bytes, int]:
+    """The certificate's issuer (the DER of its Name, compared byte for byte) and
+    serial number: what a CRL names it by. Raises CertificateFormatError."""
+    tag, start, end = _element(der, 0, len(der))
+    if tag != _SEQUENCE:
+        raise CertificateFormatError("not a certificate")
+    fields = _children(der, start, end)
+    if not fields or fields[0][0] != _SEQUENCE:
+        raise CertificateFormatError("no tbsCertificate")
+    tbs = _raw_children(der, fields[0][1], fields[0][2])
+    if tbs and tbs[0][0] == _VERSION:
+        tbs = tbs[1:]
+    # serial, signature, issuer
+    if len(tbs) < 3 or tbs[0][0] != _INTEGER or tbs[2][0] != _SEQUENCE:
+        raise CertificateFormatError("no serial or issuer")
+    return der[tbs[2][1]:tbs[2][3]], _integer(der[tbs[0][2]:tbs[0][3]])
+
+
+def crl_revocations(der: bytes) -> tuple[bytes, frozenset[int]]:
+    """A CRL's issuer (DER of its Name) and the serial numbers it revokes. The
+    signature is not checked here: OpenSSL checks it for new connections, and a CRL
+    file only ever revokes (jobd/_tls.py). Raises CertificateFormatError.
+
+    CertificateList ::= SEQUENCE { tbsCertList SEQUENCE { version INTEGER OPTIONAL,
+        signature, issuer Name, thisUpdate Time, nextUpdate Time OPTIONAL,
+        revokedCertificates SEQUENCE OF SEQUENCE { userCertificate INTEGER, ... }
+        OPTIONAL, [0] crlExtensions OPTIONAL }, signatureAlgorithm, signature }
+    """
+    tag, start, end = _element(der, 0, len(der))
+    if tag != _SEQUENCE:
+        raise CertificateFormatError("not a CRL")
+    fields = _children(der, start, end)
+    if not fields or fields[0][0] != _SEQUENCE:
+        raise CertificateFormatError("no tbsCertList")
+    tbs = _raw_children(der, fields[0][1], fields[0][2])
+    if tbs and tbs[0][0] == _INTEGER:
+        tbs = tbs[1:]
+    if len(tbs) < 3 or tbs[0][0] != _SEQUENCE or tbs[1][0] != _SEQUENCE:
+        raise CertificateFormatError("no issuer")
+    issuer = der[tbs[1][1]:tbs[1][3]]
+    rest = tbs[3:]  # after thisUpdate
+    if rest and rest[0][0] in (_UTC_TIME, _GENERALIZED_TIME):
+        rest = rest[1:]
+    serials: set[int] = set()
+    if rest and rest[0][0] == _SEQUENCE:
+        for entry_tag, entry_start, entry_end in _children(der, rest[0][2], rest[0][3]):
+            entry = _children(der, entry_start, entry_end) if entry_tag == _SEQUENCE else []
+            if not entry or entry[0][0] != _INTEGER:
+                raise CertificateFormatError("bad revoked entry")
+            serials.add(_integer(der[entry[0][1]:entry[0][2]]))
+    return issuer, frozenset(serials)
 
 
 def allows(der: bytes | None, purpose: str) -> bool:
