@@ -214,8 +214,8 @@ def check_own_dates(certificate: str | os.PathLike[str], now: float | None = Non
                                f"{utc(not_before)} (is this machine's clock right?)")
     if now > not_after:
         raise ConnectionFailed(f"your certificate {os.fspath(certificate)} expired on "
-                               f"{utc(not_after)}: renew it (jobctl cert renew) and have "
-                               "it signed")
+                               f"{utc(not_after)}: renew it (jobctl cert renew "
+                               f"{os.fspath(certificate)}) and have the request signed")
 
 
 def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

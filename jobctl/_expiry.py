@@ -28,4 +28,5 @@ def warn_if_expiring(certificate: str, *, now: float | None = None) -> None:
     days = left / 86400
     when = f"in {days:.0f} days" if days >= 1.5 else f"in {left / 3600:.0f} hours"
     print(f"jobctl: warning: the client certificate {certificate} expires {when}: "
-          "request a new one (jobctl cert request) and have it signed", file=sys.stderr)
+          f"renew it (jobctl cert renew {certificate}) and have the request signed",
+          file=sys.stderr)

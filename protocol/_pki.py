@@ -181,6 +181,93 @@ def write_request(directory: Path, name: str, role: str | None) -> tuple[Path, P
     return key_path, csr_path
 
 
+def renewal_paths(certificate: Path, key: Path) -> tuple[Path, Path]:
+    """Where a renewal's new key and request go: ``NAME.new.key`` beside the key and
+    ``NAME.csr`` beside the certificate (NAME: the certificate's file name)."""
+    return key.with_name(f"{certificate.stem}.new.key"), certificate.with_suffix(".csr")
+
+
+def write_renewal(certificate: Path, key: Path, *, reuse_key: bool
+                  ) -> tuple[Path | None, Path, str]:
+    """A request to renew ``certificate``: the same subject (CN, and OU, the role),
+    with a new key written beside the old one (``NAME.new.key``, 0600: the old
+    key and certificate keep working until :func:`install` swaps them), or signed
+    by the old key with ``reuse_key``. Returns (new key or None, request, subject)."""
+    cert = load_cert(certificate)
+    old = load_key(key)
+    if old.public_key() != cert.public_key():
+        raise PkiError(f"{key} is not the key of {certificate}")
+    cn = single(cert.subject, NameOID.COMMON_NAME, "CN")
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou.value)
+             for ou in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+             if isinstance(ou.value, str)]
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    new_key_path, csr_path = renewal_paths(certificate, key)
+    signer = old
+    if not reuse_key:
+        if os.path.lexists(new_key_path):
+            raise PkiError(f"{new_key_path} exists: a renewal is under way (install its "
+                           "certificate with `jobctl cert install`, or remove the file)")
+        signer = new_key()
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attrs))
+           .sign(signer, hashes.SHA256()))
+    if not reuse_key:
+        _write_atomic(new_key_path, key_pem(signer), 0o600, replace=False)
+    write_public(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+    return (None if reuse_key else new_key_path), csr_path, x509.Name(attrs).rfc4514_string()
+
+
+def install(signed: Path, certificate: Path, key: Path) -> str:
+    """Put a renewed certificate in place: ``signed`` (for the same CN as
+    ``certificate``) becomes ``certificate``; if it is for the renewal's new key
+    (``NAME.new.key``), that key becomes ``key``. The old files are kept as
+    ``NAME.old.pem`` and ``NAME.old.key``. Returns what was done, for the user."""
+    new_cert = load_cert(signed)
+    new_cn = single(new_cert.subject, NameOID.COMMON_NAME, "CN")
+    if os.path.exists(certificate) and not os.path.samefile(signed, certificate):
+        old_cn = single(load_cert(certificate).subject, NameOID.COMMON_NAME, "CN")
+        if new_cn != old_cn:
+            raise PkiError(f"{signed} is for CN={new_cn!r}, {certificate} for CN={old_cn!r}")
+    if new_cert.not_valid_after_utc <= now():
+        raise PkiError(f"{signed} has expired")
+    new_key_path, _csr = renewal_paths(certificate, key)
+    backup_cert = certificate.with_name(f"{certificate.stem}.old.pem")
+    backup_key = key.with_name(f"{certificate.stem}.old.key")
+    if os.path.lexists(new_key_path) and \
+            load_key(new_key_path).public_key() == new_cert.public_key():
+        # the key first (a crash between the two renames leaves the old certificate
+        # with the new key: `install` again finishes the swap from the backups)
+        os.replace(key, backup_key)
+        os.replace(new_key_path, key)
+        done = f"{key} (the new key; the old one is {backup_key})"
+    elif load_key(key).public_key() == new_cert.public_key():
+        done = f"{key} (the same key)"
+    else:
+        raise PkiError(f"{signed} is for neither {new_key_path} nor {key}: was it signed "
+                       "from this renewal's request?")
+    if certificate.exists() and not os.path.samefile(signed, certificate):
+        os.replace(certificate, backup_cert)
+        write_public(certificate, cert_pem(new_cert))
+    elif not certificate.exists():
+        write_public(certificate, cert_pem(new_cert))
+    else:  # saved over the old certificate already: only the key was left to swap
+        backup_cert = Path("(none: SIGNED was saved over it)")
+    until = f"{new_cert.not_valid_after_utc:%Y-%m-%d %H:%M}"
+    return (f"installed {certificate} (valid until {until} UTC; the old one is "
+            f"{backup_cert}) with {done}")
+
+
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    data = read_small(path, "key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"cannot load key {path}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path} is not an ECDSA key")
+    return key
+
+
 # -- the CA --------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ characters are refused and never printed raw."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 from pathlib import Path
@@ -14,7 +15,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .conftest import JOBCTL, JOBD, RUN_CWD, Pki, client_leaf, start_jobd
+from .conftest import JOBCTL, JOBD, RUN_CWD, JobdProcess, Pki, client_leaf, start_jobd
+from .hostile import jobd
+
+__all__ = ["jobd"]  # the fixture
 
 EVIL = "ci-\x9b31m\u202eevil"
 
@@ -205,3 +209,69 @@ def test_event_log_escapes_format_characters(pki: Pki, tmp_path: Path) -> None:
         assert "\u200b".encode() not in listed.stdout
     finally:
         server.stop()
+
+
+# -- item 6: renewal -----------------------------------------------------------------
+
+
+def test_expiry_warning_names_a_command_that_works(jobd: JobdProcess, tmp_path: Path) -> None:
+    """The warning said "request a new one (jobctl cert request)", which refuses
+    because the key exists."""
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = client_leaf(jobd.pki.ca, common_name="carol", organization_unit_name="control",
+                       not_after=now + datetime.timedelta(days=3))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "carol.key"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "carol.pem"))
+    result = jobd.jobctl("alice", "list", extra=["-c", str(tmp_path / "carol.pem"), "-k",
+                                                 str(tmp_path / "carol.key")])
+    assert result.returncode == 0, result
+    assert f"(jobctl cert renew {tmp_path / 'carol.pem'})" in result.stderr.decode()
+    renewed = run(*JOBCTL, "cert", "renew", tmp_path / "carol.pem")
+    assert renewed.returncode == 0, renewed.stderr
+
+
+def test_renew_and_install(ca: Path, tmp_path: Path, pki: Pki) -> None:
+    """``jobctl cert renew``: a new key and request beside the old ones (which keep
+    working), swapped in by ``jobctl cert install``; or ``--reuse-key``."""
+    home = tmp_path / "home"
+    policy = ca / "policy.toml"
+    policy.write_text(policy.read_text() + 'alice = ["control"]\n')
+    assert run(*JOBCTL, "cert", "request", "--name", "alice", "--role", "control",
+               "--out", home).returncode == 0
+    assert jobd_ca("sign", home / "alice.csr", "--ca", ca).returncode == 0
+    cert, key = home / "alice.pem", home / "alice.key"
+    first_key = key.read_bytes()
+    again = run(*JOBCTL, "cert", "request", "--name", "alice", "--role", "control",
+                "--out", home)
+    assert again.returncode == 1 and "exists" in again.stderr  # what the warning said
+    renewed = run(*JOBCTL, "cert", "renew", cert)
+    assert renewed.returncode == 0, renewed.stderr
+    assert "jobctl cert install SIGNED" in renewed.stdout
+    assert (home / "alice.new.key").stat().st_mode & 0o777 == 0o600
+    assert key.read_bytes() == first_key  # the old pair keeps working meanwhile
+    csr_subject = x509.load_pem_x509_csr((home / "alice.csr").read_bytes()).subject
+    assert csr_subject.rfc4514_string() == "CN=alice,OU=control"
+    twice = run(*JOBCTL, "cert", "renew", cert)
+    assert twice.returncode == 1 and "a renewal is under way" in twice.stderr
+    signed = jobd_ca("sign", home / "alice.csr", "--ca", ca, "--out", tmp_path / "new.pem")
+    assert signed.returncode == 0, signed.stderr
+    installed = run(*JOBCTL, "cert", "install", tmp_path / "new.pem", cert)
+    assert installed.returncode == 0, installed.stderr
+    assert cert.read_bytes() == (tmp_path / "new.pem").read_bytes()
+    assert (home / "alice.old.key").read_bytes() == first_key
+    assert not (home / "alice.new.key").exists()
+    new = x509.load_pem_x509_certificate(cert.read_bytes())
+    loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    assert new.public_key() == loaded.public_key()
+    # --reuse-key: the same key, a new certificate
+    kept = key.read_bytes()
+    assert run(*JOBCTL, "cert", "renew", cert, "--reuse-key").returncode == 0
+    assert not (home / "alice.new.key").exists()
+    assert jobd_ca("sign", home / "alice.csr", "--ca", ca, "--out", tmp_path / "again.pem"
+                   ).returncode == 0
+    installed = run(*JOBCTL, "cert", "install", tmp_path / "again.pem", cert)
+    assert installed.returncode == 0 and "(the same key)" in installed.stdout
+    assert key.read_bytes() == kept
+    # a certificate for someone else's key is refused
+    other = run(*JOBCTL, "cert", "install", pki.path("alice.pem"), cert)
+    assert other.returncode == 1 and "neither" in other.stderr

@@ -137,8 +137,8 @@ def test_reload_keeps_the_old_certificate_when_the_new_one_would_be_refused(
 
 
 @pytest.mark.parametrize(("who", "message"), [
-    ("expired", "your certificate {path} expired on {date}: renew it (jobctl cert renew) "
-                "and have it signed"),
+    ("expired", "your certificate {path} expired on {date}: renew it (jobctl cert renew "
+                "{path}) and have the request signed"),
     ("future", "your certificate {path} is not valid until {date} (is this machine's "
                "clock right?)"),
 ])
