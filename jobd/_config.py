@@ -259,12 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: jobd's own cgroup if delegated, else the v1 hierarchies)")
     history = p.add_argument_group(
         "history", "what is kept of finished jobs (by default everything, until deleted); "
-        "the oldest finished jobs go first, each removal is logged (job-pruned)")
+        "the caps take from the owner holding the most first (its oldest job), so one "
+        "user's flood evicts only their own history; each removal is logged (job-pruned)")
     history.add_argument("--retain", type=_duration, metavar="DURATION",
                          help="remove finished jobs this long after their end "
                          "(e.g. 30d, 12h, 90m, 3600)")
     history.add_argument("--retain-count", type=_count_or_zero, metavar="N",
-                         help="keep at most N finished jobs")
+                         help="keep at most N finished jobs (the owner with the most "
+                         "gives first)")
     history.add_argument("--max-log-space", type=_size, metavar="SIZE",
                          help="keep at most SIZE of finished jobs' output logs "
                          "(whole jobs are removed)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import logging
 import os
 import sqlite3
@@ -82,6 +83,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(ended);
+CREATE INDEX IF NOT EXISTS jobs_owner_ended ON jobs(owner, ended, id);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS usage (owner TEXT PRIMARY KEY, log_bytes INTEGER NOT NULL);
@@ -377,6 +379,56 @@ def finished_oldest_first(db: JobDB, limit: int, *, ended_before: float | None =
     if with_log:
         cond += " AND log_size > 0"
     rows = db.read(f"SELECT record FROM jobs WHERE {cond} ORDER BY ended LIMIT ?",
+                   [*args, limit])
+    return _decode_all(rows)
+
+
+def fair_victims(db: JobDB, excess: int, limit: int, *, by_space: bool) -> list[Record]:
+    """Up to ``limit`` finished jobs whose removal brings the history ``excess`` jobs
+    (or, ``by_space``, log bytes) down, taken from the owners over their share first:
+    each next victim is the oldest finished job of the owner who holds the most
+    (jobs, or log bytes) at that moment, so that one owner's flood never evicts
+    another's few (a water level, as max-min fair sharing). Blocking: a worker thread.
+    """
+    if by_space:
+        rows = db.read("SELECT owner, sum(log_size) FROM jobs WHERE ended IS NOT NULL "
+                       "AND log_size > 0 GROUP BY owner", ())
+    else:
+        rows = db.read("SELECT owner, count(*) FROM jobs WHERE ended IS NOT NULL "
+                       "GROUP BY owner", ())
+    heap = [(-int(held), owner) for owner, held in rows if held]
+    heapq.heapify(heap)
+    queued: dict[str, list[Record]] = {}
+    after: dict[str, tuple[float, int]] = {}
+    out: list[Record] = []
+    while excess > 0 and heap and len(out) < limit:
+        held, owner = heapq.heappop(heap)
+        if not queued.get(owner):
+            queued[owner] = _oldest_of(db, owner, after.get(owner), min(limit, 256),
+                                       with_log=by_space)
+            if not queued[owner]:
+                continue  # gone meanwhile
+        record = queued[owner].pop(0)
+        after[owner] = (record.status.ended or 0.0, record.status.id)
+        cost = (record.log_size or 0) if by_space else 1
+        out.append(record)
+        excess -= cost
+        if -held - cost > 0:
+            heapq.heappush(heap, (held + cost, owner))
+    return out
+
+
+def _oldest_of(db: JobDB, owner: str, after: tuple[float, int] | None, limit: int, *,
+               with_log: bool) -> list[Record]:
+    """An owner's finished jobs, the oldest end first, after (ended, id) ``after``."""
+    cond = "owner = ? AND ended IS NOT NULL"
+    args: list[Any] = [owner]
+    if after is not None:
+        cond += " AND (ended, id) > (?, ?)"
+        args += [after[0], after[1]]
+    if with_log:
+        cond += " AND log_size > 0"
+    rows = db.read(f"SELECT record FROM jobs WHERE {cond} ORDER BY ended, id LIMIT ?",
                    [*args, limit])
     return _decode_all(rows)
 

@@ -22,7 +22,14 @@ import trio
 from protocol import JobState, JobStatus, Limits
 
 from ._cgroup_layout import detect
-from ._db import JobDB, Page, finished_count, finished_oldest_first, log_space
+from ._db import (
+    JobDB,
+    Page,
+    fair_victims,
+    finished_count,
+    finished_oldest_first,
+    log_space,
+)
 from ._job import Context, Job
 from ._limits import check_enforceable, check_policy, devices, isolation_problem, resolve
 from ._outputlog import MAX_RECORD, Budget, OutputLog, recover
@@ -305,8 +312,10 @@ class JobManager:
             finished_oldest_first, self._ctx.store, PRUNE_BATCH, ended_before=cutoff))
 
     async def apply_retention(self) -> int:
-        """Remove what ``retain``, ``retain_count`` and ``max_log_space`` say must go
-        (the oldest finished jobs first); how many."""
+        """Remove what ``retain``, ``retain_count`` and ``max_log_space`` say must go;
+        how many. ``retain`` removes by age alone; the two caps take from the owners
+        over their share first (:func:`fair_victims`): the owner with the most
+        finished jobs (or log bytes) gives its oldest, until the history fits."""
         cfg, db = self._ctx.config, self._ctx.store
         removed = 0
         if cfg.retain is not None:
@@ -319,7 +328,7 @@ class JobManager:
                 if excess <= 0:
                     return []
                 return await trio.to_thread.run_sync(functools.partial(
-                    finished_oldest_first, db, min(excess, PRUNE_BATCH)))
+                    fair_victims, db, excess, PRUNE_BATCH, by_space=False))
 
             removed += await self._prune_async(f"more than --retain-count {keep}", over_count)
         if cfg.max_log_space is not None:
@@ -329,15 +338,8 @@ class JobManager:
                 excess = await trio.to_thread.run_sync(log_space, db) - cap
                 if excess <= 0:
                     return []
-                oldest = await trio.to_thread.run_sync(functools.partial(
-                    finished_oldest_first, db, PRUNE_BATCH, with_log=True))
-                out = []
-                for record in oldest:  # only as many as it takes
-                    out.append(record)
-                    excess -= record.log_size or 0
-                    if excess <= 0:
-                        break
-                return out
+                return await trio.to_thread.run_sync(functools.partial(
+                    fair_victims, db, excess, PRUNE_BATCH, by_space=True))
 
             removed += await self._prune_async(f"logs over --max-log-space {cap}", over_space)
         return removed

@@ -57,9 +57,11 @@ class EngineConfig:
       cgroup_root: a delegated cgroup v2 directory for the jobs' cgroups; None:
         find one (see docs/isolation.md).
       retain: seconds a finished job is kept after its end; None: forever.
-      retain_count: the most finished jobs kept (the oldest go first); None: no cap.
+      retain_count: the most finished jobs kept (the oldest of the owner with the
+        most go first: fair_victims); None: no cap.
       max_log_space: the most bytes of output logs kept for finished jobs (the
-        oldest finished jobs go first, with their records); None: no cap.
+        oldest of the owner whose logs take the most go first, with their
+        records); None: no cap.
       max_log_space_per_user: the most bytes of output logs one owner's jobs may
         hold; output beyond it is dropped and counted in dropped_bytes; None: no cap.
     """
