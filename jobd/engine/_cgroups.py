@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import select
 import signal
@@ -48,6 +49,11 @@ V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "blkio", "pids", "freezer")
 #: CFS period in microseconds (the kernel's default); ``--cpus`` sets the quota.
 CPU_PERIOD_US = 100_000
 JOB_PREFIX = "job-"
+#: One cgroup per owner (CPU only, equal weight, as systemd's user slices): the
+#: jobs without a cgroup of their own run in their owner's, so that one user's
+#: busy jobs share the CPU with another's as two users, not as N jobs against 1,
+#: and jobd itself, outside them all, keeps its turn (issue 22 item 11).
+OWNER_PREFIX = "owner-"
 #: Rounds of freeze-kill-thaw before a v1 kill gives up on a cgroup that refills.
 V1_KILL_ROUNDS = 100
 
@@ -117,6 +123,50 @@ class Hierarchy(ABC):
     @abstractmethod
     def close(self) -> None:
         """Remove the jobs' parent directory if no job cgroup is left (blocking)."""
+
+    def owner_groups(self) -> OwnerGroups | None:
+        """The per-owner CPU groups, where this layout has the cpu controller."""
+        return None
+
+
+class OwnerGroups:
+    """One CPU cgroup per owner under the jobs' parent, all with the default (equal)
+    weight; made on first use, removed at close when empty.
+
+    Placement happens at spawn (:func:`jobd.engine._job.spawn_for_owner`): with cgroup
+    v1 (``per_thread``) the spawning worker thread moves itself into the owner's group
+    (the ``tasks`` file), forks, and moves back, so the job is in its group from its
+    first instruction; with v2, where a domain cgroup holds whole processes, the job's
+    main process is moved right after it started (a child it forked in that first
+    moment stays in jobd's group).
+    """
+
+    def __init__(self, parent: str, *, per_thread: bool, home: str) -> None:
+        self.parent = parent
+        self.per_thread = per_thread
+        self.home = home  # where the spawning thread returns to (v1)
+        self._made: set[str] = set()
+
+    def path(self, owner: str) -> str:
+        """The owner's group, made if need be (blocking). Raises OSError."""
+        name = OWNER_PREFIX + hashlib.sha256(
+            owner.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        path = f"{self.parent}/{name}"
+        if path not in self._made:
+            with contextlib.suppress(FileExistsError):
+                os.makedirs(path)
+            self._made.add(path)
+        return path
+
+    def remove_empty(self) -> None:
+        try:
+            names = [e.name for e in os.scandir(self.parent)
+                     if e.name.startswith(OWNER_PREFIX) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for name in names:
+            with contextlib.suppress(OSError):  # EBUSY: a job is still in it
+                _rmdir(f"{self.parent}/{name}")
 
 
 # -- small file helpers (cgroupfs files are tiny and in memory) ---------------------
@@ -286,7 +336,15 @@ class V2Hierarchy(Hierarchy):
     def leftovers(self) -> list[JobCgroup]:
         return [V2Job(f"{self.parent}/{name}") for name in _job_dirs(self.parent)]
 
+    def owner_groups(self) -> OwnerGroups | None:
+        if "cpu" not in self.resources:
+            return None
+        if not hasattr(self, "_owners"):
+            self._owners = OwnerGroups(self.parent, per_thread=False, home=self.parent)
+        return self._owners
+
     def close(self) -> None:
+        OwnerGroups(self.parent, per_thread=False, home=self.parent).remove_empty()
         with contextlib.suppress(OSError):  # EBUSY: a job cgroup could not be removed
             _rmdir(self.parent)
 
@@ -422,7 +480,18 @@ class V1Hierarchy(Hierarchy):
             out.append(V1Job(name, dirs))
         return out
 
+    def owner_groups(self) -> OwnerGroups | None:
+        if "cpu" not in self.parents:
+            return None
+        if not hasattr(self, "_owners"):
+            parent = self.parents["cpu"]
+            self._owners = OwnerGroups(parent, per_thread=True,
+                                       home=os.path.dirname(parent))
+        return self._owners
+
     def close(self) -> None:
+        if "cpu" in self.parents:
+            OwnerGroups(self.parents["cpu"], per_thread=True, home="").remove_empty()
         for parent in dict.fromkeys(self.parents.values()):
             with contextlib.suppress(OSError):
                 _rmdir(parent)

@@ -53,15 +53,16 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from protocol import JobState, JobStatus, Limits
 
-from ._cgroups import Hierarchy, JobCgroup, Usage
+from ._cgroups import Hierarchy, JobCgroup, OwnerGroups, Usage, write_file
 from ._db import JobDB
 from ._outputlog import MAX_RECORD, Budget, OutputLog
 from ._procs import (
@@ -356,7 +357,9 @@ class Job:
                      devices: Mapping[str, str]) -> Spawned:
         limits = self.limits
         if limits is None:
-            return await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
+            groups = self._ctx.cgroups.owner_groups() if self._ctx.cgroups else None
+            return await trio.to_thread.run_sync(spawn_for_owner, groups, self.owner,
+                                                 self.argv, cwd, env)
         cgroups = self._ctx.cgroups
         if cgroups is not None:
             try:
@@ -487,6 +490,9 @@ class Job:
                     with contextlib.suppress(OSError):  # over the user's pipe quota: keep it
                         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BUSY_PIPE_SIZE)
                 log_.append(stream, data)
+                # One read per turn: a busy job's pump never takes two turns of the
+                # loop in a row while requests (or other pumps) wait (issue 22 item 11).
+                await trio.lowlevel.checkpoint()
         finally:
             self._pipes = tuple(-1 if f == fd else f for f in self._pipes)
             os.close(fd)
@@ -599,3 +605,37 @@ class Job:
             if not members:
                 return
             await wait_exit(members[0])
+
+
+_placement_failed = False
+
+
+def spawn_for_owner(groups: OwnerGroups | None, owner: str, argv: Sequence[bytes],
+                    cwd: bytes | None, env: Mapping[bytes, bytes] | None) -> Spawned:
+    """Spawn a job without a cgroup of its own in its owner's CPU group (worker
+    thread; see :class:`OwnerGroups`). Where that fails, the job runs in jobd's
+    group, as before, and the failure is logged once."""
+    global _placement_failed
+    if groups is None:
+        return spawn(argv, cwd, env)
+    tid = threading.get_native_id()
+    try:
+        path = groups.path(owner)
+        if groups.per_thread:
+            write_file(f"{path}/tasks", str(tid))
+    except OSError as exc:
+        if not _placement_failed:
+            _placement_failed = True
+            log.warning("cannot place jobs in their owner's cgroup (they share jobd's): %s",
+                        exc)
+        return spawn(argv, cwd, env)
+    if groups.per_thread:
+        try:
+            return spawn(argv, cwd, env)
+        finally:
+            with contextlib.suppress(OSError):
+                write_file(f"{groups.home}/tasks", str(tid))
+    spawned = spawn(argv, cwd, env)
+    with contextlib.suppress(OSError):  # gone already, or the group: it runs in jobd's
+        write_file(f"{path}/cgroup.procs", str(spawned.popen.pid))
+    return spawned

@@ -140,7 +140,9 @@ class JobManager:
         job = Job(ctx, job_id, owner, args,
                   OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap,
                             writers=ctx.writers, dir_fd=ctx.store.logs_fd,
-                            name=log_name(job_id), budget=self._budget(owner)), applied)
+                            name=log_name(job_id), budget=self._budget(owner),
+                            group=None if applied is not None else _writer_group(ctx, owner)),
+                  applied)
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):
@@ -577,6 +579,23 @@ def _load(db: JobDB) -> tuple[list[Record], int]:
 def _instance_key(state_dir: Path) -> str:
     """Names this jobd's cgroups apart from another instance's: its state directory."""
     return hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:12]
+
+
+def _writer_group(ctx: Context, owner: str) -> Callable[[], tuple[str, str] | None] | None:
+    """Where the writer thread of a job in its owner's CPU group works (v1 only: a
+    thread can join a cgroup there; ``tasks`` files to join and to return to)."""
+    groups = ctx.cgroups.owner_groups() if ctx.cgroups is not None else None
+    if groups is None or not groups.per_thread:
+        return None
+    found = groups
+
+    def tasks() -> tuple[str, str] | None:
+        try:
+            return f"{found.path(owner)}/tasks", f"{found.home}/tasks"
+        except OSError:
+            return None
+
+    return tasks
 
 
 async def _sweep_cgroups(ctx: Context) -> None:

@@ -58,7 +58,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import trio
@@ -205,7 +205,7 @@ class OutputLog:
 
     __slots__ = (
         "_accepted", "_budget", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd",
-        "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue", "_queued_cost",
+        "_group", "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue", "_queued_cost",
         "_room", "_token", "_writers", "_writing", "cap", "closed", "dropped_bytes", "end",
         "output_bytes", "path",
     )
@@ -214,8 +214,13 @@ class OutputLog:
                  dropped_bytes: int = 0, closed: bool = False,
                  writers: trio.CapacityLimiter | None = None,
                  dir_fd: int | None = None, name: str | None = None,
-                 budget: Budget | None = None) -> None:
+                 budget: Budget | None = None,
+                 group: Callable[[], tuple[str, str] | None] | None = None) -> None:
         self.path = path
+        #: Where the writer thread does this log's work (cgroup v1: the owner's CPU
+        #: group, as ``tasks`` files to join and to return to), so that writing a busy
+        #: job's output is the owner's CPU time, not jobd's (issue 22 item 11).
+        self._group = group
         self._dir_fd = dir_fd  # the directory ``name`` is opened relative to (None: none)
         self._name = name
         self._budget = budget  # the owner's disk quota for output, shared (None: none)
@@ -345,6 +350,21 @@ class OutputLog:
         anyway and the writer task queues for a thread again. Results go back to
         the loop through ``run_sync_soon`` (:meth:`_deliver`), at most one pending.
         """
+        tasks = self._group() if self._group is not None else None
+        if tasks is not None:
+            tid = threading.get_native_id()
+            try:
+                _join(tasks[0], tid)
+            except OSError:
+                tasks = None
+        try:
+            self._drain_slice()
+        finally:
+            if tasks is not None:
+                with contextlib.suppress(OSError):
+                    _join(tasks[1], tid)
+
+    def _drain_slice(self) -> None:
         offset = self.end
         until = time.monotonic() + SLICE
         while True:
@@ -592,3 +612,12 @@ async def _read_block(fd: int, position: int, size: int) -> bytearray | bytes:
             _nowait_reads = False  # this kernel or file system cannot: always use threads
         del buf
     return await trio.to_thread.run_sync(os.pread, fd, size, position)
+
+
+def _join(tasks: str, tid: int) -> None:
+    """Move thread ``tid`` into the cgroup (v1) whose ``tasks`` file this is."""
+    fd = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(tid).encode())
+    finally:
+        os.close(fd)
