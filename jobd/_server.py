@@ -881,7 +881,7 @@ class _Session:
         reader = self.manager.follow_output if follow else self.manager.read_output
         chunks = reader(request.job, request.position, timestamps=request.timestamps)
         position = request.position
-        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 if chunk.time_ns is None:
                     frame = self.conn.send_output(chunk.fd, chunk.data, chunk.position)
@@ -891,7 +891,8 @@ class _Session:
                 await self._send(frame)
                 self.tel.streamed(len(chunk.data))
                 position = chunk.position
-        return p.End(self.manager.status(request.job), position)
+        # The status of the job just read, even if it was deleted or pruned meanwhile.
+        return p.End(chunks.status(), position)
 
 
 class _Refusal(Exception):

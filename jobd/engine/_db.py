@@ -158,8 +158,20 @@ def apply_deletes(conn: sqlite3.Connection, job_ids: Iterable[int]) -> None:
 
 def _db_error(exc: sqlite3.Error) -> OSError:
     text = str(exc)
-    code = errno.ENOSPC if "full" in text else errno.EIO
-    return OSError(code, f"job database: {text}")
+    full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in text
+    return OSError(errno.ENOSPC if full else errno.EIO, f"job database: {text}")
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not done so itself.
+
+    On SQLITE_FULL (and some I/O errors) SQLite may already have rolled back:
+    a ROLLBACK then fails with "cannot rollback - no transaction is active",
+    which would hide the real error ("database or disk is full").
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+            conn.execute("ROLLBACK")
 
 
 class JobDB:
@@ -306,7 +318,7 @@ class JobDB:
                         apply_deletes(conn, op.job_ids)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
         except sqlite3.Error as exc:
             error = _db_error(exc)
@@ -348,7 +360,7 @@ class JobDB:
                 apply_puts(conn, records)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
         finally:
             conn.close()
