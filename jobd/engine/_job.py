@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -79,6 +80,7 @@ from ._procs import (
     wait_exit,
 )
 from ._store import Record
+from ._tracking import Leaf
 from ._types import EngineConfig, EngineError
 
 log = logging.getLogger("jobd.engine")
@@ -113,6 +115,12 @@ class Context:
     cgroup_reason: str = ""
     #: Why jobs cannot get namespaces, or None if they can.
     isolation_reason: str | None = None
+    #: jobd's own leaf cgroup, where every process it spawns is born (_tracking).
+    leaf: Leaf | None = None
+    #: Every job starts through the spawn helper's gate (no leaf to find them in).
+    gate: bool = False
+    #: Why there is no leaf.
+    tracking_reason: str = ""
     jobs: dict[int, Job] = field(default_factory=dict)
     closing: bool = False
     #: Records whose last write failed (full disk), by job ID: written again later.
@@ -370,6 +378,13 @@ class Job:
             except EngineError:
                 await self._abandon(spawned)
                 raise
+            if spawned.gate is not None:  # recorded: now the helper may run the command
+                try:
+                    await trio.to_thread.run_sync(spawned.gate, True)
+                except OSError as exc:  # it could not: the record's end says why
+                    await self._never_ran(spawned, spawn_error(exc, self.argv[0], cwd),
+                                          task_status)
+                    return
         ctx.jobs[self.id] = self
         task_status.started(self.status())
         ctx.emit("started", self.status())
@@ -406,10 +421,32 @@ class Job:
         if self._ctx.unsaved:
             await self._ctx.retry_unsaved()
 
+    async def _never_ran(self, spawned: Spawned, error: str,
+                         task_status: trio.TaskStatus[JobStatus]) -> None:
+        """A gated start whose command could not be executed (the helper is reaped):
+        its end, state error, replaces the running record already committed."""
+        for fd in (spawned.stdout, spawned.stderr, spawned.pidfd):
+            os.close(fd)
+        await self._release_cgroup()
+        self.state = JobState.ERROR
+        self.error = error
+        self.pid = self.started = None
+        self._finish(None)
+        ctx = self._ctx
+        ctx.jobs[self.id] = self
+        if await ctx.persist(self._record()):
+            self.done.set()
+        task_status.started(self.shown_status())
+        if self.done.is_set():
+            ctx.emit("ended", self.status())
+        self.finished.set()
+
     async def _abandon(self, spawned: Spawned) -> None:
         """Kill and reap a process whose job was refused (before it was supervised)."""
         # Our unreaped child pins its group ID: killpg cannot reach a stranger.
         signal_group(spawned.popen.pid, signal.SIGKILL)
+        if spawned.gate is not None:  # the helper never ran the command
+            spawned.gate(False)
         await self._kill_cgroup()
         await trio.to_thread.run_sync(spawned.popen.wait)
         for fd in (spawned.stdout, spawned.stderr, spawned.pidfd):
@@ -419,7 +456,11 @@ class Job:
     async def _spawn(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None,
                      devices: Mapping[str, str]) -> Spawned:
         limits = self.limits
+        gate = self._ctx.gate
         if limits is None:
+            if gate:
+                return await trio.to_thread.run_sync(functools.partial(
+                    spawn_contained, self.argv, cwd, env, (), (), gated=True))
             return await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
         cgroups = self._ctx.cgroups
         if cgroups is not None:
@@ -430,8 +471,8 @@ class Job:
                 raise EngineError(f"cannot create the job's cgroup: {exc}") from None
         join = self._cgroup.procs if self._cgroup is not None else ()
         try:
-            return await trio.to_thread.run_sync(spawn_contained, self.argv, cwd, env, join,
-                                                 limits.isolate)
+            return await trio.to_thread.run_sync(functools.partial(
+                spawn_contained, self.argv, cwd, env, join, limits.isolate, gated=gate))
         except BaseException:
             await self._release_cgroup()  # the helper is reaped: it is empty
             raise

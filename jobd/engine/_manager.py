@@ -28,6 +28,7 @@ from ._limits import check_enforceable, check_policy, devices, isolation_problem
 from ._outputlog import MAX_RECORD, Budget, OutputLog, recover
 from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
 from ._store import Record
+from ._tracking import Leaf
 from ._types import (
     EngineConfig,
     EngineError,
@@ -191,12 +192,17 @@ class JobManager:
 
     def cgroup_layout(self) -> dict[str, str]:
         """What jobd found for limits and isolation, for its start-up log line:
-        ``mode`` (v2, v1 or none), ``controllers``, ``root`` or ``reason``, ``isolation``."""
+        ``mode`` (v2, v1 or none), ``controllers``, ``root`` or ``reason``, ``isolation``,
+        ``tracking`` (cgroup with its ``leaf``, or gate with ``tracking_reason``)."""
         ctx = self._ctx
         out = (ctx.cgroups.describe() if ctx.cgroups is not None
                else {"mode": "none", "reason": ctx.cgroup_reason})
         out["isolation"] = ("pid,mount,net" if ctx.isolation_reason is None
                             else f"none ({ctx.isolation_reason})")
+        if ctx.leaf is not None:
+            out["tracking"], out["leaf"] = "cgroup", ctx.leaf.path
+        else:
+            out["tracking"], out["tracking_reason"] = "gate", ctx.tracking_reason
         return out
 
     def _budget(self, owner: str) -> Budget | None:
@@ -486,10 +492,54 @@ async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManage
         detect, config.cgroup_root, _instance_key(config.state_dir))
     ctx.isolation_reason = isolation_problem()
     check_policy(config.limits, ctx.cgroups, ctx.cgroup_reason)
+    leaf = await _enter_leaf(ctx)  # before anything is spawned
+    try:
+        async with _recover_and_serve(ctx, records, highest, leaf) as manager:
+            yield manager
+    finally:
+        with trio.CancelScope(shield=True):  # bounded: a few cgroupfs writes
+            if leaf is not None:
+                await trio.to_thread.run_sync(leaf.leave)
+            if ctx.cgroups is not None:
+                await trio.to_thread.run_sync(ctx.cgroups.close)
+
+
+async def _enter_leaf(ctx: Context) -> Leaf | None:
+    """Choose how a restart finds every process of this jobd (_tracking.py): move
+    into jobd's own leaf cgroup, or start every job through the gate."""
+    mode = ctx.config.tracking
+    leaf = None
+    if mode != "gate":
+        if ctx.cgroups is None:
+            ctx.tracking_reason = ctx.cgroup_reason
+        else:
+            try:
+                leaf = await trio.to_thread.run_sync(Leaf.enter, ctx.cgroups)
+            except OSError as exc:
+                ctx.tracking_reason = f"cannot move into a cgroup of its own: {exc}"
+        if leaf is None and mode == "cgroup":
+            raise EngineError(f"job tracking by cgroup is not possible here: "
+                              f"{ctx.tracking_reason}")
+    else:
+        ctx.tracking_reason = "asked for"
+    ctx.leaf = leaf
+    ctx.gate = leaf is None
+    return leaf
+
+
+@asynccontextmanager
+async def _recover_and_serve(ctx: Context, records: Records, highest: int,
+                             leaf: Leaf | None) -> AsyncIterator[JobManager]:
+    config = ctx.config
     lost = [r for r in records if r.status.state is JobState.RUNNING]
     if lost:
         await _kill_lost(ctx, lost)
     await _sweep_cgroups(ctx)
+    if leaf is not None:
+        killed = await leaf.sweep()
+        if killed:
+            log.warning("killed %d processes left over by a previous jobd (in cgroup %s)",
+                        killed, leaf.path)
     for record in records:  # all were running: lost
         status = replace(record.status, state=JobState.ERROR, error=LOST, ended=time.time())
         record = replace(record, status=status)
@@ -501,19 +551,18 @@ async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManage
     async with trio.open_nursery() as root:
         jobs_nursery: trio.Nursery = await root.start(_host_jobs, closed)
         manager = JobManager(ctx, jobs_nursery, highest + 1)
-        retention = trio.CancelScope()
-        root.start_soon(_retry_unsaved, ctx, retention)
+        retention, retrying = trio.CancelScope(), trio.CancelScope()
+        root.start_soon(_retry_unsaved, ctx, retrying)
         if (config.retain, config.retain_count, config.max_log_space) != (None, None, None):
             root.start_soon(_retain, manager, retention)
         try:
             yield manager
         finally:
             retention.cancel()
+            retrying.cancel()
             # Bounded by shutdown itself: 2 x grace + SHUTDOWN_SLACK, then SIGKILL.
             with trio.CancelScope(shield=True):
                 await manager.shutdown()
-                if ctx.cgroups is not None:
-                    await trio.to_thread.run_sync(ctx.cgroups.close)
             closed.set()
 
 
