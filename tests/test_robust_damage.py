@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jobctl
-
 from jobd.engine._db import JobDB
 from jobd.engine._store import Record
 from protocol import JobState, JobStatus
