@@ -535,11 +535,17 @@ async def _recover_and_serve(ctx: Context, records: Records, highest: int,
     if lost:
         await _kill_lost(ctx, lost)
     await _sweep_cgroups(ctx)
-    if leaf is not None:
-        killed = await leaf.sweep()
+    # A previous jobd's leaf is swept whatever this jobd tracks by (the mode may change).
+    sweep = leaf
+    if sweep is None and ctx.cgroups is not None:
+        sweep = await trio.to_thread.run_sync(Leaf.left_over, ctx.cgroups)
+    if sweep is not None:
+        killed = await sweep.sweep()
         if killed:
             log.warning("killed %d processes left over by a previous jobd (in cgroup %s)",
-                        killed, leaf.path)
+                        killed, sweep.path)
+        if sweep is not leaf:
+            await trio.to_thread.run_sync(sweep.leave)
     for record in records:  # all were running: lost
         status = replace(record.status, state=JobState.ERROR, error=LOST, ended=time.time())
         record = replace(record, status=status)

@@ -82,6 +82,13 @@ class Leaf:
         write_file(f"{path}/cgroup.procs", str(os.getpid()))
         return cls(path, previous)
 
+    @classmethod
+    def left_over(cls, cgroups: Hierarchy) -> Leaf | None:
+        """The leaf of a jobd that used cgroup tracking, if one is there, without moving
+        into it (a jobd that tracks by gate sweeps it all the same: blocking)."""
+        path, _ = cgroups.daemon_leaf()
+        return cls(path, None) if os.path.isdir(path) else None
+
     def others(self) -> list[int]:
         """The processes in the leaf other than this one (blocking)."""
         me = os.getpid()
