@@ -149,6 +149,7 @@ class Ledger:
         self.started: set[int] = set()
         self.ended: dict[int, str] = {}
         self.deleted: set[int] = set()
+        self.deleting: set[int] = set()  # asked, maybe done, not acknowledged
         self.refusals = 0
         self.errors: list[str] = []
 
@@ -190,9 +191,10 @@ def workload(server: JobdProcess, ledger: Ledger, rng: random.Random, marker: st
                             job = rng.choice(running)
                             ledger.ended[job] = c.stop(job, grace=0).describe()
                     else:
-                        ended = [job for job in ledger.ended if job not in ledger.deleted]
+                        ended = [job for job in ledger.ended if job not in ledger.deleting]
                         if ended:
                             job = rng.choice(ended)
+                            ledger.deleting.add(job)
                             c.delete(job)
                             ledger.deleted.add(job)
                 except (jobctl.ServerError, jobctl.WaitTimeout):
@@ -212,7 +214,7 @@ def check(server: JobdProcess, ledger: Ledger, marker: str, seed: int) -> None:
             try:
                 status = c.status(job)
             except jobctl.NotFound:
-                assert job in ledger.deleted, f"job {job} lost (seed {seed})"
+                assert job in ledger.deleting, f"job {job} lost (seed {seed})"
                 continue
             assert job not in ledger.deleted, f"deleted job {job} is back (seed {seed})"
             assert not status.running, (status, seed)  # all were lost or ended
