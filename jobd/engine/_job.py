@@ -22,7 +22,14 @@ pumps are woken (``notify_closing``), read what is still buffered without
 blocking, and close their pipes. So output ends at EOF, or right after the
 cleanup when a stray process outside the job still holds a pipe: it never
 hangs, and nothing in a pipe is lost. Then the log is flushed and closed, the
-final state set, the record written and ``done`` set.
+final state set, the record written and ``done`` set (``finished`` either
+way: a final record a full disk refused is written by the manager's retries,
+which set ``done``; until then clients see the job running).
+
+The record is written before anything is acknowledged: a start whose first
+record cannot be committed is refused, its process killed before it was ever
+supervised. Where jobd has no cgroup of its own (``Context.gate``), the spawn
+helper runs the command only once that record is committed (_tracking.py).
 
 The ladder is SIGINT, grace, SIGTERM, grace, SIGKILL, each to the process
 group (plus session members that left the group), SIGINT and SIGTERM followed
@@ -125,6 +132,8 @@ class Context:
     closing: bool = False
     #: Records whose last write failed (full disk), by job ID: written again later.
     unsaved: dict[int, Record] = field(default_factory=dict)
+    #: Set when a record joins ``unsaved``: wakes the manager's retry task.
+    unsaved_added: trio.Event = field(default_factory=trio.Event)
     #: Serialises retries of ``unsaved`` with each other and with deletes.
     retry_lock: trio.Lock = field(default_factory=trio.Lock)
     #: The worker threads output logs write with: their own, so that busy jobs
@@ -143,9 +152,6 @@ class Context:
             self.config.on_event(kind, status)
         except Exception:
             log.exception("on_event(%r) failed for job %d", kind, status.id)
-
-    #: Set when a record joins ``unsaved``: wakes the manager's retry task.
-    unsaved_added: trio.Event = field(default_factory=trio.Event)
 
     async def persist(self, record: Record) -> bool:
         """Write the record; True once it is committed (durable).
