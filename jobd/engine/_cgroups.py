@@ -54,6 +54,8 @@ JOB_PREFIX = "job-"
 #: busy jobs share the CPU with another's as two users, not as N jobs against 1,
 #: and jobd itself, outside them all, keeps its turn (issue 22 item 11).
 OWNER_PREFIX = "owner-"
+#: jobd's own cgroup beside the jobs' (``<root>/jobd-<key>/daemon``); see _tracking.
+DAEMON_LEAF = "daemon"
 #: Rounds of freeze-kill-thaw before a v1 kill gives up on a cgroup that refills.
 V1_KILL_ROUNDS = 100
 
@@ -119,6 +121,12 @@ class Hierarchy(ABC):
     @abstractmethod
     def leftovers(self) -> list[JobCgroup]:
         """Job cgroups that exist now (at start-up: a previous jobd's)."""
+
+    @abstractmethod
+    def daemon_leaf(self) -> tuple[str, str]:
+        """(The directory of jobd's own leaf, beside the job cgroups, where every
+        process jobd spawns is born; the controller naming its hierarchy in
+        /proc/self/cgroup, "" for v2). See _tracking."""
 
     @abstractmethod
     def close(self) -> None:
@@ -334,7 +342,10 @@ class V2Hierarchy(Hierarchy):
         return V2Job(path)
 
     def leftovers(self) -> list[JobCgroup]:
-        return [V2Job(f"{self.parent}/{name}") for name in _job_dirs(self.parent)]
+        # With v2 a job moved into its owner's group has left jobd's tracking leaf:
+        # the owner groups a previous jobd left are swept like job cgroups.
+        return [V2Job(f"{self.parent}/{name}")
+                for name in _job_dirs(self.parent) + _job_dirs(self.parent, OWNER_PREFIX)]
 
     def owner_groups(self) -> OwnerGroups | None:
         if "cpu" not in self.resources:
@@ -342,6 +353,9 @@ class V2Hierarchy(Hierarchy):
         if not hasattr(self, "_owners"):
             self._owners = OwnerGroups(self.parent, per_thread=False, home=self.parent)
         return self._owners
+
+    def daemon_leaf(self) -> tuple[str, str]:
+        return f"{self.parent}/{DAEMON_LEAF}", ""
 
     def close(self) -> None:
         OwnerGroups(self.parent, per_thread=False, home=self.parent).remove_empty()
@@ -489,6 +503,13 @@ class V1Hierarchy(Hierarchy):
                                        home=os.path.dirname(parent))
         return self._owners
 
+    def daemon_leaf(self) -> tuple[str, str]:
+        # One hierarchy is enough to find processes: the one that kills (freezer),
+        # else one without limits of its own.
+        controller = next(c for c in ("freezer", "pids", "cpuacct", "memory", "cpu", "blkio")
+                          if c in self.parents)
+        return f"{self.parents[controller]}/{DAEMON_LEAF}", controller
+
     def close(self) -> None:
         if "cpu" in self.parents:
             OwnerGroups(self.parents["cpu"], per_thread=True, home="").remove_empty()
@@ -497,10 +518,10 @@ class V1Hierarchy(Hierarchy):
                 _rmdir(parent)
 
 
-def _job_dirs(parent: str) -> list[str]:
+def _job_dirs(parent: str, prefix: str = JOB_PREFIX) -> list[str]:
     try:
         return sorted(e.name for e in os.scandir(parent)
-                      if e.name.startswith(JOB_PREFIX) and e.is_dir(follow_symlinks=False))
+                      if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         return []
 
