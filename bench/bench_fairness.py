@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _harness
 from _harness import Jobd, Load, Pki, machine
 
 import jobctl
@@ -51,10 +52,14 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=2.0,
                         help="seconds the writers run before measuring")
+    parser.add_argument("--tree", type=Path, default=None, metavar="DIR",
+                        help="measure the jobd in DIR (e.g. an older commit from git archive)")
     ns = parser.parse_args()
+    if ns.tree is not None:
+        _harness.CODE_TREE = ns.tree.resolve()
     info = machine()
     print(f"bench_fairness: {info['date']}, {info['nproc']} CPUs ({info['cpu']}), "
-          f"{info['kernel']}, {info['python']}")
+          f"{info['kernel']}, {info['python']}; code: {ns.tree or 'this tree'}")
     with tempfile.TemporaryDirectory(prefix="jobd-fairness-") as tmp:
         work = Path(tmp)
         pki = Pki(work / "pki")

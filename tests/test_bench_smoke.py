@@ -45,3 +45,15 @@ def test_the_history_benchmark_runs() -> None:
     out = result.stdout.decode(errors="replace")
     assert result.returncode == 0, out[-3000:] + result.stderr.decode(errors="replace")[-3000:]
     assert "\n| 300 | " in out, out
+
+
+def test_fairness_bench_runs() -> None:
+    """bench/bench_fairness.py with few requests and writers: every figure is printed."""
+    result = subprocess.run([PYTHON, str(ROOT / "bench" / "bench_fairness.py"), "--requests",
+                             "50", "--writers", "2", "--warmup", "0.2"],
+                            capture_output=True, timeout=180, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out[-3000:] + result.stderr.decode(errors="replace")[-3000:]
+    assert "status, idle" in out and "status, 2 x cat /dev/zero" in out, out
+    assert "goal p99 <= 5 ms with writers:" in out, out
