@@ -76,7 +76,7 @@
               --zsh <($py -m jobctl completion zsh) \
               --fish <($py -m jobctl completion fish)
             $py scripts/manpages.py man
-            installManPage man/jobctl.1 man/jobd.8
+            installManPage man/jobctl.1 man/jobctl-cert.1 man/jobd.8 man/jobd-ca.8
           '';
 
           nativeCheckInputs =

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write the manual pages jobctl(1) and jobd(8), generated from the parsers.
+"""Write the manual pages jobctl(1), jobctl-cert(1), jobd(8) and jobd-ca(8), generated
+from the parsers.
 
     python scripts/manpages.py OUTDIR
 
@@ -17,12 +18,18 @@ from pathlib import Path
 from argparse_manpage.manpage import Manpage
 
 from jobctl import __version__
+from jobctl._cert import build_parser as jobctl_cert_parser
 from jobctl._cli import build_parser as jobctl_parser
+from jobd._ca import build_parser as jobd_ca_parser
 from jobd._config import build_parser as jobd_parser
 
 PAGES = (
     ("jobctl", jobctl_parser, 1, "control jobs on a jobd server", "User Commands"),
+    ("jobctl-cert", jobctl_cert_parser, 1,
+     "your own key and certificate request, and renewing them", "User Commands"),
     ("jobd", jobd_parser, 8, "a small, secure remote job runner (mutual TLS 1.3)",
+     "System Administration"),
+    ("jobd-ca", jobd_ca_parser, 8, "a certificate authority for jobd and jobctl",
      "System Administration"),
 )
 

@@ -1,5 +1,5 @@
-"""The manual pages jobctl(1) and jobd(8), generated from the parsers
-(scripts/manpages.py, which the Nix package runs at build time)."""
+"""The manual pages jobctl(1), jobctl-cert(1), jobd(8) and jobd-ca(8), generated from
+the parsers (scripts/manpages.py, which the Nix package runs at build time)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,17 @@ def test_manpages_generated_from_the_parsers(tmp_path: Path) -> None:
     for word in ("jobctl run", "jobctl wait", "jobctl stream", "jobctl list",
                  "stop\\-on\\-interrupt", "timestamps", "clear\\-env", "JOBCTL_CA"):
         assert word in jobctl, word
-    for word in ("state\\-dir", "certificate\\-authority"):
+    for word in ("state\\-dir", "certificate\\-authority", "job\\-env", "retain\\-count"):
         assert word in jobd, word
+    # issue 22: the certificate commands have pages of their own
+    cert = (tmp_path / "jobctl-cert.1").read_text()
+    ca = (tmp_path / "jobd-ca.8").read_text()
+    for word in ("renew", "install", "reuse\\-key"):
+        assert word in cert, word
+    for word in ("allow\\-new\\-role", "\\-\\-force", "revoke"):
+        assert word in ca, word
     if shutil.which("groff"):
-        for page in ("jobctl.1", "jobd.8"):
+        for page in ("jobctl.1", "jobctl-cert.1", "jobd.8", "jobd-ca.8"):
             check = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / page)],
                                    capture_output=True, timeout=60)
             assert check.returncode == 0 and not check.stderr, (page, check.stderr)
