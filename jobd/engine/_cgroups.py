@@ -499,8 +499,11 @@ class V1Hierarchy(Hierarchy):
             return None
         if not hasattr(self, "_owners"):
             parent = self.parents["cpu"]
-            self._owners = OwnerGroups(parent, per_thread=True,
-                                       home=os.path.dirname(parent))
+            # Threads return to jobd's own cgroup in the cpu hierarchy: its tracking
+            # leaf when the leaf is there (no freezer, pids, cpuacct or memory).
+            leaf, controller = self.daemon_leaf()
+            home = leaf if controller == "cpu" else os.path.dirname(parent)
+            self._owners = OwnerGroups(parent, per_thread=True, home=home)
         return self._owners
 
     def daemon_leaf(self) -> tuple[str, str]:
