@@ -220,7 +220,15 @@ def _spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
 
 
 class Job:
-    """One job: its state, its output log, and (while running) its supervision."""
+    """One job: its state, its output log, and (while running) its supervision.
+
+    The stop sequence is a room of its own (``_ladder.py``), and so are the log's
+    writer and readers (``_outputlog.py``, ``_logreader.py``). What stays here is
+    one job's supervision: spawn, the pumps, reaping and the end. They share the
+    job's state and its nursery and hand over in one order (the pumps drain only
+    once every process is gone, the end is recorded only after they close):
+    split further, each part would reach into the others' state.
+    """
 
     __slots__ = (
         "_cgroup", "_ctx", "_final", "_ladder", "_nursery", "_pending_grace", "_pipes",
