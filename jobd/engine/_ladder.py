@@ -103,12 +103,7 @@ class StopLadder:
             self.done.set()
 
     async def _kill_cgroup(self) -> None:
-        if self._cgroup is None:
-            return
-        try:
-            await self._cgroup.kill()
-        except OSError as exc:
-            log.warning("job %d: cannot kill its cgroup: %s", self._job_id, exc)
+        await kill_cgroup(self._cgroup, self._job_id)
 
     async def _members(self) -> list[ProcInfo]:
         snapshot = await self._scanner.snapshot()
@@ -147,3 +142,13 @@ class StopLadder:
             if not members:
                 return
             await wait_exit(members[0])
+
+
+async def kill_cgroup(cgroup: JobCgroup | None, job_id: int) -> None:
+    """Kill every process in the job's cgroup, if it has one (an error is logged)."""
+    if cgroup is None:
+        return
+    try:
+        await cgroup.kill()
+    except OSError as exc:
+        log.warning("job %d: cannot kill its cgroup: %s", job_id, exc)

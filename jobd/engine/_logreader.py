@@ -22,6 +22,7 @@ slows only itself.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -31,6 +32,8 @@ import trio
 
 from ._logformat import HEADER, HEADER_SIZE, decode_header
 from ._types import BadPosition, EngineError, OutputChunk
+
+logger = logging.getLogger("jobd.engine")
 
 #: Read beyond max_chunk for the headers of the records a chunk coalesces (200 of them).
 _HEADER_ALLOWANCE = 200 * HEADER_SIZE
@@ -104,12 +107,21 @@ async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | N
                     return  # deleted meanwhile: nothing more to give
             block = await _read_block(fd, position, min(end - position,
                                                         max_chunk + _HEADER_ALLOWANCE))
-            if timestamps:
-                for chunk in _records(block, position):
-                    yield chunk
-                    position = chunk.position
-                continue
-            spans = _parse(block, position, max_chunk)
+            records: list[OutputChunk] = []
+            spans: list[tuple[int, list[tuple[int, int]], int]] = []
+            try:
+                if timestamps:
+                    records = _records(block, position)
+                else:
+                    spans = _parse(block, position, max_chunk)
+            except EngineError as exc:  # damage on disk: the operator must hear of it
+                logger.warning("output log %s is damaged: %s; its output from there on "
+                               "cannot be read (restore the file, or delete the job)",
+                               log.path, exc)
+                raise
+            for chunk in records:  # with timestamps: one chunk per record
+                yield chunk
+                position = chunk.position
             view = memoryview(block)
             for i, (chunk_fd, parts, after) in enumerate(spans):
                 data = b"".join(view[a:b] for a, b in parts)
