@@ -151,8 +151,9 @@ async def test_an_end_on_a_full_disk_is_shown_only_once_it_is_written(
         assert (await manager.start([b"true"], "alice")).id == status.id + 1
 
 
+@pytest.mark.parametrize("tracking", ["auto", "gate"])
 async def test_a_start_whose_record_cannot_be_written_is_refused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking: str) -> None:
     """No acknowledgement from memory: the start is refused, its process killed, and
     no ID a client was given ever comes back. (Acknowledged starts used to vanish in
     a crash on a full disk, and their IDs were handed out again.)"""
@@ -166,7 +167,7 @@ async def test_a_start_whose_record_cannot_be_written_is_refused(
 
     monkeypatch.setattr(_db, "apply_puts", apply_puts)
     marker = tmp_path / "ran"
-    async with open_job_manager(config(tmp_path)) as manager:
+    async with open_job_manager(config(tmp_path, tracking=tracking)) as manager:
         first = await manager.start([b"true"], "alice")
         full[0] = True
         for argv in ([b"sh", b"-c", b'sleep 1; touch "$0"', os.fsencode(marker)],
@@ -308,3 +309,30 @@ async def test_a_failed_append_is_cut_so_the_next_one_counts(
     store.write(Record(ended))
     assert [r.status for r in store.load()[0]] == [ended]
     store.close()
+
+
+async def test_gate_tracking_runs_jobs_like_a_direct_spawn(tmp_path: Path) -> None:
+    """With tracking "gate" every job starts through the spawn helper, which waits for
+    its record: output, exit codes, spawn errors, cwd and stop behave as without it."""
+    async with open_job_manager(config(tmp_path, tracking="gate")) as manager:
+        layout = manager.cgroup_layout()
+        assert (layout["tracking"], layout["tracking_reason"]) == ("gate", "asked for")
+        job = await manager.start([b"sh", b"-c", b"pwd; echo err >&2; exit 3"], "alice",
+                                  cwd=os.fsencode(tmp_path), env={b"PATH": b"/usr/bin:/bin"})
+        assert job.pid is not None
+        with trio.fail_after(TIMEOUT):
+            assert (await manager.wait(job.id)).describe() == "exited: 3"
+        chunks = await collect(manager.read_output(job.id))
+        assert data(chunks, 1) == os.fsencode(tmp_path) + b"\n" and data(chunks, 2) == b"err\n"
+        missing = await manager.start([b"nosuchcommand"], "alice")
+        assert missing.describe() == "error: command not found: nosuchcommand"
+        assert missing.pid is None
+        nodir = await manager.start([b"true"], "alice", cwd=b"/nonexistent-dir")
+        assert nodir.describe().startswith("error: cannot change to directory /nonexistent-dir")
+        sleeper = await manager.start([b"sleep", b"1000"], "alice")
+        with trio.fail_after(TIMEOUT):
+            assert (await manager.stop(sleeper.id, grace=0)).describe() == "stopped"
+    async with open_job_manager(config(tmp_path)) as manager:  # all of it recorded
+        assert [s.describe() for s in manager.list()] == [
+            "exited: 3", "error: command not found: nosuchcommand", nodir.describe(),
+            "stopped"]

@@ -192,8 +192,9 @@ def detect(cgroup_root: Path | None, key: str) -> tuple[Hierarchy | None, str]:
         path = own.get(controller)
         d = mount.dir_of(path) if mount is not None and path is not None else None
         if d is not None and os.access(d, os.W_OK):
-            # Made with the first job's cgroup: a jobd that never limits a job
-            # leaves nothing behind, even when it dies.
+            # Made with the first job's cgroup, or, in the hierarchy that holds
+            # jobd's own leaf (_tracking), at start: what a jobd that died leaves
+            # there is how its successor finds its processes.
             parents[controller] = f"{d.rstrip('/')}/jobd-{key}"
     if parents:
         return V1Hierarchy(parents), ""
