@@ -71,6 +71,7 @@ from jobd._auth import (
 )
 from jobd._config import ServerConfig
 from jobd._expiry import expiry_warnings
+from jobd._linger import LINGER_TIMEOUT, LingeringStream
 from jobd._log import EventLog, route_engine_logs
 from jobd._telemetry import NULL, Telemetry
 from jobd._tls import TLSConfigError, describe_tls_error, make_server_context
@@ -432,8 +433,8 @@ class _ServerState:
             return
         _set_keepalive(tcp)
         try:
-            session = _Session(self, trio.SSLStream(tcp, self.tls(), server_side=True), peer,
-                               ticket)
+            session = _Session(self, trio.SSLStream(LingeringStream(tcp), self.tls(),
+                                                    server_side=True), peer, ticket)
             await session.run()
         except* Exception as group:
             # One connection must never take the daemon down: log and drop it.
@@ -455,7 +456,7 @@ def _set_keepalive(tcp: trio.SocketStream) -> None:
 class _Session:
     """One client connection: handshake, identity, then requests in sequence."""
 
-    def __init__(self, server: _ServerState, stream: trio.SSLStream[trio.SocketStream],
+    def __init__(self, server: _ServerState, stream: trio.SSLStream[LingeringStream],
                  peer: str, ticket: Ticket):
         self.server = server
         self.ticket = ticket
@@ -487,8 +488,11 @@ class _Session:
             self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
 
     async def _close(self, final: bytes = b"") -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        """Close; with ``final`` (an error frame), send it first and linger
+        (jobd._linger) so that a client that wrote before it read gets it."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT + LINGER_TIMEOUT):
             if final:
+                self.stream.transport_stream.linger = LINGER_TIMEOUT
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
                                          trio.BusyResourceError):
                     await self._send(final)
@@ -561,6 +565,8 @@ class _Session:
                 self.tel.refused("tls", reason)
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flush_tls_alert()
+                # run() closes: after the alert, linger (jobd._linger).
+                self.stream.transport_stream.linger = LINGER_TIMEOUT
                 return False
             refusal: tuple[p.ErrorCode, str] | None = None
             name = "-"

@@ -190,7 +190,16 @@ class _Connection:
                 exc.error_frame = b""  # nobody to tell: a client sends no errors
             elif not exc.error_frame:
                 exc.error_frame = encode_frame(Error(exc.code, clip(exc.message)))
-            self._error = exc
+            # Keep what the error says, not the exception, and let the exception go
+            # without its traceback and context: their frames hold the decoder's
+            # locals (the error itself, so a reference cycle) and, through the
+            # callers' frames, this connection with its receive buffer (up to a
+            # whole frame) and whatever owns it. A cycle is freed only by the cyclic
+            # GC, long after the connection closed.
+            self._error = RemoteProtocolError(exc.code, exc.message,
+                                              error_frame=exc.error_frame,
+                                              message_type=exc.message_type)
+            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
             raise
 
     def send(self, msg: Message) -> bytes:
