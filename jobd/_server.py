@@ -50,6 +50,7 @@ import trio
 
 import protocol as p
 from jobd import __version__
+from jobd._alloc import trim
 from jobd._admission import (
     FD_RESERVE,
     Admission,
@@ -120,6 +121,9 @@ ACCEPT_BACKOFF_MAX = 1.0
 #: At most one accept-paused line per this many seconds (see _accept_loop).
 ACCEPT_PAUSE_LOG_INTERVAL = 60.0
 ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Once connections have closed, jobd waits this long (more may close meanwhile)
+#: and then hands the heap's free pages back to the kernel (jobd._alloc.trim).
+TRIM_DELAY = 5.0
 #: TCP keepalive: a peer that vanished without a FIN is noticed in ~1 minute.
 KEEPALIVE = (30, 10, 3)  # idle seconds, interval seconds, probes
 
@@ -264,6 +268,7 @@ async def serve(
                     _serve_listeners, state.handle, listeners, handlers, log
                 )
                 acceptors.start_soon(_watch_expiry, config, log)  # issue 15
+                acceptors.start_soon(_release_memory, state)  # issue 21
                 log.info("cgroups", **manager.cgroup_layout())
                 log.info("listening", address=" ".join(format_address(h, pt) for h, pt in
                                                         addresses),
@@ -285,6 +290,15 @@ async def serve(
                             f"{SHUTDOWN_FLUSH_TIMEOUT:g}s are cut off")
             handlers.cancel_scope.cancel()
         log.info("stopped")
+
+
+async def _release_memory(state: _ServerState) -> None:
+    """After connections closed, give their freed memory back (see TRIM_DELAY)."""
+    while True:
+        await state.connection_closed.wait()
+        await trio.sleep(TRIM_DELAY)
+        state.connection_closed = trio.Event()
+        await trio.to_thread.run_sync(trim)
 
 
 async def _watch_expiry(config: ServerConfig, log: EventLog) -> None:
@@ -379,6 +393,8 @@ class _ServerState:
         self.waiting: set[_Session] = set()
         self.job_env = job_environment()
         self.telemetry: Telemetry = NULL
+        #: Set when a connection closes; jobd._alloc.trim follows (_release_memory).
+        self.connection_closed = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
 
@@ -442,6 +458,7 @@ class _ServerState:
                 self.log.error("connection-failed", peer=peer, reason=repr(exc))
         finally:
             self.admission.release(ticket)
+            self.connection_closed.set()
 
 
 def _set_keepalive(tcp: trio.SocketStream) -> None:
