@@ -111,7 +111,8 @@ def attack_rounds(jobd: h.Jobd, rounds: int, attackers: int, seconds: float) -> 
             lock = threading.Lock()
             deadline = time.monotonic() + seconds
 
-            def attacker() -> None:
+            def attacker(done: list[int] = done, lock: threading.Lock = lock,
+                         deadline: float = deadline) -> None:
                 while time.monotonic() < deadline:
                     with contextlib.suppress(OSError):
                         _bad_frame(jobd, ctx)

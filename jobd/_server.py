@@ -50,7 +50,6 @@ import trio
 
 import protocol as p
 from jobd import __version__
-from jobd._alloc import trim
 from jobd._admission import (
     FD_RESERVE,
     Admission,
@@ -60,6 +59,7 @@ from jobd._admission import (
     descriptors_in_use,
     nofile_soft_limit,
 )
+from jobd._alloc import trim
 from jobd._auth import (
     POLICY,
     Action,
