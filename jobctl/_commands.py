@@ -53,7 +53,8 @@ class Context:
             client = connect_pinned(ns, self.address, self.port)
         else:
             client = connect_blocking(self.address, self.port, certificate=ns.certificate,
-                                      key=ns.key, ca=ns.ca, server_name=ns.server_name)
+                                      key=ns.key, ca=ns.ca, server_name=ns.server_name,
+                                      liveness_timeout=ns.liveness_timeout)
         if self._client is None:  # issue 15: accepted, but not for long? (once a run)
             from ._expiry import warn_if_expiring
 

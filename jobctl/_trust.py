@@ -192,7 +192,8 @@ def connect_pinned(ns: Any, address: str | None = None, port: int | None = None
     def attempt(accept_new: bool) -> BlockingClient:
         pin = Pinning(host, number, accept_new=accept_new)
         return connect_blocking(host, number, certificate=ns.certificate,
-                                key=ns.key, server_name=ns.server_name, pin=pin)
+                                key=ns.key, server_name=ns.server_name, pin=pin,
+                                liveness_timeout=getattr(ns, "liveness_timeout", None))
 
     try:
         return attempt(ns.trust_on_first_use)

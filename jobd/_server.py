@@ -21,6 +21,11 @@ when the job is silent: the reader cancels the response in flight. Bytes that
 arrive while a response is under way are a protocol error (one request at a
 time), answered with an error frame before the connection closes.
 
+A client whose hello asked for liveness ticks gets a third task, the
+*ticker*: while a response is in progress and nothing was sent for the
+interval, it sends a ``tick`` frame, so that the client can tell a silent job
+from a stopped server or a dead path (docs/protocol.md, ``tick``).
+
 Writes go through ``_send`` behind one lock. A slow reader on the other end
 makes only its own ``send_all`` wait; the job's output keeps going to disk and
 other followers read the log at their own pace.
@@ -124,6 +129,9 @@ ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 #: Once connections have closed, jobd waits this long (more may close meanwhile)
 #: and then hands the heap's free pages back to the kernel (jobd._alloc.trim).
 TRIM_DELAY = 5.0
+#: Liveness: the shortest interval between two ticks jobd sends, whatever a client
+#: asks for (docs/protocol.md, ``tick``): a tick is ~20 bytes, 4 a second at most.
+MIN_TICK_INTERVAL = 0.25
 #: TCP keepalive: a peer that vanished without a FIN is noticed in ~1 minute.
 KEEPALIVE = (30, 10, 3)  # idle seconds, interval seconds, probes
 
@@ -489,12 +497,38 @@ class _Session:
         self._owes_goodbye = False
         self._streaming = False
         self.tel = server.telemetry.connection(peer)
+        #: Liveness (asked for in the hello): tick when nothing was sent for this long
+        #: while a response is in progress; None: never.
+        self.tick_interval: float | None = None
+        self._last_sent = 0.0
+        self._responding = trio.Event()
 
     # -- plumbing -------------------------------------------------------------
 
     async def _send(self, data: bytes) -> None:
         async with self._send_lock:
             await self.stream.send_all(data)
+            self._last_sent = trio.current_time()
+
+    async def _ticker(self, interval: float) -> None:
+        """While a response is in progress, a tick whenever nothing was sent for
+        ``interval``: the client learns that jobd is alive (a stream of a silent
+        job, a stop waiting for its job). A stalled client's ticks wait behind
+        its output, in the one send lock."""
+        while True:
+            await self._responding.wait()
+            await trio.sleep_until(self._last_sent + interval)
+            if self._response_scope is None:
+                continue
+            async with self._send_lock:
+                if trio.current_time() < self._last_sent + interval:
+                    continue
+                try:
+                    frame = self.conn.send(p.Tick())
+                except p.LocalProtocolError:  # the connection is ending
+                    return
+                await self.stream.send_all(frame)
+                self._last_sent = trio.current_time()
 
     async def _receive_event(self) -> Any:
         """Next event from the peer (hello phase only; later the reader task does this)."""
@@ -635,10 +669,12 @@ class _Session:
                 await self._close(exc.error_frame)
                 return False
             assert self.identity is not None
+            if hello.tick_interval is not None:
+                self.tick_interval = max(hello.tick_interval, MIN_TICK_INTERVAL)
             welcome = p.Welcome(
                 version=p.PROTOCOL_VERSION, minor=p.PROTOCOL_MINOR, software=SOFTWARE,
                 identity=self.identity.name, role=self.identity.role.value,
-                max_frame_size=p.MAX_FRAME_SIZE,
+                max_frame_size=p.MAX_FRAME_SIZE, tick_interval=self.tick_interval,
             )
             try:
                 await self._send(self.conn.send(welcome))
@@ -659,6 +695,8 @@ class _Session:
         shutting_down = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reader, send)
+            if self.tick_interval is not None:
+                nursery.start_soon(self._ticker, self.tick_interval)
             async with receive:
                 while True:
                     with self._waiting_for_peer() as wait:
@@ -670,6 +708,8 @@ class _Session:
                         shutting_down = True
                         break
                     self.server.response_started()
+                    self._last_sent = trio.current_time()  # the ticks' clock starts now
+                    self._responding.set()
                     try:
                         with self.tel.request(request), trio.CancelScope() as self._response_scope:
                             await self._respond(request)
@@ -678,6 +718,7 @@ class _Session:
                         break
                     finally:
                         self._response_scope = None
+                        self._responding = trio.Event()
                         if self.server.closing and not self._owes_goodbye:
                             # The goodbye that follows belongs to this response: the
                             # server must not look idle (and cancel its handlers)

@@ -62,7 +62,7 @@ from ._frames import (
     encode_output_chunk,
     parse_output_chunk,
 )
-from ._messages import Error, Hello, Message, OutputChunk, Welcome
+from ._messages import Error, Hello, Message, OutputChunk, Tick, Welcome
 from ._state import TURN, ConnectionState, Conversation, IllegalMove, Role
 
 
@@ -339,6 +339,14 @@ class ClientConnection(_Connection):
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         super().__init__(max_frame_size)
         self.welcome: Welcome | None = None
+
+    def next_event(self) -> Event:
+        """As for every connection, but ``tick`` frames are consumed here: they only
+        show that the server is alive, which the bytes arriving already told."""
+        while True:
+            event = super().next_event()
+            if not isinstance(event, Tick):
+                return event
 
     def _check_received(self, msg: Message) -> None:
         if isinstance(msg, Welcome):
