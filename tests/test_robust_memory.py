@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-import jobd._server
+import jobd._session
 import protocol as p
 
 from . import hostile
@@ -72,13 +72,13 @@ async def test_jobd_frees_a_session_ended_by_a_bad_frame_at_once(
     freed = trio.Event()
     sessions: list[weakref.ref[object]] = []
     token = trio.lowlevel.current_trio_token()
-    init = jobd._server._Session.__init__
+    init = jobd._session.Session.__init__
 
-    def tracked(self: jobd._server._Session, *args: object, **kwargs: object) -> None:
+    def tracked(self: jobd._session.Session, *args: object, **kwargs: object) -> None:
         init(self, *args, **kwargs)  # type: ignore[arg-type]
         sessions.append(weakref.ref(self, lambda _: token.run_sync_soon(freed.set)))
 
-    monkeypatch.setattr(jobd._server._Session, "__init__", tracked)
+    monkeypatch.setattr(jobd._session.Session, "__init__", tracked)
     async with running_server(pki, tmp_path) as server:
         def attack() -> hostile.Reply:
             with hostile.RawTLS("127.0.0.1", server.port, hostile.client_context(pki)) as conn:
