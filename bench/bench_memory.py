@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_memory.py                      # attack rounds + 30 min soak
     .venv/bin/python bench/bench_memory.py --soak-minutes 3     # quick
     .venv/bin/python bench/bench_memory.py --no-soak
+    .venv/bin/python bench/bench_memory.py --no-soak --tree /tmp/old   # git archive of a commit
 
 Each part starts its own jobd (bench/_harness.py) on loopback and reads its
 RSS from /proc every 0.2 s.
@@ -246,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-minutes", type=float, default=30.0)
     parser.add_argument("--no-soak", action="store_true")
     parser.add_argument("--only-soak", action="store_true")
+    parser.add_argument("--tree", type=Path, metavar="DIR",
+                        help="measure the jobd in DIR (e.g. an older commit from git archive)")
     ns = parser.parse_args(argv)
+    if ns.tree is not None:
+        h.CODE_TREE = ns.tree.resolve()
     h.ensure_tools()
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="jobd-memory-") as tmp:
