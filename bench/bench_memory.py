@@ -96,9 +96,13 @@ def _bad_frame(jobd: h.Jobd, ctx: ssl.SSLContext) -> None:
                 pass
 
 
-def _settle(jobd: h.Jobd, seconds: float = 10.0) -> int:
+#: Seconds jobd is left idle before "after" is read (--settle): more than its trim delay.
+SETTLE = 10.0
+
+
+def _settle(jobd: h.Jobd, seconds: float | None = None) -> int:
     """RSS once jobd has had a few seconds with nothing to do."""
-    time.sleep(seconds)
+    time.sleep(SETTLE if seconds is None else min(seconds, SETTLE))
     return jobd.rss_kib()
 
 
@@ -218,9 +222,10 @@ def soak(jobd: h.Jobd, minutes: float) -> list[str]:
     for t in threads:
         t.start()
     t0 = time.monotonic()
+    interval = min(10.0, minutes * 60 / 4)
     try:
         while time.monotonic() - t0 < minutes * 60:
-            time.sleep(10)
+            time.sleep(interval)
             rss = jobd.rss_kib()
             samples.append((time.monotonic(), rss))
             print(f"soak {(time.monotonic() - t0) / 60:5.1f} min: RSS {rss / 1024:.1f} MiB, "
@@ -229,7 +234,7 @@ def soak(jobd: h.Jobd, minutes: float) -> list[str]:
         stop.set()
         for t in threads:
             t.join()
-    idle = _settle(jobd, 10)
+    idle = _settle(jobd)
     half = samples[len(samples) // 2:]
     return [f"soak {minutes:g} min: {counts['jobs']} jobs streamed, {counts['connections']} "
             f"extra connections, {counts['errors']} errors; RSS {start_rss / 1024:.1f} -> "
@@ -239,6 +244,7 @@ def soak(jobd: h.Jobd, minutes: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SETTLE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attackers", type=int, default=60)
@@ -247,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-minutes", type=float, default=30.0)
     parser.add_argument("--no-soak", action="store_true")
     parser.add_argument("--only-soak", action="store_true")
+    parser.add_argument("--settle", type=float, default=SETTLE,
+                        help="seconds of idleness before an 'after' figure (default: %(default)s)")
     parser.add_argument("--tree", type=Path, metavar="DIR",
                         help="measure the jobd in DIR (e.g. an older commit from git archive)")
     ns = parser.parse_args(argv)
     if ns.tree is not None:
         h.CODE_TREE = ns.tree.resolve()
+    SETTLE = ns.settle
     h.ensure_tools()
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="jobd-memory-") as tmp:
