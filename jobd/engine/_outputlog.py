@@ -467,6 +467,35 @@ class OutputLog:
         if position + HEADER_SIZE + length > self.end:
             raise BadPosition(f"{position} is not a record boundary")
 
+    def recent_position(self, back: int) -> int:
+        """The first record boundary at or after ``end - back`` (0 if the log is
+        shorter; ``end`` if no record starts there). One read of ``back`` bytes plus
+        a header: headers are recognised by their magic and check (which includes
+        their own offset), so no walk from the start is needed."""
+        end = self.end
+        start = end - back
+        if start <= 0:
+            return 0
+        try:
+            fd = open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
+        except FileNotFoundError:
+            return end
+        try:
+            block = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+        at = block.find(MAGIC.to_bytes(1, "little"))
+        while 0 <= at <= len(block) - HEADER_SIZE:
+            try:
+                _fd, length = decode_header(block, at, start + at)
+            except ValueError:
+                at = block.find(MAGIC.to_bytes(1, "little"), at + 1)
+                continue
+            if start + at + HEADER_SIZE + length <= end:
+                return start + at
+            break
+        return end
+
     async def wait_beyond(self, position: int) -> None:
         """Wait until the log has bytes after ``position`` or is closed."""
         while self.end <= position and not self.closed:

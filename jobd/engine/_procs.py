@@ -35,9 +35,32 @@ _PROC = "/proc"
 
 class Spawned(NamedTuple):
     popen: subprocess.Popen[bytes]  # kept until reaped (it reaps, and must not be collected before)
-    stdout: int  # read ends, non-blocking
-    stderr: int
+    stdout: int  # read ends, non-blocking (a terminal job: the pty's master)
+    stderr: int  # -1 for a terminal job: its stderr is the terminal too
     pidfd: int  # readable once the process has exited
+    stdin: int = -1  # the write end of its stdin (a pipe, or the master again), non-blocking
+
+
+class Stdio(NamedTuple):
+    """How a job's stdin is set up: /dev/null, a pipe, or a pseudo-terminal.
+
+    ``tty`` is (rows, cols) for a terminal job, else None.
+    """
+
+    pipe: bool = False
+    tty: tuple[int, int] | None = None
+
+
+NO_INPUT = Stdio()
+
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    """TIOCSWINSZ on a pty (the kernel signals SIGWINCH to its foreground group)."""
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 #: The spawn helper (see _spawn.py), run with the interpreter jobd runs on.
@@ -89,22 +112,28 @@ class SetupError(OSError):
 
 
 def spawn(argv: Sequence[bytes], cwd: bytes | None,
-          env: Mapping[bytes, bytes] | None) -> Spawned:
+          env: Mapping[bytes, bytes] | None, stdio: Stdio = NO_INPUT) -> Spawned:
     """Start a job's main process (blocking: call from a worker thread).
 
-    Own session and process group, stdin /dev/null, stdout and stderr on two
-    pipes, no shell, no preexec_fn. Raises OSError if it cannot be executed.
-    Plain fds rather than trio.Process: a running job costs a few KiB less.
+    Own session and process group, stdin /dev/null (or a pipe: ``stdio``),
+    stdout and stderr on two pipes, no shell, no preexec_fn. Raises OSError if
+    it cannot be executed. Plain fds rather than trio.Process: a running job
+    costs a few KiB less. A terminal job goes through the spawn helper
+    (:func:`spawn_contained`), which makes the pty its controlling terminal.
     """
-    return _start(list(argv), cwd=cwd, env=dict(env) if env is not None else None)
+    if stdio.tty is not None:
+        return spawn_contained(argv, cwd, env, (), (), stdio)
+    return _start(list(argv), cwd=cwd, env=dict(env) if env is not None else None,
+                  stdio=stdio)
 
 
 def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
                     env: Mapping[bytes, bytes] | None, join: Sequence[str],
-                    isolate: Sequence[str]) -> Spawned:
+                    isolate: Sequence[str], stdio: Stdio = NO_INPUT) -> Spawned:
     """Like :func:`spawn`, through the spawn helper: it joins the cgroups whose
-    ``cgroup.procs`` files are ``join`` and the namespaces ``isolate`` before it
-    execs the command (blocking: call from a worker thread).
+    ``cgroup.procs`` files are ``join`` and the namespaces ``isolate`` (and for
+    a terminal job takes the pty as its controlling terminal) before it execs
+    the command (blocking: call from a worker thread).
 
     Returns once the command runs, or raises: OSError as :func:`spawn` would
     (exec and chdir failures, same errno and file name), SetupError for the rest.
@@ -112,6 +141,7 @@ def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
     spec = marshal.dumps({
         "argv": list(argv), "cwd": cwd, "join": list(join), "isolate": list(isolate),
         "env": dict(env) if env is not None else dict(os.environb),
+        "tty": stdio.tty is not None,
     })
     code_fd = _compiled_helper()
     spec_fd = os.memfd_create("jobd-spawn", os.MFD_CLOEXEC)
@@ -141,7 +171,7 @@ def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
                 args[3] = f"/proc/self/fd/{code_fd}"
                 args.append(str(code_fd))
                 fds += (code_fd,)
-            return _start(args, cwd=None, env={}, pass_fds=fds, check=check)
+            return _start(args, cwd=None, env={}, pass_fds=fds, check=check, stdio=stdio)
         except SetupError:
             raise
         except OSError as exc:
@@ -166,24 +196,47 @@ def _failure(report: bytes, argv0: bytes, cwd: bytes | None) -> OSError:
 
 def _start(args: list[bytes] | list[str], *, cwd: bytes | None,
            env: dict[bytes, bytes] | dict[str, str] | None, pass_fds: Sequence[int] = (),
-           check: Callable[[subprocess.Popen[bytes]], None] | None = None) -> Spawned:
-    fds: list[int] = []
+           check: Callable[[subprocess.Popen[bytes]], None] | None = None,
+           stdio: Stdio = NO_INPUT) -> Spawned:
+    fds: list[int] = []  # ours to close on failure
+    child: list[int] = []  # the child's ends: closed once it has them
     try:
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        fds += (out_r, out_w)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        fds += (err_r, err_w)
+        stdin: int | None = subprocess.DEVNULL
+        in_w = -1
+        if stdio.tty is not None:
+            # The job's stdin, stdout and stderr are the pty's slave; we keep the
+            # master (read: its output; a duplicate: its input).
+            master, slave = os.openpty()  # both close-on-exec
+            fds.append(master)
+            child.append(slave)
+            set_window_size(master, *stdio.tty)
+            out_r, out_w, err_r, err_w = master, slave, -1, slave
+            stdin = slave
+            in_w = os.dup(master)
+            fds.append(in_w)
+        else:
+            if stdio.pipe:
+                in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                fds.append(in_w)
+                child.append(in_r)
+                stdin = in_r
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            fds.append(out_r)
+            child.append(out_w)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            fds.append(err_r)
+            child.append(err_w)
         popen = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            args, stdin=stdin, stdout=out_w, stderr=err_w,
             start_new_session=True, cwd=cwd, env=env, pass_fds=tuple(pass_fds),
         )
-        os.close(out_w)
-        os.close(err_w)
-        fds = [out_r, err_r]
+        for fd in child:
+            os.close(fd)
+        child = []
         if check is not None:
             check(popen)
     except BaseException:
-        for fd in fds:
+        for fd in fds + child:
             os.close(fd)
         raise
     try:
@@ -191,12 +244,12 @@ def _start(args: list[bytes] | list[str], *, cwd: bytes | None,
     except OSError:  # EMFILE: we could not supervise it
         signal_group(popen.pid, signal.SIGKILL)
         popen.wait()
-        os.close(out_r)
-        os.close(err_r)
+        for fd in fds:
+            os.close(fd)
         raise
-    os.set_blocking(out_r, False)
-    os.set_blocking(err_r, False)
-    return Spawned(popen, out_r, err_r, pidfd)
+    for fd in fds:
+        os.set_blocking(fd, False)
+    return Spawned(popen, out_r, err_r, pidfd, in_w)
 
 
 class ProcInfo(NamedTuple):
