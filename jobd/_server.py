@@ -59,6 +59,7 @@ from jobd._admission import (
     descriptors_in_use,
     nofile_soft_limit,
 )
+from jobd._attach import INPUT_QUEUE, AttachDenied, Attachments, ReadOnly, attach
 from jobd._auth import (
     POLICY,
     Action,
@@ -84,6 +85,7 @@ from jobd.engine import (
     JobNotFound,
     LimitExceeded,
     LimitPolicy,
+    OutputChunk,
     Unenforceable,
     open_job_manager,
 )
@@ -377,6 +379,7 @@ class _ServerState:
         #: at shutdown each gets ``unavailable`` "server is shutting down".
         self.waiting: set[_Session] = set()
         self.job_env = job_environment()
+        self.attachments = Attachments()
         self.telemetry: Telemetry = NULL
         self._idle = trio.Event()
         self._idle.set()
@@ -470,6 +473,10 @@ class _Session:
         self._wait_scope: trio.CancelScope | None = None
         self._owes_goodbye = False
         self._streaming = False
+        #: While an attach runs: where the reader sends its input frames, and the
+        #: attach's end of that channel.
+        self._attach_route: trio.MemorySendChannel[p.Message] | None = None
+        self._attach_inputs: trio.MemoryReceiveChannel[p.Message] | None = None
         self.tel = server.telemetry.connection(peer)
 
     # -- plumbing -------------------------------------------------------------
@@ -680,6 +687,15 @@ class _Session:
                         if event is p.CLOSED:
                             self._peer_gone()
                             return
+                        if event.TYPE in p.ATTACH_FRAMES:
+                            await self._route_input(event)
+                            continue
+                        if isinstance(event, p.Attach):
+                            # Its input frames may follow at once: route them from now.
+                            self._attach_route, self._attach_inputs = \
+                                trio.open_memory_channel[p.Message](INPUT_QUEUE)
+                            await requests.send(event)
+                            continue
                         # Bytes read along with this request are a second request sent
                         # before this one's answer: refuse them now, before the first is
                         # handed over, so that the outcome does not depend on which task
@@ -700,6 +716,17 @@ class _Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._peer_gone()
 
+    async def _route_input(self, frame: p.Message) -> None:
+        """An attach's input frame to the attach; one that lingers after it ended is
+        dropped. Waits while the attach's queue is full (the job reads slowly)."""
+        route = self._attach_route
+        if route is None:
+            return
+        try:
+            await route.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._attach_route = None
+
     def _peer_gone(self) -> None:
         # A stream would wait for output forever: end it now. Other responses
         # (a stop waiting for its job) run to completion; their reply is lost.
@@ -718,7 +745,13 @@ class _Session:
     async def _respond(self, request: p.Message) -> None:
         reply: p.Message
         try:
-            if isinstance(request, p.Stream | p.Output):
+            if isinstance(request, p.Attach):
+                self._streaming = True
+                try:
+                    reply = await self._attach(request)
+                finally:
+                    self._streaming = False
+            elif isinstance(request, p.Stream | p.Output):
                 self._streaming = True
                 try:
                     reply = await self._stream_output(request,
@@ -727,8 +760,10 @@ class _Session:
                     self._streaming = False
             else:
                 reply = await self._dispatch(request)
-        except Denied as exc:
+        except (Denied, AttachDenied) as exc:
             reply = p.Error(p.ErrorCode.PERMISSION_DENIED, f"permission denied: {exc}")
+        except ReadOnly as exc:
+            reply = p.Error(p.ErrorCode.BAD_REQUEST, str(exc))
         except JobNotFound:
             reply = p.Error(p.ErrorCode.NOT_FOUND, "process not found")
         except InvalidState as exc:
@@ -806,7 +841,8 @@ class _Session:
             async with self.server.starting(self.identity):
                 status = await self.manager.start(
                     request.argv, who, cwd=request.cwd, env=env, limits=request.limits,
-                    max_running=None if admin else self.server.config.max_jobs_per_user)
+                    max_running=None if admin else self.server.config.max_jobs_per_user,
+                    stdin=request.stdin, tty=request.tty)
             if status.state is p.JobState.ERROR:
                 self.log.info("job-failed", id=status.id, owner=who, status=status.describe())
             return p.Started(status)
@@ -869,6 +905,20 @@ class _Session:
             page.append(status)
             size += cost
         return p.JobList(tuple(page), more, total)
+
+    async def _attach(self, request: p.Attach) -> p.End:
+        assert self.identity is not None and self._attach_inputs is not None
+        inputs, self._attach_inputs = self._attach_inputs, None
+
+        async def send_chunk(chunk: OutputChunk) -> None:
+            await self._send(self.conn.send_output(chunk.fd, chunk.data, chunk.position))
+            self.tel.streamed(len(chunk.data))
+
+        async with inputs:
+            return await attach(request, identity=self.identity, manager=self.manager,
+                                log=self.log, peer=self.peer,
+                                attachments=self.server.attachments, send_chunk=send_chunk,
+                                inputs=inputs)
 
     async def _stream_output(self, request: p.Stream | p.Output, *, follow: bool) -> p.End:
         """Send the output chunks; return the end frame. Errors (not found, a bad
