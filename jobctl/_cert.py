@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        from jobd import _pki
+        from protocol import _pki
     except ImportError:
         print("jobctl cert: needs the cryptography library: pip install 'jobd[ca]'",
               file=sys.stderr)

@@ -21,48 +21,13 @@ import protocol as p
 
 from . import _core as core
 from . import _text as text
-from ._blocking import BlockingClient, connect_blocking
+from ._context import STATES as _STATES
+from ._context import Context, print_json
 from ._errors import ConfigError
 
 #: The longest ``stop --grace`` the CLI accepts: a day between signals is
 #: already more than any program needs to shut down; beyond it is a typo.
 MAX_GRACE = 86400.0
-
-
-class Context:
-    """What a command runs with: the parsed options and, on first use, a client."""
-
-    def __init__(self, ns: argparse.Namespace) -> None:
-        self.ns = ns
-        self.address: str = core.DEFAULT_ADDRESS
-        self.port: int = core.DEFAULT_PORT
-        self._client: BlockingClient | None = None
-
-    @property
-    def client(self) -> BlockingClient:
-        if self._client is None:
-            self._client = self.connect()
-        return self._client
-
-    def connect(self) -> BlockingClient:
-        """A new connection (``run`` stops its job on a second one)."""
-        ns = self.ns
-        if not ns.ca:  # issue 15: no CA at all: trust on first use (_trust)
-            from ._trust import connect_pinned
-
-            client = connect_pinned(ns, self.address, self.port)
-        else:
-            client = connect_blocking(self.address, self.port, certificate=ns.certificate,
-                                      key=ns.key, ca=ns.ca, server_name=ns.server_name)
-        if self._client is None:  # issue 15: accepted, but not for long? (once a run)
-            from ._expiry import warn_if_expiring
-
-            warn_if_expiring(ns.certificate)
-        return client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
 
 
 class Command:
@@ -264,7 +229,7 @@ def cmd_start(ns: argparse.Namespace, ctx: Context) -> int:
 def cmd_run(ns: argparse.Namespace, ctx: Context) -> int:
     from ._follow import run
 
-    return run(ns, ctx)
+    return run(ns, ctx, start_args(ns))
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -280,12 +245,6 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 
 # -- status, stop, delete, list ------------------------------------------------------
-
-
-def print_json(obj: Any) -> None:
-    import json
-
-    print(json.dumps(obj, sort_keys=True))
 
 
 def cmd_status(ns: argparse.Namespace, ctx: Context) -> int:
@@ -320,9 +279,6 @@ def cmd_delete(ns: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-_STATES = {"running": {p.JobState.RUNNING},
-           "ended": set(p.JobState) - {p.JobState.RUNNING},
-           **{s.value: {s} for s in p.JobState}}
 
 
 def cmd_list(ns: argparse.Namespace, ctx: Context) -> int:
@@ -380,7 +336,8 @@ def cmd_wait(ns: argparse.Namespace, ctx: Context) -> int:
 def cmd_completion(ns: argparse.Namespace, ctx: Context) -> int:
     from ._completion import script
 
-    sys.stdout.write(script(ns.shell))
+    assert ctx.parser is not None, "the command line gives the completion its parser"
+    sys.stdout.write(script(ns.shell, ctx.parser()))
     return 0
 
 

@@ -60,13 +60,11 @@ end
 _JOB_ID = {"bash": "_jobctl_job_ids", "zsh": "_jobctl_job_ids", "fish": "(__jobctl_job_ids)"}
 
 
-def script(shell: str) -> str:
-    """The completion script for ``shell`` (bash, zsh or fish)."""
+def script(shell: str, parser: argparse.ArgumentParser) -> str:
+    """The completion script for ``shell`` (bash, zsh or fish), from jobctl's whole
+    parser (``parser``: passed in, so that this module never imports the command line)."""
     import shtab
 
-    from ._cli import build_parser
-
-    parser = build_parser()
     for action in _id_actions(parser):
         action.complete = _JOB_ID  # type: ignore[attr-defined]
     result: str = shtab.complete(parser, shell=shell, preamble=_PREAMBLE[shell])

@@ -46,6 +46,7 @@ import protocol as p
 from . import _core as core
 from . import _text as text
 from ._async import Client, connect
+from ._context import STATES
 from ._errors import ConfigError, ConnectionFailed, JobctlError, WaitTimeout
 from ._profiles import Target
 from ._trust import Pinning
@@ -252,11 +253,10 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 printer.line(name, "process stopped")
             return 0, status
         if what == "list":
-            from ._commands import _STATES
 
             now = time.time()
             jobs = [s for s in await client.list()
-                    if (ns.state is None or s.state in _STATES[ns.state])
+                    if (ns.state is None or s.state in STATES[ns.state])
                     and (ns.owner is None or s.owner == ns.owner)
                     and (ns.since is None or s.created >= now - ns.since)]
             if not ns.json:

@@ -34,13 +34,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import protocol as p
 
 from . import _core as core
 from . import _text as text
 from ._blocking import BlockingClient
-from ._commands import Context, print_json, start_args
+from ._context import Context, print_json
 from ._errors import ConfigError, JobctlError, WaitTimeout
 
 
@@ -178,14 +179,13 @@ def wait(ns: argparse.Namespace, ctx: Context) -> int:
 # -- run -----------------------------------------------------------------------
 
 
-def run(ns: argparse.Namespace, ctx: Context) -> int:
+def run(ns: argparse.Namespace, ctx: Context, start: dict[str, Any]) -> int:
     client = ctx.client
-    options = start_args(ns)
-    status = client.start(ns.words, **options)
+    status = client.start(ns.words, **start)
     if status.state is p.JobState.ERROR:
         print(text.describe(status), file=sys.stderr)
         return 1
-    if options["stdin"]:
+    if start.get("stdin"):
         return _interactive(ns, ctx, status, position=0, typing=True)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     policy = ns.on_interrupt or ("ask" if interactive else "detach")

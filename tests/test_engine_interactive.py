@@ -46,7 +46,7 @@ async def test_a_job_that_never_reads_holds_up_only_its_writer(manager: JobManag
 
     async def writer() -> None:
         blocked.set()
-        result.append(await manager.write_input(status.id, b"x" * (1 << 20)))
+        result.append(await manager.write_input(status.id, b"x" * (4 << 20)))  # > the pipe
 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
