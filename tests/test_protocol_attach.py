@@ -110,3 +110,31 @@ def test_the_largest_input_frame_fits_and_one_byte_more_is_refused() -> None:
     with pytest.raises(p.RemoteProtocolError):
         p.decode_payload(msgpack.packb({"type": "input", "data": b"x" * (p.MAX_INPUT_CHUNK + 1)}),
                          p.REQUEST_DECODE_LIMITS)
+
+
+def test_the_worked_examples_hex_dumps_are_real_frames_of_this_version() -> None:
+    """docs/protocol.md §11: every hex dump decodes, hello and welcome carry the
+    current minor (independent clients once found 0 where the maps said 1)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = doc.split("## 11. Worked example", 1)[1].split("## 12.", 1)[0]
+    frames: list[bytes] = []
+    current = bytearray()
+    for line in section.splitlines():
+        if re.fullmatch(r"\s*(?:[0-9a-f]{2} )*[0-9a-f]{2}\s*", line):
+            current += bytes.fromhex(line)
+        elif current:
+            frames.append(bytes(current))
+            current = bytearray()
+    assert len(frames) >= 5
+    seen = set()
+    for frame in frames:
+        assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+        message = p.decode_payload(frame[4:])
+        assert p.encode_frame(message) == frame
+        seen.add(message.TYPE)
+        if isinstance(message, p.Hello | p.Welcome):
+            assert message.minor == p.PROTOCOL_MINOR
+    assert {"hello", "welcome", "out", "attach", "input"} <= seen
