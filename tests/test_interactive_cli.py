@@ -112,6 +112,7 @@ def test_a_shell_on_a_terminal_resize_ctrl_c_detach_attach_and_an_observer(
     assert "\r42\r\n" in "".join(text for _, _, text in events)
 
 
+@pytest.mark.timeout(600)  # a GiB through TLS and Python on a loaded 2-core machine
 def test_stdin_of_a_gibibyte_arrives_exactly(jobd: JobdProcess, tmp_path: Path) -> None:
     block = os.urandom(1 << 20)
     digest = hashlib.sha256()
