@@ -85,7 +85,11 @@ async def test_resize_signals_the_job_and_ctrl_c_is_a_byte_that_interrupts(
     await wait_for_output(manager, status.id, b"ready")
     manager.resize(status.id, 50, 132)
     await wait_for_output(manager, status.id, b"50 132")
-    assert await manager.write_input(status.id, b"\x03")  # the line discipline makes SIGINT
+    await manager.stop(status.id, 0)
+    # Ctrl-C is a byte: the terminal's line discipline makes it SIGINT for the
+    # foreground process group (the job's, as its controlling terminal).
+    status = await manager.start([b"sleep", b"1000"], "alice", tty=Terminal(24, 80))
+    assert await manager.write_input(status.id, b"\x03")
     with trio.fail_after(TIMEOUT):
         final = await manager.wait(status.id)
     assert final.state is JobState.KILLED and final.signal == "SIGINT"
