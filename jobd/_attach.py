@@ -120,7 +120,7 @@ async def attach(request: p.Attach, *, identity: Identity, manager: JobManager,
         state = _Attached()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_take_input, request, manager, inputs, state)
-            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async with contextlib.aclosing(chunks):
                 while not state.over:
                     # Only the wait for output is cancelled by a detach, never a send:
                     # a send cut half-way would break the TLS stream the end must use.
@@ -139,7 +139,7 @@ async def attach(request: p.Attach, *, identity: Identity, manager: JobManager,
             raise ReadOnly(state.refusal)
         log.info("detached" if state.detached else "attach-ended", id=job, who=identity.name,
                  peer=peer)
-        return p.End(manager.status(job), state.last if state.last is not None else position)
+        return p.End(chunks.status(), state.last if state.last is not None else position)
 
 
 class _Attached:
