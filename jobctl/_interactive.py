@@ -168,7 +168,9 @@ def interact(session: BlockingAttach, *, input_fd: int | None, raw: RawMode | No
                 watched = [session.fileno(), wakeup]
                 if input_fd is not None:
                     watched.append(input_fd)
-                ready, _, _ = select.select(watched, [], [])
+                ready, _, _ = select.select(watched, [], [], session.liveness)
+                if not ready:  # not even a tick: the server or the path is gone
+                    raise core.silent(session.liveness or 0.0)
                 if wakeup in ready:
                     for number in os.read(wakeup, 512):
                         by_signal = _on_signal(number, session, raw, resize) or by_signal

@@ -23,6 +23,7 @@ boundary they agree.
     ATTACH   --end|error (server)---------------------------> IDLE (lingering)
     IDLE     --input|eof|resize|detach (client), lingering--> IDLE (discarded)
     HELLO, WELCOME, IDLE --error (server)-------------------> DONE
+    IDLE, RESULT, STREAM, ATTACH --tick (server)------------> the same state
 
 Which result answers which request is the second table, ``RESULT_FOR``. An
 ``error`` outside a request is the server refusing the connection (bad
@@ -138,6 +139,9 @@ TRANSITIONS: dict[tuple[ConnectionState, str], ConnectionState] = {
     (S.ATTACH, "error"): S.IDLE,
     # Only while lingering after an attach (see next_state).
     **{(S.IDLE, kind): S.IDLE for kind in ATTACH_INPUT},
+    # Liveness (asked for in the hello): a tick changes nothing. IDLE too, so that
+    # a tick racing the end of a response is never an error.
+    **{(state, "tick"): state for state in (S.IDLE, S.RESULT, S.STREAM, S.ATTACH)},
 }
 
 
@@ -174,7 +178,8 @@ class Conversation:
         new = TRANSITIONS.get((state, kind))
         if new is None or (state is S.IDLE and kind in ATTACH_INPUT and not self.lingering):
             raise IllegalMove(self._explain(sender, kind))
-        if state is S.RESULT and kind != "error" and RESULT_FOR[self.request or ""] != kind:
+        if (state is S.RESULT and kind not in ("error", "tick")
+                and RESULT_FOR[self.request or ""] != kind):
             raise IllegalMove(
                 f"{kind!r} does not answer {self.request!r} "
                 f"(expected {RESULT_FOR[self.request or '']!r} or 'error')"
@@ -186,7 +191,7 @@ class Conversation:
             if self.state is S.IDLE:
                 self.request = kind
                 self.lingering = False
-        elif kind not in ATTACH_INPUT:
+        elif kind not in ATTACH_INPUT and kind != "tick":  # a tick changes nothing
             self.lingering = self.state is S.ATTACH
             self.request = None
         self.state = new
