@@ -171,3 +171,22 @@ def test_attach_refusals_are_one_clear_line(jobd: JobdProcess) -> None:
     bad = jobd.jobctl("alice", "run", "-t", "--detach-keys", "ctrl-!!", "true")
     assert bad.returncode == 2 and b"--detach-keys" in bad.stderr and b"Traceback" not in bad.stderr
     jobd.jobctl("alice", "stop", "--grace", "0", plain)
+
+
+def test_sigterm_restores_the_terminal_and_leaves_the_job_running(
+        jobd: JobdProcess, cleanup: list[pexpect.spawn]) -> None:
+    child = terminal(jobd, "alice", "run", "-t", "cat")
+    cleanup.append(child)
+    child.expect(r"attached to job (\d+)")
+    job = child.match.group(1).decode()
+    child.send("abc")
+    child.expect("abc")  # the job's terminal echoes: our terminal is raw, cat is running
+    # jobctl is the shell's one child.
+    pid = int(subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True,
+                             timeout=TIMEOUT).stdout.split()[0])
+    os.kill(pid, 15)
+    child.expect(f"detached: job {job} keeps running")
+    finish(child, 128 + 15)
+    status = jobd.jobctl("alice", "status", job)
+    assert status.stdout == b"running\n"
+    jobd.jobctl("alice", "stop", "--grace", "0", job)
