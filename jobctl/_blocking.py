@@ -26,7 +26,13 @@ import protocol as p
 
 from . import _calls as calls
 from . import _core as core
-from ._errors import ConfigError, ConnectionFailed, InvalidArgument, WaitTimeout
+from ._errors import (
+    ConfigError,
+    ConnectionFailed,
+    InvalidArgument,
+    JobctlError,
+    WaitTimeout,
+)
 
 if TYPE_CHECKING:
     from ._trust import Pinning
@@ -168,6 +174,15 @@ class BlockingClient:
         #: Liveness: the longest silence of the server while a request is in
         #: progress (it ticks); None: no bound but TCP's.
         self._idle = idle
+        #: A new connection like this one (set by connect_blocking): what a follow
+        #: that reconnects (``reconnect=``) uses.
+        self._factory: Callable[[], BlockingClient] | None = None
+        #: Called with a line to show when a follow loses its connection and when it
+        #: has it back (``jobctl`` shows them on a terminal).
+        self.on_reconnect: Callable[[str], None] | None = None
+        #: When the server was last heard from (any bytes): a break after it
+        #: starts a new outage (core.Outage).
+        self._heard = time.monotonic()
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
@@ -191,6 +206,7 @@ class BlockingClient:
             self._sock.settimeout(wait)
             try:
                 _receive_into(self._sock, conn)
+                self._heard = time.monotonic()
             except TimeoutError:
                 if idle is not None and wait is idle:
                     raise core.silent(idle) from None
@@ -258,6 +274,64 @@ class BlockingClient:
             else:
                 value = self._do(op)
 
+    # -- reconnecting (issue 21) ----------------------------------------------------
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, calling the wakeup handler (Ctrl-C in ``jobctl run``) meanwhile."""
+        wakeup = self._sock.wakeup
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if wakeup is None:
+                time.sleep(left)
+                return
+            import select
+
+            ready, _, _ = select.select([wakeup[0]], [], [], left)
+            if ready:
+                with contextlib.suppress(OSError):
+                    os.read(wakeup[0], 512)
+                wakeup[1]()
+
+    def _reopen(self, outage: core.Outage, exc: JobctlError,
+                deadline: float | None = None) -> None:
+        """The connection broke with ``exc``: connect again (pausing between tries,
+        as ``outage`` says, and not past ``deadline``: then WaitTimeout) and carry
+        on over the new connection as this same client. Raises when ``outage``
+        gives up, or at once for an error that a new connection cannot cure."""
+        if self._factory is None or not core.retriable(exc):
+            raise exc
+        self.close()
+        while True:
+            pause = outage.lost(exc, time.monotonic(), self._heard)
+            if deadline is not None:
+                pause = min(pause, max(deadline - time.monotonic(), 0.0))
+            if self.on_reconnect is not None and outage.attempts == 1:
+                self.on_reconnect(f"{exc}: reconnecting")
+            self._pause(pause)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout("the deadline passed while reconnecting")
+            try:
+                fresh = self._factory()
+            except JobctlError as failed:
+                exc = failed
+                continue
+            break
+        fresh._sock.wakeup = self._sock.wakeup
+        self._sock, self._conn, self._idle = fresh._sock, fresh._conn, fresh._idle
+        self.welcome = fresh.welcome
+        if self.on_reconnect is not None:
+            self.on_reconnect("reconnected")
+
+    def _resuming(self, resume: calls.Resume) -> Iterator[p.OutputChunk | p.End]:
+        while True:
+            try:
+                yield from self._events(resume.call(self.welcome))
+                return
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                self._reopen(resume.outage, exc)
+
     def set_wakeup(self, fd: int | None, handler: Callable[[], None] | None) -> None:
         """While waiting for the server, call ``handler()`` each time ``fd`` is
         readable (a signal's wakeup fd); None, None: no more. The handler runs
@@ -297,7 +371,8 @@ class BlockingClient:
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
             limits: p.Limits | None = None, env_merge: bool = False,
             on_output: Callable[[p.OutputChunk], None] | None = None,
-            stdin: Input | None = None) -> p.JobStatus:
+            stdin: Input | None = None,
+            reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Start a job and follow its output from the first byte until it ends;
         its final status (``jobctl.exit_status`` makes an exit status of it).
 
@@ -305,14 +380,17 @@ class BlockingClient:
         written to this process's, as ``subprocess.run`` does. A job that never
         ran returns its ``error`` status at once. ``stdin`` (bytes, a binary
         file, or a file descriptor) is the job's input, sent to its end, then
-        closed; without it the job's stdin is /dev/null.
+        closed; without it the job's stdin is /dev/null. ``reconnect``: as for
+        :meth:`stream` (the start itself is never sent twice; a run with
+        ``stdin`` does not reconnect: input in flight could be lost or repeated).
         """
-        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
-                            stdin=stdin is not None)
-        if status.state is p.JobState.ERROR:
-            return status
-        write = on_output or core.write_chunk
+        within = core.check_reconnect(reconnect)
         if stdin is not None:
+            status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                                stdin=True)
+            if status.state is p.JobState.ERROR:
+                return status
+            write = on_output or core.write_chunk
             with self.attach(status.id, 0, input=True) as session:
                 for block in _blocks(stdin):
                     session.send(block)
@@ -325,22 +403,50 @@ class BlockingClient:
                         write(event)
                 assert session.end is not None
                 return session.end.status
-        return self._run(calls.follow_run(self.welcome, status, on_output))
+        if within is None:
+            return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
+                                       on_output))
+        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+        if status.state is p.JobState.ERROR:
+            return status
+        write = on_output or core.write_chunk
+        end: p.End | None = None
+        for event in self.stream(status.id, reconnect=within):
+            if isinstance(event, p.OutputChunk):
+                write(event)
+            else:
+                end = event
+        assert end is not None
+        return end.status
 
-    def wait(self, job: int, timeout: float | None = None) -> p.JobStatus:
+    def wait(self, job: int, timeout: float | None = None, *,
+             reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Block until the job has ended; its final status. No output is sent.
 
         ``timeout`` (seconds): WaitTimeout if it has not ended by then, and this
         connection is closed (it was in the middle of the request).
+        ``reconnect``: as for :meth:`stream`; the wait is asked again.
         """
         if timeout is not None and not timeout >= 0:
             raise InvalidArgument(f"invalid argument: timeout must be 0 or more, not {timeout}")
         deadline = None if timeout is None else time.monotonic() + min(timeout, core.MAX_TIMEOUT)
-        try:
-            return self._run(calls.wait(self.welcome, job), deadline)
-        except TimeoutError:
-            self.close()
-            raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
+        within = core.check_reconnect(reconnect)
+        outage = core.Outage(within) if within is not None else None
+        while True:
+            try:
+                return self._run(calls.wait(self.welcome, job), deadline)
+            except TimeoutError:
+                self.close()
+                raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                if outage is None:
+                    raise
+                try:
+                    self._reopen(outage, exc, deadline)
+                except WaitTimeout:
+                    raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
 
     def stop(self, job: int, grace: float | None = None, *,
              progress: Callable[[], None] | None = None) -> p.JobStatus:
@@ -372,18 +478,26 @@ class BlockingClient:
     def delete(self, job: int) -> None:
         self._run(calls.delete(job))
 
-    def stream(self, job: int, position: int = 0, *,
-               timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
+    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+               reconnect: float | None = core.RECONNECT_TIMEOUT
+               ) -> Iterator[p.OutputChunk | p.End]:
         """The job's output from ``position`` (0: the first byte), following it
         live until the job ends. Yields OutputChunk events, then one End.
 
-        To resume after a lost connection, connect again and pass the position
-        of the last chunk received: nothing is lost or repeated. With
+        ``reconnect`` (seconds; None or 0: never): when the connection breaks
+        (or the server restarts), connect again with backoff and resume right
+        after the last chunk received, so that nothing is lost or repeated;
+        give up (ConnectionFailed) once that many seconds pass without the
+        server. This client then carries on over the new connection. (By hand:
+        connect again and pass the last chunk's position.) With
         ``timestamps``, each chunk is one read of jobd's and carries its
         ``time`` (a server older than protocol 1.1 sends no times: None).
         """
-        return self._output(calls.output_request(self.welcome, job, position, timestamps,
-                                                 follow=True))
+        within = core.check_reconnect(reconnect)
+        if within is None:
+            return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                     follow=True))
+        return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within)))
 
     def output(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
@@ -592,7 +706,11 @@ def connect_blocking(
     except BaseException:
         sock.close()
         raise
-    return BlockingClient(sock, welcome, conn, core.idle_timeout(welcome, liveness))
+    client = BlockingClient(sock, welcome, conn, core.idle_timeout(welcome, liveness))
+    client._factory = lambda: connect_blocking(
+        address, port, certificate=certificate, key=key, ca=ca, server_name=server_name,
+        connect_timeout=connect_timeout, pin=pin, liveness_timeout=liveness_timeout)
+    return client
 
 
 def _context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

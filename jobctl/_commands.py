@@ -241,6 +241,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timestamps", action="store_true",
                         help="prefix each line with the time jobd read it")
     _detach_option(parser)
+    _reconnect_option(parser)
     _start_options(parser)
 
 
@@ -345,10 +346,20 @@ def _id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", type=job_id, metavar="ID", help="the job's ID")
 
 
+def _reconnect_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reconnect-timeout", type=seconds("--reconnect-timeout",
+                                                            core.MAX_TIMEOUT),
+                        metavar="SECONDS", default=core.RECONNECT_TIMEOUT,
+                        help="when the connection breaks, reconnect with backoff and resume "
+                        "where it broke, for up to SECONDS without the server (default: "
+                        f"{core.RECONNECT_TIMEOUT:g}; 0: do not reconnect)")
+
+
 def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
     if follow:
         parser.add_argument("--no-follow", action="store_true",
                             help="only the output that exists now (as `output`)")
+        _reconnect_option(parser)
     else:
         parser.set_defaults(no_follow=True)
     parser.add_argument("--tail", type=_count, metavar="N",
@@ -392,6 +403,7 @@ def _status_options(parser: argparse.ArgumentParser) -> None:
 def _wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=seconds("--timeout", core.MAX_TIMEOUT),
                         metavar="SECONDS", help="give up after SECONDS (exit status 124)")
+    _reconnect_option(parser)
     parser.add_argument("ids", type=job_id, nargs="+", metavar="ID", help="the jobs' IDs")
 
 
