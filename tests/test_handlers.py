@@ -181,3 +181,18 @@ async def test_attach_refusals(manager: JobManager) -> None:
     assert code is p.ErrorCode.INVALID_STATE and "no input" in message
     await alice.ask(p.Stop(job, grace=0.0))
     await alice.ask(p.Stop(plain.status.id, grace=0.0))
+
+
+def test_clients_attached_to_one_job_are_bounded() -> None:
+    from jobd._attach import MAX_ATTACHED_PER_JOB
+    from jobd.engine import LimitExceeded
+
+    table = Attachments(per_job=2)
+    with table.hold(7), table.hold(7):
+        with pytest.raises(LimitExceeded, match="too many clients attached to job 7"), \
+                table.hold(7):
+            pass
+        with table.hold(8):  # another job's count is its own
+            assert len(table) == 3
+    assert len(table) == 0
+    assert Attachments().per_job == MAX_ATTACHED_PER_JOB == 64
