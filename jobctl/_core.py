@@ -71,6 +71,8 @@ Env = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | s
 
 #: The protocol minor version that brought list filters, counts and prune.
 LIST_FILTERS_MINOR = 1
+#: The protocol minor version that brought interactive jobs (stdin, tty, attach).
+INTERACTIVE_MINOR = 2
 
 
 def require_minor(welcome: p.Welcome, minor: int, what: str) -> None:
@@ -101,7 +103,8 @@ def _encode(what: str, value: object) -> bytes:
 
 
 def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
-                  limits: p.Limits | None, env_merge: bool = False) -> p.Start:
+                  limits: p.Limits | None, env_merge: bool = False, *,
+                  stdin: bool = False, tty: p.Terminal | None = None) -> p.Start:
     """The start message both clients send: str arguments, cwd, env names and
     values encoded as the OS does (``os.fsencode``)."""
     if isinstance(argv, bytes | str):
@@ -111,7 +114,15 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    cwd=_encode("cwd", cwd) if cwd is not None else None,
                    env=tuple((_encode("env name", k), _encode("env value", v))
                              for k, v in env.items()) if env is not None else None,
-                   limits=limits, env_merge=env_merge, traceparent=current_traceparent())
+                   limits=limits, env_merge=env_merge, traceparent=current_traceparent(),
+                   stdin=stdin, tty=tty)
+
+
+def check_interactive(welcome: p.Welcome, stdin: bool, tty: p.Terminal | None) -> None:
+    """A start with stdin or a terminal needs a server of protocol 1.2: an older
+    one would ignore the fields and start the job with /dev/null."""
+    if stdin or tty is not None:
+        require_minor(welcome, INTERACTIVE_MINOR, "interactive jobs (stdin, a terminal)")
 
 
 def stop_request(job: int, grace: float | None) -> p.Stop:

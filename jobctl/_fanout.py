@@ -179,7 +179,8 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
     # Refused rather than silently ignored. (Ctrl-C leaves a group's jobs running, as
     # --detach-on-interrupt does for one server.)
     for option, flag in (("tail", "--tail"), ("timestamps", "--timestamps"),
-                         ("long", "-v/--long")):
+                         ("long", "-v/--long"), ("interactive", "-i/--interactive"),
+                         ("tty", "-t/--tty"), ("asciicast", "--asciicast")):
         if getattr(ns, option, None):
             raise ConfigError(f"{flag} is not supported with a group of servers")
     if getattr(ns, "on_interrupt", None) == "stop":

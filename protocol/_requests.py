@@ -43,6 +43,7 @@ from ._fields import (
     get_str,
 )
 from ._status import JobState, Limits
+from ._terminal import Terminal
 
 #: Longest owner a list filter may name (a certificate CN is at most 64 characters).
 MAX_OWNER_FILTER = 1024
@@ -138,6 +139,12 @@ class Start(_Message):
         MAX_TRACEPARENT characters) naming the caller's span, or None. A server
         that traces requests makes it the parent of the request's span; one
         that does not (or an older one) ignores it.
+      stdin: (minor 2) True: the job's stdin is a pipe kept open for ``attach``
+        requests to write to (else /dev/null).
+      tty: (minor 2) a :class:`Terminal`: the job runs on a pseudo-terminal of
+        that size, as its controlling terminal, with ``TERM`` set to its
+        ``term``; stdin, stdout and stderr are the terminal (``stdin`` is
+        implied). None: no terminal.
 
     Every bound is in ``_bounds.py``: what a start makes the server store or echo
     stays small enough for one frame.
@@ -151,8 +158,12 @@ class Start(_Message):
     limits: Limits | None = None
     env_merge: bool = False
     traceparent: str | None = None
+    stdin: bool = False
+    tty: Terminal | None = None
 
     def __post_init__(self) -> None:
+        check_type("stdin", self.stdin, bool)
+        check_type("tty", self.tty, Terminal, optional=True)
         if isinstance(self.argv, list):
             object.__setattr__(self, "argv", tuple(self.argv))
         check_type("argv", self.argv, tuple)
@@ -217,6 +228,10 @@ class Start(_Message):
             out["env_merge"] = True
         if self.traceparent is not None:
             out["traceparent"] = self.traceparent
+        if self.stdin:
+            out["stdin"] = True
+        if self.tty is not None:
+            out["tty"] = self.tty.to_wire()
         return out
 
     @classmethod
@@ -224,6 +239,7 @@ class Start(_Message):
         argv = get_list(m, "argv")
         env = get_list(m, "env", None)
         limits = get_map(m, "limits", None)
+        tty = get_map(m, "tty", None)
         return cls(
             argv=tuple(argv),
             cwd=get_bytes(m, "cwd", None),
@@ -231,6 +247,8 @@ class Start(_Message):
             limits=Limits.from_wire(limits) if limits is not None else None,
             env_merge=_flag(m, "env_merge"),
             traceparent=get_str(m, "traceparent", None),
+            stdin=_flag(m, "stdin"),
+            tty=Terminal.from_wire(tty) if tty is not None else None,
         )
 
 
