@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +36,31 @@ class Client:
     """One authenticated connection; requests run one at a time, in order."""
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], welcome: p.Welcome,
-                 conn: p.ClientConnection):
+                 conn: p.ClientConnection,
+                 reopen: Callable[[], Awaitable[Client]] | None = None):
         self._stream = stream
         self._conn = conn
         self._lock = trio.StrictFIFOLock()
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
+        #: How to connect again: a request cut short (a cancelled ``wait``, an
+        #: abandoned stream) leaves the connection mid-answer; it is closed, and
+        #: the next request runs on a new connection instead of failing.
+        self._reopen = reopen
+        self._stale = False
+
+    async def _reconnect(self) -> None:
+        if self._reopen is None:
+            raise ConnectionFailed("this connection was closed in the middle of a request")
+        fresh = await self._reopen()
+        self._stream, self._conn, self._stale = fresh._stream, fresh._conn, False
+        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
+
+    async def _abandon(self) -> None:
+        """Close a connection left in the middle of an answer (shielded, bounded)."""
+        self._stale = True
+        await self.aclose()
 
     async def _receive(self) -> Any:
         while True:
@@ -56,6 +74,8 @@ class Client:
             self._conn.receive_data(data)
 
     async def _send(self, message: p.Message) -> None:
+        if self._stale:
+            await self._reconnect()
         try:
             frame = self._conn.send(message)
         except p.LocalProtocolError as exc:  # too large for a frame
@@ -115,8 +135,8 @@ class Client:
         """Wait until the job has ended; its final status. No output is sent.
 
         To bound the wait, use a Trio cancel scope (``trio.fail_after``): if it
-        expires, this connection is closed (it was in the middle of the
-        request) and the scope's exception propagates.
+        expires, the scope's exception propagates; the connection, in the middle
+        of the answer, is closed, and the next request connects again by itself.
         """
         request = core.message(p.Stream, job, end_only=self.welcome.minor >= 1)
         async with self._lock:
@@ -129,7 +149,7 @@ class Client:
             except p.ProtocolError as exc:
                 raise core.lost(exc) from None
             except BaseException:
-                await self.aclose()  # mid-request: this connection cannot go on
+                await self._abandon()  # mid-request: this connection cannot go on
                 raise
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
@@ -189,16 +209,22 @@ class Client:
                       ) -> AsyncIterator[p.OutputChunk | p.End]:
         async with self._lock:
             await self._send(request)
-            while True:
-                try:
-                    event = await self._receive()
-                except p.ProtocolError as exc:
-                    raise core.lost(exc) from None
-                if isinstance(event, p.OutputChunk):
-                    yield event
-                    continue
-                yield core.expect(event, p.End)
-                return
+            ended = False
+            try:
+                while True:
+                    try:
+                        event = await self._receive()
+                    except p.ProtocolError as exc:
+                        raise core.lost(exc) from None
+                    if isinstance(event, p.OutputChunk):
+                        yield event
+                        continue
+                    ended = True
+                    yield core.expect(event, p.End)
+                    return
+            finally:
+                if not ended:  # abandoned or cancelled mid-answer
+                    await self._abandon()
 
 
 @asynccontextmanager
@@ -225,6 +251,21 @@ async def connect(
         raise ConfigError("no CA certificate given (and no pin: see jobctl._trust)")
     else:
         ctx = core.client_context(certificate, key, ca)
+
+    async def reopen() -> Client:
+        return await _open(address, port, ctx, server_name, connect_timeout, pin, reopen)
+
+    client = await reopen()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _open(address: str, port: int, ctx: ssl.SSLContext, server_name: str | None,
+                connect_timeout: float, pin: Pinning | None,
+                reopen: Callable[[], Awaitable[Client]]) -> Client:
+    """One connection, welcomed: a Client (``reopen`` makes another like it)."""
     try:
         with trio.fail_after(connect_timeout):
             tcp = await trio.open_tcp_stream(address, port)
@@ -240,10 +281,8 @@ async def connect(
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await tcp.aclose()
         raise
-    try:
-        yield client
-    finally:
-        await client.aclose()
+    client._reopen = reopen
+    return client
 
 
 def _first_attempt_error(exc: OSError) -> OSError:

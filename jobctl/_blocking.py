@@ -136,12 +136,26 @@ class BlockingClient:
     them, and ``welcome`` (the server's whole welcome message).
     """
 
-    def __init__(self, sock: TLSChannel, welcome: p.Welcome, conn: p.ClientConnection):
+    def __init__(self, sock: TLSChannel, welcome: p.Welcome, conn: p.ClientConnection,
+                 reopen: Callable[[], BlockingClient] | None = None):
         self._sock = sock
         self._conn = conn
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
+        #: How to connect again (the arguments of connect_blocking): a request cut
+        #: short by its timeout (``wait``) leaves the connection mid-answer, and the
+        #: next request then runs on a new connection instead of failing.
+        self._reopen = reopen
+        self._stale = False
+
+    def _reconnect(self) -> None:
+        """Replace a connection that a timeout left in the middle of an answer."""
+        if self._reopen is None:
+            raise ConnectionFailed("this connection was closed after a timeout")
+        fresh = self._reopen()
+        self._sock, self._conn, self._stale = fresh._sock, fresh._conn, False
+        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
 
     # -- connection -------------------------------------------------------------
 
@@ -164,6 +178,8 @@ class BlockingClient:
                 raise core.lost(exc) from None
 
     def _send(self, message: p.Message) -> None:
+        if self._stale:
+            self._reconnect()
         try:
             frame = self._conn.send(message)
         except p.LocalProtocolError as exc:  # too large for a frame; or a request in progress
@@ -250,8 +266,9 @@ class BlockingClient:
     def wait(self, job: int, timeout: float | None = None) -> p.JobStatus:
         """Block until the job has ended; its final status. No output is sent.
 
-        ``timeout`` (seconds): WaitTimeout if it has not ended by then, and this
-        connection is closed (it was in the middle of the request).
+        ``timeout`` (seconds): WaitTimeout if it has not ended by then. The
+        connection was in the middle of the answer, so it is closed; the next
+        request connects again by itself (``wait`` then ``stop`` just works).
         """
         if timeout is not None and not timeout >= 0:
             raise InvalidArgument(f"invalid argument: timeout must be 0 or more, not {timeout}")
@@ -264,6 +281,7 @@ class BlockingClient:
                 event = self._receive(remaining, quiet=True)
             except TimeoutError:
                 self.close()
+                self._stale = True
                 raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
             except p.ProtocolError as exc:
                 raise core.lost(exc) from None
@@ -333,18 +351,25 @@ class BlockingClient:
 
     def _output(self, request: p.Stream | p.Output) -> Iterator[p.OutputChunk | p.End]:
         self._send(request)
-        while True:
-            try:
-                # No deadline while a silent job writes nothing; TCP keepalive
-                # notices a server that vanished.
-                event = self._receive(None)
-            except p.ProtocolError as exc:
-                raise core.lost(exc) from None
-            if isinstance(event, p.OutputChunk):
-                yield event
-                continue
-            yield core.expect(event, p.End)
-            return
+        ended = False
+        try:
+            while True:
+                try:
+                    # No deadline while a silent job writes nothing; TCP keepalive
+                    # notices a server that vanished.
+                    event = self._receive(None)
+                except p.ProtocolError as exc:
+                    raise core.lost(exc) from None
+                if isinstance(event, p.OutputChunk):
+                    yield event
+                    continue
+                ended = True
+                yield core.expect(event, p.End)
+                return
+        finally:
+            if not ended:  # abandoned mid-answer: the next request connects again
+                self.close()
+                self._stale = True
 
 
 def connect_blocking(
@@ -397,7 +422,9 @@ def connect_blocking(
     except BaseException:
         sock.close()
         raise
-    return BlockingClient(sock, welcome, conn)
+    return BlockingClient(sock, welcome, conn, reopen=lambda: connect_blocking(
+        address, port, certificate=certificate, key=key, ca=ca, server_name=server_name,
+        connect_timeout=connect_timeout, pin=pin))
 
 
 def _context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

@@ -302,22 +302,30 @@ _STATES = {"running": {p.JobState.RUNNING},
            **{s.value: {s} for s in p.JobState}}
 
 
+def list_filters(ns: argparse.Namespace, now: float) -> dict[str, Any]:
+    """``list``'s filters as keyword arguments of ``client.list`` (the server
+    filters them, protocol 1.1; see :func:`filter_jobs` for older servers)."""
+    states: set[p.JobState] = set().union(*(_STATES[name] for name in ns.state or ()))
+    return {"owner": ns.owner, "states": sorted(states, key=lambda s: s.value),
+            "since": None if ns.since is None else now - ns.since}
+
+
+def filter_jobs(jobs: list[p.JobStatus], filters: dict[str, Any]) -> list[p.JobStatus]:
+    """:func:`list_filters` applied here: for a server before protocol 1.1."""
+    states, owner, since = set(filters["states"]), filters["owner"], filters["since"]
+    return [s for s in jobs if (not states or s.state in states)
+            and (owner is None or s.owner == owner)
+            and (since is None or s.created >= since)]
+
+
 def cmd_list(ns: argparse.Namespace, ctx: Context) -> int:
     now = time.time()
     client = ctx.client
-    states: set[p.JobState] = set().union(*(_STATES[name] for name in ns.state or ()))
+    filters = list_filters(ns, now)
     if client.welcome.minor >= core.LIST_FILTERS_MINOR:
-        # The server filters, from its indexes (protocol 1.1).
-        jobs = client.list(owner=ns.owner, states=sorted(states, key=lambda s: s.value),
-                           since=None if ns.since is None else now - ns.since)
+        jobs = client.list(**filters)  # the server filters, from its indexes
     else:  # an older server: every page, filtered here
-        jobs = client.list()
-        if states:
-            jobs = [s for s in jobs if s.state in states]
-        if ns.owner is not None:
-            jobs = [s for s in jobs if s.owner == ns.owner]
-        if ns.since is not None:
-            jobs = [s for s in jobs if s.created >= now - ns.since]
+        jobs = filter_jobs(client.list(), filters)
     if ns.json:
         print_json({"jobs": [s.to_json() for s in jobs]})
         return 0

@@ -251,13 +251,14 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 printer.line(name, "process stopped")
             return 0, status
         if what == "list":
-            from ._commands import _STATES
+            from ._commands import filter_jobs, list_filters
 
             now = time.time()
-            jobs = [s for s in await client.list()
-                    if (ns.state is None or s.state in _STATES[ns.state])
-                    and (ns.owner is None or s.owner == ns.owner)
-                    and (ns.since is None or s.created >= now - ns.since)]
+            filters = list_filters(ns, now)
+            if client.welcome.minor >= core.LIST_FILTERS_MINOR:
+                jobs = await client.list(**filters)
+            else:
+                jobs = filter_jobs(await client.list(), filters)
             if not ns.json:
                 for s in jobs:
                     printer.line(name, "\t".join((

@@ -297,3 +297,23 @@ def test_wait_timeout_on_a_group(fleet: Fleet) -> None:
         assert group.returncode == max(o["exit"] for o in objects.values())
     finally:
         fleet.jobctl("-s", "web1", "stop", "--grace", "0", started)
+
+
+def test_list_state_filters_on_a_group(fleet: Fleet) -> None:
+    """Issue 23: `--state` is repeatable; the fan-out once took its list as one state."""
+    sleeper = fleet.jobctl("-s", "web1", "start", "sleep", "600").stdout.strip()
+    try:
+        done = fleet.jobctl("-s", "web1", "run", "true")
+        assert done.returncode == 0
+        running = fleet.jobctl("-s", "web", "list", "--state", "running")
+        assert running.returncode == 0, running.stderr
+        assert [line.split("\t")[0] for line in running.stdout.splitlines()] == \
+            [f"web1: {sleeper}"]
+        both = fleet.jobctl("-s", "web", "--json", "list", "--state", "running",
+                            "--state", "exited")
+        assert both.returncode == 0, both.stderr
+        objects = {o["server"]: o for o in map(json.loads, both.stdout.splitlines())}
+        states = {s["state"] for s in objects["web1"]["jobs"]}
+        assert states == {"running", "exited"}
+    finally:
+        fleet.jobctl("-s", "web1", "stop", "--grace", "0", sleeper)
