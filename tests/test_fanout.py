@@ -3,10 +3,16 @@ jobd processes on loopback, each with its own port, server certificate and CA.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
+import re
+import select
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,7 +281,7 @@ def test_json_run_carries_each_servers_output(fleet: Fleet) -> None:
 
 def test_options_a_group_cannot_honour_are_refused(fleet: Fleet) -> None:
     for args in (["stream", "--tail", "3", "1"], ["status", "-v", "1"],
-                 ["run", "--stop-on-interrupt", "true"], ["run", "--timestamps", "true"],
+                 ["run", "--timestamps", "true"],
                  ["prune", "--older-than", "1d"]):
         result = fleet.jobctl("-s", "web", *args)
         assert result.returncode == 2, (args, result.stderr)
@@ -317,3 +323,100 @@ def test_list_state_filters_on_a_group(fleet: Fleet) -> None:
         assert states == {"running", "exited"}
     finally:
         fleet.jobctl("-s", "web1", "stop", "--grace", "0", sleeper)
+
+
+def _read_until(fd: int, marker: bytes, count: int = 1) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + 60
+    while seen.count(marker) < count:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, seen
+        chunk = os.read(fd, 4096)
+        assert chunk, seen
+        seen += chunk
+    return seen
+
+
+def _stop_all(fleet: Fleet, detached: str) -> dict[str, str]:
+    jobs = dict(re.findall(r"(web\d): jobctl: detached: job (\d+) keeps running", detached))
+    for name, job in jobs.items():
+        fleet.jobctl("-s", name, "stop", "--grace", "0", job)
+    return jobs
+
+
+def test_ctrl_c_on_a_group_run_detaches_per_server(fleet: Fleet) -> None:
+    """Issue 23: no terminal: each server's line names its job, which runs on."""
+    proc = subprocess.Popen([*JOBCTL, "-s", "web", "run", "sh", "-c",
+                             "echo ready; exec sleep 1000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=RUN_CWD, env=fleet.env(),
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    err = b""
+    try:
+        _read_until(proc.stdout.fileno(), b"ready", count=len(NAMES))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        jobs = _stop_all(fleet, err.decode())
+        assert sorted(jobs) == list(NAMES), err
+        for name, job in jobs.items():
+            assert f"(jobctl -s {name} stream {job}; jobctl -s {name} stop {job})" in \
+                err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            _stop_all(fleet, err.decode())
+
+
+@pytest.mark.parametrize("answer", [b"y\n", b"n\n"])
+def test_ctrl_c_on_a_group_run_asks_on_a_terminal(fleet: Fleet, answer: bytes) -> None:
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen([*JOBCTL, "-s", "web", "run", "sh", "-c",
+                             "echo ready; exec sleep 1000"], stdin=secondary, stdout=secondary,
+                            stderr=secondary, cwd=RUN_CWD, env=fleet.env())
+    os.close(secondary)
+    screen = b""
+    try:
+        screen += _read_until(main, b"ready", count=len(NAMES))
+        proc.send_signal(signal.SIGINT)
+        screen += _read_until(main, b"[y/N]")
+        os.write(main, answer)
+        if answer == b"y\n":
+            assert proc.wait(60) == 128 + signal.SIGINT
+        else:
+            screen += _read_until(main, b"following on")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 130
+            with contextlib.suppress(OSError):
+                while chunk := os.read(main, 4096):
+                    screen += chunk
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", screen.decode().replace("\r", ""))
+            jobs = _stop_all(fleet, plain)
+            assert sorted(jobs) == list(NAMES), screen
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"stop the job on 3 servers? [y/N]" in screen
+    listed = fleet.jobctl("-s", "web", "list", "--state", "running")
+    assert listed.stdout == ""
+
+
+def test_stop_on_interrupt_on_a_group(fleet: Fleet) -> None:
+    proc = subprocess.Popen([*JOBCTL, "-s", "web", "run", "--stop-on-interrupt", "sh", "-c",
+                             "echo ready; exec sleep 1000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=RUN_CWD, env=fleet.env(),
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        _read_until(proc.stdout.fileno(), b"ready", count=len(NAMES))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGINT, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert fleet.jobctl("-s", "web", "list", "--state", "running").stdout == ""
