@@ -41,7 +41,7 @@ from . import _core as core
 from . import _text as text
 from ._blocking import BlockingClient
 from ._commands import Context, print_json, start_args
-from ._errors import JobctlError, WaitTimeout
+from ._errors import JobctlError, ServerError, WaitTimeout
 
 
 class Detached(Exception):
@@ -198,7 +198,23 @@ def run(ns: argparse.Namespace, ctx: Context) -> int:
     if end.status.state in (p.JobState.ERROR, p.JobState.KILLED):
         # As a shell says "Killed": an exit status alone does not tell an OOM kill.
         print(text.describe(end.status), file=sys.stderr)
+    elif end.status.state is p.JobState.STOPPED and not interrupt.stopping:
+        print(f"jobctl: job {status.id} stopped{_stopped_by(client, status.id)}",
+              file=sys.stderr)
     return core.exit_status(end.status)
+
+
+def _stopped_by(client: BlockingClient, job: int) -> str:
+    """Why a job ``run`` did not stop itself was stopped: jobd shutting down
+    sends its goodbye (``unavailable``) after the stream's end, so the next
+    request on this connection gets it at once, or finds the connection closed."""
+    try:
+        client.status(job)
+    except JobctlError as exc:
+        if isinstance(exc, ServerError) and exc.code is not p.ErrorCode.UNAVAILABLE:
+            return ""
+        return ": the server is shutting down"
+    return " (by a stop request)"
 
 
 class _Interrupt:
