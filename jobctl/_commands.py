@@ -363,10 +363,20 @@ def cmd_wait(ns: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_completion(ns: argparse.Namespace, ctx: Context) -> int:
-    from ._completion import script
+    from ._completion import script, server_names
 
+    if ns.server_names:
+        names = server_names()
+        if names:
+            print("\n".join(names))
+        return 0
     sys.stdout.write(script(ns.shell))
     return 0
+
+
+def _validate_completion(ns: argparse.Namespace) -> None:
+    if (ns.shell is None) == (not ns.server_names):
+        raise ConfigError("give a shell (bash, zsh, fish) or --server-names")
 
 
 def _id(parser: argparse.ArgumentParser) -> None:
@@ -420,7 +430,10 @@ def cmd_prune(ns: argparse.Namespace, ctx: Context) -> int:
 
 
 def _completion_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell")
+    parser.add_argument("shell", nargs="?", choices=("bash", "zsh", "fish"), help="the shell")
+    parser.add_argument("--server-names", action="store_true",
+                        help="print the server and group names of config.toml instead "
+                        "(what the scripts complete -s with)")
 
 
 COMMANDS: list[Command] = [
@@ -480,8 +493,10 @@ COMMANDS: list[Command] = [
             "--retain, --retain-count and --max-log-space do the same continuously.",
             ("jobctl prune --older-than 30d",), _prune_options, cmd_prune),
     Command("completion", "print a shell completion script (bash, zsh, fish)",
-            "Print the completion script for SHELL; job IDs complete from `jobctl list`.",
+            "Print the completion script for SHELL. Job IDs complete from `jobctl list` "
+            "on the server (or group) the command line names, in numeric order; -s "
+            "completes the servers and groups of config.toml.",
             ("source <(jobctl completion bash)",
              "jobctl completion fish > ~/.config/fish/completions/jobctl.fish"),
-            _completion_options, cmd_completion, needs_server=False),
+            _completion_options, cmd_completion, _validate_completion, needs_server=False),
 ]

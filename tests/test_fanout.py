@@ -420,3 +420,44 @@ def test_stop_on_interrupt_on_a_group(fleet: Fleet) -> None:
             proc.kill()
             proc.wait()
     assert fleet.jobctl("-s", "web", "list", "--state", "running").stdout == ""
+
+
+def _bash_complete(fleet: Fleet, line: str) -> list[str]:
+    """What bash's completion offers for ``line`` (the real script, the real jobctl)."""
+    script = fleet.dir / "jobctl.bash"
+    if not script.exists():
+        script.write_text(fleet.jobctl("completion", "bash").stdout)
+    bindir = fleet.dir / "bin"
+    bindir.mkdir(exist_ok=True)
+    wrapper = bindir / "jobctl"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in JOBCTL) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    test = (f"source {script}\n"
+            f"COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}\n"
+            "read -ra COMP_WORDS <<< \"$COMP_LINE\"; COMP_WORDS+=(''); "
+            "COMP_CWORD=$((${#COMP_WORDS[@]} - 1))\n"
+            "_shtab_jobctl\n"
+            'printf "%s\\n" "${COMPREPLY[@]}"\n')
+    result = subprocess.run(["bash", "-c", test], capture_output=True, text=True, timeout=60,
+                            env={**fleet.env(), "PATH": f"{bindir}:{os.environ['PATH']}"},
+                            cwd=RUN_CWD)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_completion_follows_the_profile_and_sorts_ids(fleet: Fleet) -> None:
+    """Issue 23: `-s NAME` selects where job IDs come from, `-s <TAB>` offers the
+    names of config.toml, and IDs come in numeric order (2 before 10)."""
+    before = {int(line.split("\t")[0]) for line in fleet.jobctl(
+        "-s", "web2", "list").stdout.splitlines()}
+    started = [int(fleet.jobctl("-s", "web2", "start", "true").stdout) for _ in range(11)]
+    ids = sorted(before | set(started))
+    assert _bash_complete(fleet, "jobctl -s web2 status ") == [str(i) for i in ids]
+    assert _bash_complete(fleet, "jobctl status -s web2 ") == [str(i) for i in ids]
+    assert _bash_complete(fleet, "jobctl status -s ") == ["all", "down", "web", "web1",
+                                                           "web2", "web3"]
+    assert _bash_complete(fleet, "jobctl -s ") == ["all", "down", "web", "web1", "web2", "web3"]
+    script = fleet.jobctl("completion", "bash").stdout
+    assert "compopt -o nosort" in script  # readline would sort 10 before 2
+    assert "_describe -V" in fleet.jobctl("completion", "zsh").stdout  # unsorted group
+    assert '-ka "(__jobctl_job_ids)"' in fleet.jobctl("completion", "fish").stdout
