@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import protocol as p
+    from jobd._log import EventLog
     from jobd.engine import JobManager
 
 #: What ``--telemetry`` accepts.
@@ -117,7 +118,8 @@ def telemetry_disabled_by_environment() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
-def open_telemetry(mode: str, *, service_version: str) -> Telemetry:
+def open_telemetry(mode: str, *, service_version: str, log: EventLog | None = None
+                   ) -> Telemetry:
     """The telemetry for ``--telemetry mode``: :data:`NULL` for ``off`` (or when
     ``OTEL_SDK_DISABLED=true``), else OpenTelemetry over OTLP/HTTP.
 
@@ -134,7 +136,7 @@ def open_telemetry(mode: str, *, service_version: str) -> Telemetry:
         raise TelemetryError(
             f"--telemetry otlp needs OpenTelemetry ({exc.name or exc} is not installed): "
             "install jobd with the otel extra, pip install 'jobd[otel]'") from None
-    return _otel.open_otel(service_version)
+    return _otel.open_otel(service_version, log)
 
 
 __all__ = [
