@@ -29,8 +29,17 @@ def config_dir() -> Path:
     return Path(base) / "jobctl"
 
 
+DESCRIPTION = "Your own key and certificate request."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jobctl cert", description="Your own key and certificate request.")
+    parser = _Parser(prog="jobctl cert", description=DESCRIPTION)
+    configure(parser)
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """``cert``'s actions on ``parser`` (its own, or jobctl's for the man page)."""
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 parser_class=_Parser)
     req = sub.add_parser("request", help="write NAME.key (0600) and NAME.csr (CN=NAME, OU=ROLE)")
@@ -39,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the role you ask the CA for (the certificate's OU)")
     req.add_argument("--out", type=Path, default=None, metavar="DIR",
                      help="directory (default: $XDG_CONFIG_HOME/jobctl, ~/.config/jobctl)")
-    return parser
 
 
 def main(argv: list[str]) -> int:

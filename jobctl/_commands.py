@@ -85,12 +85,20 @@ class Command:
         self.needs_server = needs_server
 
     def check(self, ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-        """The checks argparse cannot make; a failure is a usage error (exit 2)."""
+        """The checks argparse cannot make; a failure is a usage error (exit 2),
+        a bad value (:class:`BadValue`) one line as argparse's own."""
         if self.validate is not None:
             try:
                 self.validate(ns)
+            except BadValue as exc:
+                parser._bad_value = True  # type: ignore[attr-defined]
+                parser.error(str(exc))
             except ConfigError as exc:
                 parser.error(str(exc))
+
+
+class BadValue(ConfigError):
+    """An option's value that is wrong as a whole (``argument --X: PROBLEM``)."""
 
 
 # -- argument types ------------------------------------------------------------------
@@ -109,9 +117,11 @@ def seconds(what: str, maximum: float) -> Callable[[str], float]:
             number = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-        if not math.isfinite(number) or number < 0:
+        if math.isnan(number):
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}")
+        if number < 0:
             raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {value!r}")
-        if number > maximum:
+        if number > maximum:  # inf included
             raise argparse.ArgumentTypeError(f"must be at most {maximum:g} seconds: "
                                              f"{value!r}")
         return number
@@ -120,38 +130,79 @@ def seconds(what: str, maximum: float) -> Callable[[str], float]:
 
 def since(value: str) -> float:
     """A duration: ``90``, ``90s``, ``10m``, ``2h``, ``1h30m``, ``3d``; in seconds."""
+    if value.startswith("-"):
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
     try:
         return p.parse_duration(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: The smallest ``--memory`` taken: below it no program starts, and a number
+#: without its unit (``--memory 1``, meant as 1G) would be taken as bytes and
+#: the job OOM-killed at once.
+MIN_MEMORY = 1 << 20
+
+
+def _limit(field: str, value: Any, text: str) -> None:
+    """Check one limit by the protocol's own rules (``Limits`` and the start
+    request's bounds, as jobd applies them): a bad value is this option's error,
+    in the one style of bad values (``argument --X: PROBLEM: 'VALUE'``)."""
+    try:
+        p.Start(argv=(b"x",), limits=p.Limits(**{field: value}))  # its bounds, as jobd's
+    except p.FieldError as exc:
+        problem = str(exc)
+        for prefix in (f"{field} ", f"{field}: "):
+            problem = problem.removeprefix(prefix)
+        raise argparse.ArgumentTypeError(f"{problem}: {text!r}") from None
+
+
 def _size(value: str) -> int:
-    """A size (``256M``); its range is the protocol's to check (``Limits``, ``Start``)."""
+    """A size (``256M``)."""
+    if value.startswith("-"):
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
     try:
         return p.parse_size(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _rate(value: str) -> tuple[str, int]:
-    device, sep, rate = value.partition("=")
-    if not sep or not device:
-        raise argparse.ArgumentTypeError(f"expected DEVICE=RATE, got {value!r}")
-    return device, _size(rate)
+def _memory(value: str) -> int:
+    size = _size(value)
+    _limit("memory", size, value)
+    if size < MIN_MEMORY:
+        digits = "".join(c for c in value if c.isdigit()).lstrip("0") or "1"
+        unit = "G" if value.strip().isdecimal() and int(digits) <= 64 else "M"
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1M: {value!r} is {size} byte{'s' * (size != 1)} "
+            f"(did you mean {digits}{unit}?)")
+    return size
+
+
+def _rate(field: str) -> Callable[[str], tuple[str, int]]:
+    def parse(value: str) -> tuple[str, int]:
+        device, sep, rate = value.partition("=")
+        if not sep or not device:
+            raise argparse.ArgumentTypeError(f"expected DEVICE=RATE: {value!r}")
+        pair = device, _size(rate)
+        _limit(field, (pair,), value)
+        return pair
+    return parse
 
 
 def _cpus(value: str) -> float:
-    """A number; its range (finite, above 0, a cap) is the protocol's to check."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    _limit("cpus", number, value)
+    return number
 
 
 def _pids(value: str) -> int:
     if not value.isdecimal() or len(value) > 30:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
+    _limit("pids", int(value), value)
     return int(value)
 
 
@@ -167,13 +218,19 @@ def _isolate(value: str) -> tuple[str, ...]:
 def _env(value: str) -> tuple[str, str]:
     name, sep, val = value.partition("=")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE: {value!r}")
     return name, val
 
 
+#: The most lines ``--tail`` keeps: more than any log has (memory holds them).
+MAX_TAIL = 10**9
+
+
 def _count(value: str) -> int:
-    if not value.isdecimal() or len(value) > 12:
+    if not value.isdecimal():
         raise argparse.ArgumentTypeError(f"not a number of lines: {value!r}")
+    if len(value) > 10 or int(value) > MAX_TAIL:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TAIL} lines: {value!r}")
     return int(value)
 
 
@@ -181,13 +238,14 @@ def _count(value: str) -> int:
 
 
 def _start_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memory", type=_size, metavar="SIZE", help="memory limit (e.g. 256M)")
+    parser.add_argument("--memory", type=_memory, metavar="SIZE",
+                        help="memory limit (e.g. 256M; at least 1M)")
     parser.add_argument("--cpus", type=_cpus, metavar="N", help="CPU limit in cores (e.g. 0.5)")
     parser.add_argument("--pids", type=_pids, metavar="N", help="maximum number of processes")
-    parser.add_argument("--io-read-bps", type=_rate, action="append", default=[],
+    parser.add_argument("--io-read-bps", type=_rate("io_read_bps"), action="append", default=[],
                         metavar="DEV=RATE",
                         help="read limit on a block device (e.g. /dev/sda=10M), repeatable")
-    parser.add_argument("--io-write-bps", type=_rate, action="append", default=[],
+    parser.add_argument("--io-write-bps", type=_rate("io_write_bps"), action="append", default=[],
                         metavar="DEV=RATE", help="write limit on a block device, repeatable")
     parser.add_argument("--isolate", type=_isolate, default=(), metavar="LIST",
                         help="namespaces to isolate the job in: any of pid,mount,net")
@@ -208,6 +266,7 @@ def _validate_start(ns: argparse.Namespace) -> None:
     if not words:
         raise ConfigError("missing command")
     ns.words = words
+    start_args(ns)  # what the options say together (e.g. too many devices)
 
 
 def start_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -216,8 +275,12 @@ def start_args(ns: argparse.Namespace) -> dict[str, Any]:
         limits = p.Limits(memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
                           io_read_bps=tuple(ns.io_read_bps),
                           io_write_bps=tuple(ns.io_write_bps), isolate=tuple(ns.isolate))
+        p.Start(argv=(b"x",), limits=limits)  # the request's bounds (device counts)
     except p.FieldError as exc:  # e.g. more devices than the protocol takes
-        raise ConfigError(f"{ns.command}: {exc}") from None
+        option = next((o for f, o in (("io_read_bps", "--io-read-bps"),
+                                      ("io_write_bps", "--io-write-bps"))
+                       if str(exc).startswith(f)), "--isolate")
+        raise BadValue(f"argument {option}: {exc}") from None
     env: dict[str, str] | None = None
     if ns.clear_env or ns.env:
         # --env adds to (overrides in) the server's environment for jobs, never
@@ -404,7 +467,7 @@ def _stop_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _status_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--long", action="store_true",
+    parser.add_argument("-v", "--long", "--verbose", action="store_true",
                         help="every field of the status, one per line")
     _id(parser)
 

@@ -192,8 +192,11 @@ def load_client_certificate(ctx: ssl.SSLContext, certificate: str | os.PathLike[
     try:
         ctx.load_cert_chain(certificate, key)
     except (OSError, ssl.SSLError) as exc:
+        from ._pem import mismatch
+
         raise ConfigError(f"cannot load certificate {os.fspath(certificate)} "
-                          f"with key {os.fspath(key)}: {tls_reason(exc)}") from None
+                          f"with key {os.fspath(key)}: "
+                          f"{mismatch(certificate, key) or tls_reason(exc)}") from None
 
 
 def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

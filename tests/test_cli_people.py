@@ -109,10 +109,13 @@ def test_bad_numbers_never_trace_back(jobd: JobdProcess) -> None:
             (["list", "--since", "soon"], "not a duration"),
             (["wait", "--timeout", "-1", str(job)], "--timeout"),
             (["stream", "--tail", "many", str(job)], "not a number of lines"),
-            (["start", "--memory", "99999999999999999999999T", "true"], "memory must be at most"),
-            (["start", "--memory", "0", "true"], "memory must be positive"),
-            (["start", "--cpus", "nan", "true"], "cpus must be a finite positive number"),
-            (["run", "--pids", "-1", "true"], "not a whole number"),
+            (["start", "--memory", "99999999999999999999999T", "true"],
+             "argument --memory: must be at most 9223372036854775807 bytes: "),
+            (["start", "--memory", "0", "true"], "argument --memory: must be positive: '0'"),
+            (["start", "--cpus", "nan", "true"],
+             "argument --cpus: must be a finite positive number: 'nan'"),
+            (["run", "--pids", "-1", "true"], "argument --pids: not a whole number: '-1'"),
+            (["run", "--pids", "0", "true"], "argument --pids: must be positive: '0'"),
             (["start", "--env", "NOEQUALS", "true"], "expected NAME=VALUE")):
         bad_value(jobd.jobctl("alice", *args), fragment)
     usage_error(jobd.jobctl("alice", "list", "--state", "sleepy"), "invalid choice")

@@ -92,3 +92,97 @@ def test_run_says_another_client_stopped_it(jobd: JobdProcess,
     ok(jobd.jobctl("alice", "stop", "1"))
     _, err = proc.communicate(timeout=DEADLINE)
     assert err == b"jobctl: job 1 stopped (by a stop request)\n"
+
+
+# -- 7, 8, 10. bad values: one style, one line ----------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--memory", "99999999T", "true"],
+     "jobctl run: error: argument --memory: must be at most 9223372036854775807 bytes: "
+     "'99999999T'"),
+    (["run", "--memory", "-1", "true"], "jobctl run: error: argument --memory: must be "
+     "positive: '-1'"),
+    (["run", "--cpus", "0", "true"], "jobctl run: error: argument --cpus: must be a finite "
+     "positive number: '0'"),
+    (["start", "--pids", "0", "true"], "jobctl start: error: argument --pids: must be "
+     "positive: '0'"),
+    # 8: a forgotten unit
+    (["run", "--memory", "1", "true"], "jobctl run: error: argument --memory: must be at "
+     "least 1M: '1' is 1 byte (did you mean 1G?)"),
+    (["run", "--memory", "512K", "true"], "(did you mean 512M?)"),
+    # 10: what was wrong, not a misleading reason
+    (["stream", "--tail", "99999999999999999999", "1"],
+     "jobctl stream: error: argument --tail: must be at most 1000000000 lines: "),
+    (["wait", "--timeout", "1e309", "1"],
+     "jobctl wait: error: argument --timeout: must be at most 604800 seconds: '1e309'"),
+    (["prune", "--older-than", "-5s"],
+     "jobctl prune: error: argument --older-than: must not be negative: '-5s'"),
+])
+def test_bad_values_are_one_line_in_one_style(jobd: JobdProcess, args: list[str],
+                                              message: str) -> None:
+    one_line(jobd.jobctl("alice", *args), message)
+    assert ok(jobd.jobctl("alice", "list")) == ""  # nothing started
+
+
+def test_a_key_given_as_the_certificate_is_named(jobd: JobdProcess) -> None:
+    pki = jobd.pki
+    swapped = jobd.jobctl("alice", "list", extra=["-c", pki.path("alice.key")])
+    one_line(swapped, f"{pki.path('alice.key')} holds a private key, not a certificate "
+             "(certificate and key swapped?)")
+    swapped = jobd.jobctl("alice", "list", extra=["-k", pki.path("alice.pem")])
+    one_line(swapped, f"{pki.path('alice.pem')} holds a certificate, not a private key")
+
+
+def test_jobd_names_a_key_given_as_its_certificate(pki: Pki, tmp_path: Path) -> None:
+    from .conftest import JOBD
+
+    result = subprocess.run([*JOBD, "-c", pki.path("server.key"), "-k", pki.path("server.key"),
+                             "-C", pki.path("ca.pem"), "-p", "0", "--state-dir",
+                             str(tmp_path / "state")], capture_output=True, timeout=DEADLINE,
+                            cwd=RUN_CWD, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert b"holds a private key, not a certificate" in result.stderr, result.stderr
+
+
+def test_ca_sign_of_a_server_request_hints_server(tmp_path: Path) -> None:
+    from .conftest import JOBD
+
+    def jobd(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*JOBD, *args], capture_output=True, timeout=DEADLINE,
+                              cwd=tmp_path, stdin=subprocess.DEVNULL)
+
+    assert jobd("ca", "init", str(tmp_path / "ca")).returncode == 0
+    made = jobd("cert", "request", "--name", "web1", "--out", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    signed = jobd("ca", "sign", "--ca", str(tmp_path / "ca"), str(tmp_path / "web1.csr"))
+    assert signed.returncode == 1
+    assert b"sign with --server --san NAME" in signed.stderr, signed.stderr
+
+
+# -- 9, 11. usage -----------------------------------------------------------------------
+
+
+def test_unknown_option_gets_the_subcommands_usage_and_a_hint(jobd: JobdProcess) -> None:
+    result = jobd.jobctl("alice", "stream", "--tial", "3", "1")
+    assert result.returncode == 2
+    *usage, last = result.stderr.decode().splitlines()
+    assert usage[0].startswith("usage: jobctl stream ")
+    assert last == ("jobctl stream: error: unrecognized arguments: --tial 1 "
+                    "(--tial: did you mean --tail?)")
+    started = jobd.jobctl("alice", "start", "--mem", "1G", "true")
+    assert started.returncode == 2 and b"did you mean --memory?" in started.stderr
+    job = ok(jobd.jobctl("alice", "start", "true")).strip()
+    assert ok(jobd.jobctl("alice", "status", "--verbose", job)).startswith("id:")
+
+
+def test_no_arguments_print_the_help_and_cert_is_listed() -> None:
+    result = subprocess.run(JOBCTL, capture_output=True, timeout=DEADLINE, cwd=RUN_CWD,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and result.stderr == b""
+    out = result.stdout.decode()
+    assert out.startswith("usage: jobctl ") and "Control jobs on a jobd server." in out
+    assert "    cert " in out
+    helped = subprocess.run([*JOBCTL, "-h"], capture_output=True, timeout=DEADLINE,
+                            cwd=RUN_CWD, stdin=subprocess.DEVNULL)
+    assert "    cert " in helped.stdout.decode()
