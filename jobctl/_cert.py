@@ -29,11 +29,14 @@ def config_dir() -> Path:
     return Path(base) / "jobctl"
 
 
-DESCRIPTION = "Your own key and certificate request."
+DESCRIPTION = ("Your own key and certificate request: the key stays on this machine, "
+               "the request goes to the CA (jobd ca sign).")
+EPILOG = "example:\n  jobctl cert request --name alice --role control"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jobctl cert", description=DESCRIPTION)
+    parser = _Parser(prog="jobctl cert", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(parser)
     return parser
 

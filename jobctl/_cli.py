@@ -217,7 +217,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if full:
         from . import _cert
 
-        _cert.configure(sub.add_parser("cert", help=CERT_HELP, description=_cert.DESCRIPTION))
+        _cert.configure(sub.add_parser("cert", help=CERT_HELP, description=_cert.DESCRIPTION,
+                                       epilog=_cert.EPILOG, formatter_class=_Formatter))
     else:
         sub.add_parser("cert", add_help=False, help=CERT_HELP)
     return parser

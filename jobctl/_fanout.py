@@ -295,12 +295,12 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
     outcomes: list[Outcome[tuple[Any, ...]]] = []
     with trio.CancelScope() as following:
         async with trio.open_nursery() as nursery:
-            if what == "run":  # Ctrl-C: ask, stop or detach, per server (_Interrupt)
-                watcher = trio.CancelScope()
+            watcher = trio.CancelScope()
+            if what == "run" and interrupt.policy != "ignore":
+                # Ctrl-C: ask, stop or detach, per server (_Interrupt)
                 await nursery.start(interrupt.watch, following, watcher)
             outcomes = await fanout(targets, work, on_done=on_done)
-            if what == "run":
-                watcher.cancel()
+            watcher.cancel()
     if following.cancelled_caught:
         for name, (_target, job) in running.items():
             printer.flush(name)
@@ -328,12 +328,17 @@ class _Interrupt:
     terminal it asks once whether to stop the jobs (yes: stop each on a second
     connection and follow them to their end; no: follow on); a further Ctrl-C, or
     ``--detach-on-interrupt``, or no terminal, detaches: every job keeps running
-    and each server's line names its job. ``--stop-on-interrupt`` stops them."""
+    and each server's line names its job. ``--stop-on-interrupt`` stops them. An
+    inherited "ignore SIGINT" stays: Ctrl-C does nothing."""
 
     def __init__(self, ns: argparse.Namespace, running: dict[str, tuple[Target, int]],
                  printer: Printer) -> None:
+        import signal
+
         interactive = sys.stdin.isatty() and sys.stderr.isatty()
         self.policy = getattr(ns, "on_interrupt", None) or ("ask" if interactive else "detach")
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            self.policy = "ignore"  # inherited (a script's background job): it stays
         self.running = running
         self.printer = printer
         self.stopping = False

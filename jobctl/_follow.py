@@ -14,7 +14,9 @@ and following simply goes on after a "no". What a Ctrl-C does:
   it);
 - on a terminal, by default: ask once (``stop job 4? [y/N]``); yes stops as
   above, no keeps following; a further Ctrl-C, also at the question,
-  detaches.
+  detaches;
+- started with SIGINT ignored (a background job of a script): nothing, as for
+  every other command; the inherited "ignore" stays.
 
 ``--tail N`` is done by the client: it reads the output that exists now
 (``output``), keeps only the last N lines, then follows from the position
@@ -230,6 +232,11 @@ class _Interrupt:
 
     @contextlib.contextmanager
     def installed(self, client: BlockingClient) -> Iterator[None]:
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # Started with SIGINT ignored (`jobctl run ... &` in a script): ignore it,
+            # as stream and wait do, rather than detach on a Ctrl-C meant for others.
+            yield
+            return
         read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)

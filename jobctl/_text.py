@@ -80,8 +80,11 @@ def describe(status: p.JobStatus) -> str:
 
 
 def duration(seconds: float) -> str:
-    """``13s``, ``2m13s``, ``3h05m``, ``2d04h``: two units at most, as people read them."""
-    s = max(0, int(seconds))
+    """``0.3s``, ``13s``, ``2m13s``, ``3h05m``, ``2d04h``: two units at most, as people
+    read them (tenths below 10 s)."""
+    if seconds < 9.95:  # a short job: 0.3s, not 0s (and never "10.0s")
+        return f"{max(0.0, seconds):.1f}s"
+    s = int(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:

@@ -418,7 +418,7 @@ def test_list_columns_filters_and_json(jobd: JobdProcess) -> None:
     for row in rows:
         assert len(row) == 6
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[3]), row
-        assert re.fullmatch(r"(\d+d)?(\d+h)?(\d+m)?\d+s|\d+[dh]\d\d[hm]|\d+m\d\ds", row[4]), row
+        assert re.fullmatch(r"\d\.\ds|\d+s|\d+[dh]\d\d[hm]|\d+m\d\ds", row[4]), row
 
     def ids(*args: str) -> list[int]:
         return [j["id"] for j in json.loads(ok(jobd.jobctl("root", "--json", "list", *args)))[
@@ -625,8 +625,8 @@ def test_limits_and_sizes_read_as_typed() -> None:
     assert _text.limits_text(limits) == ("memory 256M, cpus 0.5, pids 64, "
                                          "io read /dev/sda 10M/s, isolate net,pid")
     assert [_text.size(v) for v in (512, 1536, 1 << 30, 3 << 40)] == ["512B", "1.5K", "1G", "3T"]
-    assert [_text.duration(s) for s in (0, 59, 133, 3725, 93784)] == [
-        "0s", "59s", "2m13s", "1h02m", "1d02h"]
+    assert [_text.duration(s) for s in (0, 0.3, 9.96, 59, 133, 3725, 93784)] == [
+        "0.0s", "0.3s", "9s", "59s", "2m13s", "1h02m", "1d02h"]
 
 
 def test_every_global_option_with_a_value_is_known_to_the_prescan() -> None:

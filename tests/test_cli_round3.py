@@ -4,6 +4,7 @@ picking what to see; end to end against real jobd processes, driving the real CL
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -186,3 +187,37 @@ def test_no_arguments_print_the_help_and_cert_is_listed() -> None:
     helped = subprocess.run([*JOBCTL, "-h"], capture_output=True, timeout=DEADLINE,
                             cwd=RUN_CWD, stdin=subprocess.DEVNULL)
     assert "    cert " in helped.stdout.decode()
+
+
+# -- 12. status -v measures every job --------------------------------------------------
+
+
+def test_status_long_of_a_short_job_without_limits(jobd: JobdProcess, tmp_path: Path) -> None:
+    ok(jobd.jobctl("alice", "run", "sh", "-c", "head -c 3000000 /dev/zero | wc -c"))
+    fields = dict(line.split(":", 1) for line in ok(jobd.jobctl("alice", "status", "-v", "1"))
+                  .splitlines())
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    assert re.fullmatch(r"\d\.\ds", fields["duration"]), fields  # 0.3s, not 0s
+    assert fields["limits"] == "none"
+    assert fields["peak memory"] != "-" and fields["cpu time"] != "-", fields
+
+
+# -- 13. an inherited "ignore SIGINT" is kept ------------------------------------------
+
+
+def test_run_keeps_an_inherited_sigint_ignore(jobd: JobdProcess, tmp_path: Path,
+                                              procs: list[subprocess.Popen[bytes]]) -> None:
+    flag = tmp_path / "go"
+    words = [*JOBCTL, *jobd.pki.client_args("alice"), "-a", jobd.address, "-p", str(jobd.port),
+             "run", "sh", "-c", f"echo ready; while [ ! -e {flag} ]; do sleep 0.05; done; exit 7"]
+    script = "trap '' INT; exec " + " ".join(f"'{w}'" for w in words)
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, cwd=RUN_CWD)
+    procs.append(proc)
+    assert proc.stdout is not None
+    read_until(proc.stdout.fileno(), b"ready\n")
+    proc.send_signal(signal.SIGINT)  # ignored: discarded as it is sent
+    flag.touch()
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 7, err  # followed to the job's own end
+    assert b"detached" not in err

@@ -61,7 +61,7 @@ import trio
 
 from protocol import JobState, JobStatus, Limits
 
-from ._cgroups import Hierarchy, JobCgroup, Usage
+from ._cgroups import Hierarchy, JobCgroup, Usage, write_file
 from ._db import JobDB
 from ._outputlog import MAX_RECORD, Budget, OutputLog
 from ._procs import (
@@ -355,9 +355,12 @@ class Job:
     async def _spawn(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None,
                      devices: Mapping[str, str]) -> Spawned:
         limits = self.limits
-        if limits is None:
-            return await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
         cgroups = self._ctx.cgroups
+        if limits is None:
+            spawned = await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
+            if cgroups is not None:
+                await self._measure(cgroups, spawned.popen.pid)
+            return spawned
         if cgroups is not None:
             try:
                 self._cgroup = await trio.to_thread.run_sync(cgroups.create, self.id, limits,
@@ -371,6 +374,28 @@ class Job:
         except BaseException:
             await self._release_cgroup()  # the helper is reaped: it is empty
             raise
+
+    async def _measure(self, cgroups: Hierarchy, pid: int) -> None:
+        """A job without limits still gets a cgroup, only to measure it (peak
+        memory, CPU time) and to find all of it when it stops. It is started
+        directly (no spawn helper: its start stays fast) and moved in right
+        after exec, so a child it forks within those microseconds escapes the
+        measure. Where that fails the job simply runs unmeasured."""
+        def move() -> JobCgroup:
+            cgroup = cgroups.create(self.id, Limits(), {})
+            try:
+                for procs in cgroup.procs:
+                    write_file(procs, str(pid))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    cgroup.remove()
+                raise
+            return cgroup
+
+        try:
+            self._cgroup = await trio.to_thread.run_sync(move)
+        except (OSError, EngineError) as exc:
+            log.debug("job %d: runs unmeasured (no cgroup: %s)", self.id, exc)
 
     async def _release_cgroup(self) -> None:
         """Read the usage, then remove the (empty) cgroup."""
