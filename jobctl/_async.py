@@ -104,20 +104,23 @@ class Client:
 
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
                     env: core.Env | None = None, limits: p.Limits | None = None,
-                    env_merge: bool = False) -> p.JobStatus:
+                    env_merge: bool = False, labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job (as :meth:`jobctl.BlockingClient.start`)."""
         message = core.start_request(argv, cwd, env, limits,
-                                           core.check_merge(env_merge, self.welcome))
+                                     core.check_merge(env_merge, self.welcome),
+                                     core.labels_arg(labels, self.welcome))
         return (await self._request(message, p.Started)).status
 
     async def run(self, argv: Argv, *, cwd: bytes | str | None = None,
                   env: core.Env | None = None, limits: p.Limits | None = None,
                   env_merge: bool = False,
-                  on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
+                  on_output: Callable[[p.OutputChunk], None] | None = None,
+                  labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job, follow its output until it ends, return its final status
         (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
         default written to this process's stdout and stderr)."""
-        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                                  labels=labels)
         if status.state is p.JobState.ERROR:
             return status
         write = on_output or core.write_chunk
@@ -160,12 +163,13 @@ class Client:
         return (await self._request(core.message(p.GetStatus, job), p.StatusResult)).status
 
     async def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
-             since: float | None = None) -> list[p.JobStatus]:
+             since: float | None = None, labels: core.LabelsArg = None) -> list[p.JobStatus]:
         """Every job the caller may see that matches the filters (all pages)."""
         jobs: list[p.JobStatus] = []
         after = 0
         while True:
-            page = await self.list_page(after, owner=owner, states=states, since=since)
+            page = await self.list_page(after, owner=owner, states=states, since=since,
+                                   labels=labels)
             jobs.extend(page.jobs)
             if not page.more or not page.jobs:
                 return jobs
@@ -173,12 +177,13 @@ class Client:
 
     async def list_page(self, after: int = 0, *, owner: str | None = None,
                   states: Sequence[p.JobState] = (), since: float | None = None,
-                  count: bool = False) -> p.JobList:
+                  count: bool = False, labels: core.LabelsArg = None) -> p.JobList:
         """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
         ``count``: with the total that match. Filters and counts need a server of
-        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
-        request = p.ListJobs(after, owner, tuple(states), since, count)
-        if request != p.ListJobs(after):
+        protocol 1.1 or later, labels 1.2 (ConfigError otherwise, nothing sent)."""
+        request = p.ListJobs(after, owner, tuple(states), since, count,
+                             core.labels_arg(labels, self.welcome))
+        if request != p.ListJobs(after, labels=request.labels):
             core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
         return await self._request(request, p.JobList)
 
@@ -190,6 +195,11 @@ class Client:
 
     async def delete(self, job: int) -> None:
         await self._request(core.message(p.Delete, job), p.Deleted)
+
+    async def rerun(self, job: int) -> p.JobStatus:
+        """Start a new job like ``job`` (as :meth:`jobctl.BlockingClient.rerun`)."""
+        core.require_minor(self.welcome, core.LABELS_MINOR, "rerun")
+        return (await self._request(core.message(p.Rerun, job), p.Started)).status
 
     def stream(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:

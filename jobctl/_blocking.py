@@ -228,7 +228,7 @@ class BlockingClient:
 
     def start(self, argv: Argv, *, cwd: bytes | str | None = None,
               env: core.Env | None = None, limits: p.Limits | None = None,
-              env_merge: bool = False) -> p.JobStatus:
+              env_merge: bool = False, labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job. The status may be ``error`` (the command could not run).
 
         ``argv``, ``cwd`` and ``env`` names and values may be bytes or str (str
@@ -237,12 +237,14 @@ class BlockingClient:
         (servers from protocol 1.1) added to the server's.
         """
         request = core.start_request(argv, cwd, env, limits,
-                                     core.check_merge(env_merge, self.welcome))
+                                     core.check_merge(env_merge, self.welcome),
+                                     core.labels_arg(labels, self.welcome))
         return self._request(request, p.Started).status
 
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
             limits: p.Limits | None = None, env_merge: bool = False,
-            on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
+            on_output: Callable[[p.OutputChunk], None] | None = None,
+            labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job and follow its output from the first byte until it ends;
         its final status (``jobctl.exit_status`` makes an exit status of it).
 
@@ -250,7 +252,8 @@ class BlockingClient:
         written to this process's, as ``subprocess.run`` does. A job that never
         ran returns its ``error`` status at once.
         """
-        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                                  labels=labels)
         if status.state is p.JobState.ERROR:
             return status
         write = on_output or core.write_chunk
@@ -299,12 +302,13 @@ class BlockingClient:
         return self._request(core.message(p.GetStatus, job), p.StatusResult).status
 
     def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
-             since: float | None = None) -> list[p.JobStatus]:
+             since: float | None = None, labels: core.LabelsArg = None) -> list[p.JobStatus]:
         """Every job the caller may see that matches the filters (all pages)."""
         jobs: list[p.JobStatus] = []
         after = 0
         while True:
-            page = self.list_page(after, owner=owner, states=states, since=since)
+            page = self.list_page(after, owner=owner, states=states, since=since,
+                                   labels=labels)
             jobs.extend(page.jobs)
             if not page.more or not page.jobs:
                 return jobs
@@ -312,12 +316,13 @@ class BlockingClient:
 
     def list_page(self, after: int = 0, *, owner: str | None = None,
                   states: Sequence[p.JobState] = (), since: float | None = None,
-                  count: bool = False) -> p.JobList:
+                  count: bool = False, labels: core.LabelsArg = None) -> p.JobList:
         """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
         ``count``: with the total that match. Filters and counts need a server of
-        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
-        request = p.ListJobs(after, owner, tuple(states), since, count)
-        if request != p.ListJobs(after):
+        protocol 1.1 or later, labels 1.2 (ConfigError otherwise, nothing sent)."""
+        request = p.ListJobs(after, owner, tuple(states), since, count,
+                             core.labels_arg(labels, self.welcome))
+        if request != p.ListJobs(after, labels=request.labels):
             core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
         return self._request(request, p.JobList)
 
@@ -329,6 +334,13 @@ class BlockingClient:
 
     def delete(self, job: int) -> None:
         self._request(core.message(p.Delete, job), p.Deleted)
+
+    def rerun(self, job: int) -> p.JobStatus:
+        """Start a new job with ``job``'s argv, cwd, environment (as its start gave
+        it), requested limits and labels; the caller owns it (its own jobs; an
+        admin's any). Its status, as :meth:`start`'s. Protocol 1.2."""
+        core.require_minor(self.welcome, core.LABELS_MINOR, "rerun")
+        return self._request(core.message(p.Rerun, job), p.Started).status
 
     def stream(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:

@@ -215,6 +215,35 @@ def _isolate(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(kinds))
 
 
+def _label(value: str) -> tuple[str, str]:
+    """``KEY=VALUE``, within the protocol's label bounds."""
+    key, sep, val = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE: {value!r}")
+    try:
+        p.check_label(key, val)
+    except p.FieldError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: {value!r}") from None
+    return key, val
+
+
+def _labels(ns: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The ``--label`` options as labels (too many, or a key twice: BadValue)."""
+    try:
+        return p.check_labels("--label", tuple(ns.label or ()))
+    except p.FieldError as exc:
+        raise BadValue(f"argument --label: {str(exc).removeprefix('--label: ')}") from None
+
+
+def _columns(value: str) -> tuple[str, ...]:
+    columns = tuple(c.strip() for c in value.split(","))
+    for column in columns:
+        if column not in text.COLUMNS:
+            raise argparse.ArgumentTypeError(
+                f"unknown column {column!r} (columns: {', '.join(text.COLUMNS)}): {value!r}")
+    return columns
+
+
 def _env(value: str) -> tuple[str, str]:
     name, sep, val = value.partition("=")
     if not sep or not name:
@@ -255,6 +284,10 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
                         help="set a variable in the job's environment, repeatable")
     parser.add_argument("--clear-env", action="store_true",
                         help="start from an empty environment (only the --env variables)")
+    parser.add_argument("--label", type=_label, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help=f"a label on the job, shown by status -v and list, filtered on "
+                        f"by list --label; repeatable, at most {p.MAX_LABELS} (protocol 1.2)")
     parser.add_argument("words", nargs=argparse.REMAINDER, metavar="CMD [ARG...]",
                         help="the command and its arguments, passed verbatim")
 
@@ -287,7 +320,7 @@ def start_args(ns: argparse.Namespace) -> dict[str, Any]:
         # this shell's; with --clear-env, the --env variables are all there is.
         env = dict(ns.env)
     return {"cwd": ns.cwd, "env": env, "env_merge": bool(ns.env) and not ns.clear_env,
-            "limits": None if limits.is_empty() else limits}
+            "limits": None if limits.is_empty() else limits, "labels": _labels(ns)}
 
 
 def cmd_start(ns: argparse.Namespace, ctx: Context) -> int:
@@ -370,12 +403,14 @@ def list_filters(ns: argparse.Namespace, now: float) -> dict[str, Any]:
     filters them, protocol 1.1; see :func:`filter_jobs` for older servers)."""
     states: set[p.JobState] = set().union(*(_STATES[name] for name in ns.state or ()))
     return {"owner": ns.owner, "states": sorted(states, key=lambda s: s.value),
-            "since": None if ns.since is None else now - ns.since}
+            "since": None if ns.since is None else now - ns.since,
+            "labels": _labels(ns)}
 
 
 def filter_jobs(jobs: list[p.JobStatus], filters: dict[str, Any]) -> list[p.JobStatus]:
     """:func:`list_filters` applied here: for a server before protocol 1.1."""
     states, owner, since = set(filters["states"]), filters["owner"], filters["since"]
+    assert not filters["labels"]  # needs a server of protocol 1.2: it filters
     return [s for s in jobs if (not states or s.state in states)
             and (owner is None or s.owner == owner)
             and (since is None or s.created >= since)]
@@ -385,20 +420,27 @@ def cmd_list(ns: argparse.Namespace, ctx: Context) -> int:
     now = time.time()
     client = ctx.client
     filters = list_filters(ns, now)
-    if client.welcome.minor >= core.LIST_FILTERS_MINOR:
+    if client.welcome.minor >= core.LIST_FILTERS_MINOR or filters["labels"]:
         jobs = client.list(**filters)  # the server filters, from its indexes
     else:  # an older server: every page, filtered here
         jobs = filter_jobs(client.list(), filters)
     if ns.json:
         print_json({"jobs": [s.to_json() for s in jobs]})
         return 0
-    rows = [(str(s.id), text.escape(s.owner), text.describe(s), text.clock(s.created),
-             text.run_time(s, now), text.quote_argv(s.argv)) for s in jobs]
-    header = ("ID", "OWNER", "STATUS", "CREATED", "DURATION", "COMMAND")
-    lines = text.table(rows, header=header if sys.stdout.isatty() else None)
+    columns = list_columns(ns)
+    rows = [text.list_row(s, now, columns) for s in jobs]
+    header = [text.COLUMNS[c][0] for c in columns]
+    lines = text.table(rows, header=header if sys.stdout.isatty() and not ns.quiet else None)
     if lines:
         print("\n".join(lines))
     return 0
+
+
+def list_columns(ns: argparse.Namespace) -> tuple[str, ...]:
+    """``list``'s columns: ``-q`` the ID alone, ``--format`` those named."""
+    if ns.quiet:
+        return ("id",)
+    return ns.format or text.DEFAULT_COLUMNS
 
 
 def _list_options(parser: argparse.ArgumentParser) -> None:
@@ -408,6 +450,16 @@ def _list_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--owner", metavar="NAME", help="only jobs this identity started")
     parser.add_argument("--since", type=since, metavar="DURATION",
                         help="only jobs created within DURATION (90s, 10m, 2h, 3d)")
+    parser.add_argument("--label", type=_label, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="only jobs with this label (the server filters; protocol 1.2); "
+                        "repeat for jobs with all of them")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("-q", "--quiet", action="store_true",
+                       help="only the job IDs, one per line (for scripts)")
+    shown.add_argument("--format", type=_columns, metavar="COLUMNS",
+                       help=f"the columns to show, comma-separated, of: {', '.join(text.COLUMNS)} "
+                       f"(default: {','.join(text.DEFAULT_COLUMNS)})")
 
 
 # -- output --------------------------------------------------------------------------
@@ -446,6 +498,23 @@ def _id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", type=job_id, metavar="ID", help="the job's ID")
 
 
+def point_in_time(value: str) -> float:
+    """``--since``: a duration ago (``10m``, ``2h``, ``1h30m``) or a time in RFC 3339
+    (``2026-12-07T18:00:00Z``, ``2026-12-07T19:00:00+01:00``; without an offset, local
+    time); as a Unix time."""
+    import datetime
+
+    if value[:1].isdigit() and not any(c in value for c in "-:T"):
+        return time.time() - since(value)
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration or an RFC 3339 time: {value!r} (examples: 10m, 2h, "
+            "2026-12-07T18:00:00Z)") from None
+    return when.timestamp()
+
+
 def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
     if follow:
         parser.add_argument("--no-follow", action="store_true",
@@ -457,6 +526,14 @@ def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
                         (", then follow" if follow else ""))
     parser.add_argument("--timestamps", action="store_true",
                         help="prefix each line with the time jobd read it (UTC)")
+    parser.add_argument("--since", type=point_in_time, metavar="TIME",
+                        help="only output jobd read at or after TIME: a duration ago (10m, "
+                        "2h) or an RFC 3339 time (2026-12-07T18:00:00Z); protocol 1.1")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--stdout", dest="only_fd", action="store_const", const=1,
+                       help="only the job's stdout")
+    which.add_argument("--stderr", dest="only_fd", action="store_const", const=2,
+                       help="only the job's stderr")
     _id(parser)
 
 
@@ -481,6 +558,18 @@ def _wait_options(parser: argparse.ArgumentParser) -> None:
 def _prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--older-than", required=True, type=since, metavar="DURATION",
                         help="ended more than this long ago (30d, 12h, 90m, 1h30m, 3600)")
+
+
+def cmd_rerun(ns: argparse.Namespace, ctx: Context) -> int:
+    status = ctx.client.rerun(ns.id)
+    if ns.json:
+        print_json(status.to_json())
+    else:
+        print(status.id, flush=True)
+    if status.state is p.JobState.ERROR:
+        print(text.describe(status), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_prune(ns: argparse.Namespace, ctx: Context) -> int:
@@ -508,7 +597,8 @@ COMMANDS: list[Command] = [
             "--stop-on-interrupt or --detach-on-interrupt says otherwise. Options come "
             "before the command; the command begins at the first word that is not one of "
             "them (`--` forces it).",
-            ("jobctl run --memory 1G make -j4", "jobctl run --stop-on-interrupt -- ./long-task"),
+            ("jobctl run --memory 1G make -j4", "jobctl run --stop-on-interrupt -- ./long-task",
+             "jobctl run --label build=nightly make test"),
             _run_options, cmd_run, _validate_start),
     Command("start", "start CMD [ARG...] in the background; prints the job ID",
             "Start CMD as a job and print its ID. Options come before the command; the "
@@ -530,7 +620,8 @@ COMMANDS: list[Command] = [
     Command("stream", "write a job's output from its first byte, following it",
             "Write the job's stdout to stdout and its stderr to stderr, byte for byte, "
             "from its first byte, following live output until the job ends.",
-            ("jobctl stream 4", "jobctl stream --tail 20 --timestamps 4"),
+            ("jobctl stream 4", "jobctl stream --tail 20 --timestamps 4",
+             "jobctl stream --stderr --since 10m 4"),
             lambda sp: _stream_options(sp, follow=True), cmd_stream),
     Command("output", "write a job's output so far",
             "Write the job's output that exists now, without following it.",
@@ -541,11 +632,19 @@ COMMANDS: list[Command] = [
             "--grace seconds apart; prints `process stopped` once every process is gone.",
             ("jobctl stop 4", "jobctl stop --grace 0 4"), _stop_options, cmd_stop),
     Command("list", "list the jobs you may see",
-            "One line per job: ID, owner, status, created, duration, command; with a "
+            "One line per job: ID, owner, status, created, duration, command, labels (or "
+            "the columns --format names; -q: the IDs alone); with a "
             "header on a terminal, tab-separated otherwise. Control characters in "
             "owners and commands are escaped; --json gives the exact values.",
-            ("jobctl list --state running", "jobctl list --owner alice --since 2h"),
+            ("jobctl list --state running", "jobctl list --owner alice --since 2h",
+             "jobctl list -q --label env=prod", "jobctl list --format id,status,labels"),
             _list_options, cmd_list),
+    Command("rerun", "start a job again, as a new job; prints its ID",
+            "Start a new job with the same command, working directory, environment (as "
+            "its start gave it), requested limits and labels as job ID, and print the new "
+            "job's ID. Your own jobs; an admin's any. The job may be running or ended. "
+            "Needs a server of protocol 1.2.",
+            ("jobctl rerun 4", "jobctl wait $(jobctl rerun 4)"), _id, cmd_rerun),
     Command("delete", "remove a finished job's record and output",
             "Remove an ended job's record and its output. A running job must be stopped "
             "first.",

@@ -184,6 +184,8 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
                          ("long", "-v/--long")):
         if getattr(ns, option, None):
             raise ConfigError(f"{flag} is not supported with a group of servers")
+    if ns.command in ("stream", "output") and ns.since is not None:
+        raise ConfigError("--since is not supported with a group of servers")
     try:
         return trio.run(_run_cli, ns, targets, command, start, group and not ns.no_prefix)
     except BaseExceptionGroup as group_exc:
@@ -244,7 +246,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             return job_exit_status(ends[0]), ends[0]
         if what in ("stream", "output"):
             end = await _follow(client, ns.id, name, printer,
-                                live=what == "stream" and not ns.no_follow)
+                                live=what == "stream" and not ns.no_follow, only_fd=ns.only_fd)
             return 0, end
         if what == "status":
             status = await client.status(ns.id)
@@ -257,19 +259,18 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 printer.line(name, "process stopped")
             return 0, status
         if what == "list":
-            from ._commands import filter_jobs, list_filters
+            from ._commands import filter_jobs, list_columns, list_filters
 
             now = time.time()
             filters = list_filters(ns, now)
-            if client.welcome.minor >= core.LIST_FILTERS_MINOR:
+            if client.welcome.minor >= core.LIST_FILTERS_MINOR or filters["labels"]:
                 jobs = await client.list(**filters)
             else:
                 jobs = filter_jobs(await client.list(), filters)
             if not ns.json:
+                columns = list_columns(ns)
                 for s in jobs:
-                    printer.line(name, "\t".join((
-                        str(s.id), text.escape(s.owner), text.describe(s), text.clock(s.created),
-                        text.run_time(s, now), text.quote_argv(s.argv))))
+                    printer.line(name, "\t".join(text.list_row(s, now, columns)))
             return 0, jobs
         if what == "delete":
             await client.delete(ns.id)
@@ -393,7 +394,8 @@ class _Interrupt:
 
 
 async def _follow(client: Client, job: int, name: str, printer: Printer, *,
-                  keep: dict[int, bytearray] | None = None, live: bool = True) -> p.JobStatus:
+                  keep: dict[int, bytearray] | None = None, live: bool = True,
+                  only_fd: int | None = None) -> p.JobStatus:
     """The job's end, and its output: printed, prefixed line by line; or with
     ``keep``, kept there per fd (JSON_OUTPUT_CAP bytes in all; none for ``{}``)."""
     end: p.JobStatus | None = None
@@ -403,6 +405,8 @@ async def _follow(client: Client, job: int, name: str, printer: Printer, *,
     async with contextlib.aclosing(source) as events:
         async for event in events:
             if isinstance(event, p.OutputChunk):
+                if only_fd is not None and event.fd != only_fd:
+                    continue
                 if keep is None:
                     printer.write(name, event.fd, bytes(event.data))
                 elif event.fd in keep:

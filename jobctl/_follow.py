@@ -68,9 +68,24 @@ class Writer:
     protocol 1.1 sends no times: the time the chunk arrived stands in.
     """
 
-    def __init__(self, timestamps: bool) -> None:
+    def __init__(self, timestamps: bool, *, only_fd: int | None = None,
+                 since: float | None = None) -> None:
         self.timestamps = timestamps
+        #: ``--stdout``/``--stderr``: the one fd written; ``--since``: the first time.
+        self.only_fd = only_fd
+        self.since = since
         self._at_line_start = {1: True, 2: True}
+
+    @property
+    def wants_time(self) -> bool:
+        """Ask the server for each chunk's time (one chunk per record)."""
+        return self.timestamps or self.since is not None
+
+    def wanted(self, event: p.OutputChunk) -> bool:
+        if self.only_fd is not None and event.fd != self.only_fd:
+            return False
+        # A record's time is when jobd read it; with since, a chunk has its record's.
+        return self.since is None or (event.time is not None and event.time >= self.since)
 
     def write(self, fd: int, data: bytes, when: float | None) -> None:
         if not self.timestamps:
@@ -89,7 +104,8 @@ class Writer:
         end: p.End | None = None
         for event in events:
             if isinstance(event, p.OutputChunk):
-                self.write(event.fd, event.data, event.time)
+                if self.wanted(event):
+                    self.write(event.fd, event.data, event.time)
             else:
                 end = event
         assert end is not None
@@ -107,9 +123,11 @@ def _tail(client: BlockingClient, job: int, count: int, writer: Writer) -> p.End
     lines: deque[tuple[int, bytes, float | None]] = deque(maxlen=count or 1)
     partial: dict[int, tuple[bytearray, float | None]] = {}
     end: p.End | None = None
-    for event in client.output(job, timestamps=writer.timestamps):
+    for event in client.output(job, timestamps=writer.wants_time):
         if not isinstance(event, p.OutputChunk):
             end = event
+            continue
+        if not writer.wanted(event):
             continue
         for line in event.data.splitlines(keepends=True):
             held = partial.pop(event.fd, None)
@@ -134,16 +152,18 @@ def _tail(client: BlockingClient, job: int, count: int, writer: Writer) -> p.End
 
 def stream(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
     client = ctx.client
-    writer = Writer(ns.timestamps)
+    writer = Writer(ns.timestamps, only_fd=ns.only_fd, since=ns.since)
+    if ns.since is not None:  # the records' times: protocol 1.1
+        core.require_minor(client.welcome, core.LIST_FILTERS_MINOR, "--since")
     position = 0
     end: p.End | None = None
     if ns.tail is not None:
         end = _tail(client, ns.id, ns.tail, writer)
         position = end.position
     if follow:
-        end = writer.follow(client.stream(ns.id, position, timestamps=ns.timestamps))
+        end = writer.follow(client.stream(ns.id, position, timestamps=writer.wants_time))
     elif end is None:
-        end = writer.follow(client.output(ns.id, timestamps=ns.timestamps))
+        end = writer.follow(client.output(ns.id, timestamps=writer.wants_time))
     _truncated(end)
     return 0
 

@@ -796,20 +796,12 @@ class _Session:
         who = self.identity.name
         if isinstance(request, p.Start):
             self._require(Action.START)
-            if request.env is None:
-                env = self.server.job_env
-            elif request.env_merge:
-                env = {**self.server.job_env, **dict(request.env)}
-            else:
-                env = dict(request.env)
-            admin = self.identity.role is Role.ADMIN
-            async with self.server.starting(self.identity):
-                status = await self.manager.start(
-                    request.argv, who, cwd=request.cwd, env=env, limits=request.limits,
-                    max_running=None if admin else self.server.config.max_jobs_per_user)
-            if status.state is p.JobState.ERROR:
-                self.log.info("job-failed", id=status.id, owner=who, status=status.describe())
-            return p.Started(status)
+            return await self._start(request)
+        if isinstance(request, p.Rerun):
+            self._require(Action.RERUN, request.job)
+            self._owned(request.job, Action.RERUN)
+            self.log.info("rerun-requested", id=request.job, who=who)
+            return await self._start(self._rerun_request(request.job))
         if isinstance(request, p.Stop):
             self._require(Action.STOP, request.job)
             self._owned(request.job, Action.STOP)
@@ -836,6 +828,41 @@ class _Session:
             return p.Pruned(removed)
         raise _Refusal(p.ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
 
+    async def _start(self, request: p.Start) -> p.Started:
+        assert self.identity is not None
+        who = self.identity.name
+        if request.env is None:
+            env = self.server.job_env
+        elif request.env_merge:
+            env = {**self.server.job_env, **dict(request.env)}
+        else:
+            env = dict(request.env)
+        admin = self.identity.role is Role.ADMIN
+        async with self.server.starting(self.identity):
+            status = await self.manager.start(
+                request.argv, who, cwd=request.cwd, env=env, limits=request.limits,
+                max_running=None if admin else self.server.config.max_jobs_per_user,
+                labels=request.labels, spec=_spec(request))
+        if status.state is p.JobState.ERROR:
+            self.log.info("job-failed", id=status.id, owner=who, status=status.describe())
+        return p.Started(status)
+
+    def _rerun_request(self, job: int) -> p.Start:
+        """The start request a rerun of ``job`` makes: its argv and labels, and its
+        start's cwd, environment and requested limits (kept in its record)."""
+        status, spec = self.manager.spec(job)
+        if spec is None:
+            raise _Refusal(p.ErrorCode.INVALID_STATE, f"job {job} was started by an older "
+                           "jobd, which did not keep its cwd and environment: start it anew")
+        try:
+            limits = spec.get("limits")
+            return p.Start(argv=status.argv, cwd=spec.get("cwd"), env=spec.get("env"),
+                           limits=p.Limits.from_wire(limits) if limits is not None else None,
+                           env_merge=bool(spec.get("env_merge")), labels=status.labels)
+        except (p.FieldError, TypeError, ValueError) as exc:  # a damaged record
+            raise _Refusal(p.ErrorCode.INVALID_STATE,
+                           f"job {job}'s start cannot be repeated: {exc}") from None
+
     def _owned(self, job: int, action: Action) -> None:
         assert self.identity is not None
         status = self._visible(job, action)
@@ -855,7 +882,7 @@ class _Session:
             owner = self.identity.name
         statuses, more, total = await self.manager.list_page(
             request.after, LIST_PAGE_ROWS, owner=owner, states=request.states,
-            since=request.since, count=request.count)
+            since=request.since, count=request.count, labels=request.labels)
         page: list[p.JobStatus] = []
         size = 0
         for status in statuses:
@@ -932,3 +959,14 @@ def _subject(cert: dict[str, Any] | None) -> str:
 
 __all__ = ["FD_RESERVE", "Server", "TLSConfigError", "connection_limit", "format_address",
            "serve"]
+
+
+def _spec(request: p.Start) -> dict[str, Any]:
+    """What a job's record keeps of its start, for ``rerun``: the request's own
+    cwd, environment (as given, not merged: a rerun merges it with the server's
+    environment of the day) and requested limits (the server's defaults apply
+    again)."""
+    return {"cwd": request.cwd,
+            "env": [[k, v] for k, v in request.env] if request.env is not None else None,
+            "env_merge": request.env_merge,
+            "limits": request.limits.to_wire() if request.limits is not None else None}

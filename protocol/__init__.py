@@ -37,6 +37,7 @@ from ._frames import (
     encoded_size,
     parse_output_chunk,
 )
+from ._labels import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_label, check_labels
 from ._messages import (
     CLIENT_MESSAGES,
     MESSAGE_TYPES,
@@ -58,6 +59,7 @@ from ._messages import (
     Prune,
     Pruned,
     Request,
+    Rerun,
     ServerMessage,
     Start,
     Started,
@@ -87,6 +89,9 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_FRAME_SIZE",
     "MAX_IO_DEVICES",
+    "MAX_LABELS",
+    "MAX_LABEL_KEY",
+    "MAX_LABEL_VALUE",
     "MAX_LIMIT_VALUE",
     "MAX_OUTPUT_CHUNK",
     "MAX_PATH_BYTES",
@@ -127,6 +132,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "Request",
+    "Rerun",
     "Role",
     "Sentinel",
     "ServerConnection",
@@ -138,6 +144,8 @@ __all__ = [
     "Stopped",
     "Stream",
     "Welcome",
+    "check_label",
+    "check_labels",
     "clip",
     "decode_payload",
     "encode_frame",

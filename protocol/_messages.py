@@ -23,10 +23,21 @@ from ._replies import (
     Stopped,
     Welcome,
 )
-from ._requests import Delete, GetStatus, Hello, ListJobs, Output, Prune, Start, Stop, Stream
+from ._requests import (
+    Delete,
+    GetStatus,
+    Hello,
+    ListJobs,
+    Output,
+    Prune,
+    Rerun,
+    Start,
+    Stop,
+    Stream,
+)
 
 ClientMessage: TypeAlias = (
-    Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
+    Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Rerun
 )
 ServerMessage: TypeAlias = (
     Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
@@ -35,10 +46,12 @@ ServerMessage: TypeAlias = (
 #: Any message (usable with isinstance()).
 Message: TypeAlias = ClientMessage | ServerMessage
 #: The requests a client may send once welcomed.
-Request: TypeAlias = Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
+Request: TypeAlias = (
+    Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Rerun
+)
 
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
-    Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete, Prune,
+    Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete, Prune, Rerun,
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
@@ -69,6 +82,7 @@ __all__ = [
     "Prune",
     "Pruned",
     "Request",
+    "Rerun",
     "ServerMessage",
     "Start",
     "StatusResult",

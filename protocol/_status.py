@@ -23,6 +23,7 @@ from ._fields import (
     get_map,
     get_str,
 )
+from ._labels import check_labels, labels_from_wire, labels_to_wire
 
 #: The namespaces a job may ask to be isolated in (SPEC §8).
 ISOLATION_KINDS = frozenset({"pid", "mount", "net"})
@@ -149,6 +150,8 @@ class JobStatus:
       limits: the limits the job runs with, if any.
       peak_memory: peak memory in bytes, where a cgroup measured it.
       cpu_time: CPU seconds used, where known.
+      labels: (minor 2) the job's labels, ((key, value), ...) sorted by key
+        (``_labels.py`` has their bounds).
     """
 
     id: int
@@ -168,6 +171,7 @@ class JobStatus:
     limits: Limits | None = None
     peak_memory: int | None = None
     cpu_time: float | None = None
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         check_type("id", self.id, int)
@@ -196,6 +200,10 @@ class JobStatus:
         check_type("dropped_bytes", self.dropped_bytes, int)
         check_type("limits", self.limits, Limits, optional=True)
         check_type("peak_memory", self.peak_memory, int, optional=True)
+        if self.labels:
+            object.__setattr__(self, "labels", check_labels("labels", self.labels))
+        else:
+            object.__setattr__(self, "labels", ())
 
     @property
     def running(self) -> bool:
@@ -231,6 +239,8 @@ class JobStatus:
             out["oom"] = True
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.labels:
+            out["labels"] = labels_to_wire(self.labels)
         return out
 
     @classmethod
@@ -256,6 +266,7 @@ class JobStatus:
             limits=Limits.from_wire(limits) if limits is not None else None,
             peak_memory=get_int(m, "peak_memory", None),
             cpu_time=get_float(m, "cpu_time", None),
+            labels=labels_from_wire(m, "labels"),
         )
 
     def to_json(self) -> dict[str, Any]:

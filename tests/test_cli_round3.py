@@ -3,6 +3,7 @@ picking what to see; end to end against real jobd processes, driving the real CL
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -221,3 +222,141 @@ def test_run_keeps_an_inherited_sigint_ignore(jobd: JobdProcess, tmp_path: Path,
     _, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 7, err  # followed to the job's own end
     assert b"detached" not in err
+
+
+# -- 15. labels --------------------------------------------------------------------------
+
+
+def test_labels_on_start_status_and_list(jobd: JobdProcess) -> None:
+    one = ok(jobd.jobctl("alice", "start", "--label", "env=prod", "--label", "team=web",
+                         "true")).strip()
+    two = ok(jobd.jobctl("alice", "start", "--label", "env=test", "true")).strip()
+    ok(jobd.jobctl("alice", "start", "true"))
+    long = ok(jobd.jobctl("alice", "status", "-v", one))
+    assert "labels:      env=prod,team=web" in long, long
+    rows = [line.split("\t") for line in ok(jobd.jobctl("alice", "list")).splitlines()]
+    assert [r[6] for r in rows] == ["env=prod,team=web", "env=test", "-"]
+    # Filtered by the server; several --label: every one must match.
+    assert ok(jobd.jobctl("alice", "list", "-q", "--label", "env=prod")) == f"{one}\n"
+    assert ok(jobd.jobctl("alice", "list", "-q", "--label", "env=test")) == f"{two}\n"
+    assert ok(jobd.jobctl("alice", "list", "-q", "--label", "env=prod",
+                          "--label", "team=db")) == ""
+    listed = json.loads(ok(jobd.jobctl("alice", "--json", "list", "--label", "team=web")))
+    assert [j["labels"] for j in listed["jobs"]] == [{"env": "prod", "team": "web"}]
+    # Another control user sees none of alice's jobs, labels or not.
+    assert ok(jobd.jobctl("bob", "list", "--label", "env=prod")) == ""
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--label", "noequals"], "argument --label: expected KEY=VALUE: 'noequals'"),
+    (["--label", ".bad=1"], "argument --label: label key '.bad' must be 1 to 128"),
+    (["--label", "k=" + "v" * 513], "a value of 513 bytes is longer than 512"),
+    (["--label", "k=a\x1bb"], "the value has control characters"),
+    (["--label", "k=1", "--label", "k=2"], "argument --label: label 'k' repeats"),
+    ([arg for i in range(33) for arg in ("--label", f"k{i}=v")],
+     "argument --label: 33 labels, more than 32"),
+])
+def test_bad_labels_are_refused_before_anything_is_sent(jobd: JobdProcess, args: list[str],
+                                                        fragment: str) -> None:
+    one_line(jobd.jobctl("alice", "start", *args, "true"), fragment)
+    assert ok(jobd.jobctl("alice", "list")) == ""
+
+
+async def test_labels_and_rerun_need_a_server_of_1_2(pki: Pki, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1.1 server would ignore labels: the client refuses, naming the version."""
+    import trio
+
+    import protocol
+
+    from .test_client_lib import running_server
+
+    monkeypatch.setattr(protocol, "PROTOCOL_MINOR", 1)
+    async with running_server(pki, tmp_path / "state") as server:
+        def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [*JOBCTL, *pki.client_args("alice"), "-a", "127.0.0.1", "-p", str(server.port),
+                 "--server-name", "localhost", *args], capture_output=True, timeout=DEADLINE,
+                cwd=RUN_CWD, stdin=subprocess.DEVNULL)
+
+        started = await trio.to_thread.run_sync(cli, "start", "--label", "a=b", "true")
+        one_line(started, "the server does not support labels: it speaks protocol 1.1, "
+                 "labels needs 1.2 (a newer jobd)")
+        listed = await trio.to_thread.run_sync(cli, "list", "--label", "a=b")
+        one_line(listed, "labels needs 1.2")
+        rerun = await trio.to_thread.run_sync(cli, "rerun", "1")
+        one_line(rerun, "rerun needs 1.2")
+        plain = await trio.to_thread.run_sync(cli, "list")
+        assert plain.returncode == 0 and plain.stdout == b""  # nothing was started
+
+
+# -- 16. rerun --------------------------------------------------------------------------
+
+
+def test_rerun_repeats_argv_cwd_env_limits_and_labels(jobd: JobdProcess, tmp_path: Path) -> None:
+    first = ok(jobd.jobctl("alice", "run", "--cwd", str(tmp_path), "--env", "GREETING=hi",
+                           "--pids", "64", "--label", "kind=demo", "sh", "-c",
+                           'echo "$GREETING from $(pwd)"'))
+    assert first == f"hi from {tmp_path}\n"
+    again = ok(jobd.jobctl("alice", "rerun", "1")).strip()
+    assert again == "2"
+    assert ok(jobd.jobctl("alice", "wait", again)) == "exited: 0\n"
+    assert ok(jobd.jobctl("alice", "output", again)) == first
+    old, new = (json.loads(ok(jobd.jobctl("alice", "--json", "status", i))) for i in ("1", "2"))
+    for key in ("argv", "limits", "labels", "owner"):
+        assert new[key] == old[key], key
+    # Not another's job (control: own jobs only; the same not-found as for any job)...
+    refused = jobd.jobctl("bob", "rerun", "1")
+    one_line(refused, "process not found", status=1)
+    # ...but an admin's any; the new job is the admin's.
+    by_root = ok(jobd.jobctl("root", "rerun", "1")).strip()
+    assert json.loads(ok(jobd.jobctl("root", "--json", "status", by_root)))["owner"] == "root"
+    # An observer may not start jobs at all.
+    one_line(jobd.jobctl("olga", "rerun", "1"), "permission denied", status=1)
+    one_line(jobd.jobctl("alice", "rerun", "99"), "process not found", status=1)
+
+
+# -- 17. pick what to see ---------------------------------------------------------------
+
+
+def test_list_quiet_and_format(jobd: JobdProcess) -> None:
+    ids = [ok(jobd.jobctl("alice", "start", "--label", "n=1", "true")).strip() for _ in range(3)]
+    assert ok(jobd.jobctl("alice", "list", "-q")).split() == ids
+    rows = ok(jobd.jobctl("alice", "list", "--format", "id,state,labels")).splitlines()
+    assert [r.split("\t")[0] for r in rows] == ids
+    assert all(r.split("\t")[2] == "n=1" and len(r.split("\t")) == 3 for r in rows)
+    one_line(jobd.jobctl("alice", "list", "--format", "id,nope"),
+             "argument --format: unknown column 'nope' (columns: id, owner,")
+    assert jobd.jobctl("alice", "list", "-q", "--format", "id").returncode == 2
+
+
+def test_stream_one_fd_and_since(jobd: JobdProcess, tmp_path: Path,
+                                 procs: list[subprocess.Popen[bytes]]) -> None:
+    flag = tmp_path / "go"
+    job = ok(jobd.jobctl("alice", "start", "sh", "-c",
+                         f"echo out1; echo err1 >&2; while [ ! -e {flag} ]; do sleep 0.05; done; "
+                         "echo out2; echo err2 >&2")).strip()
+    follower = popen(jobd, "stream", job)
+    procs.append(follower)
+    assert follower.stdout is not None and follower.stderr is not None
+    read_until(follower.stdout.fileno(), b"out1\n")  # both first lines are in jobd's log
+    read_until(follower.stderr.fileno(), b"err1\n")
+    cut = time.time()
+    flag.touch()
+    assert ok(jobd.jobctl("alice", "wait", job)) == "exited: 0\n"
+    out = jobd.jobctl("alice", "stream", "--stdout", job)
+    assert out.stdout == b"out1\nout2\n" and out.stderr == b""
+    err = jobd.jobctl("alice", "stream", "--stderr", job)
+    assert err.stdout == b"" and err.stderr == b"err1\nerr2\n"
+    late = jobd.jobctl("alice", "stream", "--since", _rfc3339(cut), job)
+    assert (late.stdout, late.stderr) == (b"out2\n", b"err2\n"), late
+    recent = jobd.jobctl("alice", "output", "--since", "1h", "--stderr", job)
+    assert (recent.stdout, recent.stderr) == (b"", b"err1\nerr2\n")
+    one_line(jobd.jobctl("alice", "stream", "--since", "yesterday", job),
+             "argument --since: not a duration or an RFC 3339 time: 'yesterday'")
+
+
+def _rfc3339(when: float) -> str:
+    micros = round(when * 1e6)
+    secs, frac = divmod(micros, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:06d}Z"

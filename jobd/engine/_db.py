@@ -16,7 +16,11 @@ recovery (only the running rows are read at start) and state filters,
 (ended) for retention, (created) for ``since``. ``meta`` keeps the highest ID
 ever given (so a deleted highest ID never comes back) and the schema version;
 ``usage`` the bytes of log each owner has on disk (for the per-user quota),
-kept in the same transactions as the rows.
+kept in the same transactions as the rows. ``labels`` (issue 23) has one row
+per label of a job, keyed (key, value, job): ``list --label`` reads the
+matching IDs from its key. It was added without a schema version: an older
+database gets the empty table, and an older jobd ignores it (the rows of jobs
+it deletes then stay behind, harmless: IDs never come back).
 
 Writing. Every write (a job's start, its end, a deletion) is queued for the
 writer thread, which takes everything queued, applies it in one transaction
@@ -87,6 +91,11 @@ CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(ended);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS usage (owner TEXT PRIMARY KEY, log_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    key TEXT NOT NULL, value TEXT NOT NULL, job INTEGER NOT NULL,
+    PRIMARY KEY (key, value, job)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS labels_job ON labels(job);
 """
 
 _UPSERT = (
@@ -141,6 +150,9 @@ def apply_puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
         s = record.status
         old = conn.execute("SELECT owner, log_size FROM jobs WHERE id = ?", (s.id,)).fetchone()
         conn.execute(_UPSERT, row_values(record))
+        if s.labels and old is None:  # a job's labels never change: written with its first row
+            conn.executemany("INSERT OR IGNORE INTO labels (key, value, job) VALUES (?, ?, ?)",
+                             [(k, v, s.id) for k, v in s.labels])
         if old is not None and old[1]:
             conn.execute(_USAGE, (old[0], -old[1]))
         if record.log_size:
@@ -153,6 +165,7 @@ def apply_deletes(conn: sqlite3.Connection, job_ids: Iterable[int]) -> None:
                            (job_id,)).fetchone()
         if old is not None and old[1]:
             conn.execute(_USAGE, (old[0], -old[1]))
+        conn.execute("DELETE FROM labels WHERE job = ?", (job_id,))
         conn.execute(HIGHEST, (job_id,))
 
 
@@ -395,7 +408,7 @@ class JobDB:
 
     def page(self, after: int, limit: int, *, owner: str | None = None,
              states: Sequence[str] = (), since: float | None = None,
-             count: bool = False) -> Page:
+             count: bool = False, labels: Sequence[tuple[str, str]] = ()) -> Page:
         """Up to ``limit`` records with ID > ``after`` matching the filters, in ID
         order (blocking: a worker thread). ``count``: also the total that match."""
         where, args = ["id > ?"], [after]
@@ -410,6 +423,9 @@ class JobDB:
         if since is not None:
             filters.append("created >= ?")
             fargs.append(since)
+        for key, value in labels:  # each from the labels table's (key, value, job) key
+            filters.append("id IN (SELECT job FROM labels WHERE key = ? AND value = ?)")
+            fargs.extend((key, value))
         cond = " AND ".join(where + filters)
         rows = self.read(f"SELECT record FROM jobs WHERE {cond} ORDER BY id LIMIT ?",
                          [*args, *fargs, limit + 1])

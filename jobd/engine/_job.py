@@ -56,6 +56,7 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -231,18 +232,23 @@ class Job:
     __slots__ = (
         "_cgroup", "_ctx", "_final", "_ladder_done", "_ladder_grace", "_nursery",
         "_pending_grace", "_pipes", "_reaped", "_settled", "_step_scope", "_strays", "_usage",
-        "argv", "created", "done", "ended", "error", "exit_code", "id", "limits", "log", "oom",
-        "owner", "pid", "proc_start", "signal", "started", "state", "stop_requested",
+        "argv", "created", "done", "ended", "error", "exit_code", "id", "labels", "limits", "log",
+        "oom", "owner", "pid", "proc_start", "signal", "spec", "started", "state",
+        "stop_requested",
     )
 
     def __init__(self, ctx: Context, job_id: int, owner: str, argv: tuple[bytes, ...],
-                 log: OutputLog, limits: Limits | None = None) -> None:
+                 log: OutputLog, limits: Limits | None = None, *,
+                 labels: tuple[tuple[str, str], ...] = (),
+                 spec: dict[str, Any] | None = None) -> None:
         self._ctx = ctx
         self.id = job_id
         self.owner = owner
         self.argv = argv
         self.log = log
         self.limits = limits  # as applied (server defaults included); None: none
+        self.labels = labels
+        self.spec = spec  # opaque: how it was asked for (Record.spec)
         self.oom = False
         self._cgroup: JobCgroup | None = None  # while it exists
         self._usage: Usage | None = None  # read when the cgroup is released
@@ -269,9 +275,11 @@ class Job:
         self._strays = False  # a session member left the group: scan, don't trust killpg
 
     @classmethod
-    def ended_from(cls, ctx: Context, status: JobStatus, log: OutputLog) -> Job:
+    def ended_from(cls, ctx: Context, status: JobStatus, log: OutputLog,
+                   spec: dict[str, Any] | None = None) -> Job:
         """A job that ended before this jobd started (loaded from its record)."""
-        job = cls(ctx, status.id, status.owner, status.argv, log)
+        job = cls(ctx, status.id, status.owner, status.argv, log, status.limits,
+                  labels=status.labels, spec=spec)
         job._final = status
         job.state = status.state
         job.done.set()
@@ -296,12 +304,12 @@ class Job:
             pid=self.pid, created=self.created, started=self.started, ended=self.ended,
             output_bytes=self.log.output_bytes, dropped_bytes=self.log.dropped_bytes,
             limits=self.limits, peak_memory=None if usage is None else usage.peak_memory,
-            cpu_time=None if usage is None else usage.cpu_time,
+            cpu_time=None if usage is None else usage.cpu_time, labels=self.labels,
         )
 
     def _record(self) -> Record:
         return Record(self.status(), self.proc_start, self._ctx.boot_id,
-                      None if self.running else self.log.end)
+                      None if self.running else self.log.end, self.spec)
 
     # -- the job's task -----------------------------------------------------
 
