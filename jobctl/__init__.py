@@ -41,13 +41,13 @@ from ._errors import (
     ServerRefused,
     WaitTimeout,
 )
+from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from ._async import Client, connect
     from ._fanout import Outcome, fanout
     from ._profiles import Target
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BlockingClient", "Client", "ConfigError", "ConnectionFailed", "End", "InvalidArgument",

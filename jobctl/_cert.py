@@ -56,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        from jobd import _pki
+        from protocol import _pki
     except ImportError:
         print("jobctl cert: needs the cryptography library: pip install 'jobd[ca]'",
               file=sys.stderr)

@@ -33,11 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
 from . import _core as core
-from ._commands import COMMANDS, Command, Context
+from ._commands import COMMANDS, Command
+from ._context import Context
 from ._errors import ConfigError, JobctlError
 from ._text import escape
+from ._version import __version__
 
 EPILOG = """\
 environment: JOBCTL_CERTIFICATE, JOBCTL_KEY, JOBCTL_CA, JOBCTL_ADDRESS,
@@ -350,7 +351,7 @@ def _main(argv: list[str] | None) -> int:
 
                 start = start_args(ns) if ns.command in ("start", "run") else {}
                 return run_cli(ns, targets, getattr(ns, "words", None), start, group=True)
-        ctx = Context(ns)
+        ctx = Context(ns, parser=build_parser)
         if command.needs_server:
             _check_files(ns)
             ctx.address, ctx.port = split_address(ns.address, ns.port)

@@ -21,48 +21,21 @@ import protocol as p
 
 from . import _core as core
 from . import _text as text
-from ._blocking import BlockingClient, connect_blocking
+from ._context import STATES as _STATES
+from ._context import (
+    BadValue,
+    Context,
+    filter_jobs,
+    labels_of,
+    list_columns,
+    list_filters,
+    print_json,
+)
 from ._errors import ConfigError
 
 #: The longest ``stop --grace`` the CLI accepts: a day between signals is
 #: already more than any program needs to shut down; beyond it is a typo.
 MAX_GRACE = 86400.0
-
-
-class Context:
-    """What a command runs with: the parsed options and, on first use, a client."""
-
-    def __init__(self, ns: argparse.Namespace) -> None:
-        self.ns = ns
-        self.address: str = core.DEFAULT_ADDRESS
-        self.port: int = core.DEFAULT_PORT
-        self._client: BlockingClient | None = None
-
-    @property
-    def client(self) -> BlockingClient:
-        if self._client is None:
-            self._client = self.connect()
-        return self._client
-
-    def connect(self) -> BlockingClient:
-        """A new connection (``run`` stops its job on a second one)."""
-        ns = self.ns
-        if not ns.ca:  # issue 15: no CA at all: trust on first use (_trust)
-            from ._trust import connect_pinned
-
-            client = connect_pinned(ns, self.address, self.port)
-        else:
-            client = connect_blocking(self.address, self.port, certificate=ns.certificate,
-                                      key=ns.key, ca=ns.ca, server_name=ns.server_name)
-        if self._client is None:  # issue 15: accepted, but not for long? (once a run)
-            from ._expiry import warn_if_expiring
-
-            warn_if_expiring(ns.certificate)
-        return client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
 
 
 class Command:
@@ -95,10 +68,6 @@ class Command:
                 parser.error(str(exc))
             except ConfigError as exc:
                 parser.error(str(exc))
-
-
-class BadValue(ConfigError):
-    """An option's value that is wrong as a whole (``argument --X: PROBLEM``)."""
 
 
 # -- argument types ------------------------------------------------------------------
@@ -227,14 +196,6 @@ def _label(value: str) -> tuple[str, str]:
     return key, val
 
 
-def _labels(ns: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """The ``--label`` options as labels (too many, or a key twice: BadValue)."""
-    try:
-        return p.check_labels("--label", tuple(ns.label or ()))
-    except p.FieldError as exc:
-        raise BadValue(f"argument --label: {str(exc).removeprefix('--label: ')}") from None
-
-
 def _columns(value: str) -> tuple[str, ...]:
     columns = tuple(c.strip() for c in value.split(","))
     for column in columns:
@@ -320,7 +281,7 @@ def start_args(ns: argparse.Namespace) -> dict[str, Any]:
         # this shell's; with --clear-env, the --env variables are all there is.
         env = dict(ns.env)
     return {"cwd": ns.cwd, "env": env, "env_merge": bool(ns.env) and not ns.clear_env,
-            "limits": None if limits.is_empty() else limits, "labels": _labels(ns)}
+            "limits": None if limits.is_empty() else limits, "labels": labels_of(ns)}
 
 
 def cmd_start(ns: argparse.Namespace, ctx: Context) -> int:
@@ -338,7 +299,7 @@ def cmd_start(ns: argparse.Namespace, ctx: Context) -> int:
 def cmd_run(ns: argparse.Namespace, ctx: Context) -> int:
     from ._follow import run
 
-    return run(ns, ctx)
+    return run(ns, ctx, start_args(ns))
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -353,12 +314,6 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 
 # -- status, stop, delete, list ------------------------------------------------------
-
-
-def print_json(obj: Any) -> None:
-    import json
-
-    print(json.dumps(obj, sort_keys=True))
 
 
 def cmd_status(ns: argparse.Namespace, ctx: Context) -> int:
@@ -393,27 +348,6 @@ def cmd_delete(ns: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-_STATES = {"running": {p.JobState.RUNNING},
-           "ended": set(p.JobState) - {p.JobState.RUNNING},
-           **{s.value: {s} for s in p.JobState}}
-
-
-def list_filters(ns: argparse.Namespace, now: float) -> dict[str, Any]:
-    """``list``'s filters as keyword arguments of ``client.list`` (the server
-    filters them, protocol 1.1; see :func:`filter_jobs` for older servers)."""
-    states: set[p.JobState] = set().union(*(_STATES[name] for name in ns.state or ()))
-    return {"owner": ns.owner, "states": sorted(states, key=lambda s: s.value),
-            "since": None if ns.since is None else now - ns.since,
-            "labels": _labels(ns)}
-
-
-def filter_jobs(jobs: list[p.JobStatus], filters: dict[str, Any]) -> list[p.JobStatus]:
-    """:func:`list_filters` applied here: for a server before protocol 1.1."""
-    states, owner, since = set(filters["states"]), filters["owner"], filters["since"]
-    assert not filters["labels"]  # needs a server of protocol 1.2: it filters
-    return [s for s in jobs if (not states or s.state in states)
-            and (owner is None or s.owner == owner)
-            and (since is None or s.created >= since)]
 
 
 def cmd_list(ns: argparse.Namespace, ctx: Context) -> int:
@@ -434,13 +368,6 @@ def cmd_list(ns: argparse.Namespace, ctx: Context) -> int:
     if lines:
         print("\n".join(lines))
     return 0
-
-
-def list_columns(ns: argparse.Namespace) -> tuple[str, ...]:
-    """``list``'s columns: ``-q`` the ID alone, ``--format`` those named."""
-    if ns.quiet:
-        return ("id",)
-    return ns.format or text.DEFAULT_COLUMNS
 
 
 def _list_options(parser: argparse.ArgumentParser) -> None:
@@ -485,7 +412,8 @@ def cmd_completion(ns: argparse.Namespace, ctx: Context) -> int:
         if names:
             print("\n".join(names))
         return 0
-    sys.stdout.write(script(ns.shell))
+    assert ctx.parser is not None, "the command line gives the completion its parser"
+    sys.stdout.write(script(ns.shell, ctx.parser()))
     return 0
 
 

@@ -85,13 +85,11 @@ _JOB_ID = {"bash": "_jobctl_job_ids", "zsh": "_jobctl_job_ids", "fish": "(__jobc
 _SERVER = {"bash": "_jobctl_servers", "zsh": "_jobctl_servers", "fish": "(__jobctl_servers)"}
 
 
-def script(shell: str) -> str:
-    """The completion script for ``shell`` (bash, zsh or fish)."""
+def script(shell: str, parser: argparse.ArgumentParser) -> str:
+    """The completion script for ``shell`` (bash, zsh or fish), from jobctl's whole
+    parser (``parser``: passed in, so that this module never imports the command line)."""
     import shtab
 
-    from ._cli import build_parser
-
-    parser = build_parser()
     for action in _actions(parser, ("id", "ids")):
         action.complete = _JOB_ID  # type: ignore[attr-defined]
     for action in _actions(parser, ("server",)):

@@ -211,7 +211,7 @@ def load_client_certificate(ctx: ssl.SSLContext, certificate: str | os.PathLike[
     try:
         ctx.load_cert_chain(certificate, key)
     except (OSError, ssl.SSLError) as exc:
-        from ._pem import mismatch
+        from protocol._pem import mismatch
 
         raise ConfigError(f"cannot load certificate {os.fspath(certificate)} "
                           f"with key {os.fspath(key)}: "

@@ -46,6 +46,7 @@ import protocol as p
 from . import _core as core
 from . import _text as text
 from ._async import Client, connect
+from ._context import filter_jobs, list_columns, list_filters
 from ._errors import ConfigError, ConnectionFailed, JobctlError, WaitTimeout
 from ._profiles import Target
 from ._trust import Pinning
@@ -259,8 +260,6 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 printer.line(name, "process stopped")
             return 0, status
         if what == "list":
-            from ._commands import filter_jobs, list_columns, list_filters
-
             now = time.time()
             filters = list_filters(ns, now)
             if client.welcome.minor >= core.LIST_FILTERS_MINOR or filters["labels"]:

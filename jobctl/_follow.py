@@ -36,13 +36,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import protocol as p
 
 from . import _core as core
 from . import _text as text
 from ._blocking import BlockingClient
-from ._commands import Context, print_json, start_args
+from ._context import Context, print_json
 from ._errors import JobctlError, ServerError, WaitTimeout
 
 
@@ -195,9 +196,9 @@ def wait(ns: argparse.Namespace, ctx: Context) -> int:
 # -- run -----------------------------------------------------------------------
 
 
-def run(ns: argparse.Namespace, ctx: Context) -> int:
+def run(ns: argparse.Namespace, ctx: Context, start: dict[str, Any]) -> int:
     client = ctx.client
-    status = client.start(ns.words, **start_args(ns))
+    status = client.start(ns.words, **start)
     if status.state is p.JobState.ERROR:
         print(text.describe(status), file=sys.stderr)
         return 1

@@ -33,13 +33,9 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from ._core import load_client_certificate
 from ._errors import ConfigError, ConnectionFailed
-
-if TYPE_CHECKING:
-    from ._blocking import BlockingClient
 
 #: A known_servers file larger than this is not one (and is not read whole).
 MAX_FILE = 4 * 1024 * 1024
@@ -176,30 +172,3 @@ def ask(exc: UnknownServer) -> bool:
 
 def interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
-
-
-def connect_pinned(ns: Any, address: str | None = None, port: int | None = None
-                   ) -> BlockingClient:
-    """The command line's connection without a CA: pin check, and on a terminal
-    the question for an unknown server (then a fresh connection: the first one
-    may have timed out on the server while the user read the fingerprint).
-    ``address`` and ``port`` default to the options'."""
-    from ._blocking import connect_blocking
-
-    host = address if address is not None else ns.address
-    number = port if port is not None else int(ns.port)
-
-    def attempt(accept_new: bool) -> BlockingClient:
-        pin = Pinning(host, number, accept_new=accept_new)
-        return connect_blocking(host, number, certificate=ns.certificate,
-                                key=ns.key, server_name=ns.server_name, pin=pin)
-
-    try:
-        return attempt(ns.trust_on_first_use)
-    except UnknownServer as exc:
-        if not interactive():
-            raise
-        if not ask(exc):
-            raise ConnectionFailed(f"server {exc.pinning.key} not trusted: nothing was sent "
-                                   "to it") from None
-    return attempt(False)

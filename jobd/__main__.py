@@ -8,7 +8,6 @@ import sys
 
 import trio
 
-from jobd import __version__
 from jobd._alloc import tune_allocator
 from jobd._config import ServerConfig, parse_args
 from jobd._log import EventLog
@@ -20,8 +19,10 @@ from jobd._notify import (
     watchdog_interval,
 )
 from jobd._server import Server, serve
-from jobd._telemetry import NULL, Telemetry, TelemetryError, open_telemetry
+from jobd._telemetry import NULL, Telemetry, TelemetryError
+from jobd._telemetry_factory import open_telemetry
 from jobd._tls import TLSConfigError
+from jobd._version import __version__
 from jobd.engine import EngineError
 
 

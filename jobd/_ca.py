@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from jobd import _pki
+    from protocol import _pki
 
 #: A client certificate's default lifetime: short, so that a lost laptop's
 #: certificate dies by itself; renewing is one request and one sign.
@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
     which, rest = argv[0], argv[1:]
     ns = (build_parser() if which == "ca" else build_cert_parser()).parse_args(rest)
     try:
-        from jobd import _pki
+        from protocol import _pki
     except ImportError:
         print(f"jobd {which}: needs the cryptography library: pip install 'jobd[ca]'",
               file=sys.stderr)
@@ -180,7 +180,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from jobd import _pki
+    from protocol import _pki
 
     if ns.action == "init":
         return _init(ns)
@@ -205,7 +205,7 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def _init(ns: argparse.Namespace) -> int:
-    from jobd import _pki
+    from protocol import _pki
 
     directory: Path = ns.dir
     exists = (directory / "ca.key").exists() or (directory / "ca.pem").exists()
@@ -265,7 +265,7 @@ def allowed_roles(policy: dict[str, tuple[str, ...]], name: str) -> set[str]:
 def _sign(ns: argparse.Namespace, ca: _pki.CA) -> int:
     from cryptography.x509.oid import NameOID
 
-    from jobd import _pki
+    from protocol import _pki
 
     csr = _pki.load_csr(ns.csr)
     name = _pki.single(csr.subject, NameOID.COMMON_NAME, "CN")
@@ -306,7 +306,7 @@ def _sign(ns: argparse.Namespace, ca: _pki.CA) -> int:
 
 def _serial(text: str) -> int:
     """A hexadecimal serial (colons allowed, as openssl prints them) or a certificate file."""
-    from jobd import _pki
+    from protocol import _pki
 
     if Path(text).is_file():
         return _pki.load_cert(Path(text)).serial_number

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobd import __version__
+from jobd._version import __version__
 from protocol import parse_duration, parse_size
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
 """jobd's warning that its certificate or its CA is about to expire.
 
 jobd warns in its log SERVER_WARN_DAYS before its own certificate or its CA
-expires, then daily. The date comes from :func:`jobctl._expiry.not_after`
-(the standard library's ssl module: no ``cryptography`` in the daemon).
+expires, then daily. The date comes from :func:`protocol._x509.pem_not_after`
+(a walk through the certificate's DER: no ``cryptography`` in the daemon).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from jobctl._expiry import not_after
+from protocol._x509 import pem_not_after
 
 #: jobd warns this many days before its certificate or its CA expires.
 SERVER_WARN_DAYS = 14
@@ -25,7 +25,7 @@ def expiry_warnings(files: Mapping[str, os.PathLike[str] | str], now: float,
     due: list[dict[str, object]] = []
     wake = REPEAT_SECONDS
     for what, path in files.items():
-        end = not_after(path)
+        end = pem_not_after(path)
         if end is None:
             continue
         window = end - warn_days * 86400

@@ -1,6 +1,6 @@
 """The OpenTelemetry implementation of jobd's telemetry hooks (``--telemetry otlp``).
 
-Imported only by :func:`jobd._telemetry.open_telemetry`, and only with
+Imported only by :func:`jobd._telemetry_factory.open_telemetry`, and only with
 ``--telemetry otlp``: this is the one module of jobd that imports
 ``opentelemetry`` (the ``jobd[otel]`` extra).
 

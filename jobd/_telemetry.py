@@ -15,11 +15,12 @@ nothing, :meth:`ConnectionTelemetry.request` hands back one shared
 these, and OpenTelemetry is never imported: the cost is one empty method call
 per hook, a few per request and one per output chunk streamed.
 
-``--telemetry otlp`` makes :func:`open_telemetry` import ``jobd._otel``, whose
-subclasses implement every hook with the OpenTelemetry SDK and export over
-OTLP/HTTP, configured by the standard ``OTEL_*`` environment variables. If the
-``jobd[otel]`` extra is not installed, that is a clear start-up error, never
-a silent "off".
+``--telemetry otlp`` makes :func:`jobd._telemetry_factory.open_telemetry`
+import ``jobd._otel``, whose subclasses implement every hook with the
+OpenTelemetry SDK and export over OTLP/HTTP, configured by the standard
+``OTEL_*`` environment variables. If the ``jobd[otel]`` extra is not
+installed, that is a clear start-up error, never a silent "off". This module,
+the interface, imports neither: the factory chooses.
 
 The hooks must never take jobd down: the OTel implementation keeps its work
 small and synchronous (the SDK's batch processors and metric reader export
@@ -29,7 +30,6 @@ from their own threads) and swallows its own errors.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +37,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import protocol as p
-    from jobd._log import EventLog
     from jobd.engine import JobManager
-
-#: What ``--telemetry`` accepts.
-MODES = ("off", "otlp")
 
 #: Why a connection was refused, as the ``jobd.refusal.kind`` attribute: a short
 #: fixed set (metric attributes must not grow without bound; the span carries
@@ -113,39 +109,11 @@ class Telemetry:
 NULL = Telemetry()
 
 
-def telemetry_disabled_by_environment() -> bool:
-    """``OTEL_SDK_DISABLED=true``: the standard switch that turns every signal off."""
-    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-
-
-def open_telemetry(mode: str, *, service_version: str, log: EventLog | None = None
-                   ) -> Telemetry:
-    """The telemetry for ``--telemetry mode``: :data:`NULL` for ``off`` (or when
-    ``OTEL_SDK_DISABLED=true``), else OpenTelemetry over OTLP/HTTP.
-
-    Raises :class:`TelemetryError` when ``otlp`` cannot be set up: the extra is
-    not installed, or the environment asks for an OTLP transport jobd lacks.
-    """
-    if mode not in MODES:
-        raise TelemetryError(f"unknown telemetry mode {mode!r} (one of: {', '.join(MODES)})")
-    if mode == "off" or telemetry_disabled_by_environment():
-        return NULL
-    try:
-        from jobd import _otel
-    except ImportError as exc:
-        raise TelemetryError(
-            f"--telemetry otlp needs OpenTelemetry ({exc.name or exc} is not installed): "
-            "install jobd with the otel extra, pip install 'jobd[otel]'") from None
-    return _otel.open_otel(service_version, log)
-
-
 __all__ = [
-    "MODES",
     "NULL",
     "NULL_CONNECTION",
     "REFUSAL_KINDS",
     "ConnectionTelemetry",
     "Telemetry",
     "TelemetryError",
-    "open_telemetry",
 ]

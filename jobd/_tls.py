@@ -48,7 +48,7 @@ def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None
     try:
         ctx.load_cert_chain(str(certificate), str(key))
     except (OSError, ssl.SSLError) as exc:
-        from jobctl._pem import mismatch
+        from protocol._pem import mismatch
 
         raise TLSConfigError(f"cannot load certificate {certificate} with key {key}: "
                              f"{mismatch(certificate, key) or _reason(exc)}") from None

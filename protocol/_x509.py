@@ -1,4 +1,5 @@
-"""The one certificate field jobd and jobctl read themselves: extended key usage.
+"""The two certificate fields jobd and jobctl read themselves: extended key usage
+and the end of validity (notAfter).
 
 Python's ``ssl`` verifies the chain with OpenSSL's default purpose (an SSL
 client certificate on the server side, an SSL server certificate on the client
@@ -10,15 +11,27 @@ peer certificate's DER (``getpeercert(binary_form=True)``) and look for the
 extension here: a walk through the few DER elements that lead to it, no
 general ASN.1 decoder.
 
+The expiry warnings of jobd (its certificate and CA) and jobctl (its client
+certificate) need notAfter, which sits earlier on the same path (validity).
+``ssl`` decodes it only through a private CPython function, and
+``cryptography`` costs jobctl's start-up and the daemon an optional extra:
+:func:`pem_not_after` reads it here from the file's first certificate.
+
 Certificate ::= SEQUENCE { tbsCertificate TBSCertificate, ... }
 TBSCertificate ::= SEQUENCE { [0] version, serial, signature, issuer, validity,
     subject, subjectPublicKeyInfo, [1] issuerUID, [2] subjectUID,
     [3] EXPLICIT SEQUENCE OF Extension }
+Validity ::= SEQUENCE { notBefore Time, notAfter Time }
+Time ::= CHOICE { utcTime UTCTime (YYMMDDHHMMSSZ), generalTime GeneralizedTime
+    (YYYYMMDDHHMMSSZ) }   -- RFC 5280 4.1.2.5: UTCTime through 2049
 Extension ::= SEQUENCE { extnID OID, critical BOOLEAN DEFAULT FALSE,
     extnValue OCTET STRING (holding, for EKU, a SEQUENCE OF OID) }
 """
 
 from __future__ import annotations
+
+import binascii
+import os
 
 #: id-ce-extKeyUsage (2.5.29.37).
 EXTENDED_KEY_USAGE = "2.5.29.37"
@@ -31,6 +44,14 @@ _OID = 0x06
 _BOOLEAN = 0x01
 _OCTET_STRING = 0x04
 _EXTENSIONS = 0xA3  # [3] EXPLICIT, constructed
+_VERSION = 0xA0  # [0] EXPLICIT, constructed
+_UTC_TIME = 0x17
+_GENERALIZED_TIME = 0x18
+#: A certificate file larger than this is not read for its date (a chain of a
+#: few certificates is a few KiB).
+MAX_PEM_BYTES = 1 << 20
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
 #: Certificates are small; a length field of more than 4 bytes is malformed here.
 _MAX_LENGTH_BYTES = 4
 
@@ -85,9 +106,8 @@ def _oid(raw: bytes) -> str:
     return ".".join(str(a) for a in head + arcs[1:])
 
 
-def extended_key_usage(der: bytes) -> frozenset[str] | None:
-    """The purposes (dotted OIDs) the certificate's EKU extension lists, or None
-    when it has no such extension. Raises CertificateFormatError on malformed DER."""
+def _tbs_fields(der: bytes) -> list[tuple[int, int, int]]:
+    """The elements of the certificate's tbsCertificate."""
     tag, start, end = _element(der, 0, len(der))
     if tag != _SEQUENCE:
         raise CertificateFormatError("not a certificate")
@@ -95,7 +115,13 @@ def extended_key_usage(der: bytes) -> frozenset[str] | None:
     if not fields or fields[0][0] != _SEQUENCE:
         raise CertificateFormatError("no tbsCertificate")
     _, tbs_start, tbs_end = fields[0]
-    for tag, value, value_end in _children(der, tbs_start, tbs_end):
+    return _children(der, tbs_start, tbs_end)
+
+
+def extended_key_usage(der: bytes) -> frozenset[str] | None:
+    """The purposes (dotted OIDs) the certificate's EKU extension lists, or None
+    when it has no such extension. Raises CertificateFormatError on malformed DER."""
+    for tag, value, value_end in _tbs_fields(der):
         if tag != _EXTENSIONS:
             continue
         inner = _children(der, value, value_end)
@@ -132,3 +158,75 @@ def allows(der: bytes | None, purpose: str) -> bool:
     except CertificateFormatError:
         return False
     return usages is not None and purpose in usages
+
+
+def not_after(der: bytes) -> float:
+    """The end of the certificate's validity, in seconds since the Unix epoch.
+    Raises CertificateFormatError on malformed DER."""
+    fields = _tbs_fields(der)
+    if fields and fields[0][0] == _VERSION:
+        fields = fields[1:]
+    # serial, signature, issuer, validity
+    if len(fields) < 4 or fields[3][0] != _SEQUENCE:
+        raise CertificateFormatError("no validity")
+    validity = _children(der, fields[3][1], fields[3][2])
+    if len(validity) != 2:
+        raise CertificateFormatError("bad validity")
+    tag, start, end = validity[1]
+    return _time(tag, der[start:end])
+
+
+def _time(tag: int, raw: bytes) -> float:
+    """A UTCTime or GeneralizedTime in the one form RFC 5280 allows (UTC, with
+    seconds, no fraction), as Unix time."""
+    if tag == _UTC_TIME and len(raw) == 13:
+        year = int(raw[:2]) if raw[:2].isdigit() else -1
+        year += 1900 if year >= 50 else 2000
+        digits = raw[2:12]
+    elif tag == _GENERALIZED_TIME and len(raw) == 15:
+        year = int(raw[:4]) if raw[:4].isdigit() else -1
+        digits = raw[4:14]
+    else:
+        raise CertificateFormatError("bad time")
+    if raw[-1:] != b"Z" or not digits.isdigit() or year < 0:
+        raise CertificateFormatError("bad time")
+    month, day, hour, minute, second = (int(digits[i:i + 2]) for i in range(0, 10, 2))
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60
+            and second < 60):
+        raise CertificateFormatError("bad time")
+    days = _days_from_civil(year, month, day)
+    return float(days * 86400 + hour * 3600 + minute * 60 + second)
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm);
+    computed here because importing datetime costs jobctl's every run."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def first_certificate(pem: bytes) -> bytes:
+    """The DER of the first certificate in PEM text. Raises CertificateFormatError."""
+    begin = pem.find(_PEM_BEGIN)
+    end = pem.find(_PEM_END, begin + 1)
+    if begin < 0 or end < 0:
+        raise CertificateFormatError("no certificate")
+    try:
+        return binascii.a2b_base64(pem[begin + len(_PEM_BEGIN):end])
+    except binascii.Error:
+        raise CertificateFormatError("bad base64 in the certificate") from None
+
+
+def pem_not_after(path: str | os.PathLike[str]) -> float | None:
+    """The notAfter of the first certificate in the PEM file at ``path`` (Unix time),
+    or None when the file cannot be read or holds no readable certificate."""
+    try:
+        with open(path, "rb") as file:
+            pem = file.read(MAX_PEM_BYTES)
+        return not_after(first_certificate(pem))
+    except (OSError, CertificateFormatError):
+        return None

@@ -16,7 +16,7 @@ from .conftest import PYTHON, RUN_CWD, JobdProcess
 LAZY = ("json", "shlex", "jobd", "jobd._config", "shtab", "jobctl._follow",
         "jobctl._completion", "argparse_manpage",
         # issue 15: certificates, profiles, fan-out and TOFU only when used
-        "cryptography", "jobd._pki", "tomllib", "jobctl._profiles", "jobctl._fanout",
+        "cryptography", "protocol._pki", "tomllib", "jobctl._profiles", "jobctl._fanout",
         "jobctl._trust", "jobctl._cert")
 
 

@@ -182,7 +182,7 @@ def test_device_path_length_is_checked_when_built() -> None:
 def test_the_largest_status_a_start_can_make_fits_half_a_frame() -> None:
     """Every field at its bound at once (an error text at its cap, a long CN): the
     status still fits in half a frame, so any answer that carries it can be sent and
-    jobd's list never needs to shorten it (jobd/_server.py LIST_ENTRY_MAX)."""
+    jobd's list never needs to shorten it (jobd/_handlers.py LIST_ENTRY_MAX)."""
     per_arg = p.MAX_ARGV_BYTES // p.MAX_ARGV_ENTRIES  # the most entries, each with bin16
     argv = (b"a" * per_arg,) * p.MAX_ARGV_ENTRIES
     paths = ["/" + "d" * (p.MAX_PATH_BYTES - 1 - 3) + f"{i:03d}" for i in range(32)]

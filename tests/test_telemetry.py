@@ -20,7 +20,8 @@ from opentelemetry.sdk.trace import TracerProvider
 import jobctl
 import jobd
 from jobd import _telemetry
-from jobd._telemetry import NULL, TelemetryError, open_telemetry
+from jobd._telemetry import NULL, TelemetryError
+from jobd._telemetry_factory import open_telemetry
 
 from .conftest import (
     EXIT_TIMEOUT,

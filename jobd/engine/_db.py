@@ -57,16 +57,14 @@ import trio
 
 from protocol import JobState
 
+from ._migrate import migrate
+from ._rows import LOGS, apply_deletes, apply_puts, connect, log_name
 from ._statedir import StateDir, StateDirError, open_state_dir
-from ._store import Record, decode, encode
+from ._store import Record, decode
 
 log = logging.getLogger("jobd.engine")
 
 DB_NAME = "jobs.db"
-LOGS = "logs"
-#: Logs per shard directory: a million jobs make a thousand directories of a
-#: thousand files, no directory that a lookup or a backup has to crawl.
-SHARD = 1000
 SCHEMA_VERSION = 1
 #: Most writes in one transaction (a bound on one commit's work, not a tuning knob:
 #: a batch that large is already one fsync for a thousand acknowledgements).
@@ -98,22 +96,6 @@ CREATE TABLE IF NOT EXISTS labels (
 CREATE INDEX IF NOT EXISTS labels_job ON labels(job);
 """
 
-_UPSERT = (
-    "INSERT INTO jobs (id, owner, state, created, ended, log_size, record) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET owner = excluded.owner, "
-    "state = excluded.state, created = excluded.created, ended = excluded.ended, "
-    "log_size = excluded.log_size, record = excluded.record")
-_USAGE = ("INSERT INTO usage (owner, log_bytes) VALUES (?, ?) ON CONFLICT(owner) "
-          "DO UPDATE SET log_bytes = log_bytes + excluded.log_bytes")
-HIGHEST = ("INSERT INTO meta (key, value) VALUES ('highest', ?) ON CONFLICT(key) "
-            "DO UPDATE SET value = max(value, excluded.value)")
-
-
-def log_name(job_id: int) -> str:
-    """The log's path relative to ``logs/``."""
-    return f"{job_id // SHARD}/{job_id}.log"
-
-
 @dataclass(frozen=True)
 class Page:
     """One page of a listing: the records, whether more follow, the total (or None)."""
@@ -130,43 +112,6 @@ class _Op:
     job_ids: tuple[int, ...] = ()
     done: trio.Event = field(default_factory=trio.Event)
     error: OSError | None = None
-
-
-def row_values(record: Record) -> tuple[Any, ...]:
-    s = record.status
-    return (s.id, s.owner, s.state.value, s.created, s.ended, record.log_size or 0,
-            encode(record))
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    return conn
-
-
-def apply_puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
-    """Insert or replace rows and keep ``usage`` right (inside a transaction)."""
-    for record in records:
-        s = record.status
-        old = conn.execute("SELECT owner, log_size FROM jobs WHERE id = ?", (s.id,)).fetchone()
-        conn.execute(_UPSERT, row_values(record))
-        if s.labels and old is None:  # a job's labels never change: written with its first row
-            conn.executemany("INSERT OR IGNORE INTO labels (key, value, job) VALUES (?, ?, ?)",
-                             [(k, v, s.id) for k, v in s.labels])
-        if old is not None and old[1]:
-            conn.execute(_USAGE, (old[0], -old[1]))
-        if record.log_size:
-            conn.execute(_USAGE, (s.owner, record.log_size))
-
-
-def apply_deletes(conn: sqlite3.Connection, job_ids: Iterable[int]) -> None:
-    for job_id in job_ids:
-        old = conn.execute("DELETE FROM jobs WHERE id = ? RETURNING owner, log_size",
-                           (job_id,)).fetchone()
-        if old is not None and old[1]:
-            conn.execute(_USAGE, (old[0], -old[1]))
-        conn.execute("DELETE FROM labels WHERE job = ?", (job_id,))
-        conn.execute(HIGHEST, (job_id,))
 
 
 def _db_error(exc: sqlite3.Error) -> OSError:
@@ -204,8 +149,6 @@ class JobDB:
     def open(cls, state_dir: Path | str) -> JobDB:
         """Check, lock and open the state directory and its database (blocking);
         import the msgpack records of an older jobd first (see _migrate)."""
-        from ._migrate import migrate  # import cycle: _migrate writes rows with apply_puts
-
         state = open_state_dir(state_dir, (LOGS,))
         try:
             for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal"):

@@ -23,11 +23,12 @@ import trio
 from protocol import JobState, JobStatus, Limits
 
 from ._cgroup_layout import detect
-from ._db import JobDB, Page, finished_count, finished_oldest_first, log_name, log_space
+from ._db import JobDB, Page, finished_count, finished_oldest_first, log_space
 from ._job import Context, Job
 from ._limits import check_enforceable, check_policy, devices, isolation_problem, resolve
 from ._outputlog import MAX_RECORD, Budget, OutputLog, recover
 from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
+from ._rows import log_name
 from ._store import Record
 from ._types import (
     EngineConfig,

@@ -28,8 +28,8 @@ import os
 import re
 import sqlite3
 
-from ._db import HIGHEST, LOGS, SHARD, apply_puts, log_name
 from ._outputlog import recover
+from ._rows import HIGHEST, LOGS, SHARD, apply_puts, log_name
 from ._statedir import StateDir, open_subdir
 from ._store import JOBS, Record, Store
 

@@ -1,7 +1,7 @@
 """Which PEM file is which: a clear reason when a certificate or key will not
 load. OpenSSL only says ``[SSL] PEM lib`` for a key given as the certificate
 (or the other way round); this looks at the files' PEM labels. Shared by
-jobctl and jobd (which imports it, as it imports ``_expiry``)."""
+jobctl and jobd, below both (as ``_pki`` is); no ssl here."""
 
 from __future__ import annotations
 

@@ -5,7 +5,10 @@ Theory of operation
 Everything X.509 that ``jobd ca`` and ``jobctl cert`` do goes through this
 module, and this module is the only one that imports ``cryptography`` (the
 optional extra ``jobd[ca]``). It is imported by those commands alone: the
-daemon and jobctl's other commands never pay for it.
+daemon and jobctl's other commands never pay for it, and ``protocol``'s
+``__init__`` does not import it. It lives in ``protocol`` because both sides
+use it (``jobctl cert request`` writes a key and a request as ``jobd ca``
+does) and jobd and jobctl never import each other.
 
 A CA directory holds::
 

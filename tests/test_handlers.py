@@ -1,0 +1,139 @@
+"""jobd/_handlers.py without a socket: each request's handler, driven with a real
+job manager, a real event log and a list that collects a stream's chunks."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import protocol as p
+from jobd._auth import Identity, Role
+from jobd._handlers import HANDLERS, STREAMS, Context, answer, job_environment
+from jobd._log import EventLog
+from jobd.engine import JobManager, OutputChunk, open_job_manager
+
+from .engine_helpers import TIMEOUT, config
+
+ALICE = Identity("alice", Role.CONTROL)
+BOB = Identity("bob", Role.CONTROL)
+EVE = Identity("eve", Role.OBSERVE)
+ROOT = Identity("root", Role.ADMIN)
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[JobManager]:
+    async with open_job_manager(config(tmp_path)) as m:
+        yield m
+
+
+class Caller:
+    """A handler's context for one identity; the chunks it would send and the log."""
+
+    def __init__(self, manager: JobManager, identity: Identity) -> None:
+        self.chunks: list[OutputChunk] = []
+        self.log = io.StringIO()
+        self.ctx = Context(identity=identity, manager=manager,
+                           log=EventLog(stream=self.log), peer="[::1]:4000",
+                           job_env=job_environment(), max_jobs_per_user=None,
+                           starting=self._starting, send_chunk=self._send_chunk)
+
+    @contextlib.asynccontextmanager
+    async def _starting(self, identity: Identity) -> AsyncIterator[None]:
+        yield
+
+    async def _send_chunk(self, chunk: OutputChunk) -> None:
+        self.chunks.append(chunk)
+
+    async def ask(self, request: p.Message) -> p.Message:
+        with trio.fail_after(TIMEOUT):
+            return await answer(self.ctx, request)
+
+
+def error(reply: p.Message) -> tuple[p.ErrorCode, str]:
+    assert isinstance(reply, p.Error), reply
+    return reply.code, reply.message
+
+
+def test_every_request_has_a_handler() -> None:
+    requests = {p.Start, p.Stop, p.GetStatus, p.Delete, p.ListJobs, p.Prune, p.Stream, p.Output}
+    assert set(HANDLERS) == requests
+    assert {p.Stream, p.Output} == STREAMS
+
+
+async def test_start_output_and_end(manager: JobManager) -> None:
+    alice = Caller(manager, ALICE)
+    started = await alice.ask(p.Start((b"sh", b"-c", b"echo out; echo err >&2")))
+    assert isinstance(started, p.Started)
+    assert started.status.owner == "alice"
+    end = await alice.ask(p.Stream(started.status.id))
+    assert isinstance(end, p.End)
+    assert end.status.state is p.JobState.EXITED
+    assert b"".join(c.data for c in alice.chunks if c.fd == 1) == b"out\n"
+    assert b"".join(c.data for c in alice.chunks if c.fd == 2) == b"err\n"
+    assert end.position == alice.chunks[-1].position
+
+
+async def test_another_callers_job_is_not_found(manager: JobManager) -> None:
+    alice, bob = Caller(manager, ALICE), Caller(manager, BOB)
+    started = await alice.ask(p.Start((b"true",)))
+    assert isinstance(started, p.Started)
+    job = started.status.id
+    for request in (p.GetStatus(job), p.Stop(job), p.Delete(job), p.Output(job)):
+        assert error(await bob.ask(request)) == (p.ErrorCode.NOT_FOUND, "process not found")
+    assert bob.chunks == []
+    assert "request-denied" in bob.log.getvalue()
+    listed = await bob.ask(p.ListJobs())
+    assert isinstance(listed, p.JobList)
+    assert listed.jobs == ()
+    listed = await Caller(manager, EVE).ask(p.ListJobs())  # observe reads every job
+    assert isinstance(listed, p.JobList)
+    assert [s.id for s in listed.jobs] == [job]
+
+
+async def test_role_refusals_are_permission_denied_and_logged(manager: JobManager) -> None:
+    eve = Caller(manager, EVE)
+    code, message = error(await eve.ask(p.Start((b"true",))))
+    assert (code, message) == (p.ErrorCode.PERMISSION_DENIED,
+                               "permission denied: role observe may not start jobs")
+    assert "start-refused" in eve.log.getvalue()
+    code, _ = error(await Caller(manager, ALICE).ask(p.Prune(0.0)))
+    assert code is p.ErrorCode.PERMISSION_DENIED
+    pruned = await Caller(manager, ROOT).ask(p.Prune(0.0))
+    assert isinstance(pruned, p.Pruned)
+
+
+async def test_delete_of_a_running_job_is_invalid_state(manager: JobManager) -> None:
+    alice = Caller(manager, ALICE)
+    started = await alice.ask(p.Start((b"sleep", b"60")))
+    assert isinstance(started, p.Started)
+    job = started.status.id
+    assert error(await alice.ask(p.Delete(job))) == (
+        p.ErrorCode.INVALID_STATE, "process is running: stop it before deleting it")
+    stopped = await alice.ask(p.Stop(job, grace=0.0))
+    assert isinstance(stopped, p.Stopped)
+    assert await alice.ask(p.Delete(job)) == p.Deleted(job)
+    assert error(await alice.ask(p.GetStatus(job)))[0] is p.ErrorCode.NOT_FOUND
+
+
+async def test_unexpected_request_and_a_bug_are_answered(manager: JobManager) -> None:
+    alice = Caller(manager, ALICE)
+    assert error(await alice.ask(p.Hello())) == (p.ErrorCode.BAD_REQUEST,
+                                                 "unexpected request Hello")
+    started = await alice.ask(p.Start((b"echo", b"hi")))
+    assert isinstance(started, p.Started)
+    await alice.ask(p.Stream(started.status.id, end_only=True))
+
+    async def broken(chunk: OutputChunk) -> None:
+        raise ValueError("a bug")
+
+    buggy = dataclasses.replace(alice.ctx, send_chunk=broken)
+    assert error(await answer(buggy, p.Output(started.status.id))) == (
+        p.ErrorCode.INTERNAL, "internal error: the request failed")
+    assert "request-failed" in alice.log.getvalue()
+
