@@ -42,10 +42,11 @@ from ._version import __version__
 
 EPILOG = """\
 environment: JOBCTL_CERTIFICATE, JOBCTL_KEY, JOBCTL_CA, JOBCTL_ADDRESS,
-JOBCTL_PORT, JOBCTL_SERVER_NAME, JOBCTL_SERVER, JOBCTL_CONFIG; the certificate
-files default to certificate.pem, key.pem and ca.pem in $XDG_CONFIG_HOME/jobctl/.
--s NAME takes a server or a group from $XDG_CONFIG_HOME/jobctl/config.toml; with
-no CA at all, the server's certificate is pinned in known_servers there.
+JOBCTL_PORT, JOBCTL_SERVER_NAME, JOBCTL_SERVER, JOBCTL_IDENTITY, JOBCTL_CONFIG; the
+certificate files default to certificate.pem, key.pem and ca.pem in
+$XDG_CONFIG_HOME/jobctl/. -s NAME takes a server or a group, -i NAME an identity,
+from $XDG_CONFIG_HOME/jobctl/config.toml (jobctl config migrate: from the older
+format); with no CA at all, the server's certificate is pinned in known_servers there.
 jobctl cert request --name NAME --role ROLE: your own key and certificate request.
 exit status: 0 ok, 1 refused by the server or wrong job state, 2 usage,
 3 cannot connect or refused at TLS or identity level; run and wait exit with
@@ -58,7 +59,7 @@ CERT_HELP = "make your own key and certificate request for the CA (cert request 
 #: a new global option with a value must be added here too.
 _VALUE_OPTIONS = frozenset({"-c", "--certificate", "-k", "--key", "-C",
                             "--certificate-authority", "-a", "--address", "-p", "--port",
-                            "--server-name", "-s", "--server"})
+                            "--server-name", "-s", "--server", "-i", "--identity"})
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -178,6 +179,11 @@ def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
                        help="with a group: do not prefix output lines with the server's name")
     group.add_argument("--trust-on-first-use", action="store_true", default=default(False),
                        help="without a CA: pin an unknown server's certificate without asking")
+    # -- issue 23: identities apart from servers (_profiles)
+    group.add_argument("-i", "--identity", metavar="NAME",
+                       default=default(os.environ.get("JOBCTL_IDENTITY")),
+                       help="an identity (certificate and key) from config.toml instead of the "
+                            "server's own (default: $JOBCTL_IDENTITY); -c/-k still win")
 
 
 def _selected(argv: list[str]) -> str | None:
@@ -341,7 +347,7 @@ def _main(argv: list[str] | None) -> int:
     command: Command = ns.action
     try:
         command.check(ns, ns.subparser)
-        if command.needs_server and ns.server:  # issue 15: a profile, or a group
+        if command.needs_server and (ns.server or ns.identity):  # a profile, or a group
             from ._profiles import select
 
             targets = select(ns, parser)

@@ -407,8 +407,8 @@ def cmd_wait(ns: argparse.Namespace, ctx: Context) -> int:
 def cmd_completion(ns: argparse.Namespace, ctx: Context) -> int:
     from ._completion import script, server_names
 
-    if ns.server_names:
-        names = server_names()
+    if ns.server_names or ns.identity_names:
+        names = server_names(identities=ns.identity_names)
         if names:
             print("\n".join(names))
         return 0
@@ -418,8 +418,9 @@ def cmd_completion(ns: argparse.Namespace, ctx: Context) -> int:
 
 
 def _validate_completion(ns: argparse.Namespace) -> None:
-    if (ns.shell is None) == (not ns.server_names):
-        raise ConfigError("give a shell (bash, zsh, fish) or --server-names")
+    if (ns.shell is None) == (not ns.server_names and not ns.identity_names) or \
+            (ns.server_names and ns.identity_names):
+        raise ConfigError("give a shell (bash, zsh, fish), --server-names or --identity-names")
 
 
 def _id(parser: argparse.ArgumentParser) -> None:
@@ -509,11 +510,28 @@ def cmd_prune(ns: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", metavar="ACTION", choices=("migrate",),
+                        help="migrate: rewrite config.toml with identities apart from servers")
+    parser.add_argument("--write", action="store_true",
+                        help="replace the file (the old one stays as config.toml.bak) "
+                        "instead of printing the new one")
+
+
+def cmd_config(ns: argparse.Namespace, ctx: Context) -> int:
+    from ._profiles import config_path, migrate
+
+    sys.stdout.write(migrate(config_path(), write=ns.write))
+    return 0
+
+
 def _completion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shell", nargs="?", choices=("bash", "zsh", "fish"), help="the shell")
     parser.add_argument("--server-names", action="store_true",
                         help="print the server and group names of config.toml instead "
                         "(what the scripts complete -s with)")
+    parser.add_argument("--identity-names", action="store_true",
+                        help="print the identity names of config.toml instead (for -i)")
 
 
 COMMANDS: list[Command] = [
@@ -582,6 +600,15 @@ COMMANDS: list[Command] = [
             "output, and print how many went. Admin certificates only; jobd's "
             "--retain, --retain-count and --max-log-space do the same continuously.",
             ("jobctl prune --older-than 30d",), _prune_options, cmd_prune),
+    Command("config", "migrate config.toml to identities apart from servers",
+            "Rewrite config.toml (JOBCTL_CONFIG, or $XDG_CONFIG_HOME/jobctl/config.toml) "
+            "from the format where each server carries its certificate and key: each "
+            "distinct certificate and key becomes an [identities.NAME] table, servers name "
+            "theirs, and profiles of one server under several identities become one server "
+            "and `like` entries, so that `-s all` asks each server once. Prints the new "
+            "file; --write replaces it (keeping config.toml.bak).",
+            ("jobctl config migrate", "jobctl config migrate --write"),
+            _config_options, cmd_config, needs_server=False),
     Command("completion", "print a shell completion script (bash, zsh, fish)",
             "Print the completion script for SHELL. Job IDs complete from `jobctl list` "
             "on the server (or group) the command line names, in numeric order; -s "

@@ -37,6 +37,9 @@ _jobctl_job_ids() {
 _jobctl_servers() {
   jobctl completion --server-names 2>/dev/null
 }
+_jobctl_identities() {
+  jobctl completion --identity-names 2>/dev/null
+}
 """,
     "zsh": r"""
 _jobctl_job_ids() {
@@ -54,6 +57,11 @@ _jobctl_job_ids() {
 _jobctl_servers() {
   local -a names
   names=(${(f)"$(jobctl completion --server-names 2>/dev/null)"})
+  compadd -a names
+}
+_jobctl_identities() {
+  local -a names
+  names=(${(f)"$(jobctl completion --identity-names 2>/dev/null)"})
   compadd -a names
 }
 """,
@@ -75,6 +83,9 @@ end
 function __jobctl_servers
   jobctl completion --server-names 2>/dev/null
 end
+function __jobctl_identities
+  jobctl completion --identity-names 2>/dev/null
+end
 """,
 }
 for _shell in _PREAMBLE:
@@ -83,6 +94,8 @@ for _shell in _PREAMBLE:
 
 _JOB_ID = {"bash": "_jobctl_job_ids", "zsh": "_jobctl_job_ids", "fish": "(__jobctl_job_ids)"}
 _SERVER = {"bash": "_jobctl_servers", "zsh": "_jobctl_servers", "fish": "(__jobctl_servers)"}
+_IDENTITY = {"bash": "_jobctl_identities", "zsh": "_jobctl_identities",
+             "fish": "(__jobctl_identities)"}
 
 
 def script(shell: str, parser: argparse.ArgumentParser) -> str:
@@ -94,6 +107,8 @@ def script(shell: str, parser: argparse.ArgumentParser) -> str:
         action.complete = _JOB_ID  # type: ignore[attr-defined]
     for action in _actions(parser, ("server",)):
         action.complete = _SERVER  # type: ignore[attr-defined]
+    for action in _actions(parser, ("identity",)):
+        action.complete = _IDENTITY  # type: ignore[attr-defined]
     result: str = shtab.complete(parser, shell=shell, preamble=_PREAMBLE[shell])
     return result
 
@@ -109,9 +124,9 @@ def _actions(parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> list[ar
     return found
 
 
-def server_names() -> list[str]:
-    """The servers and groups (and ``all``) config.toml names, for ``-s``;
-    nothing when there is no config file."""
+def server_names(identities: bool = False) -> list[str]:
+    """The servers and groups (and ``all``) config.toml names, for ``-s``, or its
+    identities, for ``-i``; nothing when there is no config file."""
     from ._errors import ConfigError
     from ._profiles import load
 
@@ -119,4 +134,6 @@ def server_names() -> list[str]:
         config = load()
     except ConfigError:
         return []
+    if identities:
+        return sorted(config.identities)
     return sorted(set(config.servers) | set(config.groups))

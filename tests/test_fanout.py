@@ -461,3 +461,97 @@ def test_completion_follows_the_profile_and_sorts_ids(fleet: Fleet) -> None:
     assert "compopt -o nosort" in script  # readline would sort 10 before 2
     assert "_describe -V" in fleet.jobctl("completion", "zsh").stdout  # unsorted group
     assert '-ka "(__jobctl_job_ids)"' in fleet.jobctl("completion", "fish").stdout
+
+
+# -- issue 23 item 14: identities apart from servers ------------------------------------
+
+
+def _identities_config(fleet: Fleet, pki: Pki, path: Path, *, old: bool) -> None:
+    """web1..3 as in the fleet's config; alice, bob and olga (observe) as
+    identities (``old``: as today's profiles: one server profile per identity)."""
+    base = fleet.config.read_text().split("[servers.down]")[0].split("\n\n", 1)[1]
+    lines: list[str] = []
+    if old:
+        lines += ["[defaults]", f'certificate = "{pki.path("alice.pem")}"',
+                  f'key = "{pki.path("alice.key")}"', "", base]
+        for who in ("bob", "olga"):
+            lines += [f"[servers.web1-{who}]", 'address = "127.0.0.1"',
+                      f"port = {fleet.servers['web1'].port}",
+                      f'ca = "{fleet.dir / "web1-ca.pem"}"',
+                      f'certificate = "{pki.path(f"{who}.pem")}"',
+                      f'key = "{pki.path(f"{who}.key")}"', ""]
+    else:
+        for who in ("alice", "bob", "olga"):
+            lines += [f"[identities.{who}]", f'certificate = "{pki.path(f"{who}.pem")}"',
+                      f'key = "{pki.path(f"{who}.key")}"', ""]
+        lines += ["[defaults]", 'identity = "alice"', "", base,
+                  "[servers.web1-olga]", 'like = "web1"', 'identity = "olga"', ""]
+    path.write_text("\n".join(lines).replace('ca = "web', f'ca = "{fleet.dir}/web'))
+
+
+def _as(fleet: Fleet, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*JOBCTL, *args], capture_output=True, text=True, timeout=120,
+                          cwd=RUN_CWD, env={**fleet.env(), "JOBCTL_CONFIG": str(config)},
+                          stdin=subprocess.DEVNULL)
+
+
+def test_identities_apart_from_servers_and_dash_i(fleet: Fleet, pki: Pki,
+                                                  tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    _identities_config(fleet, pki, config, old=False)
+    # `all` is every server once (web1-olga is web1 under another identity).
+    everywhere = _as(fleet, config, "--json", "-s", "all", "list")
+    servers = sorted(json.loads(line)["server"] for line in everywhere.stdout.splitlines())
+    assert servers == ["web1", "web2", "web3"], everywhere.stdout
+    # The server's default identity (alice, from [defaults]); -i picks another.
+    started = _as(fleet, config, "-s", "web2", "start", "true")
+    assert started.returncode == 0, started.stderr
+    job = started.stdout.strip()
+    owner = json.loads(_as(fleet, config, "-s", "web2", "--json", "status", job).stdout)
+    assert owner["owner"] == "alice"
+    by_bob = _as(fleet, config, "-s", "web2", "-i", "bob", "start", "true")
+    status = json.loads(_as(fleet, config, "-s", "web2", "-i", "bob", "--json", "status",
+                            by_bob.stdout.strip()).stdout)
+    assert status["owner"] == "bob"
+    # -i on a whole group, and a `like` server with its own identity.
+    observed = _as(fleet, config, "-s", "all", "-i", "olga", "start", "true")
+    assert observed.returncode == 1 and observed.stderr.count("role observe may not start") == 3
+    assert "role observe" in _as(fleet, config, "-s", "web1-olga", "start", "true").stderr
+    # -c/-k still win over -i.
+    flags = _as(fleet, config, "-s", "web2", "-i", "olga", "-c", pki.path("alice.pem"),
+                "-k", pki.path("alice.key"), "start", "true")
+    assert flags.returncode == 0, flags.stderr
+    unknown = _as(fleet, config, "-s", "web2", "-i", "nobody", "list")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == (f"no identity 'nobody' in {config} "
+                                      "(identities: alice, bob, olga)")
+    names = _as(fleet, config, "completion", "--identity-names")
+    assert names.stdout.split() == ["alice", "bob", "olga"]
+
+
+def test_config_migrate_makes_identities_and_one_server_per_endpoint(
+        fleet: Fleet, pki: Pki, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    _identities_config(fleet, pki, config, old=True)
+    # Today's format: `all` asks web1 three times (once per profile).
+    before = _as(fleet, config, "--json", "-s", "all", "list")
+    assert sorted(json.loads(line)["server"] for line in before.stdout.splitlines()) == [
+        "web1", "web1-bob", "web1-olga", "web2", "web3"]
+    old_text = config.read_text()
+    printed = _as(fleet, config, "config", "migrate")
+    assert printed.returncode == 0, printed.stderr
+    assert config.read_text() == old_text  # printed only
+    assert '[identities.alice]' in printed.stdout and '[identities.olga]' in printed.stdout
+    written = _as(fleet, config, "config", "migrate", "--write")
+    assert written.returncode == 0 and "migrated" in written.stdout
+    assert (tmp_path / "config.toml.bak").read_text() == old_text
+    assert config.stat().st_mode & 0o777 == 0o600
+    after = _as(fleet, config, "--json", "-s", "all", "list")
+    assert sorted(json.loads(line)["server"] for line in after.stdout.splitlines()) == [
+        "web1", "web2", "web3"]
+    job = _as(fleet, config, "-s", "web1-bob", "start", "true").stdout.strip()
+    status = json.loads(_as(fleet, config, "-s", "web1", "-i", "bob", "--json", "status",
+                            job).stdout)
+    assert status["owner"] == "bob"
+    again = _as(fleet, config, "config", "migrate")
+    assert again.returncode == 0 and "nothing to migrate" in again.stdout
