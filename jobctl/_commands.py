@@ -361,7 +361,7 @@ def cmd_list(ns: argparse.Namespace, ctx: Context) -> int:
     if ns.json:
         print_json({"jobs": [s.to_json() for s in jobs]})
         return 0
-    columns = list_columns(ns)
+    columns = list_columns(ns, jobs)
     rows = [text.list_row(s, now, columns) for s in jobs]
     header = [text.COLUMNS[c][0] for c in columns]
     lines = text.table(rows, header=header if sys.stdout.isatty() and not ns.quiet else None)
@@ -578,8 +578,8 @@ COMMANDS: list[Command] = [
             "--grace seconds apart; prints `process stopped` once every process is gone.",
             ("jobctl stop 4", "jobctl stop --grace 0 4"), _stop_options, cmd_stop),
     Command("list", "list the jobs you may see",
-            "One line per job: ID, owner, status, created, duration, command, labels (or "
-            "the columns --format names; -q: the IDs alone); with a "
+            "One line per job: ID, owner, status, created, duration, command, and labels "
+            "when a job has some (or the columns --format names; -q: the IDs alone); with a "
             "header on a terminal, tab-separated otherwise. Control characters in "
             "owners and commands are escaped; --json gives the exact values.",
             ("jobctl list --state running", "jobctl list --owner alice --since 2h",

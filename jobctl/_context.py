@@ -9,7 +9,7 @@ that none of them imports another that comes back to it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import protocol as p
@@ -125,8 +125,14 @@ def filter_jobs(jobs: list[p.JobStatus], filters: dict[str, Any]) -> list[p.JobS
             and (since is None or s.created >= since)]
 
 
-def list_columns(ns: argparse.Namespace) -> tuple[str, ...]:
-    """``list``'s columns: ``-q`` the ID alone, ``--format`` those named."""
+def list_columns(ns: argparse.Namespace, jobs: Sequence[p.JobStatus]) -> tuple[str, ...]:
+    """``list``'s columns: ``-q`` the ID alone, ``--format`` those named; by
+    default, labels last only when a job listed has some (the six columns of
+    before stay as they were)."""
     if ns.quiet:
         return ("id",)
-    return ns.format or text.DEFAULT_COLUMNS
+    if ns.format:
+        return tuple(ns.format)
+    if any(s.labels for s in jobs):
+        return text.DEFAULT_COLUMNS
+    return tuple(c for c in text.DEFAULT_COLUMNS if c != "labels")

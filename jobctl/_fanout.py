@@ -267,7 +267,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             else:
                 jobs = filter_jobs(await client.list(), filters)
             if not ns.json:
-                columns = list_columns(ns)
+                columns = list_columns(ns, jobs)
                 for s in jobs:
                     printer.line(name, "\t".join(text.list_row(s, now, columns)))
             return 0, jobs

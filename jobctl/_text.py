@@ -153,7 +153,8 @@ COLUMNS: dict[str, tuple[str, Callable[[p.JobStatus, float], str]]] = {
     "labels": ("LABELS", lambda s, now: labels_text(s.labels)),
     "command": ("COMMAND", lambda s, now: quote_argv(s.argv)),
 }
-#: What ``list`` shows by default (scripts: ``cut -f1`` is the ID, ``-f6`` the command).
+#: What ``list`` shows by default (scripts: ``cut -f1`` is the ID, ``-f6`` the command;
+#: labels only when a job listed has some).
 DEFAULT_COLUMNS = ("id", "owner", "status", "created", "duration", "command", "labels")
 
 
