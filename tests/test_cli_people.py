@@ -506,7 +506,7 @@ def test_control_characters_are_escaped(pki: Pki, tmp_path: Path) -> None:
             assert row[1] == "mallory\\n99\\troot\\trunning\\tforged"
             assert row[5] == "printf $'\\e]0;PWNED\\a\\e[2J\\e[1;1H\\r' $'\\n2\\tforged'"
         long = ok(server.jobctl("root", "status", "-v", str(job)))
-        assert "\x1b" not in long and len(long.splitlines()) == 14
+        assert "\x1b" not in long and len(long.splitlines()) == 15  # labels: issue 23
         exact = json.loads(ok(server.jobctl("root", "--json", "list")))["jobs"][0]
         assert exact["owner"] == evil_cn and exact["argv"] == argv
         # The server's error texts echo what the client sent: escaped too.
