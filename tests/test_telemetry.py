@@ -457,4 +457,5 @@ def test_collector_down_is_one_rate_limited_line_in_jobds_format(
     failures = [t for t in server.lines if " telemetry-" in t]
     assert len(failures) == 1, failures  # within a minute: one line
     assert ' reason="collector unreachable: ' in failures[0]
-    assert server.lines[-1].split()[2] == "stopped", server.lines[-3:]
+    stopped = next(i for i, t in enumerate(server.lines) if t.split()[2] == "stopped")
+    assert not [t for t in server.lines[stopped:] if " telemetry-" in t]  # nothing after
