@@ -555,3 +555,26 @@ def test_config_migrate_makes_identities_and_one_server_per_endpoint(
     assert status["owner"] == "bob"
     again = _as(fleet, config, "config", "migrate")
     assert again.returncode == 0 and "nothing to migrate" in again.stdout
+
+
+def test_a_group_run_keeps_an_inherited_sigint_ignore(fleet: Fleet, tmp_path: Path) -> None:
+    """Issue 23 item 13, for a group: Trio's signal receiver would replace the
+    inherited "ignore"; it is not installed, and Ctrl-C does nothing."""
+    flag = tmp_path / "go"
+    words = [*JOBCTL, "-s", "web", "run", "sh", "-c",
+             f"echo ready; while [ ! -e {flag} ]; do sleep 0.05; done; exit 7"]
+    proc = subprocess.Popen(["sh", "-c", "trap '' INT; exec " + " ".join(f"'{w}'" for w in words)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=RUN_CWD,
+                            env=fleet.env(), stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        _read_until(proc.stdout.fileno(), b"ready", count=len(NAMES))
+        proc.send_signal(signal.SIGINT)  # ignored: discarded as it is sent
+        flag.touch()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 7, err
+        assert b"detached" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
