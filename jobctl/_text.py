@@ -182,7 +182,8 @@ def status_long(status: p.JobStatus, now: float) -> list[str]:
         ("ended", clock(status.ended)),
         ("duration", run_time(status, now)),
         ("limits", "none" if limits is None or limits.is_empty() else limits_text(limits)),
-        ("peak memory", "-" if status.peak_memory is None else size(status.peak_memory)),
+        # 0: measured from after it ended (a job of a few ms, moved into its cgroup late)
+        ("peak memory", "-" if not status.peak_memory else size(status.peak_memory)),
         ("cpu time", "-" if status.cpu_time is None else f"{status.cpu_time:.3f}s"),
         ("labels", labels_text(status.labels)),
         ("output", f"{status.output_bytes} bytes kept"),
