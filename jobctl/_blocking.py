@@ -156,6 +156,7 @@ class BlockingClient:
         if self._reopen is None:
             raise ConnectionFailed("this connection was closed in the middle of a request")
         fresh = self._reopen()
+        fresh._sock.wakeup = self._sock.wakeup  # set_wakeup holds for the client
         self._sock, self._conn, self._stale = fresh._sock, fresh._conn, False
         self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
 
