@@ -149,7 +149,8 @@ def test_bad_config_is_one_clear_line(fleet: Fleet, tmp_path: Path) -> None:
                             timeout=60, cwd=RUN_CWD, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"{bad}: servers.a: unknown field 'prot' "
-                                     "(fields: address, port, server_name, certificate, key, ca)")
+                                     "(fields: address, port, server_name, certificate, key, ca, "
+                                     "identity, like)")
 
 
 async def test_library_fanout_one_stalled_server_never_blocks_the_others(
