@@ -21,6 +21,7 @@ from ._replies import (
     Started,
     StatusResult,
     Stopped,
+    Tick,
     Welcome,
 )
 from ._requests import (
@@ -41,7 +42,7 @@ ClientMessage: TypeAlias = (
 )
 ServerMessage: TypeAlias = (
     Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
-    | Error
+    | Error | Tick
 )
 #: Any message (usable with isinstance()).
 Message: TypeAlias = ClientMessage | ServerMessage
@@ -55,6 +56,7 @@ CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
+    Tick,
 )
 #: Wire type string -> message class.
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -90,5 +92,6 @@ __all__ = [
     "Stop",
     "Stopped",
     "Stream",
+    "Tick",
     "Welcome",
 ]

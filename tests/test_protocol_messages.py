@@ -150,6 +150,7 @@ WELCOME = Welcome(version=1, minor=0, software="jobd 0.1.0", identity="alice", r
 #: One example of every message type, with every optional field set where it has one.
 EXAMPLES: list[p.Message] = [
     Hello(software="jobctl 0.1.0"),
+    Hello(software="jobctl 0.1.0", tick_interval=10.0),
     Start(argv=(b"sh", b"-c", b"echo \xff"), cwd=b"/tmp", env=((b"PATH", b"/bin"),),
           limits=Limits(memory=1 << 28, cpus=0.5, pids=64, isolate=("net", "pid"))),
     Start(argv=(b"env",), env=((b"LANG", b"C"),), env_merge=True),
@@ -166,6 +167,8 @@ EXAMPLES: list[p.Message] = [
     Delete(job=7),
     p.Prune(older_than=86400.0),
     WELCOME,
+    dataclasses.replace(WELCOME, tick_interval=10.0),
+    p.Tick(),
     Started(STATUS),
     Stopped(STATUS),
     StatusResult(STATUS),
