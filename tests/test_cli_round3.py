@@ -193,12 +193,24 @@ def test_no_arguments_print_the_help_and_cert_is_listed() -> None:
 # -- 12. status -v measures every job --------------------------------------------------
 
 
-def test_status_long_of_a_short_job_without_limits(jobd: JobdProcess, tmp_path: Path) -> None:
-    ok(jobd.jobctl("alice", "run", "sh", "-c", "head -c 3000000 /dev/zero | wc -c"))
-    fields = dict(line.split(":", 1) for line in ok(jobd.jobctl("alice", "status", "-v", "1"))
-                  .splitlines())
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    assert re.fullmatch(r"\d\.\ds", fields["duration"]), fields  # 0.3s, not 0s
+def _long(jobd: JobdProcess, job: str) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, v in (
+        line.split(":", 1) for line in ok(jobd.jobctl("alice", "status", "-v", job)).splitlines())}
+
+
+def test_status_long_of_a_job_without_limits(jobd: JobdProcess, tmp_path: Path) -> None:
+    ok(jobd.jobctl("alice", "run", "true"))
+    assert re.fullmatch(r"\d\.\ds", _long(jobd, "1")["duration"])  # 0.0s, not 0s
+    flag = tmp_path / "go"
+    job = ok(jobd.jobctl("alice", "start", "sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; "
+                         "done; head -c 30000000 /dev/zero | tail -c 1 | wc -c")).strip()
+    # Once it is in its cgroup (moved in just after it started), it is measured.
+    deadline = time.monotonic() + DEADLINE
+    while _long(jobd, job)["cpu time"] == "-":
+        assert time.monotonic() < deadline, "never measured"
+    flag.touch()
+    assert ok(jobd.jobctl("alice", "wait", job)) == "exited: 0\n"
+    fields = _long(jobd, job)
     assert fields["limits"] == "none"
     assert fields["peak memory"] != "-" and fields["cpu time"] != "-", fields
 
