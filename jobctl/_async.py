@@ -17,7 +17,8 @@ import math
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,7 +27,7 @@ import protocol as p
 
 from . import _calls as calls
 from . import _core as core
-from ._errors import ConfigError, ConnectionFailed, InvalidArgument
+from ._errors import ConfigError, ConnectionFailed, InvalidArgument, JobctlError
 
 if TYPE_CHECKING:
     from ._trust import Pinning
@@ -38,34 +39,28 @@ class Client:
     """One authenticated connection; requests run one at a time, in order."""
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], welcome: p.Welcome,
-                 conn: p.ClientConnection, idle: float | None = None,
-                 reopen: Callable[[], Awaitable[Client]] | None = None):
+                 conn: p.ClientConnection, idle: float | None = None):
         self._stream = stream
         self._conn = conn
         self._lock = trio.StrictFIFOLock()
         #: Liveness: the longest silence of the server while a request is in
         #: progress (it ticks); None: no bound but TCP's.
         self._idle = idle
+        #: A new connection like this one (set by ``connect``): what a follow that
+        #: reconnects (``reconnect=``) uses.
+        self._factory: Callable[[], Awaitable[Client]] | None = None
+        #: A call cut short (a cancelled ``wait``, an abandoned stream) leaves the
+        #: connection mid-answer: it is closed, and the next request runs on a new
+        #: connection (``_factory``) instead of failing (issue 23).
+        self._stale = False
+        #: Called with a line to show when a follow loses its connection and when it
+        #: has it back.
+        self.on_reconnect: Callable[[str], None] | None = None
+        #: When the server was last heard from (a break after it is a new outage).
+        self._heard = trio.current_time()
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
-        #: How to connect again: a call cut short (a cancelled ``wait``, an abandoned
-        #: stream) leaves the connection mid-answer; it is closed, and the next
-        #: request runs on a new connection instead of failing (issue 23).
-        self._reopen = reopen
-        self._stale = False
-
-    async def _reconnect(self) -> None:
-        if self._reopen is None:
-            raise ConnectionFailed("this connection was closed in the middle of a request")
-        fresh = await self._reopen()
-        self._stream, self._conn, self._stale = fresh._stream, fresh._conn, False
-        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
-
-    async def _abandon(self) -> None:
-        """Close a connection left in the middle of an answer (shielded, bounded)."""
-        self._stale = True
-        await self.aclose()
 
     async def _receive(self) -> Any:
         idle = math.inf if self._idle is None else self._idle
@@ -80,11 +75,26 @@ class Client:
                 raise core.lost(exc.__cause__ or exc) from None
             if silence.cancelled_caught:
                 raise core.silent(idle)
+            self._heard = trio.current_time()
             self._conn.receive_data(data)
+
+    async def _refresh(self) -> None:
+        """Replace a connection that was left in the middle of an answer."""
+        if self._factory is None:
+            raise ConnectionFailed("this connection was closed in the middle of a request")
+        fresh = await self._factory()
+        self._stream, self._conn, self._idle = fresh._stream, fresh._conn, fresh._idle
+        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
+        self._stale = False
+
+    async def _abandon(self) -> None:
+        """Close a connection left in the middle of an answer (shielded, bounded)."""
+        self._stale = True
+        await self.aclose()
 
     async def _send(self, message: p.Message) -> None:
         if self._stale:
-            await self._reconnect()
+            await self._refresh()
         try:
             frame = self._conn.send(message)
         except p.LocalProtocolError as exc:  # too large for a frame
@@ -162,6 +172,46 @@ class Client:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self._stream.aclose()
 
+    # -- reconnecting (issue 21) ----------------------------------------------------
+
+    async def _reopen(self, outage: core.Outage, exc: JobctlError) -> None:
+        """The connection broke with ``exc``: connect again (pausing between tries,
+        as ``outage`` says) and carry on over the new one as this same client.
+        Raises when ``outage`` gives up, or at once for an error that a new
+        connection cannot cure."""
+        if self._factory is None or not core.retriable(exc):
+            raise exc
+        await self.aclose()
+        while True:
+            pause = outage.lost(exc, trio.current_time(), self._heard)
+            if self.on_reconnect is not None and outage.attempts == 1:
+                self.on_reconnect(f"{exc}: reconnecting")
+            await trio.sleep(pause)
+            try:
+                fresh = await self._factory()
+            except JobctlError as failed:
+                exc = failed
+                continue
+            break
+        self._stream, self._conn, self._idle = fresh._stream, fresh._conn, fresh._idle
+        self.welcome = fresh.welcome
+        self._stale = False
+        if self.on_reconnect is not None:
+            self.on_reconnect("reconnected")
+
+    async def _resuming(self, resume: calls.Resume) -> AsyncIterator[p.OutputChunk | p.End]:
+        while True:
+            try:
+                async with aclosing(self._events(  # type: ignore[type-var]
+                        resume.call(self.welcome))) as events:
+                    async for event in events:
+                        yield event
+                return
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                await self._reopen(resume.outage, exc)
+
     # -- requests (each a call of jobctl/_calls.py) ----------------------------------
 
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
@@ -175,21 +225,52 @@ class Client:
                   env: core.Env | None = None, limits: p.Limits | None = None,
                   env_merge: bool = False,
                   on_output: Callable[[p.OutputChunk], None] | None = None,
+                  reconnect: float | None = core.RECONNECT_TIMEOUT,
                   labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job, follow its output until it ends, return its final status
         (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
-        default written to this process's stdout and stderr)."""
-        return await self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
-                                         on_output, labels), close_on_error=True)
+        default written to this process's stdout and stderr; ``reconnect`` as for
+        :meth:`stream`)."""
+        within = core.check_reconnect(reconnect)
+        if within is None:
+            return await self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
+                                             on_output, labels), close_on_error=True)
+        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                                  labels=labels)
+        if status.state is p.JobState.ERROR:
+            return status
+        write = on_output or core.write_chunk
+        end: p.End | None = None
+        async with aclosing(self.stream(  # type: ignore[type-var]
+                status.id, reconnect=within)) as events:
+            async for event in events:
+                if isinstance(event, p.OutputChunk):
+                    write(event)
+                else:
+                    end = event
+        assert end is not None
+        return end.status
 
-    async def wait(self, job: int) -> p.JobStatus:
+    async def wait(self, job: int, *,
+                   reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Wait until the job has ended; its final status. No output is sent.
 
         To bound the wait, use a Trio cancel scope (``trio.fail_after``): if it
         expires, the scope's exception propagates; the connection, in the middle
         of the answer, is closed, and the next request connects again by itself.
+        ``reconnect``: as for :meth:`stream`; the wait is asked again.
         """
-        return await self._run(calls.wait(self.welcome, job), close_on_error=True)
+        within = core.check_reconnect(reconnect)
+        outage = core.Outage(within) if within is not None else None
+        while True:
+            try:
+                return await self._run(calls.wait(self.welcome, job), close_on_error=True)
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                if outage is None:
+                    raise
+                await self._reopen(outage, exc)
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
         return await self._run(calls.stop(job, grace))
@@ -224,13 +305,20 @@ class Client:
         """Start a new job like ``job`` (as :meth:`jobctl.BlockingClient.rerun`)."""
         return await self._run(calls.rerun(self.welcome, job))
 
-    def stream(self, job: int, position: int = 0, *,
-               timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
+    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+               reconnect: float | None = core.RECONNECT_TIMEOUT
+               ) -> AsyncIterator[p.OutputChunk | p.End]:
         """Output from ``position``, following live output; OutputChunk events then End.
-        Resume after a lost connection with the last chunk's position. With
-        ``timestamps``, each chunk carries its ``time`` (servers from protocol 1.1)."""
-        return self._output(calls.output_request(self.welcome, job, position, timestamps,
-                                                 follow=True))
+        ``reconnect`` (seconds; None or 0: never): a broken connection is made
+        again with backoff and the stream resumed after the last chunk, nothing
+        lost or repeated, until that many seconds pass without the server (as
+        :meth:`jobctl.BlockingClient.stream`). With ``timestamps``, each chunk
+        carries its ``time`` (servers from protocol 1.1)."""
+        within = core.check_reconnect(reconnect)
+        if within is None:
+            return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                     follow=True))
+        return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within)))
 
     def output(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
@@ -262,6 +350,28 @@ async def connect(
     handshake, before anything is sent. ``liveness_timeout``: as for
     :func:`jobctl.connect_blocking`.
     """
+    client = await _open(address, port, certificate=certificate, key=key, ca=ca,
+                         server_name=server_name, connect_timeout=connect_timeout, pin=pin,
+                         liveness_timeout=liveness_timeout)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _open(
+    address: str,
+    port: int,
+    *,
+    certificate: str | os.PathLike[str],
+    key: str | os.PathLike[str],
+    ca: str | os.PathLike[str] | None,
+    server_name: str | None,
+    connect_timeout: float,
+    pin: Pinning | None,
+    liveness_timeout: float | None,
+) -> Client:
+    """A new authenticated connection (what ``connect`` opens and closes)."""
     liveness = core.check_liveness(liveness_timeout)
     if pin is not None:
         ctx = pin.context(certificate, key)
@@ -269,22 +379,6 @@ async def connect(
         raise ConfigError("no CA certificate given (and no pin: see jobctl._trust)")
     else:
         ctx = core.client_context(certificate, key, ca)
-
-    async def reopen() -> Client:
-        return await _open(address, port, ctx, server_name, connect_timeout, pin, liveness,
-                           reopen)
-
-    client = await reopen()
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-async def _open(address: str, port: int, ctx: ssl.SSLContext, server_name: str | None,
-                connect_timeout: float, pin: Pinning | None, liveness: float | None,
-                reopen: Callable[[], Awaitable[Client]]) -> Client:
-    """One connection, welcomed: a Client (``reopen`` makes another like it)."""
     try:
         with trio.fail_after(connect_timeout):
             tcp = await trio.open_tcp_stream(address, port)
@@ -300,7 +394,10 @@ async def _open(address: str, port: int, ctx: ssl.SSLContext, server_name: str |
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await tcp.aclose()
         raise
-    client._reopen = reopen
+    client._factory = partial(
+        _open, address, port, certificate=certificate, key=key, ca=ca,
+        server_name=server_name, connect_timeout=connect_timeout, pin=pin,
+        liveness_timeout=liveness_timeout)
     return client
 
 

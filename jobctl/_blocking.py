@@ -26,7 +26,13 @@ import protocol as p
 
 from . import _calls as calls
 from . import _core as core
-from ._errors import ConfigError, ConnectionFailed, InvalidArgument, WaitTimeout
+from ._errors import (
+    ConfigError,
+    ConnectionFailed,
+    InvalidArgument,
+    JobctlError,
+    WaitTimeout,
+)
 
 if TYPE_CHECKING:
     from ._trust import Pinning
@@ -138,35 +144,28 @@ class BlockingClient:
     """
 
     def __init__(self, sock: TLSChannel, welcome: p.Welcome, conn: p.ClientConnection,
-                 idle: float | None = None,
-                 reopen: Callable[[], BlockingClient] | None = None):
+                 idle: float | None = None):
         self._sock = sock
         self._conn = conn
         #: Liveness: the longest silence of the server while a request is in
         #: progress (it ticks); None: no bound but TCP's.
         self._idle = idle
+        #: A new connection like this one (set by connect_blocking): what a follow
+        #: that reconnects (``reconnect=``) uses.
+        self._factory: Callable[[], BlockingClient] | None = None
+        #: A request cut short (``wait``'s timeout, a stream abandoned) leaves the
+        #: connection in the middle of an answer: it is closed, and the next request
+        #: runs on a new connection (``_factory``) instead of failing (issue 23).
+        self._stale = False
+        #: Called with a line to show when a follow loses its connection and when it
+        #: has it back (``jobctl`` shows them on a terminal).
+        self.on_reconnect: Callable[[str], None] | None = None
+        #: When the server was last heard from (any bytes): a break after it
+        #: starts a new outage (core.Outage).
+        self._heard = time.monotonic()
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
-        #: How to connect again (the arguments of connect_blocking): a request cut
-        #: short (``wait``'s timeout, a stream abandoned) leaves the connection in
-        #: the middle of an answer; it is closed, and the next request runs on a
-        #: new connection instead of failing (issue 23).
-        self._reopen = reopen
-        self._stale = False
-
-    def _reconnect(self) -> None:
-        """Replace a connection that was left in the middle of an answer."""
-        if self._reopen is None:
-            raise ConnectionFailed("this connection was closed in the middle of a request")
-        fresh = self._reopen()
-        fresh._sock.wakeup = self._sock.wakeup  # set_wakeup holds for the client
-        self._sock, self._conn, self._stale = fresh._sock, fresh._conn, False
-        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
-
-    def _abandon(self) -> None:
-        self.close()
-        self._stale = True
 
     # -- connection -------------------------------------------------------------
 
@@ -187,6 +186,7 @@ class BlockingClient:
             self._sock.settimeout(wait)
             try:
                 _receive_into(self._sock, conn)
+                self._heard = time.monotonic()
             except TimeoutError:
                 if idle is not None and wait is idle:
                     raise core.silent(idle) from None
@@ -196,9 +196,23 @@ class BlockingClient:
             except (OSError, ssl.SSLError) as exc:
                 raise core.lost(exc) from None
 
+    def _refresh(self) -> None:
+        """Replace a connection that was left in the middle of an answer."""
+        if self._factory is None:
+            raise ConnectionFailed("this connection was closed in the middle of a request")
+        fresh = self._factory()
+        fresh._sock.wakeup = self._sock.wakeup  # set_wakeup holds for the client
+        self._sock, self._conn, self._idle = fresh._sock, fresh._conn, fresh._idle
+        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
+        self._stale = False
+
+    def _abandon(self) -> None:
+        self.close()
+        self._stale = True
+
     def _send(self, message: p.Message) -> None:
         if self._stale:
-            self._reconnect()
+            self._refresh()
         try:
             frame = self._conn.send(message)
         except p.LocalProtocolError as exc:  # too large for a frame; or a request in progress
@@ -266,6 +280,65 @@ class BlockingClient:
             if not ended:
                 self._abandon()
 
+    # -- reconnecting (issue 21) ----------------------------------------------------
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, calling the wakeup handler (Ctrl-C in ``jobctl run``) meanwhile."""
+        wakeup = self._sock.wakeup
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if wakeup is None:
+                time.sleep(left)
+                return
+            import select
+
+            ready, _, _ = select.select([wakeup[0]], [], [], left)
+            if ready:
+                with contextlib.suppress(OSError):
+                    os.read(wakeup[0], 512)
+                wakeup[1]()
+
+    def _reopen(self, outage: core.Outage, exc: JobctlError,
+                deadline: float | None = None) -> None:
+        """The connection broke with ``exc``: connect again (pausing between tries,
+        as ``outage`` says, and not past ``deadline``: then WaitTimeout) and carry
+        on over the new connection as this same client. Raises when ``outage``
+        gives up, or at once for an error that a new connection cannot cure."""
+        if self._factory is None or not core.retriable(exc):
+            raise exc
+        self.close()
+        while True:
+            pause = outage.lost(exc, time.monotonic(), self._heard)
+            if deadline is not None:
+                pause = min(pause, max(deadline - time.monotonic(), 0.0))
+            if self.on_reconnect is not None and outage.attempts == 1:
+                self.on_reconnect(f"{exc}: reconnecting")
+            self._pause(pause)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout("the deadline passed while reconnecting")
+            try:
+                fresh = self._factory()
+            except JobctlError as failed:
+                exc = failed
+                continue
+            break
+        fresh._sock.wakeup = self._sock.wakeup
+        self._sock, self._conn, self._idle = fresh._sock, fresh._conn, fresh._idle
+        self.welcome = fresh.welcome
+        self._stale = False
+        if self.on_reconnect is not None:
+            self.on_reconnect("reconnected")
+
+    def _resuming(self, resume: calls.Resume) -> Iterator[p.OutputChunk | p.End]:
+        while True:
+            try:
+                yield from self._events(resume.call(self.welcome))
+                return
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                self._reopen(resume.outage, exc)
+
     def set_wakeup(self, fd: int | None, handler: Callable[[], None] | None) -> None:
         """While waiting for the server, call ``handler()`` each time ``fd`` is
         readable (a signal's wakeup fd); None, None: no more. The handler runs
@@ -302,32 +375,63 @@ class BlockingClient:
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
             limits: p.Limits | None = None, env_merge: bool = False,
             on_output: Callable[[p.OutputChunk], None] | None = None,
+            reconnect: float | None = core.RECONNECT_TIMEOUT,
             labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job and follow its output from the first byte until it ends;
         its final status (``jobctl.exit_status`` makes an exit status of it).
 
         ``on_output`` gets each chunk; by default the job's stdout and stderr are
         written to this process's, as ``subprocess.run`` does. A job that never
-        ran returns its ``error`` status at once.
+        ran returns its ``error`` status at once. ``reconnect``: as for
+        :meth:`stream` (the start itself is never sent twice).
         """
-        return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge, on_output,
-                                   labels))
+        within = core.check_reconnect(reconnect)
+        if within is None:
+            return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
+                                       on_output, labels))
+        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                            labels=labels)
+        if status.state is p.JobState.ERROR:
+            return status
+        write = on_output or core.write_chunk
+        end: p.End | None = None
+        for event in self.stream(status.id, reconnect=within):
+            if isinstance(event, p.OutputChunk):
+                write(event)
+            else:
+                end = event
+        assert end is not None
+        return end.status
 
-    def wait(self, job: int, timeout: float | None = None) -> p.JobStatus:
+    def wait(self, job: int, timeout: float | None = None, *,
+             reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Block until the job has ended; its final status. No output is sent.
 
         ``timeout`` (seconds): WaitTimeout if it has not ended by then. The
         connection was in the middle of the answer, so it is closed; the next
         request connects again by itself (``wait`` then ``stop`` just works).
+        ``reconnect``: as for :meth:`stream`; the wait is asked again.
         """
         if timeout is not None and not timeout >= 0:
             raise InvalidArgument(f"invalid argument: timeout must be 0 or more, not {timeout}")
         deadline = None if timeout is None else time.monotonic() + min(timeout, core.MAX_TIMEOUT)
-        try:
-            return self._run(calls.wait(self.welcome, job), deadline)
-        except TimeoutError:
-            self._abandon()
-            raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
+        within = core.check_reconnect(reconnect)
+        outage = core.Outage(within) if within is not None else None
+        while True:
+            try:
+                return self._run(calls.wait(self.welcome, job), deadline)
+            except TimeoutError:
+                self._abandon()
+                raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                if outage is None:
+                    raise
+                try:
+                    self._reopen(outage, exc, deadline)
+                except WaitTimeout:
+                    raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
 
     def stop(self, job: int, grace: float | None = None, *,
              progress: Callable[[], None] | None = None) -> p.JobStatus:
@@ -366,18 +470,26 @@ class BlockingClient:
         admin's any). Its status, as :meth:`start`'s. Protocol 1.2."""
         return self._run(calls.rerun(self.welcome, job))
 
-    def stream(self, job: int, position: int = 0, *,
-               timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
+    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+               reconnect: float | None = core.RECONNECT_TIMEOUT
+               ) -> Iterator[p.OutputChunk | p.End]:
         """The job's output from ``position`` (0: the first byte), following it
         live until the job ends. Yields OutputChunk events, then one End.
 
-        To resume after a lost connection, connect again and pass the position
-        of the last chunk received: nothing is lost or repeated. With
+        ``reconnect`` (seconds; None or 0: never): when the connection breaks
+        (or the server restarts), connect again with backoff and resume right
+        after the last chunk received, so that nothing is lost or repeated;
+        give up (ConnectionFailed) once that many seconds pass without the
+        server. This client then carries on over the new connection. (By hand:
+        connect again and pass the last chunk's position.) With
         ``timestamps``, each chunk is one read of jobd's and carries its
         ``time`` (a server older than protocol 1.1 sends no times: None).
         """
-        return self._output(calls.output_request(self.welcome, job, position, timestamps,
-                                                 follow=True))
+        within = core.check_reconnect(reconnect)
+        if within is None:
+            return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                     follow=True))
+        return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within)))
 
     def output(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
@@ -446,11 +558,11 @@ def connect_blocking(
     except BaseException:
         sock.close()
         raise
-    return BlockingClient(sock, welcome, conn, core.idle_timeout(welcome, liveness),
-                          reopen=lambda: connect_blocking(
-                              address, port, certificate=certificate, key=key, ca=ca,
-                              server_name=server_name, connect_timeout=connect_timeout,
-                              pin=pin, liveness_timeout=liveness_timeout))
+    client = BlockingClient(sock, welcome, conn, core.idle_timeout(welcome, liveness))
+    client._factory = lambda: connect_blocking(
+        address, port, certificate=certificate, key=key, ca=ca, server_name=server_name,
+        connect_timeout=connect_timeout, pin=pin, liveness_timeout=liveness_timeout)
+    return client
 
 
 def _context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

@@ -178,6 +178,35 @@ def output_request(welcome: p.Welcome, job: int, position: int, timestamps: bool
     return core.message(p.Output, job, position, timestamps=times)
 
 
+class Resume:
+    """A follow that outlives its connections (issue 21): which job, where the
+    next stream request starts (right after the last chunk received), and the
+    reconnect policy (:class:`jobctl._core.Outage`). :meth:`call` is the stream
+    over one connection; when it breaks, the driver connects again and runs a
+    fresh :meth:`call`, which asks from the position reached: nothing is lost
+    or repeated (docs/protocol.md, section 8)."""
+
+    def __init__(self, job: int, position: int, timestamps: bool,
+                 outage: core.Outage) -> None:
+        self.job = job
+        self.position = position
+        self.timestamps = timestamps
+        self.outage = outage
+
+    def call(self, welcome: p.Welcome) -> Call[None]:
+        yield Send(output_request(welcome, self.job, self.position, self.timestamps,
+                                  follow=True))
+        while True:
+            event = yield Receive(None)
+            self.outage.progress()
+            if isinstance(event, p.OutputChunk):
+                self.position = event.position
+                yield Emit(event)
+                continue
+            yield Emit(core.expect(event, p.End))
+            return
+
+
 def output(request: p.Stream | p.Output) -> Call[None]:
     """The chunks of a stream or output answer, then its End, each emitted to the
     caller. No deadline while a silent job writes nothing."""

@@ -310,6 +310,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                        const="detach", help="Ctrl-C leaves the job running and prints its ID")
     parser.add_argument("--timestamps", action="store_true",
                         help="prefix each line with the time jobd read it")
+    _reconnect_option(parser)
     _start_options(parser)
 
 
@@ -444,10 +445,20 @@ def point_in_time(value: str) -> float:
     return when.timestamp()
 
 
+def _reconnect_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reconnect-timeout", type=seconds("--reconnect-timeout",
+                                                            core.MAX_TIMEOUT),
+                        metavar="SECONDS", default=core.RECONNECT_TIMEOUT,
+                        help="when the connection breaks, reconnect with backoff and resume "
+                        "where it broke, for up to SECONDS without the server (default: "
+                        f"{core.RECONNECT_TIMEOUT:g}; 0: do not reconnect)")
+
+
 def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
     if follow:
         parser.add_argument("--no-follow", action="store_true",
                             help="only the output that exists now (as `output`)")
+        _reconnect_option(parser)
     else:
         parser.set_defaults(no_follow=True)
     parser.add_argument("--tail", type=_count, metavar="N",
@@ -481,6 +492,7 @@ def _status_options(parser: argparse.ArgumentParser) -> None:
 def _wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=seconds("--timeout", core.MAX_TIMEOUT),
                         metavar="SECONDS", help="give up after SECONDS (exit status 124)")
+    _reconnect_option(parser)
     parser.add_argument("ids", type=job_id, nargs="+", metavar="ID", help="the jobs' IDs")
 
 

@@ -211,6 +211,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
     what = ns.command
     #: run: the job each server started, until it ends (what Ctrl-C acts on)
     running: dict[str, tuple[Target, int]] = {}
+    reconnect = getattr(ns, "reconnect_timeout", core.RECONNECT_TIMEOUT)
 
     async def work(client: Client, target: Target) -> tuple[Any, ...]:
         name = target.name
@@ -225,11 +226,12 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 return 0, status
             running[name] = (target, status.id)
             if not ns.json:
-                end = await _follow(client, status.id, name, printer)
+                end = await _follow(client, status.id, name, printer, reconnect=reconnect)
                 del running[name]
                 return job_exit_status(end), end
             kept: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
-            end = await _follow(client, status.id, name, printer, keep=kept)
+            end = await _follow(client, status.id, name, printer, keep=kept,
+                                reconnect=reconnect)
             del running[name]
             return job_exit_status(end), end, _kept_json(kept)
         if what == "wait":  # every job named, in order; the first one's status
@@ -237,7 +239,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             with trio.move_on_after(ns.timeout if ns.timeout is not None else math.inf) \
                     as scope:
                 for job in ns.ids:
-                    end = await client.wait(job)
+                    end = await client.wait(job, reconnect=reconnect)
                     if not ns.json:
                         printer.line(name, text.describe(end))
                     ends.append(end)
@@ -247,7 +249,8 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             return job_exit_status(ends[0]), ends[0]
         if what in ("stream", "output"):
             end = await _follow(client, ns.id, name, printer,
-                                live=what == "stream" and not ns.no_follow, only_fd=ns.only_fd)
+                                live=what == "stream" and not ns.no_follow, only_fd=ns.only_fd,
+                                reconnect=reconnect)
             return 0, end
         if what == "status":
             status = await client.status(ns.id)
@@ -394,13 +397,14 @@ class _Interrupt:
 
 async def _follow(client: Client, job: int, name: str, printer: Printer, *,
                   keep: dict[int, bytearray] | None = None, live: bool = True,
-                  only_fd: int | None = None) -> p.JobStatus:
+                  only_fd: int | None = None,
+                  reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
     """The job's end, and its output: printed, prefixed line by line; or with
     ``keep``, kept there per fd (JSON_OUTPUT_CAP bytes in all; none for ``{}``)."""
     end: p.JobStatus | None = None
     # aclosing: a write that fails (a closed stdout) ends the stream in this task.
     source = cast("AsyncGenerator[p.OutputChunk | p.End, None]",
-                  client.stream(job) if live else client.output(job))
+                  client.stream(job, reconnect=reconnect) if live else client.output(job))
     async with contextlib.aclosing(source) as events:
         async for event in events:
             if isinstance(event, p.OutputChunk):

@@ -151,8 +151,17 @@ def _tail(client: BlockingClient, job: int, count: int, writer: Writer) -> p.End
     return end
 
 
+def _on_reconnect(client: BlockingClient) -> None:
+    """Say on a terminal when the connection is lost and when it is back (never
+    into a file or pipe: stderr may be carrying the job's own stderr)."""
+    if sys.stderr.isatty():
+        client.on_reconnect = lambda line: print(f"jobctl: {text.escape(line)}",
+                                                 file=sys.stderr, flush=True)
+
+
 def stream(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
     client = ctx.client
+    _on_reconnect(client)
     writer = Writer(ns.timestamps, only_fd=ns.only_fd, since=ns.since)
     if ns.since is not None:  # the records' times: protocol 1.1
         core.require_minor(client.welcome, core.LIST_FILTERS_MINOR, "--since")
@@ -162,7 +171,8 @@ def stream(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
         end = _tail(client, ns.id, ns.tail, writer)
         position = end.position
     if follow:
-        end = writer.follow(client.stream(ns.id, position, timestamps=writer.wants_time))
+        end = writer.follow(client.stream(ns.id, position, timestamps=writer.wants_time,
+                                          reconnect=ns.reconnect_timeout))
     elif end is None:
         end = writer.follow(client.output(ns.id, timestamps=writer.wants_time))
     _truncated(end)
@@ -176,10 +186,11 @@ def wait(ns: argparse.Namespace, ctx: Context) -> int:
     deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
     first: p.JobStatus | None = None
     client = ctx.client
+    _on_reconnect(client)
     for job in ns.ids:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            status = client.wait(job, timeout=remaining)
+            status = client.wait(job, timeout=remaining, reconnect=ns.reconnect_timeout)
         except WaitTimeout:
             print(f"jobctl: timed out after {ns.timeout:g}s waiting for job {job}",
                   file=sys.stderr)
@@ -206,9 +217,11 @@ def run(ns: argparse.Namespace, ctx: Context, start: dict[str, Any]) -> int:
     policy = ns.on_interrupt or ("ask" if interactive else "detach")
     interrupt = _Interrupt(ctx, status.id, policy)
     writer = Writer(ns.timestamps)
+    _on_reconnect(client)
     try:
         with interrupt.installed(client):
-            end = writer.follow(client.stream(status.id, timestamps=ns.timestamps))
+            end = writer.follow(client.stream(status.id, timestamps=ns.timestamps,
+                                              reconnect=ns.reconnect_timeout))
     except Detached:
         print(f"\njobctl: detached: job {status.id} keeps running "
               f"(jobctl stream {status.id}; jobctl stop {status.id})", file=sys.stderr)
