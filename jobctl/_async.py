@@ -216,22 +216,75 @@ class Client:
 
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
                     env: core.Env | None = None, limits: p.Limits | None = None,
-                    env_merge: bool = False, labels: core.LabelsArg = None) -> p.JobStatus:
+                    env_merge: bool = False, stdin: bool = False,
+                    tty: p.Terminal | None = None, labels: core.LabelsArg = None
+                    ) -> p.JobStatus:
         """Start a job (as :meth:`jobctl.BlockingClient.start`)."""
         return await self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge,
-                                           labels))
+                                           stdin=stdin, tty=tty, labels=labels))
+
+    @asynccontextmanager
+    async def attach(self, job: int, position: int | None = None, *,
+                     input: bool = False) -> AsyncIterator[AsyncAttach]:
+        """Attach to a job (as :meth:`jobctl.BlockingClient.attach`)::
+
+            async with client.attach(job.id, input=True) as session:
+                await session.send(b"ls\r")
+                async for event in session:   # OutputChunk..., then End
+                    ...
+
+        One task may send while another iterates. Leaving the block detaches
+        (if the job still runs) and reads to the end; the connection is then
+        ready for the next request.
+        """
+        request = calls.attach_request(self.welcome, job, position, input)
+        async with self._lock:
+            await self._send(request)
+            session = AsyncAttach(self, job)
+            yield session
+            if session.end is None:
+                await session.detach()
+                async for _ in session:
+                    pass
 
     async def run(self, argv: Argv, *, cwd: bytes | str | None = None,
                   env: core.Env | None = None, limits: p.Limits | None = None,
                   env_merge: bool = False,
                   on_output: Callable[[p.OutputChunk], None] | None = None,
+                  stdin: bytes | trio.abc.ReceiveStream | None = None,
                   reconnect: float | None = core.RECONNECT_TIMEOUT,
                   labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job, follow its output until it ends, return its final status
         (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
-        default written to this process's stdout and stderr; ``reconnect`` as for
-        :meth:`stream`)."""
+        default written to this process's stdout and stderr; ``stdin``, bytes or a
+        Trio receive stream, is the job's input, then closed; ``reconnect`` as for
+        :meth:`stream`, not with ``stdin``)."""
         within = core.check_reconnect(reconnect)
+        if stdin is not None:
+            status = await self.start(argv, cwd=cwd, env=env, limits=limits,
+                                      env_merge=env_merge, stdin=True)
+            if status.state is p.JobState.ERROR:
+                return status
+            write = on_output or core.write_chunk
+            source = stdin
+            async with self.attach(status.id, 0, input=True) as session:
+
+                async def feed() -> None:
+                    if isinstance(source, bytes):
+                        await session.send(source)
+                    else:
+                        while block := await source.receive_some(p.MAX_INPUT_CHUNK):
+                            await session.send(block)
+                    await session.close_input()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(feed)
+                    async for event in session:
+                        if isinstance(event, p.OutputChunk):
+                            write(event)
+                    nursery.cancel_scope.cancel()  # the job ended: input is moot
+            assert session.end is not None
+            return session.end.status
         if within is None:
             return await self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
                                              on_output, labels), close_on_error=True)
@@ -328,6 +381,55 @@ class Client:
 
     def _output(self, request: p.Stream | p.Output) -> AsyncIterator[p.OutputChunk | p.End]:
         return self._events(calls.output(request))
+
+
+class AsyncAttach:
+    """An attach in progress (:meth:`Client.attach`): ``send``, ``close_input``,
+    ``resize`` and ``detach`` go to the server; iterating yields output chunks
+    until the ``End`` (kept in ``end``)."""
+
+    def __init__(self, client: Client, job: int) -> None:
+        self._client = client
+        self.job = job
+        self.end: p.End | None = None
+        self._detached = False
+        self._send_lock = trio.StrictFIFOLock()
+
+    async def _send(self, message: p.Message) -> None:
+        async with self._send_lock:
+            if self.end is None:
+                await self._client._send(message)
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), p.MAX_INPUT_CHUNK):
+            await self._send(p.Input(bytes(view[at:at + p.MAX_INPUT_CHUNK])))
+
+    async def close_input(self) -> None:
+        await self._send(p.InputEof())
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._send(core.message(p.Resize, rows, cols))
+
+    async def detach(self) -> None:
+        if not self._detached:
+            self._detached = True
+            await self._send(p.Detach())
+
+    def __aiter__(self) -> AsyncAttach:
+        return self
+
+    async def __anext__(self) -> p.OutputChunk | p.End:
+        if self.end is not None:
+            raise StopAsyncIteration
+        try:
+            event = await self._client._receive()
+        except p.ProtocolError as exc:
+            raise core.lost(exc) from None
+        if isinstance(event, p.OutputChunk):
+            return event
+        self.end = core.expect(event, p.End)
+        return self.end
 
 
 @asynccontextmanager

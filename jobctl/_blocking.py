@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import protocol as p
 
@@ -102,6 +102,30 @@ class TLSChannel:
 
     def close(self) -> None:
         self._raw.close()
+
+    def fileno(self) -> int:
+        """The socket: readable when :meth:`read_buffered` may have more to give."""
+        return self._raw.fileno()
+
+    def read_buffered(self, buffer: memoryview | bytearray) -> int | None:
+        """Decrypted bytes already received, without waiting: a count (0 at the
+        end), or None when the socket must be read first (:meth:`receive_more`)."""
+        try:
+            count: int = self._tls.read(len(buffer), buffer)  # type: ignore[assignment]
+            return count
+        except ssl.SSLWantReadError:
+            return None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return 0
+
+    def receive_more(self) -> None:
+        """One read of the socket into the TLS layer (blocks until there is data)."""
+        self._flush()
+        count = self._raw.recv_into(self._buffer)
+        if count:
+            self._incoming.write(self._view[:count])
+        else:
+            self._incoming.write_eof()
 
     def _wait_readable(self, fd: int, handler: Callable[[], None]) -> None:
         """Block until the socket is readable, calling ``handler`` each time ``fd``
@@ -361,20 +385,25 @@ class BlockingClient:
 
     def start(self, argv: Argv, *, cwd: bytes | str | None = None,
               env: core.Env | None = None, limits: p.Limits | None = None,
-              env_merge: bool = False, labels: core.LabelsArg = None) -> p.JobStatus:
+              env_merge: bool = False, stdin: bool = False,
+              tty: p.Terminal | None = None, labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job. The status may be ``error`` (the command could not run).
 
         ``argv``, ``cwd`` and ``env`` names and values may be bytes or str (str
         is encoded as the OS does). ``env`` None: the server's environment for
         jobs; a mapping: the job's whole environment, or with ``env_merge``
-        (servers from protocol 1.1) added to the server's. ``labels``: a mapping
-        or (key, value) pairs (servers from protocol 1.2).
+        (servers from protocol 1.1) added to the server's. ``stdin``: the job's
+        stdin is a pipe that :meth:`attach` writes to; ``tty``: the job runs on
+        a pseudo-terminal of that size (servers from protocol 1.2). ``labels``: a
+        mapping or (key, value) pairs (servers from protocol 1.2).
         """
-        return self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge, labels))
+        return self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge,
+                                     stdin=stdin, tty=tty, labels=labels))
 
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
             limits: p.Limits | None = None, env_merge: bool = False,
             on_output: Callable[[p.OutputChunk], None] | None = None,
+            stdin: Input | None = None,
             reconnect: float | None = core.RECONNECT_TIMEOUT,
             labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job and follow its output from the first byte until it ends;
@@ -382,10 +411,31 @@ class BlockingClient:
 
         ``on_output`` gets each chunk; by default the job's stdout and stderr are
         written to this process's, as ``subprocess.run`` does. A job that never
-        ran returns its ``error`` status at once. ``reconnect``: as for
-        :meth:`stream` (the start itself is never sent twice).
+        ran returns its ``error`` status at once. ``stdin`` (bytes, a binary
+        file, or a file descriptor) is the job's input, sent to its end, then
+        closed; without it the job's stdin is /dev/null. ``reconnect``: as for
+        :meth:`stream` (the start itself is never sent twice; a run with
+        ``stdin`` does not reconnect: input in flight could be lost or repeated).
         """
         within = core.check_reconnect(reconnect)
+        if stdin is not None:
+            status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                                stdin=True)
+            if status.state is p.JobState.ERROR:
+                return status
+            write = on_output or core.write_chunk
+            with self.attach(status.id, 0, input=True) as session:
+                for block in _blocks(stdin):
+                    session.send(block)
+                    for event in session.poll():
+                        if isinstance(event, p.OutputChunk):
+                            write(event)
+                session.close_input()
+                for event in session:
+                    if isinstance(event, p.OutputChunk):
+                        write(event)
+                assert session.end is not None
+                return session.end.status
         if within is None:
             return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
                                        on_output, labels))
@@ -497,8 +547,148 @@ class BlockingClient:
         return self._output(calls.output_request(self.welcome, job, position, timestamps,
                                                  follow=False))
 
+    def attach(self, job: int, position: int | None = None, *,
+               input: bool = False) -> BlockingAttach:
+        """Attach to a job's output (from ``position``; None: a recent point the
+        server picks; 0: the first byte) and, with ``input``, its stdin or
+        terminal (the owner and admin may; protocol 1.2). Returns a
+        :class:`BlockingAttach` (a context manager that detaches on exit)."""
+        self._send(calls.attach_request(self.welcome, job, position, input))
+        return BlockingAttach(self, job)
+
     def _output(self, request: p.Stream | p.Output) -> Iterator[p.OutputChunk | p.End]:
         return self._events(calls.output(request))
+
+
+#: What ``run(stdin=...)`` takes: bytes, a binary file, or a file descriptor.
+Input = bytes | bytearray | memoryview | BinaryIO | int
+
+
+def _blocks(source: Input) -> Iterator[bytes]:
+    size = p.MAX_INPUT_CHUNK
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source).cast("B")
+        for at in range(0, len(view), size):
+            yield bytes(view[at:at + size])
+        return
+    while True:
+        block = os.read(source, size) if isinstance(source, int) else source.read(size)
+        if not block:
+            return
+        yield block
+
+
+class BlockingAttach:
+    """An attach in progress (:meth:`BlockingClient.attach`).
+
+    ``send``, ``close_input`` and ``resize`` go to the job (with ``input``);
+    iterating yields the job's output (``OutputChunk``) until the ``End`` (the
+    job ended, or :meth:`detach` was called), which is also kept in ``end``.
+    ``poll()`` returns what has arrived without waiting, ``receive(timeout)``
+    waits for one event; ``fileno()`` is the socket, for ``select`` (poll first:
+    received bytes may wait decrypted in memory). Leaving the ``with`` block
+    detaches, reads to the end, and leaves the connection ready for the next
+    request.
+    """
+
+    def __init__(self, client: BlockingClient, job: int) -> None:
+        self._client = client
+        self.job = job
+        self.end: p.End | None = None
+        self._detached = False
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Input for the job (in frames of at most ``protocol.MAX_INPUT_CHUNK``)."""
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), p.MAX_INPUT_CHUNK):
+            self._send(p.Input(bytes(view[at:at + p.MAX_INPUT_CHUNK])))
+
+    def close_input(self) -> None:
+        """The end of input: the job's stdin is closed (a terminal gets Ctrl-D)."""
+        self._send(p.InputEof())
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._send(core.message(p.Resize, rows, cols))
+
+    def detach(self) -> None:
+        """Leave the job running: the server ends the attach (iterate to the End)."""
+        if not self._detached and self.end is None:
+            self._detached = True
+            self._send(p.Detach())
+
+    def fileno(self) -> int:
+        return self._client._sock.fileno()
+
+    @property
+    def liveness(self) -> float | None:
+        """The longest the server may stay silent (it ticks meanwhile), or None."""
+        return self._client._idle
+
+    def _send(self, message: p.Message) -> None:
+        if self.end is not None:
+            return  # over: nothing more goes to the job
+        self._client._send(message)
+
+    def receive(self, timeout: float | None = None) -> p.OutputChunk | p.End | None:
+        """The next event; None if none came within ``timeout`` (0: only what has
+        arrived). After the End: the End again."""
+        import select
+
+        if self.end is not None:
+            return self.end
+        sock, conn = self._client._sock, self._client._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except p.ProtocolError as exc:
+                raise core.lost(exc) from None
+            if event is not p.NEED_DATA:
+                if isinstance(event, p.OutputChunk):
+                    return event
+                self.end = core.expect(event, p.End)
+                return self.end
+            try:
+                count = sock.read_buffered(conn.get_buffer(core.RECEIVE_SIZE))
+                if count is None:
+                    if timeout is not None:
+                        ready, _, _ = select.select([sock.fileno()], [], [], timeout)
+                        if not ready:
+                            return None
+                    sock.settimeout(None)
+                    sock.receive_more()
+                    continue
+            except (OSError, ssl.SSLError) as exc:
+                raise core.lost(exc) from None
+            if count:
+                conn.buffer_updated(count)
+            else:
+                conn.receive_data(b"")
+
+    def poll(self) -> list[p.OutputChunk | p.End]:
+        """Every event that has arrived, without waiting."""
+        events: list[p.OutputChunk | p.End] = []
+        while self.end is None:
+            event = self.receive(0)
+            if event is None:
+                break
+            events.append(event)
+        return events
+
+    def __iter__(self) -> Iterator[p.OutputChunk | p.End]:
+        while self.end is None:
+            event = self.receive()
+            assert event is not None
+            yield event
+
+    def __enter__(self) -> BlockingAttach:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.end is None and t is None:
+            self.detach()
+            for _ in self:
+                pass
 
 
 def connect_blocking(

@@ -78,12 +78,13 @@ def request(message: p.Message, kind: type[R], within: float | None = core.REQUE
 
 
 def start(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.Env | None,
-          limits: p.Limits | None, env_merge: bool,
-          labels: core.LabelsArg = None) -> Call[p.JobStatus]:
+          limits: p.Limits | None, env_merge: bool, *, stdin: bool = False,
+          tty: p.Terminal | None = None, labels: core.LabelsArg = None) -> Call[p.JobStatus]:
     """``labels`` (protocol 1.2): ConfigError naming the versions for an older
-    server, nothing sent."""
+    server, nothing sent; so for ``stdin`` and ``tty``."""
+    core.check_interactive(welcome, stdin, tty)
     message = core.start_request(argv, cwd, env, limits, core.check_merge(env_merge, welcome),
-                                 core.labels_arg(labels, welcome))
+                                 stdin=stdin, tty=tty, labels=core.labels_arg(labels, welcome))
     return (yield from request(message, p.Started)).status
 
 
@@ -99,7 +100,14 @@ def run(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.
         labels: core.LabelsArg = None) -> Call[p.JobStatus]:
     """Start a job and follow its output until it ends; its final status. A job
     that never ran returns its ``error`` status at once."""
-    status = yield from start(welcome, argv, cwd, env, limits, env_merge, labels)
+    status = yield from start(welcome, argv, cwd, env, limits, env_merge, labels=labels)
+    return (yield from follow_run(welcome, status, on_output))
+
+
+def follow_run(welcome: p.Welcome, status: p.JobStatus,
+               on_output: Callable[[p.OutputChunk], None] | None) -> Call[p.JobStatus]:
+    """``run`` after its start: follow the job's output from the first byte to
+    its end; its final status (at once if it never ran)."""
     if status.state is p.JobState.ERROR:
         return status
     write = on_output or core.write_chunk
@@ -166,6 +174,15 @@ def list_all(welcome: p.Welcome, owner: str | None, states: Sequence[p.JobState]
         if not page.more or not page.jobs:
             return jobs
         after = page.jobs[-1].id
+
+
+def attach_request(welcome: p.Welcome, job: int, position: int | None,
+                   input: bool) -> p.Attach:
+    """The attach both clients send (servers of protocol 1.2). An attach runs both
+    ways at once, so each driver carries it itself (``BlockingAttach``,
+    ``AsyncAttach``): it is not a call."""
+    core.require_minor(welcome, core.INTERACTIVE_MINOR, "attach")
+    return core.message(p.Attach, job, position, input)
 
 
 def output_request(welcome: p.Welcome, job: int, position: int, timestamps: bool, *,

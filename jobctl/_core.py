@@ -74,6 +74,8 @@ LabelsArg = Mapping[str, str] | Sequence[tuple[str, str]] | None
 LIST_FILTERS_MINOR = 1
 #: The protocol minor version that brought labels and rerun (issue 23).
 LABELS_MINOR = 2
+#: The protocol minor version that brought interactive jobs (stdin, tty, attach).
+INTERACTIVE_MINOR = 2
 
 
 def require_minor(welcome: p.Welcome, minor: int, what: str) -> None:
@@ -117,7 +119,8 @@ def labels_arg(labels: Mapping[str, str] | Sequence[tuple[str, str]] | None,
 
 
 def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
-                  limits: p.Limits | None, env_merge: bool = False,
+                  limits: p.Limits | None, env_merge: bool = False, *,
+                  stdin: bool = False, tty: p.Terminal | None = None,
                   labels: tuple[tuple[str, str], ...] = ()) -> p.Start:
     """The start message both clients send: str arguments, cwd, env names and
     values encoded as the OS does (``os.fsencode``)."""
@@ -129,7 +132,14 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    env=tuple((_encode("env name", k), _encode("env value", v))
                              for k, v in env.items()) if env is not None else None,
                    limits=limits, env_merge=env_merge, traceparent=current_traceparent(),
-                   labels=labels)
+                   stdin=stdin, tty=tty, labels=labels)
+
+
+def check_interactive(welcome: p.Welcome, stdin: bool, tty: p.Terminal | None) -> None:
+    """A start with stdin or a terminal needs a server of protocol 1.2: an older
+    one would ignore the fields and start the job with /dev/null."""
+    if stdin or tty is not None:
+        require_minor(welcome, INTERACTIVE_MINOR, "interactive jobs (stdin, a terminal)")
 
 
 def stop_request(job: int, grace: float | None) -> p.Stop:

@@ -182,7 +182,8 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
                           f"(only {', '.join(GROUP_COMMANDS)})")
     # Refused rather than silently ignored.
     for option, flag in (("tail", "--tail"), ("timestamps", "--timestamps"),
-                         ("long", "-v/--long")):
+                         ("long", "-v/--long"), ("interactive", "-i/--interactive"),
+                         ("tty", "-t/--tty"), ("asciicast", "--asciicast")):
         if getattr(ns, option, None):
             raise ConfigError(f"{flag} is not supported with a group of servers")
     if ns.command in ("stream", "output") and ns.since is not None:

@@ -37,6 +37,7 @@ from ._frames import (
     encoded_size,
     parse_output_chunk,
 )
+from ._interactive import ATTACH_FRAMES, MAX_INPUT_CHUNK
 from ._labels import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_label, check_labels
 from ._messages import (
     CLIENT_MESSAGES,
@@ -44,13 +45,17 @@ from ._messages import (
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
+    Attach,
     ClientMessage,
     Delete,
     Deleted,
+    Detach,
     End,
     Error,
     GetStatus,
     Hello,
+    Input,
+    InputEof,
     JobList,
     ListJobs,
     Message,
@@ -60,6 +65,7 @@ from ._messages import (
     Pruned,
     Request,
     Rerun,
+    Resize,
     ServerMessage,
     Start,
     Started,
@@ -73,10 +79,21 @@ from ._messages import (
 from ._requests import MAX_TICK_INTERVAL, MAX_TRACEPARENT
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
+from ._terminal import MAX_TERM_NAME, MAX_TERMINAL_SIDE, Terminal
 from ._units import parse_duration, parse_size
 
 __all__ = [
+    "ATTACH_FRAMES",
     "CLIENT_MESSAGES",
+    "MAX_INPUT_CHUNK",
+    "MAX_TERMINAL_SIDE",
+    "MAX_TERM_NAME",
+    "Attach",
+    "Detach",
+    "Input",
+    "InputEof",
+    "Resize",
+    "Terminal",
     "CLOSED",
     "HEADER_SIZE",
     "ISOLATION_KINDS",

@@ -26,6 +26,9 @@ PROTOCOL_VERSION = 1
 #: 1 (2026-11-30): list filters (owner, states, since) and count; prune;
 #: ``stream``/``output`` take ``timestamps`` and ``end_only``; ``out`` may carry
 #: ``time``; ``start`` takes ``env_merge``.
+#: 2 (2026-12-07): interactive jobs: ``start`` takes ``stdin`` and ``tty``; a
+#: status may carry ``stdin`` and ``tty``; the ``attach`` request, during which
+#: the client sends ``input``, ``eof``, ``resize`` and ``detach``.
 #: 2 (2026-12-07, issue 23): ``start`` takes ``labels``, statuses carry them,
 #: ``list`` filters on them; the ``rerun`` request (answered by ``started``).
 PROTOCOL_MINOR = 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 from ._base import PROTOCOL_MINOR, PROTOCOL_VERSION
+from ._interactive import Attach, Detach, Input, InputEof, Resize
 from ._replies import (
     Deleted,
     End,
@@ -38,7 +39,8 @@ from ._requests import (
 )
 
 ClientMessage: TypeAlias = (
-    Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Rerun
+    Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
+    | Attach | Input | InputEof | Resize | Detach | Rerun
 )
 ServerMessage: TypeAlias = (
     Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
@@ -48,11 +50,12 @@ ServerMessage: TypeAlias = (
 Message: TypeAlias = ClientMessage | ServerMessage
 #: The requests a client may send once welcomed.
 Request: TypeAlias = (
-    Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Rerun
+    Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Attach | Rerun
 )
 
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
-    Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete, Prune, Rerun,
+    Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete, Prune,
+    Attach, Input, InputEof, Resize, Detach, Rerun,
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
@@ -65,6 +68,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 __all__ = [
     "CLIENT_MESSAGES",
+    "Attach",
+    "Detach",
+    "Input",
+    "InputEof",
+    "Resize",
     "MESSAGE_TYPES",
     "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",

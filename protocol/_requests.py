@@ -43,6 +43,7 @@ from ._fields import (
 )
 from ._labels import check_labels, labels_from_wire, labels_to_wire
 from ._status import JobState, Limits
+from ._terminal import Terminal
 
 #: Longest owner a list filter may name (a certificate CN is at most 64 characters).
 MAX_OWNER_FILTER = 1024
@@ -138,6 +139,12 @@ class Start(_Message):
         MAX_TRACEPARENT characters) naming the caller's span, or None. A server
         that traces requests makes it the parent of the request's span; one
         that does not (or an older one) ignores it.
+      stdin: (minor 2) True: the job's stdin is a pipe kept open for ``attach``
+        requests to write to (else /dev/null).
+      tty: (minor 2) a :class:`Terminal`: the job runs on a pseudo-terminal of
+        that size, as its controlling terminal, with ``TERM`` set to its
+        ``term``; stdin, stdout and stderr are the terminal (``stdin`` is
+        implied). None: no terminal.
       labels: (minor 2) ((key, value), ...) to attach to the job, sorted by key,
         each key once; bounds in ``_labels.py``. A server before 1.2 would
         ignore them: clients send them only to a 1.2 server.
@@ -154,9 +161,13 @@ class Start(_Message):
     limits: Limits | None = None
     env_merge: bool = False
     traceparent: str | None = None
+    stdin: bool = False
+    tty: Terminal | None = None
     labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        check_type("stdin", self.stdin, bool)
+        check_type("tty", self.tty, Terminal, optional=True)
         if isinstance(self.argv, list):
             object.__setattr__(self, "argv", tuple(self.argv))
         check_type("argv", self.argv, tuple)
@@ -225,6 +236,10 @@ class Start(_Message):
             out["traceparent"] = self.traceparent
         if self.labels:
             out["labels"] = labels_to_wire(self.labels)
+        if self.stdin:
+            out["stdin"] = True
+        if self.tty is not None:
+            out["tty"] = self.tty.to_wire()
         return out
 
     @classmethod
@@ -232,6 +247,7 @@ class Start(_Message):
         argv = get_list(m, "argv")
         env = get_list(m, "env", None)
         limits = get_map(m, "limits", None)
+        tty = get_map(m, "tty", None)
         return cls(
             argv=tuple(argv),
             cwd=get_bytes(m, "cwd", None),
@@ -240,6 +256,8 @@ class Start(_Message):
             env_merge=_flag(m, "env_merge"),
             traceparent=get_str(m, "traceparent", None),
             labels=labels_from_wire(m, "labels"),
+            stdin=_flag(m, "stdin"),
+            tty=Terminal.from_wire(tty) if tty is not None else None,
         )
 
 

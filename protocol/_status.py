@@ -24,6 +24,7 @@ from ._fields import (
     get_str,
 )
 from ._labels import check_labels, labels_from_wire, labels_to_wire
+from ._terminal import Terminal
 
 #: The namespaces a job may ask to be isolated in (SPEC §8).
 ISOLATION_KINDS = frozenset({"pid", "mount", "net"})
@@ -150,6 +151,10 @@ class JobStatus:
       limits: the limits the job runs with, if any.
       peak_memory: peak memory in bytes, where a cgroup measured it.
       cpu_time: CPU seconds used, where known.
+      stdin: (minor 2) True when the job's stdin is a pipe that ``attach``
+        writes to (a job started with ``stdin``, or on a terminal).
+      tty: (minor 2) the :class:`Terminal` the job runs on (its size at start),
+        or None: its output is then the terminal's, all of it on stdout (fd 1).
       labels: (minor 2) the job's labels, ((key, value), ...) sorted by key
         (``_labels.py`` has their bounds).
     """
@@ -171,6 +176,8 @@ class JobStatus:
     limits: Limits | None = None
     peak_memory: int | None = None
     cpu_time: float | None = None
+    stdin: bool = False
+    tty: Terminal | None = None
     labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -200,6 +207,8 @@ class JobStatus:
         check_type("dropped_bytes", self.dropped_bytes, int)
         check_type("limits", self.limits, Limits, optional=True)
         check_type("peak_memory", self.peak_memory, int, optional=True)
+        check_type("stdin", self.stdin, bool)
+        check_type("tty", self.tty, Terminal, optional=True)
         if self.labels:
             object.__setattr__(self, "labels", check_labels("labels", self.labels))
         else:
@@ -241,6 +250,10 @@ class JobStatus:
             out["limits"] = self.limits.to_wire()
         if self.labels:
             out["labels"] = labels_to_wire(self.labels)
+        if self.stdin:
+            out["stdin"] = True
+        if self.tty is not None:
+            out["tty"] = self.tty.to_wire()
         return out
 
     @classmethod
@@ -248,6 +261,7 @@ class JobStatus:
         argv = get_list(m, "argv")
         check(all(isinstance(a, bytes) for a in argv), "argv entries must be binary")
         limits = get_map(m, "limits", None)
+        tty = get_map(m, "tty", None)
         return cls(
             id=get_int(m, "id"),
             owner=get_str(m, "owner"),
@@ -267,6 +281,8 @@ class JobStatus:
             peak_memory=get_int(m, "peak_memory", None),
             cpu_time=get_float(m, "cpu_time", None),
             labels=labels_from_wire(m, "labels"),
+            stdin=get_bool(m, "stdin", False),
+            tty=Terminal.from_wire(tty) if tty is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import of the package's ``__init__`` unless ``name`` is a module.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def modules() -> dict[str, Path]:
     return found
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Each module of the three packages and the modules of theirs it imports."""
     mods = modules()

@@ -156,6 +156,7 @@ EXAMPLES: list[p.Message] = [
     Start(argv=(b"env",), env=((b"LANG", b"C"),), env_merge=True),
     Start(argv=(b"true",), labels=(("env", "prod"), ("team", "web/é"))),
     p.Rerun(job=7),
+    Start(argv=(b"bash",), stdin=True, tty=p.Terminal(rows=40, cols=120, term="xterm-256color")),
     Stop(job=3, grace=0.5),
     GetStatus(job=7),
     ListJobs(after=100, owner="bob", states=(p.JobState.RUNNING, p.JobState.EXITED),
@@ -166,6 +167,12 @@ EXAMPLES: list[p.Message] = [
     Output(job=7),
     Delete(job=7),
     p.Prune(older_than=86400.0),
+    p.Attach(job=7, position=12, input=True),
+    p.Attach(job=7),
+    p.Input(data=b"\x03ls\r"),
+    p.InputEof(),
+    p.Resize(rows=50, cols=132),
+    p.Detach(),
     WELCOME,
     dataclasses.replace(WELCOME, tick_interval=10.0),
     p.Tick(),
@@ -254,7 +261,7 @@ def test_golden_decode(msg: p.Message, frame: bytes) -> None:
 
 def test_examples_cover_every_type() -> None:
     assert {type(m) for m in EXAMPLES} == set(p.MESSAGE_TYPES.values())
-    assert len(p.MESSAGE_TYPES) == 21
+    assert len(p.MESSAGE_TYPES) == 26
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)

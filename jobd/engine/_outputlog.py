@@ -342,6 +342,11 @@ class OutputLog:
         """A new read-only descriptor of the log file (FileNotFoundError: gone)."""
         return open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
 
+    def recent_position(self, back: int) -> int:
+        """A record boundary about ``back`` bytes before the end (see
+        :func:`_logreader.recent_position`)."""
+        return _logreader.recent_position(self, back)
+
     async def wait_beyond(self, position: int) -> None:
         """Wait until the log has bytes after ``position`` or is closed."""
         while self.end <= position and not self.closed:
