@@ -190,7 +190,10 @@ def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group.add_argument("--trust-on-first-use", action="store_true", default=default(False),
                        help="without a CA: pin an unknown server's certificate without asking")
     # -- issue 23: identities apart from servers (_profiles)
-    group.add_argument("-i", "--identity", metavar="NAME",
+    # After run, start and attach, -i is their --interactive: --identity there
+    # (or -i before the command, as every global option may be given).
+    short = [] if "-i" in parser._option_string_actions else ["-i"]
+    group.add_argument(*short, "--identity", metavar="NAME",
                        default=default(os.environ.get("JOBCTL_IDENTITY")),
                        help="an identity (certificate and key) from config.toml instead of the "
                             "server's own (default: $JOBCTL_IDENTITY); -c/-k still win")
