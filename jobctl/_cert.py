@@ -35,8 +35,20 @@ def config_dir() -> Path:
     return Path(base) / "jobctl"
 
 
+DESCRIPTION = ("Your own key and certificate request: the key stays on this machine, "
+               "the request goes to the CA (jobd ca sign).")
+EPILOG = "example:\n  jobctl cert request --name alice --role control"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jobctl cert", description="Your own key and certificate request.")
+    parser = _Parser(prog="jobctl cert", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(parser)
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """``cert``'s actions on ``parser`` (its own, or jobctl's for the man page)."""
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 parser_class=_Parser)
     req = sub.add_parser("request", help="write NAME.key (0600) and NAME.csr (CN=NAME, OU=ROLE)")
@@ -62,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the certificate it replaces")
     inst.add_argument("--key", type=Path, default=None, metavar="KEY",
                       help="CERT's key (default: CERT with .key)")
-    return parser
 
 
 def main(argv: list[str]) -> int:

@@ -75,8 +75,10 @@ def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None
     try:
         ctx.load_cert_chain(str(certificate), str(key))  # also: the key is the cert's
     except (OSError, ssl.SSLError) as exc:
+        from protocol._pem import mismatch
+
         raise TLSConfigError(f"cannot load certificate {certificate} with key {key}: "
-                             f"{_reason(exc)}") from None
+                             f"{mismatch(certificate, key) or _reason(exc)}") from None
     warning = check_server_certificate(certificate)
     if warning is not None and report is not None:
         report.warnings.append(warning)

@@ -39,6 +39,7 @@ from ._frames import (
     parse_output_chunk,
 )
 from ._interactive import ATTACH_FRAMES, MAX_INPUT_CHUNK
+from ._labels import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_label, check_labels
 from ._messages import (
     CLIENT_MESSAGES,
     MESSAGE_TYPES,
@@ -64,6 +65,7 @@ from ._messages import (
     Prune,
     Pruned,
     Request,
+    Rerun,
     Resize,
     ServerMessage,
     Start,
@@ -108,6 +110,9 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_IO_DEVICES",
     "MAX_JOB_ID",
+    "MAX_LABELS",
+    "MAX_LABEL_KEY",
+    "MAX_LABEL_VALUE",
     "MAX_LIMIT_VALUE",
     "MAX_OUTPUT_CHUNK",
     "MAX_PATH_BYTES",
@@ -148,6 +153,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "Request",
+    "Rerun",
     "Role",
     "Sentinel",
     "ServerConnection",
@@ -160,6 +166,8 @@ __all__ = [
     "Stream",
     "Tick",
     "Welcome",
+    "check_label",
+    "check_labels",
     "clip",
     "decode_payload",
     "encode_frame",

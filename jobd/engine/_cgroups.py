@@ -114,7 +114,8 @@ class Hierarchy(ABC):
         """For jobd's start-up log line."""
 
     @abstractmethod
-    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str]) -> JobCgroup:
+    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str], *,
+               owner: str | None = None) -> JobCgroup:
         """Make the job's cgroup and write its limits (blocking). ``devices`` maps the
         io limits' device paths to ``MAJOR:MINOR``. Raises EngineError."""
 
@@ -317,7 +318,8 @@ class V2Hierarchy(Hierarchy):
         return {"mode": self.mode, "controllers": ",".join(sorted(self.resources)) or "none",
                 "root": self.parent}
 
-    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str]) -> JobCgroup:
+    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str], *,
+               owner: str | None = None) -> JobCgroup:
         path = f"{self.parent}/{JOB_PREFIX}{job_id}"
         os.mkdir(path)
         try:
@@ -449,10 +451,20 @@ class V1Hierarchy(Hierarchy):
         root = next(iter(self.parents.values()))
         return {"mode": self.mode, "controllers": ",".join(self.parents), "root": root}
 
-    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str]) -> JobCgroup:
+    def create(self, job_id: int, limits: Limits, devices: Mapping[str, str], *,
+               owner: str | None = None) -> JobCgroup:
         name = f"{JOB_PREFIX}{job_id}"
         made: dict[str, str] = {}
-        job = V1Job(name, {c: f"{p}/{name}" for c, p in self.parents.items()})
+        dirs = {c: f"{p}/{name}" for c, p in self.parents.items()}
+        groups = self.owner_groups() if owner is not None else None
+        if groups is not None and owner is not None:
+            # In the cpu hierarchy the job's cgroup is inside its owner's group, so
+            # that the owner's jobs together weigh as one (issue 22 item 11).
+            cpu = self.parents["cpu"]
+            for controller, parent in self.parents.items():  # co-mounted ones too
+                if parent == cpu:
+                    dirs[controller] = f"{groups.path(owner)}/{name}"
+        job = V1Job(name, dirs)
         try:
             for controller, path in job.dirs.items():
                 if path not in made.values():
@@ -487,10 +499,21 @@ class V1Hierarchy(Hierarchy):
         names: dict[str, None] = {}
         for parent in self.parents.values():
             names.update(dict.fromkeys(_job_dirs(parent)))
+        nested: dict[str, str] = {}  # cpu: job cgroups inside owner groups
+        if "cpu" in self.parents:
+            cpu = self.parents["cpu"]
+            for owner in _job_dirs(cpu, OWNER_PREFIX):
+                for name in _job_dirs(f"{cpu}/{owner}"):
+                    nested[name] = f"{cpu}/{owner}/{name}"
+                    names[name] = None
         out: list[JobCgroup] = []
         for name in names:
             dirs = {c: f"{p}/{name}" for c, p in self.parents.items()
                     if os.path.isdir(f"{p}/{name}")}
+            if name in nested:
+                for controller, parent in self.parents.items():
+                    if parent == self.parents["cpu"]:
+                        dirs[controller] = nested[name]
             out.append(V1Job(name, dirs))
         return out
 
