@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 import protocol as p
 
+from . import _calls as calls
 from . import _core as core
 from ._errors import ConfigError, ConnectionFailed, InvalidArgument
 
@@ -65,30 +66,71 @@ class Client:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise core.lost(exc.__cause__ or exc) from None
 
-    async def _request(self, message: p.Message, kind: type[core.R],
-                       answer_within: float = core.REQUEST_TIMEOUT) -> core.R:
+    async def _do(self, op: calls.Op) -> Any:
+        """Carry out one operation of a call (jobctl/_calls.py): send, or receive
+        the next event (within its deadline)."""
+        if isinstance(op, calls.Send):
+            await self._send(op.message)
+            return None
+        assert isinstance(op, calls.Receive), op
+        if op.within is None:
+            return await self._receive()
+        try:
+            with trio.fail_after(op.within):
+                return await self._receive()
+        except trio.TooSlowError:
+            raise ConnectionFailed(f"no answer from the server within {op.within:g}s") from None
+
+    async def _run(self, call: calls.Call[core.R], *, close_on_error: bool = False) -> core.R:
+        """Drive a call to its result, holding the connection. ``close_on_error``:
+        a call cut off mid-request (cancelled, failed) closes the connection,
+        which cannot go on."""
         async with self._lock:
-            await self._send(message)
+            value = None
             try:
-                with trio.fail_after(answer_within):
-                    return core.expect(await self._receive(), kind)
-            except trio.TooSlowError:
-                raise ConnectionFailed(
-                    f"no answer from the server within {answer_within:g}s") from None
+                while True:
+                    try:
+                        op = call.send(value)
+                    except StopIteration as stop:
+                        result: core.R = stop.value
+                        return result
+                    value = await self._do(op)
             except p.ProtocolError as exc:
                 raise core.lost(exc) from None
+            except BaseException:
+                if close_on_error:
+                    await self.aclose()
+                raise
+
+    async def _events(self, call: calls.Call[None]) -> AsyncIterator[p.OutputChunk | p.End]:
+        """Drive a call, yielding what it emits (a stream's chunks and its End)."""
+        async with self._lock:
+            value = None
+            while True:
+                try:
+                    op = call.send(value)
+                except StopIteration:
+                    return
+                if isinstance(op, calls.Emit):
+                    yield op.event
+                    value = None
+                    continue
+                try:
+                    value = await self._do(op)
+                except p.ProtocolError as exc:
+                    raise core.lost(exc) from None
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self._stream.aclose()
 
+    # -- requests (each a call of jobctl/_calls.py) ----------------------------------
+
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
                     env: core.Env | None = None, limits: p.Limits | None = None,
                     env_merge: bool = False) -> p.JobStatus:
         """Start a job (as :meth:`jobctl.BlockingClient.start`)."""
-        message = core.start_request(argv, cwd, env, limits,
-                                           core.check_merge(env_merge, self.welcome))
-        return (await self._request(message, p.Started)).status
+        return await self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge))
 
     async def run(self, argv: Argv, *, cwd: bytes | str | None = None,
                   env: core.Env | None = None, limits: p.Limits | None = None,
@@ -97,19 +139,8 @@ class Client:
         """Start a job, follow its output until it ends, return its final status
         (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
         default written to this process's stdout and stderr)."""
-        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
-        if status.state is p.JobState.ERROR:
-            return status
-        write = on_output or core.write_chunk
-        end: p.End | None = None
-        async with aclosing(self.stream(status.id)) as events:  # type: ignore[type-var]
-            async for event in events:
-                if isinstance(event, p.OutputChunk):
-                    write(event)
-                else:
-                    end = event
-        assert end is not None
-        return end.status
+        return await self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
+                                         on_output))
 
     async def wait(self, job: int) -> p.JobStatus:
         """Wait until the job has ended; its final status. No output is sent.
@@ -118,87 +149,52 @@ class Client:
         expires, this connection is closed (it was in the middle of the
         request) and the scope's exception propagates.
         """
-        request = core.message(p.Stream, job, end_only=self.welcome.minor >= 1)
-        async with self._lock:
-            await self._send(request)
-            try:
-                while True:
-                    event = await self._receive()
-                    if not isinstance(event, p.OutputChunk):  # pre-1.1 servers send output
-                        return core.expect(event, p.End).status
-            except p.ProtocolError as exc:
-                raise core.lost(exc) from None
-            except BaseException:
-                await self.aclose()  # mid-request: this connection cannot go on
-                raise
+        return await self._run(calls.wait(self.welcome, job), close_on_error=True)
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
-        return (await self._request(core.stop_request(job, grace), p.Stopped,
-                                    core.stop_timeout(grace))).status
+        return await self._run(calls.stop(job, grace))
 
     async def status(self, job: int) -> p.JobStatus:
-        return (await self._request(core.message(p.GetStatus, job), p.StatusResult)).status
+        return await self._run(calls.status(job))
 
     async def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
-             since: float | None = None) -> list[p.JobStatus]:
+                   since: float | None = None) -> list[p.JobStatus]:
         """Every job the caller may see that matches the filters (all pages)."""
-        jobs: list[p.JobStatus] = []
-        after = 0
-        while True:
-            page = await self.list_page(after, owner=owner, states=states, since=since)
-            jobs.extend(page.jobs)
-            if not page.more or not page.jobs:
-                return jobs
-            after = page.jobs[-1].id
+        return await self._run(calls.list_all(self.welcome, owner, states, since))
 
     async def list_page(self, after: int = 0, *, owner: str | None = None,
-                  states: Sequence[p.JobState] = (), since: float | None = None,
-                  count: bool = False) -> p.JobList:
+                        states: Sequence[p.JobState] = (), since: float | None = None,
+                        count: bool = False) -> p.JobList:
         """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
         ``count``: with the total that match. Filters and counts need a server of
         protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
-        request = p.ListJobs(after, owner, tuple(states), since, count)
-        if request != p.ListJobs(after):
-            core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
-        return await self._request(request, p.JobList)
+        return await self._run(calls.list_page(self.welcome, after, owner, states, since,
+                                               count))
 
     async def prune(self, older_than: float) -> int:
         """Remove every finished job that ended more than ``older_than`` seconds ago,
         with its output (admin only; protocol 1.1); how many were removed."""
-        core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "prune")
-        return (await self._request(p.Prune(older_than), p.Pruned)).removed
+        return await self._run(calls.prune(self.welcome, older_than))
 
     async def delete(self, job: int) -> None:
-        await self._request(core.message(p.Delete, job), p.Deleted)
+        await self._run(calls.delete(job))
 
     def stream(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
         """Output from ``position``, following live output; OutputChunk events then End.
         Resume after a lost connection with the last chunk's position. With
         ``timestamps``, each chunk carries its ``time`` (servers from protocol 1.1)."""
-        return self._output(core.message(p.Stream, job, position,
-                                         timestamps=timestamps and self.welcome.minor >= 1))
+        return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                 follow=True))
 
     def output(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
         """Like :meth:`stream`, but only the output that exists now."""
-        return self._output(core.message(p.Output, job, position,
-                                         timestamps=timestamps and self.welcome.minor >= 1))
+        return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                 follow=False))
 
-    async def _output(self, request: p.Stream | p.Output
-                      ) -> AsyncIterator[p.OutputChunk | p.End]:
-        async with self._lock:
-            await self._send(request)
-            while True:
-                try:
-                    event = await self._receive()
-                except p.ProtocolError as exc:
-                    raise core.lost(exc) from None
-                if isinstance(event, p.OutputChunk):
-                    yield event
-                    continue
-                yield core.expect(event, p.End)
-                return
+    def _output(self, request: p.Stream | p.Output) -> AsyncIterator[p.OutputChunk | p.End]:
+        return self._events(calls.output(request))
 
 
 @asynccontextmanager

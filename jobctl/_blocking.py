@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import protocol as p
 
+from . import _calls as calls
 from . import _core as core
 from ._errors import ConfigError, ConnectionFailed, InvalidArgument, WaitTimeout
 
@@ -173,22 +174,53 @@ class BlockingClient:
         except (OSError, ssl.SSLError) as exc:
             raise core.lost(exc) from None
 
-    def _request(self, message: p.Message, kind: type[core.R],
-                 timeout: float | None = core.REQUEST_TIMEOUT, *,
-                 progress: Callable[[], None] | None = None) -> core.R:
-        """Send ``message``, return its answer. ``progress`` (if given) is called
-        once if the answer takes longer than PROGRESS_DELAY."""
-        self._send(message)
+    def _do(self, op: calls.Op, deadline: float | None = None) -> Any:
+        """Carry out one operation of a call (jobctl/_calls.py): send, or receive
+        the next event. With ``deadline`` (``wait``'s timeout), a receive past it
+        raises TimeoutError, the caller's to report."""
+        if isinstance(op, calls.Send):
+            self._send(op.message)
+            return None
+        assert isinstance(op, calls.Receive), op
+        within = op.within
         try:
-            if progress is not None and (timeout is None or timeout > PROGRESS_DELAY):
+            if deadline is not None:
+                # Never 0: that would make the socket non-blocking rather than time out.
+                return self._receive(max(deadline - time.monotonic(), 1e-3), quiet=True)
+            if op.progress is not None and (within is None or within > PROGRESS_DELAY):
                 try:
-                    return core.expect(self._receive(PROGRESS_DELAY, quiet=True), kind)
+                    return self._receive(PROGRESS_DELAY, quiet=True)
                 except TimeoutError:
-                    progress()
-                    timeout = None if timeout is None else timeout - PROGRESS_DELAY
-            return core.expect(self._receive(timeout), kind)
+                    op.progress()
+                    within = None if within is None else within - PROGRESS_DELAY
+            return self._receive(within)
         except p.ProtocolError as exc:
             raise core.lost(exc) from None
+
+    def _run(self, call: calls.Call[core.R], deadline: float | None = None) -> core.R:
+        """Drive a call to its result."""
+        value = None
+        while True:
+            try:
+                op = call.send(value)
+            except StopIteration as stop:
+                result: core.R = stop.value
+                return result
+            value = self._do(op, deadline)
+
+    def _events(self, call: calls.Call[None]) -> Iterator[p.OutputChunk | p.End]:
+        """Drive a call, yielding what it emits (a stream's chunks and its End)."""
+        value = None
+        while True:
+            try:
+                op = call.send(value)
+            except StopIteration:
+                return
+            if isinstance(op, calls.Emit):
+                yield op.event
+                value = None
+            else:
+                value = self._do(op)
 
     def set_wakeup(self, fd: int | None, handler: Callable[[], None] | None) -> None:
         """While waiting for the server, call ``handler()`` each time ``fd`` is
@@ -208,7 +240,7 @@ class BlockingClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    # -- requests ---------------------------------------------------------------
+    # -- requests (each a call of jobctl/_calls.py) ----------------------------------
 
     def start(self, argv: Argv, *, cwd: bytes | str | None = None,
               env: core.Env | None = None, limits: p.Limits | None = None,
@@ -220,9 +252,7 @@ class BlockingClient:
         jobs; a mapping: the job's whole environment, or with ``env_merge``
         (servers from protocol 1.1) added to the server's.
         """
-        request = core.start_request(argv, cwd, env, limits,
-                                     core.check_merge(env_merge, self.welcome))
-        return self._request(request, p.Started).status
+        return self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge))
 
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
             limits: p.Limits | None = None, env_merge: bool = False,
@@ -234,18 +264,7 @@ class BlockingClient:
         written to this process's, as ``subprocess.run`` does. A job that never
         ran returns its ``error`` status at once.
         """
-        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
-        if status.state is p.JobState.ERROR:
-            return status
-        write = on_output or core.write_chunk
-        end: p.End | None = None
-        for event in self.stream(status.id):
-            if isinstance(event, p.OutputChunk):
-                write(event)
-            else:
-                end = event
-        assert end is not None
-        return end.status
+        return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge, on_output))
 
     def wait(self, job: int, timeout: float | None = None) -> p.JobStatus:
         """Block until the job has ended; its final status. No output is sent.
@@ -256,41 +275,25 @@ class BlockingClient:
         if timeout is not None and not timeout >= 0:
             raise InvalidArgument(f"invalid argument: timeout must be 0 or more, not {timeout}")
         deadline = None if timeout is None else time.monotonic() + min(timeout, core.MAX_TIMEOUT)
-        self._send(core.message(p.Stream, job, end_only=self.welcome.minor >= 1))
-        while True:
-            # Never 0: that would make the socket non-blocking rather than time out.
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
-            try:
-                event = self._receive(remaining, quiet=True)
-            except TimeoutError:
-                self.close()
-                raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
-            except p.ProtocolError as exc:
-                raise core.lost(exc) from None
-            if not isinstance(event, p.OutputChunk):  # a server before 1.1 sends output
-                return core.expect(event, p.End).status
+        try:
+            return self._run(calls.wait(self.welcome, job), deadline)
+        except TimeoutError:
+            self.close()
+            raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
 
     def stop(self, job: int, grace: float | None = None, *,
              progress: Callable[[], None] | None = None) -> p.JobStatus:
         """Stop a job; returns once every process of it is gone. ``progress`` is
         called once if that takes a while (the CLI says what it is doing)."""
-        return self._request(core.stop_request(job, grace), p.Stopped,
-                             core.stop_timeout(grace), progress=progress).status
+        return self._run(calls.stop(job, grace, progress))
 
     def status(self, job: int) -> p.JobStatus:
-        return self._request(core.message(p.GetStatus, job), p.StatusResult).status
+        return self._run(calls.status(job))
 
     def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
              since: float | None = None) -> list[p.JobStatus]:
         """Every job the caller may see that matches the filters (all pages)."""
-        jobs: list[p.JobStatus] = []
-        after = 0
-        while True:
-            page = self.list_page(after, owner=owner, states=states, since=since)
-            jobs.extend(page.jobs)
-            if not page.more or not page.jobs:
-                return jobs
-            after = page.jobs[-1].id
+        return self._run(calls.list_all(self.welcome, owner, states, since))
 
     def list_page(self, after: int = 0, *, owner: str | None = None,
                   states: Sequence[p.JobState] = (), since: float | None = None,
@@ -298,19 +301,15 @@ class BlockingClient:
         """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
         ``count``: with the total that match. Filters and counts need a server of
         protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
-        request = p.ListJobs(after, owner, tuple(states), since, count)
-        if request != p.ListJobs(after):
-            core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
-        return self._request(request, p.JobList)
+        return self._run(calls.list_page(self.welcome, after, owner, states, since, count))
 
     def prune(self, older_than: float) -> int:
         """Remove every finished job that ended more than ``older_than`` seconds ago,
         with its output (admin only; protocol 1.1); how many were removed."""
-        core.require_minor(self.welcome, core.LIST_FILTERS_MINOR, "prune")
-        return (self._request(p.Prune(older_than), p.Pruned)).removed
+        return self._run(calls.prune(self.welcome, older_than))
 
     def delete(self, job: int) -> None:
-        self._request(core.message(p.Delete, job), p.Deleted)
+        self._run(calls.delete(job))
 
     def stream(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
@@ -322,29 +321,17 @@ class BlockingClient:
         ``timestamps``, each chunk is one read of jobd's and carries its
         ``time`` (a server older than protocol 1.1 sends no times: None).
         """
-        return self._output(core.message(p.Stream, job, position,
-                                         timestamps=timestamps and self.welcome.minor >= 1))
+        return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                 follow=True))
 
     def output(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
         """Like :meth:`stream`, but only the output that exists now."""
-        return self._output(core.message(p.Output, job, position,
-                                         timestamps=timestamps and self.welcome.minor >= 1))
+        return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                 follow=False))
 
     def _output(self, request: p.Stream | p.Output) -> Iterator[p.OutputChunk | p.End]:
-        self._send(request)
-        while True:
-            try:
-                # No deadline while a silent job writes nothing; TCP keepalive
-                # notices a server that vanished.
-                event = self._receive(None)
-            except p.ProtocolError as exc:
-                raise core.lost(exc) from None
-            if isinstance(event, p.OutputChunk):
-                yield event
-                continue
-            yield core.expect(event, p.End)
-            return
+        return self._events(calls.output(request))
 
 
 def connect_blocking(

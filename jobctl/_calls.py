@@ -1,0 +1,177 @@
+"""The client core, sans-IO: what each request sends, waits for and makes of the answers.
+
+Theory of operation
+-------------------
+
+Both clients (the blocking one, ``_blocking.py``, and the Trio one,
+``_async.py``) offer the same calls, and a call is more than one message:
+``list`` fetches pages until the last, ``run`` starts a job then follows its
+output, ``wait`` skips the output an older server sends, every answer is
+paired with its request (the expected reply, or the server's error raised).
+That logic is written once, here, as generators that do no IO, as h11 serves
+sync and async code alike: a call *yields* what it needs done,
+
+- :class:`Send`: send this message;
+- :class:`Receive`: hand me the server's next event (within ``within``
+  seconds, None: no deadline; ``progress`` called once if it takes longer
+  than a moment);
+- :class:`Emit`: give this event to the caller (a stream's chunks and end),
+
+and its ``return`` value is the call's result. A driver (:meth:`BlockingClient._run`,
+:meth:`Client._run`) moves the bytes: it sends, receives (with its own
+timeouts and its own way of reporting a lost connection), and passes each
+received event back in with ``send()``. Neither driver knows what a call
+means; no call knows about sockets, ``select`` or Trio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import protocol as p
+
+from . import _core as core
+
+R = TypeVar("R")
+
+
+class Send(NamedTuple):
+    """Send ``message`` to the server."""
+
+    message: p.Message
+
+
+class Receive(NamedTuple):
+    """The server's next event, sent back into the call.
+
+    Fields:
+      within: seconds the answer may take (None: no deadline; a stream waits
+        for a silent job, and TCP keepalive notices a server that vanished).
+      progress: called once if the answer takes longer than a moment
+        (the blocking client's ``stop`` says what it is doing).
+    """
+
+    within: float | None
+    progress: Callable[[], None] | None = None
+
+
+class Emit(NamedTuple):
+    """An event for the caller: an output chunk, or a stream's End."""
+
+    event: p.OutputChunk | p.End
+
+
+Op = Send | Receive | Emit
+#: A call: yields operations, gets received events back, returns its result.
+Call = Generator[Op, Any, R]
+
+
+def request(message: p.Message, kind: type[R], within: float | None = core.REQUEST_TIMEOUT,
+            progress: Callable[[], None] | None = None) -> Call[R]:
+    """Send ``message``; its answer, which must be a ``kind`` (else the server's
+    error is raised, or ConnectionFailed for anything else)."""
+    yield Send(message)
+    event = yield Receive(within, progress)
+    return core.expect(event, kind)
+
+
+def start(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.Env | None,
+          limits: p.Limits | None, env_merge: bool) -> Call[p.JobStatus]:
+    message = core.start_request(argv, cwd, env, limits, core.check_merge(env_merge, welcome))
+    return (yield from request(message, p.Started)).status
+
+
+def run(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.Env | None,
+        limits: p.Limits | None, env_merge: bool,
+        on_output: Callable[[p.OutputChunk], None] | None) -> Call[p.JobStatus]:
+    """Start a job and follow its output until it ends; its final status. A job
+    that never ran returns its ``error`` status at once."""
+    status = yield from start(welcome, argv, cwd, env, limits, env_merge)
+    if status.state is p.JobState.ERROR:
+        return status
+    write = on_output or core.write_chunk
+    yield Send(output_request(welcome, status.id, 0, False, follow=True))
+    while True:
+        event = yield Receive(None)
+        if isinstance(event, p.OutputChunk):
+            write(event)
+        else:
+            return core.expect(event, p.End).status
+
+
+def wait(welcome: p.Welcome, job: int) -> Call[p.JobStatus]:
+    """Until the job has ended: its final status. A stream that asks for no output
+    (``end_only``, protocol 1.1); from an older server, the output is skipped."""
+    yield Send(core.message(p.Stream, job, end_only=welcome.minor >= 1))
+    while True:
+        event = yield Receive(None)
+        if not isinstance(event, p.OutputChunk):
+            return core.expect(event, p.End).status
+
+
+def stop(job: int, grace: float | None,
+         progress: Callable[[], None] | None = None) -> Call[p.JobStatus]:
+    return (yield from request(core.stop_request(job, grace), p.Stopped,
+                               core.stop_timeout(grace), progress)).status
+
+
+def status(job: int) -> Call[p.JobStatus]:
+    return (yield from request(core.message(p.GetStatus, job), p.StatusResult)).status
+
+
+def delete(job: int) -> Call[None]:
+    yield from request(core.message(p.Delete, job), p.Deleted)
+
+
+def prune(welcome: p.Welcome, older_than: float) -> Call[int]:
+    """Remove every finished job that ended more than ``older_than`` seconds ago
+    (admin only; protocol 1.1); how many were removed."""
+    core.require_minor(welcome, core.LIST_FILTERS_MINOR, "prune")
+    return (yield from request(p.Prune(older_than), p.Pruned)).removed
+
+
+def list_page(welcome: p.Welcome, after: int, owner: str | None, states: Sequence[p.JobState],
+              since: float | None, count: bool) -> Call[p.JobList]:
+    """One page of jobs with IDs above ``after``. Filters and counts need a server
+    of protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
+    message = p.ListJobs(after, owner, tuple(states), since, count)
+    if message != p.ListJobs(after):
+        core.require_minor(welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
+    return (yield from request(message, p.JobList))
+
+
+def list_all(welcome: p.Welcome, owner: str | None, states: Sequence[p.JobState],
+             since: float | None) -> Call[list[p.JobStatus]]:
+    """Every job the caller may see that matches the filters: page after page."""
+    jobs: list[p.JobStatus] = []
+    after = 0
+    while True:
+        page = yield from list_page(welcome, after, owner, states, since, False)
+        jobs.extend(page.jobs)
+        if not page.more or not page.jobs:
+            return jobs
+        after = page.jobs[-1].id
+
+
+def output_request(welcome: p.Welcome, job: int, position: int, timestamps: bool, *,
+                   follow: bool) -> p.Stream | p.Output:
+    """A stream (``follow``) or output request; times asked for only from a server
+    that sends them (protocol 1.1)."""
+    times = timestamps and welcome.minor >= 1
+    if follow:
+        return core.message(p.Stream, job, position, timestamps=times)
+    return core.message(p.Output, job, position, timestamps=times)
+
+
+def output(request: p.Stream | p.Output) -> Call[None]:
+    """The chunks of a stream or output answer, then its End, each emitted to the
+    caller. No deadline while a silent job writes nothing."""
+    yield Send(request)
+    while True:
+        event = yield Receive(None)
+        if isinstance(event, p.OutputChunk):
+            yield Emit(event)
+            continue
+        yield Emit(core.expect(event, p.End))
+        return
