@@ -26,7 +26,12 @@ characters) plus an owner (a certificate's CN): well under half a frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from ._record import record as dataclass
+
 
 #: The longest path the kernel accepts (PATH_MAX is 4096 and counts the
 #: terminating NUL): a longer ``cwd`` or device path could never work.

@@ -75,7 +75,6 @@ from ._procs import (
     signal_process,
     spawn,
     spawn_contained,
-    start_time,
     wait_exit,
 )
 from ._store import Record
@@ -333,7 +332,7 @@ class Job:
                 return
             self.pid = spawned.popen.pid
             self.started = time.time()
-            self.proc_start = start_time(self.pid)  # not reaped yet: /proc/<pid> is there
+            self.proc_start = spawned.start  # read by the spawning thread
             await ctx.persist(self._record())
         ctx.jobs[self.id] = self
         task_status.started(self.status())

@@ -38,6 +38,9 @@ class Spawned(NamedTuple):
     stdout: int  # read ends, non-blocking
     stderr: int
     pidfd: int  # readable once the process has exited
+    #: Its start time (/proc/<pid>/stat), read in the spawning thread while it
+    #: cannot have been reaped (None if it could not be read).
+    start: int | None
 
 
 #: The spawn helper (see _spawn.py), run with the interpreter jobd runs on.
@@ -196,7 +199,9 @@ def _start(args: list[bytes] | list[str], *, cwd: bytes | None,
         raise
     os.set_blocking(out_r, False)
     os.set_blocking(err_r, False)
-    return Spawned(popen, out_r, err_r, pidfd)
+    # Here, not in the event loop: one more file opened and read per start, and
+    # nothing reaps the process before the loop has the pidfd (issue 26).
+    return Spawned(popen, out_r, err_r, pidfd, start_time(popen.pid))
 
 
 class ProcInfo(NamedTuple):
