@@ -44,5 +44,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check jobd jobctl protocol tests bench
 	$(BIN)/mypy --strict jobd jobctl protocol
 
+# Both ends of pyproject.toml's ranges, each in a fresh venv of its own
+# (scripts/lane.py): the newest releases allowed today, and the lowest declared
+# versions of our direct dependencies. Arguments for pytest: LANE_ARGS='-k tls'.
+test-newest: $(STAMP)
+	$(BIN)/python scripts/lane.py newest $(LANE_ARGS)
+
+test-lowest: $(STAMP)
+	$(BIN)/python scripts/lane.py lowest $(LANE_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-newest .venv-lowest .pytest_cache .mypy_cache .ruff_cache

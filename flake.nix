@@ -1,7 +1,9 @@
 {
   description = "jobd: a small, secure remote job runner over mutual TLS 1.3";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+  # A release branch, locked to one revision and its narHash in flake.lock
+  # (`nix flake update` moves it; docs/operations.md, "The lock and the lanes").
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs =
     { self, nixpkgs }:
@@ -39,6 +41,9 @@
           openssl,
           installShellFiles,
         }:
+        # Evaluation stops, naming the package, if this nixpkgs holds a Python
+        # dependency (runtime, extras, test tools) below pyproject.toml's range.
+        assert import ./nix/ranges.nix pyproject python3Packages;
         python3Packages.buildPythonApplication {
           pname = pyproject.project.name;
           inherit (pyproject.project) version;

@@ -69,6 +69,8 @@ class ServerConfig:
     #: Per-job limit defaults and caps (docs/isolation.md); None: none.
     limits: LimitPolicy | None = None
     cgroup_root: Path | None = None
+    #: How a restart finds every process of a jobd that died: auto, cgroup or gate.
+    job_tracking: str = "auto"
     #: ``off`` or ``otlp`` (OpenTelemetry, configured by the OTEL_* variables).
     telemetry: str = "off"
     #: History: finished jobs kept this many seconds, this many of them, this many
@@ -236,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--cgroup-root", type=Path, metavar="DIR",
                         help="a delegated cgroup v2 directory for the jobs' cgroups "
                         "(default: jobd's own cgroup if delegated, else the v1 hierarchies)")
+    limits.add_argument("--job-tracking", choices=("auto", "cgroup", "gate"), default="auto",
+                        help="how a restart after a crash finds every process jobd started: "
+                        "cgroup (jobd's own cgroup, where every job is born), gate (each "
+                        "command runs only once its record is on disk: slower starts), "
+                        "auto (cgroup where possible, else gate; the default)")
     history = p.add_argument_group(
         "history", "what is kept of finished jobs (by default everything, until deleted); "
         "the oldest finished jobs go first, each removal is logged (job-pruned)")
@@ -292,6 +299,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             default_cpus=ns.default_cpus, max_cpus=ns.max_cpus,
             default_pids=ns.default_pids, max_pids=ns.max_pids, max_io_bps=ns.max_io_bps),
         cgroup_root=ns.cgroup_root,
+        job_tracking=ns.job_tracking,
         telemetry=ns.telemetry,
         retain=ns.retain,
         retain_count=ns.retain_count,

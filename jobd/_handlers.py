@@ -292,11 +292,12 @@ async def _send_output(ctx: Context, request: p.Stream | p.Output, *, follow: bo
     reader = ctx.manager.follow_output if follow else ctx.manager.read_output
     chunks = reader(request.job, request.position, timestamps=request.timestamps)
     position = request.position
-    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+    async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             await ctx.send_chunk(chunk)
             position = chunk.position
-    return p.End(ctx.manager.status(request.job), position)
+    # The status of the job just read, even if it was deleted or pruned meanwhile.
+    return p.End(chunks.status(), position)
 
 
 Handler = Callable[[Context, Any], Awaitable[p.Message]]

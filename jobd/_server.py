@@ -156,7 +156,7 @@ async def serve(
         limits=config.limits or LimitPolicy(), cgroup_root=config.cgroup_root,
         retain=config.retain, retain_count=config.retain_count,
         max_log_space=config.max_log_space,
-        max_log_space_per_user=config.max_log_space_per_user)
+        max_log_space_per_user=config.max_log_space_per_user, tracking=config.job_tracking)
     async with open_job_manager(engine_config) as manager:
         listeners = await _open_listeners(config.address, config.port)
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import select
@@ -64,6 +65,18 @@ hypothesis_settings.register_profile(
 hypothesis_settings.load_profile("jobd")
 READY_TIMEOUT = 20.0
 EXIT_TIMEOUT = 30.0
+
+
+@pytest.fixture(autouse=True)
+def _jobd_logger_restored() -> Iterator[None]:
+    """An in-process ``serve()`` routes the "jobd" logger into its event log and
+    stops it propagating (jobd._log.route_engine_logs), for good: put it back
+    after each test, so that a later test's ``caplog`` sees the engine's records
+    whatever ran before it (pytest 9.0 and older capture through propagation)."""
+    logger = logging.getLogger("jobd")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 @dataclass

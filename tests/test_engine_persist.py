@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobd.engine import LOST, _db, open_job_manager
+from jobd.engine import LOST, EngineError, InvalidState, _db, open_job_manager
 from jobd.engine._db import JobDB
 from jobd.engine._procs import boot_id
 from jobd.engine._store import Record, Store
@@ -115,8 +115,11 @@ async def test_deleting_the_newest_job_after_a_restart_keeps_its_id_retired(
         assert (await manager.start([b"true"], "alice")).id == 3
 
 
-async def test_a_full_disk_neither_blocks_a_delete_nor_loses_a_final_record(
+async def test_an_end_on_a_full_disk_is_shown_only_once_it_is_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An end that cannot be committed is not acknowledged: the job shows running,
+    stop refuses with a clear error, and jobd writes the end once space is back.
+    (It used to be acknowledged from memory and lost by a crash.)"""
     full = [False]
     real_puts = _db.apply_puts
 
@@ -132,13 +135,87 @@ async def test_a_full_disk_neither_blocks_a_delete_nor_loses_a_final_record(
         status = await manager.start([b"sh", b"-c", b"echo hi; exec sleep 1000"], "alice")
         await wait_for_output(manager, status.id, b"hi\n")
         full[0] = True  # the disk fills up: the end record cannot be written
-        final = await manager.stop(status.id)
-        await manager.delete(old.id)  # needs no space
-        assert [s.id for s in manager.list()] == [status.id]
-        full[0] = False  # space is back before the shutdown
+        with pytest.raises(EngineError, match="its end cannot be recorded yet"):
+            await manager.stop(status.id)
+        assert manager.status(status.id).state is JobState.RUNNING
+        assert [s.state for s in manager.list()] == [JobState.EXITED, JobState.RUNNING]
+        with pytest.raises(InvalidState):
+            await manager.delete(status.id)
+        await manager.delete(old.id)  # a delete needs no put
+        full[0] = False  # space is back: the retry writes the end
+        with trio.fail_after(TIMEOUT):
+            final = await manager.wait(status.id)
+        assert final.describe() == "stopped"
     async with open_job_manager(config(tmp_path)) as manager:
-        assert manager.list() == [final]  # not "lost": the shutdown wrote it
+        assert manager.list() == [final]
         assert (await manager.start([b"true"], "alice")).id == status.id + 1
+
+
+@pytest.mark.parametrize("tracking", ["auto", "gate"])
+async def test_a_start_whose_record_cannot_be_written_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking: str) -> None:
+    """No acknowledgement from memory: the start is refused, its process killed, and
+    no ID a client was given ever comes back. (Acknowledged starts used to vanish in
+    a crash on a full disk, and their IDs were handed out again.)"""
+    full = [False]
+    real_puts = _db.apply_puts
+
+    def apply_puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
+        if full[0]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_puts(conn, records)
+
+    monkeypatch.setattr(_db, "apply_puts", apply_puts)
+    marker = tmp_path / "ran"
+    async with open_job_manager(config(tmp_path, tracking=tracking)) as manager:
+        first = await manager.start([b"true"], "alice")
+        full[0] = True
+        for argv in ([b"sh", b"-c", b'sleep 1; touch "$0"', os.fsencode(marker)],
+                     [b"nosuchcommand"]):
+            with pytest.raises(EngineError, match="job not started: its record cannot be "
+                                                  "written: job database: database or disk "
+                                                  "is full"):
+                await manager.start(argv, "alice")
+        assert [s.id for s in manager.list()] == [first.id]
+        full[0] = False
+        second = await manager.start([b"true"], "alice")
+        await manager.wait(second.id)
+    assert second.id > first.id
+    assert not marker.exists()  # killed, never supervised, never acknowledged
+    async with open_job_manager(config(tmp_path)) as manager:
+        assert [s.id for s in manager.list()] == [first.id, second.id]
+
+
+def test_a_full_disk_is_reported_as_full_not_as_a_failed_rollback(tmp_path: Path) -> None:
+    """SQLite rolls back by itself on SQLITE_FULL; our ROLLBACK must not replace the
+    error with "cannot rollback - no transaction is active" (EIO)."""
+    db = JobDB.open(tmp_path / "state")
+    try:
+        class Full(sqlite3.OperationalError):
+            sqlite_errorcode = sqlite3.SQLITE_FULL
+
+        conn = _db.connect(db.path)
+        try:
+            op = _db._Op("put", record=Record(JobStatus(
+                id=1, owner="a", argv=(b"x",), state=JobState.RUNNING, created=1.0)))
+
+            def fail(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
+                conn.execute("ROLLBACK")  # what SQLite does by itself on a full disk
+                raise Full("database or disk is full")
+
+            real = _db._puts
+            _db._puts = fail  # type: ignore[assignment]
+            try:
+                db._apply(conn, [op])
+            finally:
+                _db._puts = real  # type: ignore[assignment]
+        finally:
+            conn.close()
+        assert op.error is not None
+        assert op.error.errno == errno.ENOSPC
+        assert str(op.error) == "[Errno 28] job database: database or disk is full"
+    finally:
+        db.close()
 
 
 async def test_a_stale_running_record_is_lost_and_its_processes_are_killed(
@@ -232,3 +309,30 @@ async def test_a_failed_append_is_cut_so_the_next_one_counts(
     store.write(Record(ended))
     assert [r.status for r in store.load()[0]] == [ended]
     store.close()
+
+
+async def test_gate_tracking_runs_jobs_like_a_direct_spawn(tmp_path: Path) -> None:
+    """With tracking "gate" every job starts through the spawn helper, which waits for
+    its record: output, exit codes, spawn errors, cwd and stop behave as without it."""
+    async with open_job_manager(config(tmp_path, tracking="gate")) as manager:
+        layout = manager.cgroup_layout()
+        assert (layout["tracking"], layout["tracking_reason"]) == ("gate", "asked for")
+        job = await manager.start([b"sh", b"-c", b"pwd; echo err >&2; exit 3"], "alice",
+                                  cwd=os.fsencode(tmp_path), env={b"PATH": b"/usr/bin:/bin"})
+        assert job.pid is not None
+        with trio.fail_after(TIMEOUT):
+            assert (await manager.wait(job.id)).describe() == "exited: 3"
+        chunks = await collect(manager.read_output(job.id))
+        assert data(chunks, 1) == os.fsencode(tmp_path) + b"\n" and data(chunks, 2) == b"err\n"
+        missing = await manager.start([b"nosuchcommand"], "alice")
+        assert missing.describe() == "error: command not found: nosuchcommand"
+        assert missing.pid is None
+        nodir = await manager.start([b"true"], "alice", cwd=b"/nonexistent-dir")
+        assert nodir.describe().startswith("error: cannot change to directory /nonexistent-dir")
+        sleeper = await manager.start([b"sleep", b"1000"], "alice")
+        with trio.fail_after(TIMEOUT):
+            assert (await manager.stop(sleeper.id, grace=0)).describe() == "stopped"
+    async with open_job_manager(config(tmp_path)) as manager:  # all of it recorded
+        assert [s.describe() for s in manager.list()] == [
+            "exited: 3", "error: command not found: nosuchcommand", nodir.describe(),
+            "stopped"]

@@ -110,3 +110,32 @@ def test_retention_at_start_is_logged(pki: Pki, tmp_path: Path) -> None:
         assert [line.split("\t")[0] for line in listed if line] == ["3"]
     finally:
         server.stop()
+
+
+def test_pruning_a_job_being_streamed_ends_the_stream_with_its_status(
+        jobd: JobdProcess) -> None:
+    """The stream has every byte and then the job's final status, not ``not found``
+    (the status used to be looked up again after the last byte, and the job was gone)."""
+    import jobctl
+    import protocol as p
+
+    files = jobd.pki.files("alice")
+    with jobctl.connect_blocking(jobd.address, jobd.port, server_name="localhost",
+                                 **files) as c:
+        job = c.start(["head", "-c", "8000000", "/dev/zero"]).id
+        assert c.wait(job).describe() == "exited: 0"
+        received = 0
+        end = None
+        with jobctl.connect_blocking(jobd.address, jobd.port, server_name="localhost",
+                                     **jobd.pki.files("root")) as admin:
+            for event in c.stream(job):
+                if isinstance(event, p.OutputChunk):
+                    if received == 0:  # the first chunk is here; the rest is to come
+                        assert admin.prune(0) == 1
+                    received += len(event.data)
+                else:
+                    end = event
+        assert received == 8000000
+        assert end is not None and end.status.describe() == "exited: 0"
+        assert end.status.id == job
+    jobd.wait_for_log(rf"job-pruned id={job} ")

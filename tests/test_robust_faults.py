@@ -209,17 +209,17 @@ def test_a_full_disk_drops_output_but_nothing_else(pki: Pki, tmp_path: Path) -> 
                 # what was kept is a prefix of what was written
                 assert streamed.stdout == b"".join(bytes([65 + i % 26]) * 65536
                                                    for i in range(64))[:len(streamed.stdout)]
-                # now completely full: jobd still serves status, list and start
+                # now completely full: jobd still serves status and list, and refuses
+                # a start whose record it cannot commit (never acknowledged from memory)
                 fill(disk / "filler")
                 assert c.status(job).describe() == "exited: 0"
                 assert [s.id for s in c.list()] == [job]
-                small = c.start(["sh", "-c", "echo hello; echo there >&2"])
-                assert small.state is p.JobState.RUNNING
-                for _ in c.stream(small.id):
-                    pass
-                assert c.status(small.id).describe() == "exited: 0"
-                assert c.status(small.id).dropped_bytes == len("hello\nthere\n")
-                server.wait_for_log("No space left on device")
+                refused = server.jobctl("alice", "start", "sh", "-c", "echo hello")
+                assert (refused.returncode, refused.stdout) == (1, b""), refused
+                assert refused.stderr == (b"job not started: its record cannot be "
+                                          b"written: job database: database or disk is full\n")
+                assert [s.id for s in c.list()] == [job]
+                server.wait_for_log(r"job \d+ refused: its record cannot be written")
                 # space returns: new jobs' output is kept again. (The filler alone
                 # may be a few KiB, which the job database's WAL can take first when
                 # it writes the records it kept in memory: delete the big job too.)
@@ -234,7 +234,7 @@ def test_a_full_disk_drops_output_but_nothing_else(pki: Pki, tmp_path: Path) -> 
                         end = event
                 assert (b"".join(out), b"".join(err)) == (b"hello\n", b"there\n")
                 assert end is not None and end.status.dropped_bytes == 0
-                assert [s.id for s in c.list()] == [small.id, again]
+                assert [s.id for s in c.list()] == [again]
         finally:
             assert server.stop() == 0
 
@@ -258,11 +258,41 @@ def test_delete_on_a_full_disk_frees_space(pki: Pki, tmp_path: Path) -> None:
             assert server.stop() == 0
 
 
-def test_a_job_ending_on_a_full_disk_is_not_lost_after_a_clean_restart(
+def test_a_delete_that_cannot_be_written_is_refused(pki: Pki, tmp_path: Path) -> None:
+    """A job without output frees nothing when deleted: on a full disk its deletion
+    cannot be committed and is refused with the reason, and the job stays. (It used to
+    be acknowledged, and the record stayed for ever.)"""
+    with small_tmpfs(tmp_path / "small") as disk:
+        server = start_jobd(pki, disk / "state")
+        try:
+            with client(server) as c:
+                job = c.start(["true"]).id
+                assert c.wait(job).describe() == "exited: 0"
+                fill(disk / "filler")
+                refused = server.jobctl("alice", "delete", str(job))
+                assert refused.returncode == 1, refused
+                assert refused.stderr.startswith(
+                    f"cannot delete job {job}: job database: database or disk is "
+                    "full".encode()), refused
+                assert [s.id for s in c.list()] == [job]
+                (disk / "filler").unlink()
+                c.delete(job)
+                assert c.list() == []
+        finally:
+            assert server.stop() == 0
+        server = start_jobd(pki, disk / "state")
+        try:
+            with client(server) as c:
+                assert c.list() == []
+        finally:
+            assert server.stop() == 0
+
+
+def test_a_job_ending_on_a_full_disk_is_shown_ended_once_its_end_is_written(
         pki: Pki, tmp_path: Path) -> None:
     """A job that ends while the disk is full (its final record cannot be written then)
-    is still reported with its real end after a clean restart, not as lost. (It used to
-    come back as "error: lost: jobd stopped while the job ran".)"""
+    shows running until space returns, then its real end, also after a restart. (Its
+    end used to be shown from memory, and a crash then lost what a client had seen.)"""
     trigger = tmp_path / "go"
     with small_tmpfs(tmp_path / "small") as disk:
         server = start_jobd(pki, disk / "state")
@@ -272,10 +302,15 @@ def test_a_job_ending_on_a_full_disk_is_not_lost_after_a_clean_restart(
                                "sleep 0.05; done; echo b"]).id
                 fill(disk / "filler")
                 trigger.touch()
+                server.wait_for_log(rf"cannot write the record of job {job}: .*disk is full")
+                assert c.status(job).describe() == "running"
+                stopped = server.jobctl("alice", "stop", str(job))
+                assert stopped.returncode == 1
+                assert b"its end cannot be recorded yet" in stopped.stderr
+                (disk / "filler").unlink()  # space returns: jobd writes the end
                 for _ in c.stream(job):
                     pass
                 assert c.status(job).describe() == "exited: 0"
-            (disk / "filler").unlink()  # space returns before the clean shutdown
         finally:
             assert server.stop() == 0
         server = start_jobd(pki, disk / "state")

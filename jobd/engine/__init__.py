@@ -6,7 +6,7 @@ No network code: the server drives it through :class:`JobManager`, made by
 
 from __future__ import annotations
 
-from ._manager import LOST, JobManager, open_job_manager
+from ._manager import LOST, JobManager, OutputReader, open_job_manager
 from ._outputlog import MAX_RECORD
 from ._types import (
     BadLimits,
@@ -34,6 +34,7 @@ __all__ = [
     "LimitExceeded",
     "LimitPolicy",
     "OutputChunk",
+    "OutputReader",
     "Unenforceable",
     "open_job_manager",
 ]

@@ -104,6 +104,24 @@ def _own_cgroups() -> dict[str, str]:
     return out
 
 
+def own_dir(controller: str) -> str | None:
+    """This process's cgroup directory in the hierarchy of ``controller`` ("" for
+    v2), or None if that is not visible here (blocking)."""
+    try:
+        v2, v1 = _mounts()
+        path = _own_cgroups().get(controller)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    mounts = v2 if controller == "" else [v1[controller]] if controller in v1 else []
+    for mount in mounts:
+        found = mount.dir_of(path)
+        if found is not None and os.path.isdir(found):
+            return found
+    return None
+
+
 def _enable(directory: str, wanted: Iterable[str]) -> None:
     for c in wanted:
         with contextlib.suppress(OSError):
@@ -174,8 +192,9 @@ def detect(cgroup_root: Path | None, key: str) -> tuple[Hierarchy | None, str]:
         path = own.get(controller)
         d = mount.dir_of(path) if mount is not None and path is not None else None
         if d is not None and os.access(d, os.W_OK):
-            # Made with the first job's cgroup: a jobd that never limits a job
-            # leaves nothing behind, even when it dies.
+            # Made with the first job's cgroup, or, in the hierarchy that holds
+            # jobd's own leaf (_tracking), at start: what a jobd that died leaves
+            # there is how its successor finds its processes.
             parents[controller] = f"{d.rstrip('/')}/jobd-{key}"
     if parents:
         return V1Hierarchy(parents), ""

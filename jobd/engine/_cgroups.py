@@ -48,6 +48,8 @@ V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "blkio", "pids", "freezer")
 #: CFS period in microseconds (the kernel's default); ``--cpus`` sets the quota.
 CPU_PERIOD_US = 100_000
 JOB_PREFIX = "job-"
+#: jobd's own cgroup beside the jobs' (``<root>/jobd-<key>/daemon``); see _tracking.
+DAEMON_LEAF = "daemon"
 #: Rounds of freeze-kill-thaw before a v1 kill gives up on a cgroup that refills.
 V1_KILL_ROUNDS = 100
 
@@ -113,6 +115,12 @@ class Hierarchy(ABC):
     @abstractmethod
     def leftovers(self) -> list[JobCgroup]:
         """Job cgroups that exist now (at start-up: a previous jobd's)."""
+
+    @abstractmethod
+    def daemon_leaf(self) -> tuple[str, str]:
+        """(The directory of jobd's own leaf, beside the job cgroups, where every
+        process jobd spawns is born; the controller naming its hierarchy in
+        /proc/self/cgroup, "" for v2). See _tracking."""
 
     @abstractmethod
     def close(self) -> None:
@@ -286,6 +294,9 @@ class V2Hierarchy(Hierarchy):
     def leftovers(self) -> list[JobCgroup]:
         return [V2Job(f"{self.parent}/{name}") for name in _job_dirs(self.parent)]
 
+    def daemon_leaf(self) -> tuple[str, str]:
+        return f"{self.parent}/{DAEMON_LEAF}", ""
+
     def close(self) -> None:
         with contextlib.suppress(OSError):  # EBUSY: a job cgroup could not be removed
             _rmdir(self.parent)
@@ -421,6 +432,13 @@ class V1Hierarchy(Hierarchy):
                     if os.path.isdir(f"{p}/{name}")}
             out.append(V1Job(name, dirs))
         return out
+
+    def daemon_leaf(self) -> tuple[str, str]:
+        # One hierarchy is enough to find processes: the one that kills (freezer),
+        # else one without limits of its own.
+        controller = next(c for c in ("freezer", "pids", "cpuacct", "memory", "cpu", "blkio")
+                          if c in self.parents)
+        return f"{self.parents[controller]}/{DAEMON_LEAF}", controller
 
     def close(self) -> None:
         for parent in dict.fromkeys(self.parents.values()):

@@ -43,6 +43,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ import trio
 from protocol import JobState
 
 from ._migrate import migrate
-from ._rows import LOGS, apply_deletes, apply_puts, connect, log_name
+from ._rows import LOGS, apply_deletes, apply_puts, connect, log_name, rollback
 from ._statedir import StateDir, StateDirError, open_state_dir
 from ._store import Record, decode
 
@@ -87,6 +88,38 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS usage (owner TEXT PRIMARY KEY, log_bytes INTEGER NOT NULL);
 """
 
+#: What to do with a damaged database (one line: it ends a start-up-failed message).
+REPAIR = ("stop jobd, keep a copy of the state directory, then restore jobs.db from a "
+          "backup, or salvage it (sqlite3 jobs.db .recover | sqlite3 recovered.db, then "
+          "move recovered.db to jobs.db), or move jobs.db and its -wal away to start with "
+          "no history (IDs continue after the highest log in logs/)")
+#: The longest start-up spends checking the database (PRAGMA quick_check): a big
+#: history is checked as far as this goes (about 0.1 s per 50,000 jobs when cached).
+CHECK_SECONDS = 3.0
+
+
+def check(conn: sqlite3.Connection, path: Path) -> None:
+    """PRAGMA quick_check, bounded by CHECK_SECONDS: damage found is StateDirError
+    with what is damaged and what to do; a check cut short is logged (blocking)."""
+    deadline = time.monotonic() + CHECK_SECONDS
+    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
+    try:
+        rows = conn.execute("PRAGMA quick_check(20)").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "interrupt" not in str(exc):
+            raise
+        log.warning("the check of the job database %s stopped after %g s (a big history): "
+                    "damage further on is reported when it is read", path, CHECK_SECONDS)
+        return
+    finally:
+        conn.set_progress_handler(None, 0)
+    problems = [line for row in rows for line in str(row[0]).splitlines()
+                if line != "ok" and not line.startswith("*** in database")]
+    if problems:
+        raise StateDirError(f"the job database {path} is damaged ({len(problems)} problems "
+                            f"found by quick_check; the first: {problems[0]}): {REPAIR}")
+
+
 @dataclass(frozen=True)
 class Page:
     """One page of a listing: the records, whether more follow, the total (or None)."""
@@ -107,8 +140,8 @@ class _Op:
 
 def _db_error(exc: sqlite3.Error) -> OSError:
     text = str(exc)
-    code = errno.ENOSPC if "full" in text else errno.EIO
-    return OSError(code, f"job database: {text}")
+    full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in text
+    return OSError(errno.ENOSPC if full else errno.EIO, f"job database: {text}")
 
 
 class JobDB:
@@ -162,13 +195,15 @@ class JobDB:
                 if version[0] != SCHEMA_VERSION:
                     raise StateDirError(f"{path}: schema version {version[0]}, this jobd "
                                         f"knows {SCHEMA_VERSION}: use a newer jobd")
+                check(conn, path)
                 migrate(state, conn)
             finally:
                 conn.close()
             return cls(state, path)
         except sqlite3.Error as exc:
             state.close()
-            raise StateDirError(f"cannot open the job database in {state.path}: {exc}") from None
+            raise StateDirError(f"cannot open the job database {state.path / DB_NAME}: {exc}: "
+                                f"{REPAIR}") from None
         except BaseException:
             state.close()
             raise
@@ -253,7 +288,7 @@ class JobDB:
                         apply_deletes(conn, op.job_ids)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
         except sqlite3.Error as exc:
             error = _db_error(exc)
@@ -295,7 +330,7 @@ class JobDB:
                 apply_puts(conn, records)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
         finally:
             conn.close()
@@ -310,11 +345,47 @@ class JobDB:
     def load_running(self) -> tuple[list[Record], int]:
         """(The records still running, by ID; the highest ID ever given) (blocking)."""
         conn = self._reader
-        rows = conn.execute("SELECT record FROM jobs WHERE state = ? ORDER BY id",
-                            (JobState.RUNNING.value,)).fetchall()
-        top = conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0
-        mark = conn.execute("SELECT value FROM meta WHERE key = 'highest'").fetchone()
-        return _decode_all(rows), max(top, mark[0] if mark else 0)
+        try:
+            rows = conn.execute("SELECT record FROM jobs WHERE state = ? ORDER BY id",
+                                (JobState.RUNNING.value,)).fetchall()
+            top = conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0
+            mark = conn.execute("SELECT value FROM meta WHERE key = 'highest'").fetchone()
+        except sqlite3.Error as exc:
+            raise StateDirError(f"cannot read the job database {self.path}: {exc}: "
+                                f"{REPAIR}") from None
+        highest = max(top, mark[0] if mark else 0)
+        logs = self.highest_log()
+        if logs > highest:
+            # The database lost commits it had made: a deleted or damaged -wal, or a
+            # restored backup. An ID whose log exists was given to someone: never again.
+            log.warning("the job database %s knows jobs up to ID %d, but logs/ holds the log "
+                        "of job %d: it lost its latest commits (a deleted or damaged %s-wal, "
+                        "or an older backup?); those jobs are not listed, their logs are "
+                        "kept, and new IDs start after %d", self.path, highest, logs,
+                        DB_NAME, logs)
+            highest = logs
+        return _decode_all(rows), highest
+
+    def highest_log(self) -> int:
+        """The highest job ID that has a log in logs/ (blocking: two directory reads)."""
+        with os.scandir(self.logs_fd) as entries:
+            shards = sorted((int(e.name) for e in entries if e.name.isdigit()), reverse=True)
+        for shard in shards:
+            try:
+                fd = os.open(str(shard), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, dir_fd=self.logs_fd)
+            except OSError:
+                continue
+            try:
+                with os.scandir(fd) as entries:
+                    ids = [int(stem) for e in entries
+                           if (stem := e.name.removesuffix(".log")).isdigit()
+                           and e.name.endswith(".log")]
+            finally:
+                os.close(fd)
+            if ids:
+                return max(ids)
+        return 0
 
     def usage(self, owner: str) -> int:
         """Bytes of log the owner's jobs have on disk, as recorded at their ends."""

@@ -22,7 +22,14 @@ pumps are woken (``notify_closing``), read what is still buffered without
 blocking, and close their pipes. So output ends at EOF, or right after the
 cleanup when a stray process outside the job still holds a pipe: it never
 hangs, and nothing in a pipe is lost. Then the log is flushed and closed, the
-final state set, the record written and ``done`` set.
+final state set, the record written and ``done`` set (``finished`` either
+way: a final record a full disk refused is written by the manager's retries,
+which set ``done``; until then clients see the job running).
+
+The record is written before anything is acknowledged: a start whose first
+record cannot be committed is refused, its process killed before it was ever
+supervised. Where jobd has no cgroup of its own (``Context.gate``), the spawn
+helper runs the command only once that record is committed (_tracking.py).
 
 The ladder is SIGINT, grace, SIGTERM, grace, SIGKILL, each to the process
 group (plus session members that left the group), SIGINT and SIGTERM followed
@@ -49,13 +56,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import math
 import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -78,6 +86,7 @@ from ._procs import (
     wait_exit,
 )
 from ._store import Record
+from ._tracking import Leaf
 from ._types import EngineConfig, EngineError
 
 log = logging.getLogger("jobd.engine")
@@ -93,6 +102,8 @@ BUSY_PIPE_SIZE = 1024 * 1024
 WRITER_THREADS = 16
 #: Upper bound on writing a record at the end of a job that shutdown had to abort.
 PERSIST_TIMEOUT = 10.0
+#: Seconds between attempts to write the ends that a full disk kept from being written.
+RETRY_INTERVAL = 1.0
 
 _LADDER = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
@@ -110,10 +121,18 @@ class Context:
     cgroup_reason: str = ""
     #: Why jobs cannot get namespaces, or None if they can.
     isolation_reason: str | None = None
+    #: jobd's own leaf cgroup, where every process it spawns is born (_tracking).
+    leaf: Leaf | None = None
+    #: Every job starts through the spawn helper's gate (no leaf to find them in).
+    gate: bool = False
+    #: Why there is no leaf.
+    tracking_reason: str = ""
     jobs: dict[int, Job] = field(default_factory=dict)
     closing: bool = False
     #: Records whose last write failed (full disk), by job ID: written again later.
     unsaved: dict[int, Record] = field(default_factory=dict)
+    #: Set when a record joins ``unsaved``: wakes the manager's retry task.
+    unsaved_added: trio.Event = field(default_factory=trio.Event)
     #: Serialises retries of ``unsaved`` with each other and with deletes.
     retry_lock: trio.Lock = field(default_factory=trio.Lock)
     #: The worker threads output logs write with: their own, so that busy jobs
@@ -133,39 +152,48 @@ class Context:
         except Exception:
             log.exception("on_event(%r) failed for job %d", kind, status.id)
 
-    async def persist(self, record: Record) -> None:
-        """Write the record; returns once it is committed (durable).
+    async def persist(self, record: Record) -> bool:
+        """Write the record; True once it is committed (durable).
 
-        A failure (a full disk) is logged and the record kept in ``unsaved``; a
-        later successful write, a delete and the shutdown try it again. A job
-        whose final record is committed leaves memory (``jobs``): its status is
-        read from the database from then on.
+        A failure (a full disk) is logged and the record kept in ``unsaved``: the
+        manager's retry task writes it again every RETRY_INTERVAL until it is
+        committed, and so do a later successful write, a delete and the shutdown.
+        A job whose final record is committed leaves memory (``jobs``): its status
+        is read from the database from then on.
         """
         job_id = record.status.id
         try:
             await self.store.write(record)
         except OSError as exc:
-            if job_id not in self.unsaved:
-                log.warning("cannot write the record of job %d: %s", job_id, exc)
-            self.unsaved[job_id] = record
-            return
+            self.keep_unsaved(record, exc)
+            return False
         self.unsaved.pop(job_id, None)
         if record.status.state is not JobState.RUNNING:
             self.jobs.pop(job_id, None)
         if self.unsaved:
             await self.retry_unsaved()
+        return True
+
+    def keep_unsaved(self, record: Record, reason: object) -> None:
+        job_id = record.status.id
+        if job_id not in self.unsaved:
+            log.warning("cannot write the record of job %d: %s (jobd writes it again every "
+                        "%g s: its end is shown once it is written)", job_id, reason,
+                        RETRY_INTERVAL)
+        self.unsaved[job_id] = record
+        self.unsaved_added.set()
 
     async def retry_unsaved(self) -> None:
         """Write the final records that could not be written before.
 
-        Only final records: a running job's own end write supersedes its start
-        record, and nothing but a retry writes an ended job's record again, so
-        no retry can overwrite a newer record.
+        Only final records are ever kept (a start whose record cannot be written
+        is refused), and nothing but a retry writes an ended job's record again,
+        so no retry can overwrite a newer record. A job whose end is written now
+        is shown ended from now on (``done``).
         """
         async with self.retry_lock:
-            ready = [r for r in self.unsaved.values() if r.status.state is not JobState.RUNNING]
             written = 0
-            for record in ready:
+            for record in list(self.unsaved.values()):
                 try:
                     await self.store.write(record)
                 except OSError:
@@ -174,7 +202,10 @@ class Context:
                 job_id = record.status.id
                 if self.unsaved.get(job_id) is record:
                     del self.unsaved[job_id]
-                    self.jobs.pop(job_id, None)
+                    job = self.jobs.pop(job_id, None)
+                    if job is not None and not job.done.is_set():
+                        self.emit("ended", record.status)
+                        job.done.set()
             if written:
                 log.info("wrote %d job records that could not be written before", written)
 
@@ -230,7 +261,8 @@ class Job:
     __slots__ = (
         "_cgroup", "_ctx", "_final", "_ladder_done", "_ladder_grace", "_nursery",
         "_pending_grace", "_pipes", "_reaped", "_settled", "_step_scope", "_strays", "_usage",
-        "argv", "created", "done", "ended", "error", "exit_code", "id", "limits", "log", "oom",
+        "argv", "created", "done", "ended", "error", "exit_code", "finished", "id", "limits",
+        "log", "oom",
         "owner", "pid", "proc_start", "signal", "started", "state", "stop_requested",
     )
 
@@ -255,7 +287,10 @@ class Job:
         self.signal: str | None = None
         self.error: str | None = None
         self.stop_requested = False
+        #: The end is committed: shown to clients from now on.
         self.done = trio.Event()
+        #: The job's task is over (every process gone; its end maybe not yet written).
+        self.finished = trio.Event()
         self._final: JobStatus | None = None
         self._reaped = trio.Event()
         self._pipes: tuple[int, ...] = ()  # read ends still open (-1: closed)
@@ -274,6 +309,7 @@ class Job:
         job._final = status
         job.state = status.state
         job.done.set()
+        job.finished.set()
         return job
 
     @property
@@ -297,6 +333,16 @@ class Job:
             limits=self.limits, peak_memory=None if usage is None else usage.peak_memory,
             cpu_time=None if usage is None else usage.cpu_time,
         )
+
+    def shown_status(self, *, live: bool = False) -> JobStatus:
+        """The status clients see: a job whose end is not yet committed is still
+        running (an end a client saw is on disk; a crash before the commit makes
+        the job lost)."""
+        status = self.status(live=live)
+        if not status.running and not self.done.is_set():
+            status = replace(status, state=JobState.RUNNING, exit_code=None, signal=None,
+                             error=None, oom=False, ended=None)
+        return status
 
     def _record(self) -> Record:
         return Record(self.status(), self.proc_start, self._ctx.boot_id,
@@ -323,17 +369,27 @@ class Job:
                 self.state = JobState.ERROR
                 self.error = spawn_error(exc, self.argv[0], cwd)
                 self._finish(None)
-                await ctx.persist(self._record())
-                if self.id in ctx.unsaved:  # else it is read from the database
-                    ctx.jobs[self.id] = self
+                await self._record_start()
                 task_status.started(self.status())
                 ctx.emit("ended", self.status())
                 self.done.set()
+                self.finished.set()
                 return
             self.pid = spawned.popen.pid
             self.started = time.time()
             self.proc_start = spawned.start  # read by the spawning thread
-            await ctx.persist(self._record())
+            try:
+                await self._record_start()
+            except EngineError:
+                await self._abandon(spawned)
+                raise
+            if spawned.gate is not None:  # recorded: now the helper may run the command
+                try:
+                    await trio.to_thread.run_sync(spawned.gate, True)
+                except OSError as exc:  # it could not: the record's end says why
+                    await self._never_ran(spawned, spawn_error(exc, self.argv[0], cwd),
+                                          task_status)
+                    return
         ctx.jobs[self.id] = self
         task_status.started(self.status())
         ctx.emit("started", self.status())
@@ -345,16 +401,71 @@ class Job:
                 scope.deadline = trio.current_time() + PERSIST_TIMEOUT
                 await self._release_cgroup()
         self._finish(returncode)
+        saved = False
+        record = self._record()
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT
-            await ctx.persist(self._record())
-        ctx.emit("ended", self.status())
-        self.done.set()
+            saved = await ctx.persist(record)
+        if not saved:  # a full disk: shown ended once a retry has written it
+            if self.id not in ctx.unsaved:  # the deadline passed: the retries take it
+                ctx.keep_unsaved(record, "took too long")
+        elif not self.done.is_set():
+            ctx.emit("ended", self.status())
+            self.done.set()
+        self.finished.set()
+
+    async def _record_start(self) -> None:
+        """Commit the job's first record, or refuse the start (EngineError): a start
+        is acknowledged only once its record (and so its ID) is durable."""
+        try:
+            await self._ctx.store.write(self._record())
+        except OSError as exc:
+            log.warning("job %d refused: its record cannot be written: %s", self.id, exc)
+            raise EngineError(f"job not started: its record cannot be written: "
+                              f"{exc.strerror or exc}") from None
+        if self._ctx.unsaved:
+            await self._ctx.retry_unsaved()
+
+    async def _never_ran(self, spawned: Spawned, error: str,
+                         task_status: trio.TaskStatus[JobStatus]) -> None:
+        """A gated start whose command could not be executed (the helper is reaped):
+        its end, state error, replaces the running record already committed."""
+        for fd in (spawned.stdout, spawned.stderr, spawned.pidfd):
+            os.close(fd)
+        await self._release_cgroup()
+        self.state = JobState.ERROR
+        self.error = error
+        self.pid = self.started = None
+        self._finish(None)
+        ctx = self._ctx
+        ctx.jobs[self.id] = self
+        if await ctx.persist(self._record()):
+            self.done.set()
+        task_status.started(self.shown_status())
+        if self.done.is_set():
+            ctx.emit("ended", self.status())
+        self.finished.set()
+
+    async def _abandon(self, spawned: Spawned) -> None:
+        """Kill and reap a process whose job was refused (before it was supervised)."""
+        # Our unreaped child pins its group ID: killpg cannot reach a stranger.
+        signal_group(spawned.popen.pid, signal.SIGKILL)
+        if spawned.gate is not None:  # the helper never ran the command
+            spawned.gate(False)
+        await self._kill_cgroup()
+        await trio.to_thread.run_sync(spawned.popen.wait)
+        for fd in (spawned.stdout, spawned.stderr, spawned.pidfd):
+            os.close(fd)
+        await self._release_cgroup()
 
     async def _spawn(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None,
                      devices: Mapping[str, str]) -> Spawned:
         limits = self.limits
+        gate = self._ctx.gate
         if limits is None:
+            if gate:
+                return await trio.to_thread.run_sync(functools.partial(
+                    spawn_contained, self.argv, cwd, env, (), (), gated=True))
             return await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
         cgroups = self._ctx.cgroups
         if cgroups is not None:
@@ -365,8 +476,8 @@ class Job:
                 raise EngineError(f"cannot create the job's cgroup: {exc}") from None
         join = self._cgroup.procs if self._cgroup is not None else ()
         try:
-            return await trio.to_thread.run_sync(spawn_contained, self.argv, cwd, env, join,
-                                                 limits.isolate)
+            return await trio.to_thread.run_sync(functools.partial(
+                spawn_contained, self.argv, cwd, env, join, limits.isolate, gated=gate))
         except BaseException:
             await self._release_cgroup()  # the helper is reaped: it is empty
             raise

@@ -23,12 +23,13 @@ from protocol import JobState, JobStatus, Limits
 
 from ._cgroup_layout import detect
 from ._db import JobDB, Page, finished_count, finished_oldest_first, log_space
-from ._job import Context, Job
+from ._job import RETRY_INTERVAL, Context, Job
 from ._limits import check_enforceable, check_policy, devices, isolation_problem, resolve
 from ._outputlog import MAX_RECORD, Budget, OutputLog, recover
 from ._procs import ProcScanner, boot_id, lost_job_processes, scan, signal_process, wait_exit
 from ._rows import log_name
 from ._store import Record
+from ._tracking import Leaf
 from ._types import (
     EngineConfig,
     EngineError,
@@ -168,14 +169,18 @@ class JobManager:
         final status once every process of the job is gone. Joins a stop under way.
         """
         job = self._get(job_id)
-        if not job.running:
+        if job.done.is_set():
             raise InvalidState(job.status())
         if grace is None:
             grace = self._ctx.config.stop_grace
         if math.isnan(grace) or grace < 0:
             raise EngineError("the grace period must be a number of seconds, 0 or more")
         job.request_stop(grace)
-        await job.done.wait()
+        await job.finished.wait()
+        if not job.done.is_set():  # its end cannot be written (a full disk): no answer yet
+            raise EngineError(f"job {job_id} has ended, but its end cannot be recorded yet "
+                              f"(the job database cannot be written: is the disk full?); "
+                              f"jobd retries every {RETRY_INTERVAL:g} s")
         return job.status()
 
     def status(self, job_id: int) -> JobStatus:
@@ -184,21 +189,21 @@ class JobManager:
         A job whose end is not yet committed is still reported running: an end a
         client saw is on disk (a crash in those milliseconds makes the job lost).
         """
-        job = self._get(job_id)
-        status = job.status(live=True)
-        if not status.running and not job.done.is_set():
-            status = replace(status, state=JobState.RUNNING, exit_code=None, signal=None,
-                             error=None, oom=False, ended=None)
-        return status
+        return self._get(job_id).shown_status(live=True)
 
     def cgroup_layout(self) -> dict[str, str]:
         """What jobd found for limits and isolation, for its start-up log line:
-        ``mode`` (v2, v1 or none), ``controllers``, ``root`` or ``reason``, ``isolation``."""
+        ``mode`` (v2, v1 or none), ``controllers``, ``root`` or ``reason``, ``isolation``,
+        ``tracking`` (cgroup with its ``leaf``, or gate with ``tracking_reason``)."""
         ctx = self._ctx
         out = (ctx.cgroups.describe() if ctx.cgroups is not None
                else {"mode": "none", "reason": ctx.cgroup_reason})
         out["isolation"] = ("pid,mount,net" if ctx.isolation_reason is None
                             else f"none ({ctx.isolation_reason})")
+        if ctx.leaf is not None:
+            out["tracking"], out["leaf"] = "cgroup", ctx.leaf.path
+        else:
+            out["tracking"], out["tracking_reason"] = "gate", ctx.tracking_reason
         return out
 
     def _budget(self, owner: str) -> Budget | None:
@@ -213,7 +218,7 @@ class JobManager:
     def running(self) -> list[JobStatus]:
         """The jobs in memory (running, or ended with their end not yet on disk)."""
         jobs = self._ctx.jobs
-        return [jobs[i].status() for i in sorted(jobs)]
+        return [jobs[i].shown_status() for i in sorted(jobs)]
 
     async def list_page(self, after: int, limit: int, *, owner: str | None = None,
                         states: tuple[JobState, ...] = (), since: float | None = None,
@@ -234,7 +239,7 @@ class JobManager:
         upto = page.records[-1].status.id if page.more else None
         for job_id, job in ctx.jobs.items():  # the live status; also starts not yet on disk
             if job_id > after and (upto is None or job_id <= upto):
-                found[job_id] = job.status()
+                found[job_id] = job.shown_status()
         out = [s for i, s in sorted(found.items())
                if (owner is None or s.owner == owner) and (not states or s.state in states)
                and (since is None or s.created >= since)]
@@ -265,9 +270,8 @@ class JobManager:
     async def delete(self, job_id: int) -> None:
         """Remove an ended job's record and output."""
         job = self._get(job_id)
-        if job.running:
-            raise InvalidState(job.status())
-        await job.done.wait()  # its final record is written
+        if not job.done.is_set():  # running, or its end not written yet
+            raise InvalidState(job.shown_status())
         ctx = self._ctx
         if job_id in ctx.deleting:
             raise JobNotFound(job_id)  # a concurrent delete won
@@ -283,12 +287,18 @@ class JobManager:
 
     async def _remove(self, job_id: int, owner: str, log_size: int) -> None:
         ctx = self._ctx
-        ctx.jobs.pop(job_id, None)
-        ctx.unsaved.pop(job_id, None)
         try:
             await ctx.store.delete(job_id)
         except OSError as exc:
-            log.warning("job %d deleted, but its record remains: %s", job_id, exc)
+            # Refused, not acknowledged: its output log is gone (removed first, to free
+            # the space), its record stays; a delete once space is back removes it.
+            log.warning("job %d: cannot delete its record (its output log was removed): %s",
+                        job_id, exc)
+            raise EngineError(f"cannot delete job {job_id}: {exc.strerror or exc}; its "
+                              f"output was removed, its record remains: delete it again "
+                              f"once there is space") from None
+        ctx.jobs.pop(job_id, None)
+        ctx.unsaved.pop(job_id, None)
         budget = ctx.budgets.get(owner)
         if budget is not None:
             budget.left += log_size
@@ -390,7 +400,7 @@ class JobManager:
 
     def read_output(self, job_id: int, position: int = 0, *,
                     max_chunk: int = DEFAULT_MAX_CHUNK,
-                    timestamps: bool = False) -> AsyncIterator[OutputChunk]:
+                    timestamps: bool = False) -> OutputReader:
         """The output that exists now, from ``position``. Raises JobNotFound or
         BadPosition at call time; close the iterator (``aclosing``) if you stop early.
         With ``timestamps``, one chunk per record, each with its time.
@@ -398,19 +408,20 @@ class JobManager:
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
-        return job.log.chunks(position, max_chunk, job.log.end, timestamps=timestamps)
+        return OutputReader(job, job.log.chunks(position, max_chunk, job.log.end,
+                                                timestamps=timestamps))
 
     def follow_output(self, job_id: int, position: int = 0, *,
                       max_chunk: int = DEFAULT_MAX_CHUNK,
-                      timestamps: bool = False) -> AsyncIterator[OutputChunk]:
+                      timestamps: bool = False) -> OutputReader:
         """Like read_output, then waits for more until the job ended and everything
         was delivered.
         """
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
-        return _then_done(job.log.chunks(position, max_chunk, None, timestamps=timestamps),
-                          job.done)
+        return OutputReader(job, _then_done(
+            job.log.chunks(position, max_chunk, None, timestamps=timestamps), job.done))
 
     async def shutdown(self) -> None:
         """Stop every running job (in parallel, with the stop sequence); idempotent.
@@ -425,14 +436,17 @@ class JobManager:
             job.request_stop(grace)
         with trio.move_on_after(2 * grace + SHUTDOWN_SLACK):
             for job in running:
-                await job.done.wait()
+                await job.finished.wait()
         for job in running:
-            if not job.done.is_set():
+            if not job.finished.is_set():
                 log.warning("job %d did not stop in time: abandoning it", job.id)
                 job.abort()
         for job in running:
-            await job.done.wait()
+            await job.finished.wait()
         await self._ctx.retry_unsaved()  # space may have come back since
+        if self._ctx.unsaved:
+            log.warning("%d job ends could not be written (is the disk full?): the next "
+                        "start reports those jobs lost", len(self._ctx.unsaved))
 
 
 def _check_bytes(what: str, *values: object) -> None:
@@ -479,10 +493,60 @@ async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManage
         detect, config.cgroup_root, _instance_key(config.state_dir))
     ctx.isolation_reason = isolation_problem()
     check_policy(config.limits, ctx.cgroups, ctx.cgroup_reason)
+    leaf = await _enter_leaf(ctx)  # before anything is spawned
+    try:
+        async with _recover_and_serve(ctx, records, highest, leaf) as manager:
+            yield manager
+    finally:
+        with trio.CancelScope(shield=True):  # bounded: a few cgroupfs writes
+            if leaf is not None:
+                await trio.to_thread.run_sync(leaf.leave)
+            if ctx.cgroups is not None:
+                await trio.to_thread.run_sync(ctx.cgroups.close)
+
+
+async def _enter_leaf(ctx: Context) -> Leaf | None:
+    """Choose how a restart finds every process of this jobd (_tracking.py): move
+    into jobd's own leaf cgroup, or start every job through the gate."""
+    mode = ctx.config.tracking
+    leaf = None
+    if mode != "gate":
+        if ctx.cgroups is None:
+            ctx.tracking_reason = ctx.cgroup_reason
+        else:
+            try:
+                leaf = await trio.to_thread.run_sync(Leaf.enter, ctx.cgroups)
+            except OSError as exc:
+                ctx.tracking_reason = f"cannot move into a cgroup of its own: {exc}"
+        if leaf is None and mode == "cgroup":
+            raise EngineError(f"job tracking by cgroup is not possible here: "
+                              f"{ctx.tracking_reason}")
+    else:
+        ctx.tracking_reason = "asked for"
+    ctx.leaf = leaf
+    ctx.gate = leaf is None
+    return leaf
+
+
+@asynccontextmanager
+async def _recover_and_serve(ctx: Context, records: Records, highest: int,
+                             leaf: Leaf | None) -> AsyncIterator[JobManager]:
+    config = ctx.config
     lost = [r for r in records if r.status.state is JobState.RUNNING]
     if lost:
         await _kill_lost(ctx, lost)
     await _sweep_cgroups(ctx)
+    # A previous jobd's leaf is swept whatever this jobd tracks by (the mode may change).
+    sweep = leaf
+    if sweep is None and ctx.cgroups is not None:
+        sweep = await trio.to_thread.run_sync(Leaf.left_over, ctx.cgroups)
+    if sweep is not None:
+        killed = await sweep.sweep()
+        if killed:
+            log.warning("killed %d processes left over by a previous jobd (in cgroup %s)",
+                        killed, sweep.path)
+        if sweep is not leaf:
+            await trio.to_thread.run_sync(sweep.leave)
     for record in records:  # all were running: lost
         status = replace(record.status, state=JobState.ERROR, error=LOST, ended=time.time())
         record = replace(record, status=status)
@@ -494,19 +558,45 @@ async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManage
     async with trio.open_nursery() as root:
         jobs_nursery: trio.Nursery = await root.start(_host_jobs, closed)
         manager = JobManager(ctx, jobs_nursery, highest + 1)
-        retention = trio.CancelScope()
+        retention, retrying = trio.CancelScope(), trio.CancelScope()
+        root.start_soon(_retry_unsaved, ctx, retrying)
         if (config.retain, config.retain_count, config.max_log_space) != (None, None, None):
             root.start_soon(_retain, manager, retention)
         try:
             yield manager
         finally:
             retention.cancel()
+            retrying.cancel()
             # Bounded by shutdown itself: 2 x grace + SHUTDOWN_SLACK, then SIGKILL.
             with trio.CancelScope(shield=True):
                 await manager.shutdown()
-                if ctx.cgroups is not None:
-                    await trio.to_thread.run_sync(ctx.cgroups.close)
             closed.set()
+
+
+class OutputReader:
+    """A job's output chunks (an async iterator: close it with ``aclose``, e.g. by
+    ``contextlib.aclosing``), and the job's status once they are read."""
+
+    __slots__ = ("_chunks", "_job")
+
+    def __init__(self, job: Job, chunks: AsyncGenerator[OutputChunk, None]) -> None:
+        self._job = job
+        self._chunks = chunks
+
+    def __aiter__(self) -> OutputReader:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+    def status(self) -> JobStatus:
+        """The job's status now, from the job being read: still its own after the job
+        was deleted or pruned meanwhile (a stream then ends with its final status,
+        never ``not found``)."""
+        return self._job.shown_status(live=True)
 
 
 async def _then_done(chunks: AsyncGenerator[OutputChunk, None],
@@ -528,6 +618,18 @@ async def _retain(manager: JobManager, scope: trio.CancelScope) -> None:
             except EngineError as exc:
                 log.warning("retention failed: %s", exc)
             await trio.sleep(RETENTION_INTERVAL)
+
+
+async def _retry_unsaved(ctx: Context, scope: trio.CancelScope) -> None:
+    """While records wait to be written (a full disk), try again every RETRY_INTERVAL;
+    else sleep until one is kept (``Context.unsaved_added``)."""
+    with scope:
+        while True:
+            await ctx.unsaved_added.wait()
+            ctx.unsaved_added = trio.Event()
+            while ctx.unsaved:
+                await trio.sleep(RETRY_INTERVAL)
+                await ctx.retry_unsaved()
 
 
 async def _host_jobs(closed: trio.Event, *,

@@ -29,7 +29,7 @@ import re
 import sqlite3
 
 from ._outputlog import recover
-from ._rows import HIGHEST, LOGS, SHARD, apply_puts, log_name
+from ._rows import HIGHEST, LOGS, SHARD, apply_puts, log_name, rollback
 from ._statedir import StateDir, open_subdir
 from ._store import JOBS, Record, Store
 
@@ -78,7 +78,7 @@ def _import(state: StateDir, conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO meta (key, value) VALUES ('migrated', ?)", (len(checked),))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     log.warning("migration: imported %d job records (highest ID %d) from %s into the job "
                 "database", len(checked), highest, store.jobs_dir)

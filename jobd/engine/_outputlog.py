@@ -498,12 +498,21 @@ class OutputLog:
                         return  # deleted meanwhile: nothing more to give
                 block = await _read_block(fd, position, min(end - position,
                                                             max_chunk + _HEADER_ALLOWANCE))
-                if timestamps:
-                    for chunk in _records(block, position):
-                        yield chunk
-                        position = chunk.position
-                    continue
-                spans = _parse(block, position, max_chunk)
+                records: list[OutputChunk] = []
+                spans: list[tuple[int, list[tuple[int, int]], int]] = []
+                try:
+                    if timestamps:
+                        records = _records(block, position)
+                    else:
+                        spans = _parse(block, position, max_chunk)
+                except EngineError as exc:  # damage on disk: the operator must hear of it
+                    log.warning("output log %s is damaged: %s; its output from there on "
+                                "cannot be read (restore the file, or delete the job)",
+                                self.path, exc)
+                    raise
+                for chunk in records:  # with timestamps: one chunk per record
+                    yield chunk
+                    position = chunk.position
                 view = memoryview(block)
                 for i, (chunk_fd, parts, after) in enumerate(spans):
                     data = b"".join(view[a:b] for a, b in parts)

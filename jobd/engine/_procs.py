@@ -40,7 +40,12 @@ class Spawned(NamedTuple):
     pidfd: int  # readable once the process has exited
     #: Its start time (/proc/<pid>/stat), read in the spawning thread while it
     #: cannot have been reaped (None if it could not be read).
-    start: int | None
+    start: int | None = None
+    #: A gated spawn (see _tracking): the spawn helper waits before it execs the
+    #: command. ``gate(True)`` lets it run and returns once the command runs, or
+    #: raises as a spawn would; ``gate(False)`` makes it exit without running it
+    #: (the caller reaps it). Blocking; call exactly once. None: not gated.
+    gate: Callable[[bool], None] | None = None
 
 
 #: The spawn helper (see _spawn.py), run with the interpreter jobd runs on.
@@ -104,34 +109,48 @@ def spawn(argv: Sequence[bytes], cwd: bytes | None,
 
 def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
                     env: Mapping[bytes, bytes] | None, join: Sequence[str],
-                    isolate: Sequence[str]) -> Spawned:
+                    isolate: Sequence[str], *, gated: bool = False) -> Spawned:
     """Like :func:`spawn`, through the spawn helper: it joins the cgroups whose
     ``cgroup.procs`` files are ``join`` and the namespaces ``isolate`` before it
     execs the command (blocking: call from a worker thread).
 
     Returns once the command runs, or raises: OSError as :func:`spawn` would
     (exec and chdir failures, same errno and file name), SetupError for the rest.
+    ``gated``: returns as soon as the helper runs; it waits for ``Spawned.gate``.
     """
-    spec = marshal.dumps({
-        "argv": list(argv), "cwd": cwd, "join": list(join), "isolate": list(isolate),
-        "env": dict(env) if env is not None else dict(os.environb),
-    })
     code_fd = _compiled_helper()
     spec_fd = os.memfd_create("jobd-spawn", os.MFD_CLOEXEC)
+    mine: list[int] = [spec_fd]  # our descriptors, each closed exactly once
     try:
-        _pwrite_all(spec_fd, spec)
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        mine += (report_r, report_w)
+        passed = [spec_fd, report_w]
+        gate_w = -1
+        if gated:
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+            mine += (gate_r, gate_w)
+            passed.append(gate_r)
+        _pwrite_all(spec_fd, marshal.dumps({
+            "argv": list(argv), "cwd": cwd, "join": list(join), "isolate": list(isolate),
+            "env": dict(env) if env is not None else dict(os.environb),
+            "gate": gate_r if gated else None,
+        }))
     except BaseException:
-        os.close(spec_fd)
+        for fd in mine:
+            os.close(fd)
         raise
 
-    write_end = [report_w]  # open until check() closes it: never closed twice
+    def close(fd: int) -> None:
+        if fd in mine:
+            mine.remove(fd)
+            os.close(fd)
 
     def check(popen: subprocess.Popen[bytes]) -> None:
-        os.close(write_end.pop())  # ours: EOF comes once the helper's copy closes on exec
+        close(report_w)  # ours: EOF comes once the helper's copy closes on exec
         chunks = []
         while chunk := os.read(report_r, 65536):
             chunks.append(chunk)
+        close(report_r)
         if chunks:
             popen.wait()
             raise _failure(b"".join(chunks), argv[0], cwd)
@@ -139,21 +158,42 @@ def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
     try:
         try:
             args = [sys.executable, "-I", "-S", HELPER, str(spec_fd), str(report_w)]
-            fds: tuple[int, ...] = (spec_fd, report_w)
+            fds: tuple[int, ...] = tuple(passed)
             if code_fd is not None:  # the compiled helper; it closes its copy first thing
                 args[3] = f"/proc/self/fd/{code_fd}"
                 args.append(str(code_fd))
                 fds += (code_fd,)
-            return _start(args, cwd=None, env={}, pass_fds=fds, check=check)
+            spawned = _start(args, cwd=None, env={}, pass_fds=fds,
+                             check=None if gated else check)
         except SetupError:
             raise
         except OSError as exc:
             if exc.filename == sys.executable:
                 raise SetupError("starting the spawn helper", exc.errno or 0) from None
             raise
-    finally:
-        for fd in (spec_fd, report_r, *write_end):
-            os.close(fd)
+    except BaseException:
+        for fd in list(mine):
+            close(fd)
+        raise
+    for fd in list(mine):  # the helper has its copies; keep the gate and the report
+        if fd not in (gate_w, report_r, report_w):
+            close(fd)
+    if not gated:
+        return spawned
+    popen = spawned.popen
+
+    def gate(go: bool) -> None:
+        try:
+            if go:
+                os.write(gate_w, b"1")
+            close(gate_w)  # without the byte: EOF, the helper exits at once
+            if go:
+                check(popen)
+        finally:
+            for fd in list(mine):
+                close(fd)
+
+    return spawned._replace(gate=gate)
 
 
 def _failure(report: bytes, argv0: bytes, cwd: bytes | None) -> OSError:
@@ -201,7 +241,7 @@ def _start(args: list[bytes] | list[str], *, cwd: bytes | None,
     os.set_blocking(err_r, False)
     # Here, not in the event loop: one more file opened and read per start, and
     # nothing reaps the process before the loop has the pidfd (issue 26).
-    return Spawned(popen, out_r, err_r, pidfd, start_time(popen.pid))
+    return Spawned(popen, out_r, err_r, pidfd, start=start_time(popen.pid))
 
 
 class ProcInfo(NamedTuple):

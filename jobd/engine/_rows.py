@@ -7,6 +7,7 @@ store as it opens), which write rows the same way.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,3 +67,15 @@ def apply_deletes(conn: sqlite3.Connection, job_ids: Iterable[int]) -> None:
         if old is not None and old[1]:
             conn.execute(_USAGE, (old[0], -old[1]))
         conn.execute(HIGHEST, (job_id,))
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not done so itself.
+
+    On SQLITE_FULL (and some I/O errors) SQLite may already have rolled back:
+    a ROLLBACK then fails with "cannot rollback - no transaction is active",
+    which would hide the real error ("database or disk is full").
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+            conn.execute("ROLLBACK")

@@ -17,6 +17,9 @@ stderr already in place and in the job's own session. It reads its spec (a
 ``marshal``-ed dict: argv, env, cwd, the cgroup files to join, the namespaces)
 from SPEC_FD and then, in this order:
 
+0. with a gate (jobd's fallback where it cannot use cgroups to find its jobs
+   after a crash: _tracking.py), waits until jobd has recorded this pid: a
+   byte on the gate, or EOF (jobd died): exit without running anything;
 1. joins the job's cgroups (writes its pid to each ``cgroup.procs``): from
    here on everything it and the command do is limited and accounted;
 2. changes to the working directory;
@@ -99,6 +102,14 @@ def main(argv: list[str]) -> NoReturn:
 
 
 def run(spec: dict[str, Any], err_fd: int) -> None:
+    gate = spec.get("gate")
+    if gate is not None:
+        # jobd opens the gate once the job's record (with this pid) is committed. EOF
+        # instead: jobd died first (or refused the start): run nothing (_tracking.py).
+        go = os.read(gate, 1)
+        os.close(gate)
+        if go != b"1":
+            os._exit(0)
     pid = str(os.getpid()).encode()
     for path in spec["join"]:
         _step("joining its cgroup", _write, path, pid)

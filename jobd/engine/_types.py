@@ -43,6 +43,10 @@ class LimitPolicy:
             raise ValueError("max_io_bps must be positive")
 
 
+#: The values of ``EngineConfig.tracking``.
+TRACKING = ("auto", "cgroup", "gate")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the job engine runs.
@@ -62,6 +66,10 @@ class EngineConfig:
         oldest finished jobs go first, with their records); None: no cap.
       max_log_space_per_user: the most bytes of output logs one owner's jobs may
         hold; output beyond it is dropped and counted in dropped_bytes; None: no cap.
+      tracking: how a restart finds every process of a jobd that died (_tracking.py):
+        "cgroup" (jobd's own leaf cgroup), "gate" (every start through the spawn
+        helper, which runs the command only once its record is committed), or
+        "auto": cgroup where a hierarchy is writable, else gate.
     """
 
     state_dir: Path
@@ -74,8 +82,11 @@ class EngineConfig:
     retain_count: int | None = None
     max_log_space: int | None = None
     max_log_space_per_user: int | None = None
+    tracking: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.tracking not in TRACKING:
+            raise ValueError(f"tracking must be one of {', '.join(TRACKING)}")
         if self.retain is not None and not self.retain > 0:
             raise ValueError("retain must be a positive number of seconds")
         for name in ("retain_count", "max_log_space", "max_log_space_per_user"):
