@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import pickle
 import subprocess
 from typing import Any
@@ -37,7 +38,7 @@ def test_dataclasses_functions_see_the_fields(cls: type[Any]) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     assert names == list(fields_of(cls)) == list(cls.__match_args__)
     own = [n for klass in reversed(cls.__mro__) for n, a in
-           klass.__dict__.get("__annotations__", {}).items() if not a.startswith("ClassVar")]
+           inspect.get_annotations(klass).items() if not a.startswith("ClassVar")]
     assert names == list(dict.fromkeys(own))
 
 
