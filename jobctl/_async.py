@@ -13,6 +13,7 @@ No hidden background tasks: every call does its IO in the caller's task.
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -37,23 +38,30 @@ class Client:
     """One authenticated connection; requests run one at a time, in order."""
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], welcome: p.Welcome,
-                 conn: p.ClientConnection):
+                 conn: p.ClientConnection, idle: float | None = None):
         self._stream = stream
         self._conn = conn
         self._lock = trio.StrictFIFOLock()
+        #: Liveness: the longest silence of the server while a request is in
+        #: progress (it ticks); None: no bound but TCP's.
+        self._idle = idle
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
 
     async def _receive(self) -> Any:
+        idle = math.inf if self._idle is None else self._idle
         while True:
             event = self._conn.next_event()
             if event is not p.NEED_DATA:
                 return event
             try:
-                data = await self._stream.receive_some(core.RECEIVE_SIZE)
+                with trio.move_on_after(idle) as silence:
+                    data = await self._stream.receive_some(core.RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise core.lost(exc.__cause__ or exc) from None
+            if silence.cancelled_caught:
+                raise core.silent(idle)
             self._conn.receive_data(data)
 
     async def _send(self, message: p.Message) -> None:
@@ -208,13 +216,16 @@ async def connect(
     server_name: str | None = None,
     connect_timeout: float = core.CONNECT_TIMEOUT,
     pin: Pinning | None = None,
+    liveness_timeout: float | None = core.LIVENESS_TIMEOUT,
 ) -> AsyncIterator[Client]:
     """Connect, complete TLS 1.3, exchange hello and welcome; close on exit.
 
     With ``pin`` instead of ``ca`` (trust on first use, :mod:`jobctl._trust`),
     the server's certificate is checked against its pin right after the
-    handshake, before anything is sent.
+    handshake, before anything is sent. ``liveness_timeout``: as for
+    :func:`jobctl.connect_blocking`.
     """
+    liveness = core.check_liveness(liveness_timeout)
     if pin is not None:
         ctx = pin.context(certificate, key)
     elif ca is None:
@@ -228,10 +239,10 @@ async def connect(
         raise core.connect_error(address, port, TimeoutError()) from None
     except OSError as exc:
         raise core.connect_error(address, port, _first_attempt_error(exc)) from None
-    core.set_keepalive(tcp.socket)
+    core.set_keepalive(tcp.socket, liveness)
     stream = trio.SSLStream(tcp, ctx, server_hostname=server_name or address)
     try:
-        client = await _handshake(stream, connect_timeout, pin)
+        client = await _handshake(stream, connect_timeout, pin, liveness)
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await tcp.aclose()
@@ -254,7 +265,7 @@ def _first_attempt_error(exc: OSError) -> OSError:
 
 
 async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float,
-                     pin: Pinning | None = None) -> Client:
+                     pin: Pinning | None = None, liveness: float | None = None) -> Client:
     conn = p.ClientConnection()
     try:
         with trio.fail_after(within):
@@ -269,14 +280,15 @@ async def _handshake(stream: trio.SSLStream[trio.SocketStream], within: float,
             else:
                 core.check_server_purpose(stream.getpeercert(binary_form=True))
             try:
-                await stream.send_all(conn.send(p.Hello(software=core.SOFTWARE)))
+                await stream.send_all(conn.send(core.hello(liveness)))
                 while True:
                     try:
                         event = conn.next_event()
                     except p.ProtocolError:
                         raise core.refused_before_welcome(None) from None
                     if event is not p.NEED_DATA:
-                        return Client(stream, core.check_welcome(event), conn)
+                        welcome = core.check_welcome(event)
+                        return Client(stream, welcome, conn, core.idle_timeout(welcome, liveness))
                     conn.receive_data(await stream.receive_some(core.RECEIVE_SIZE))
             except trio.BrokenResourceError as exc:
                 cause = exc.__cause__

@@ -137,9 +137,13 @@ class BlockingClient:
     them, and ``welcome`` (the server's whole welcome message).
     """
 
-    def __init__(self, sock: TLSChannel, welcome: p.Welcome, conn: p.ClientConnection):
+    def __init__(self, sock: TLSChannel, welcome: p.Welcome, conn: p.ClientConnection,
+                 idle: float | None = None):
         self._sock = sock
         self._conn = conn
+        #: Liveness: the longest silence of the server while a request is in
+        #: progress (it ticks); None: no bound but TCP's.
+        self._idle = idle
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
@@ -148,16 +152,24 @@ class BlockingClient:
 
     def _receive(self, timeout: float | None, *, quiet: bool = False) -> Any:
         """The next event. No event within ``timeout``: ConnectionFailed, or with
-        ``quiet`` TimeoutError (nothing was read: the caller may wait on)."""
-        self._sock.settimeout(timeout)
+        ``quiet`` TimeoutError (nothing was read: the caller may wait on). The
+        server silent for longer than the liveness timeout: ConnectionFailed."""
         conn = self._conn
+        idle = self._idle
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             event = conn.next_event()
             if event is not p.NEED_DATA:
                 return event
+            # Never 0: that would make the socket non-blocking rather than time out.
+            left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+            wait = idle if left is None else left if idle is None else min(idle, left)
+            self._sock.settimeout(wait)
             try:
                 _receive_into(self._sock, conn)
             except TimeoutError:
+                if idle is not None and wait is idle:
+                    raise core.silent(idle) from None
                 if quiet:
                     raise
                 raise ConnectionFailed(f"no answer from the server within {timeout:g}s") from None
@@ -344,20 +356,27 @@ def connect_blocking(
     server_name: str | None = None,
     connect_timeout: float = core.CONNECT_TIMEOUT,
     pin: Pinning | None = None,
+    liveness_timeout: float | None = core.LIVENESS_TIMEOUT,
 ) -> BlockingClient:
     """Connect, complete TLS 1.3, exchange hello and welcome.
 
     With ``pin`` (trust on first use, see :mod:`jobctl._trust`) instead of
     ``ca``, the server's certificate is checked against its pin right after
     the handshake, before anything is sent.
+
+    ``liveness_timeout`` (seconds; None or 0: off): a request in progress
+    fails with ConnectionFailed once the server has sent nothing for that long
+    (it ticks while it works: a stream of a silent job, a stop), and TCP
+    keepalive and TCP_USER_TIMEOUT notice a dead path as soon.
     """
+    liveness = core.check_liveness(liveness_timeout)
     ctx = _context(certificate, key, ca, pin)
     try:
         raw = socket.create_connection((core.host_name(address), port),  # type: ignore[arg-type]
                                        timeout=connect_timeout)
     except OSError as exc:
         raise core.connect_error(address, port, exc) from None
-    core.set_keepalive(raw)
+    core.set_keepalive(raw, liveness)
     try:
         sock = TLSChannel(raw, ctx, core.host_name(server_name or address))
         sock.do_handshake()
@@ -376,7 +395,7 @@ def connect_blocking(
         raise
     conn = p.ClientConnection()
     try:
-        sock.sendall(conn.send(p.Hello(software=core.SOFTWARE)))
+        sock.sendall(conn.send(core.hello(liveness)))
         welcome = _read_welcome(sock, conn, connect_timeout)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
@@ -384,7 +403,7 @@ def connect_blocking(
     except BaseException:
         sock.close()
         raise
-    return BlockingClient(sock, welcome, conn)
+    return BlockingClient(sock, welcome, conn, core.idle_timeout(welcome, liveness))
 
 
 def _context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

@@ -47,7 +47,8 @@ class Receive(NamedTuple):
 
     Fields:
       within: seconds the answer may take (None: no deadline; a stream waits
-        for a silent job, and TCP keepalive notices a server that vanished).
+        for a silent job, and the liveness timeout (the server's ticks, TCP
+        keepalive) notices a server that is gone).
       progress: called once if the answer takes longer than a moment
         (the blocking client's ``stop`` says what it is doing).
     """

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import _core as core
-from ._commands import COMMANDS, Command
+from ._commands import COMMANDS, Command, seconds
 from ._context import Context
 from ._errors import ConfigError, JobctlError
 from ._text import escape
@@ -55,7 +55,7 @@ Global options may also follow the subcommand (jobctl status 4 --json)."""
 #: a new global option with a value must be added here too.
 _VALUE_OPTIONS = frozenset({"-c", "--certificate", "-k", "--key", "-C",
                             "--certificate-authority", "-a", "--address", "-p", "--port",
-                            "--server-name", "-s", "--server"})
+                            "--server-name", "-s", "--server", "--liveness-timeout"})
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -157,6 +157,14 @@ def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group.add_argument("--server-name", metavar="NAME",
                        default=default(os.environ.get("JOBCTL_SERVER_NAME")),
                        help="name to verify in the server certificate (default: the address)")
+    group.add_argument("--liveness-timeout", metavar="SECONDS",
+                       type=seconds("--liveness-timeout", core.MAX_TIMEOUT),
+                       default=default(os.environ.get("JOBCTL_LIVENESS_TIMEOUT")
+                                       or f"{core.LIVENESS_TIMEOUT:g}"),
+                       help="while a request is in progress, a server silent this long is "
+                            "taken as gone (stopped, or its network path dead); 0: wait "
+                            f"as long as TCP does (default: {core.LIVENESS_TIMEOUT:g}, "
+                            "$JOBCTL_LIVENESS_TIMEOUT)")
     group.add_argument("--json", action="store_true", default=default(False),
                        help="print JSON instead of text (start, status, stop, list, delete, wait)")
     # -- issue 15: profiles, fan-out, trust on first use (_profiles, _fanout, _trust)

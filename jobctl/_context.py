@@ -49,7 +49,8 @@ class Context:
             client = connect_pinned(ns, self.address, self.port)
         else:
             client = connect_blocking(self.address, self.port, certificate=ns.certificate,
-                                      key=ns.key, ca=ns.ca, server_name=ns.server_name)
+                                      key=ns.key, ca=ns.ca, server_name=ns.server_name,
+                                      liveness_timeout=ns.liveness_timeout)
         if self._client is None:  # issue 15: accepted, but not for long? (once a run)
             from ._expiry import warn_if_expiring
 
@@ -81,7 +82,8 @@ def connect_pinned(ns: Any, address: str | None = None, port: int | None = None
     def attempt(accept_new: bool) -> BlockingClient:
         pin = Pinning(host, number, accept_new=accept_new)
         return connect_blocking(host, number, certificate=ns.certificate,
-                                key=ns.key, server_name=ns.server_name, pin=pin)
+                                key=ns.key, server_name=ns.server_name, pin=pin,
+                                liveness_timeout=getattr(ns, "liveness_timeout", None))
 
     try:
         return attempt(ns.trust_on_first_use)

@@ -3,6 +3,7 @@ reading the server's answers. No IO here: each client only moves bytes."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -38,8 +39,15 @@ STOP_TIMEOUT = 300.0
 #: (16 KiB), and ssl's read allocates what is asked before it shrinks it to
 #: what came: asking for much more only costs memory traffic.
 RECEIVE_SIZE = 64 * 1024
-#: TCP keepalive: a server that vanished without a FIN is noticed in ~1 minute,
-#: which bounds the wait of a stream on a silent job.
+#: Liveness (issue 21): a server that is stopped (SIGSTOP, a hung host) or whose
+#: network path is gone (no FIN, no RST) is noticed within this many seconds
+#: while a request is in progress. Three means, each bounded by it: the server's
+#: ``tick`` frames (asked for in the hello, every third of it), TCP keepalive
+#: (idle connections), TCP_USER_TIMEOUT (data we sent that is never
+#: acknowledged). docs/protocol.md, section 4, ``tick``.
+LIVENESS_TIMEOUT = 30.0
+#: TCP keepalive without a liveness timeout: a server that vanished without a
+#: FIN is noticed in ~1 minute.
 KEEPALIVE = (30, 10, 3)
 
 #: A W3C Trace Context traceparent: version, trace ID, parent span ID, flags
@@ -276,21 +284,65 @@ def refused_before_welcome(exc: BaseException | None) -> ServerRefused:
                          "(client certificate rejected?)")
 
 
-def set_keepalive(sock: Any) -> None:
-    """TCP keepalive (see KEEPALIVE), and TCP_NODELAY.
+def check_liveness(liveness: float | None) -> float | None:
+    """A liveness timeout as the clients take it: None or 0 turns it off."""
+    if liveness is None or liveness == 0:
+        return None
+    if not (isinstance(liveness, int | float) and math.isfinite(liveness)
+            and 0 < liveness <= MAX_TIMEOUT):
+        raise InvalidArgument(f"invalid argument: liveness_timeout must be a number of "
+                              f"seconds in (0, {MAX_TIMEOUT:g}], or None, not {liveness!r}")
+    return float(liveness)
+
+
+def hello(liveness: float | None) -> p.Hello:
+    """The client's hello; with a liveness timeout, asking for ticks every third of it."""
+    if liveness is None:
+        return p.Hello(software=SOFTWARE)
+    return p.Hello(software=SOFTWARE,
+                   tick_interval=min(liveness / 3, p.MAX_TICK_INTERVAL))
+
+
+def idle_timeout(welcome: p.Welcome, liveness: float | None) -> float | None:
+    """How long a client waits for the next bytes while a request is in progress,
+    before it calls the server gone: the liveness timeout, if the server ticks
+    (and at least two of its ticks); None if it does not (an older server)."""
+    if liveness is None or welcome.tick_interval is None:
+        return None
+    return max(liveness, 2 * welcome.tick_interval)
+
+
+def silent(idle: float) -> ConnectionFailed:
+    return ConnectionFailed(f"connection lost: the server sent nothing for {idle:g}s "
+                            "(is it stopped, or the network path gone?)")
+
+
+def set_keepalive(sock: Any, liveness: float | None = None) -> None:
+    """TCP keepalive, TCP_USER_TIMEOUT and TCP_NODELAY.
+
+    With a liveness timeout T, keepalive probes start after T/3 idle, every T/6,
+    four of them (a dead path is noticed within T), and data we sent that is not
+    acknowledged within T breaks the connection (TCP_USER_TIMEOUT: keepalive
+    does not probe while data is in flight). Without one, KEEPALIVE.
 
     Without TCP_NODELAY, the hello that follows the client's last handshake
     flight waits for that flight's ACK (Nagle), which the server delays by
     40 ms because it has nothing to send until the hello arrives: every
     connection would take 40 ms longer than its handshake.
     """
+    if liveness is None:
+        idle, interval, count = KEEPALIVE
+    else:
+        idle, interval, count = max(1, int(liveness / 3)), max(1, int(liveness / 6)), 4
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        idle, interval, count = KEEPALIVE
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        if liveness is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            max(1, int(liveness * 1000)))
     except (OSError, AttributeError):
         pass
 

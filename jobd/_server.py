@@ -35,6 +35,7 @@ import trio
 
 import protocol as p
 from jobd._admission import FD_RESERVE, connection_limit
+from jobd._alloc import trim
 from jobd._config import ServerConfig
 from jobd._expiry import expiry_warnings
 from jobd._log import EventLog, route_engine_logs
@@ -46,6 +47,9 @@ from jobd.engine import EngineConfig, JobManager, LimitPolicy, open_job_manager
 #: After the jobs are stopped at shutdown, open streams get this long to
 #: write their end frames before the handlers are cancelled.
 SHUTDOWN_FLUSH_TIMEOUT = 5.0
+#: Once connections have closed, jobd waits this long (more may close meanwhile)
+#: and then hands the heap's free pages back to the kernel (jobd._alloc.trim).
+TRIM_DELAY = 5.0
 #: accept() failing for want of descriptors (or kernel memory): jobd waits this
 #: long before it tries again, doubling up to ACCEPT_BACKOFF_MAX, and logs the
 #: pause once. A retry cannot wait for "a descriptor was freed" (any close in the
@@ -177,6 +181,7 @@ async def serve(
                     _serve_listeners, state.handle, listeners, handlers, log
                 )
                 acceptors.start_soon(_watch_expiry, config, log)  # issue 15
+                acceptors.start_soon(_release_memory, state)  # issue 21
                 log.info("cgroups", **manager.cgroup_layout())
                 log.info("listening", address=" ".join(format_address(h, pt) for h, pt in
                                                         addresses),
@@ -198,6 +203,15 @@ async def serve(
                             f"{SHUTDOWN_FLUSH_TIMEOUT:g}s are cut off")
             handlers.cancel_scope.cancel()
         log.info("stopped")
+
+
+async def _release_memory(state: ServerState) -> None:
+    """After connections closed, give their freed memory back (see TRIM_DELAY)."""
+    while True:
+        await state.connection_closed.wait()
+        await trio.sleep(TRIM_DELAY)
+        state.connection_closed = trio.Event()
+        await trio.to_thread.run_sync(trim)
 
 
 async def _watch_expiry(config: ServerConfig, log: EventLog) -> None:

@@ -24,6 +24,15 @@ when the job is silent: the reader cancels the response in flight. Bytes that
 arrive while a response is under way are a protocol error (one request at a
 time), answered with an error frame before the connection closes.
 
+A client whose hello asked for liveness ticks gets a third task, the
+*ticker*: while a response is in progress and nothing was sent for the
+interval, it sends a ``tick`` frame, so that the client can tell a silent job
+from a stopped server or a dead path (docs/protocol.md, ``tick``).
+
+A connection that jobd ends with a reason (a TLS alert, an error frame)
+closes lingering (jobd/_linger.py), so that a client that wrote before it
+read gets the reason rather than a reset.
+
 Writes go through ``_send`` behind one lock. A slow reader on the other end
 makes only its own ``send_all`` wait; the job's output keeps going to disk and
 other followers read the log at their own pace.
@@ -61,6 +70,7 @@ from jobd._auth import (
     identity_from_cert,
 )
 from jobd._handlers import STREAMS, Context, Refusal, answer, job_environment, log_refused_start
+from jobd._linger import LINGER_TIMEOUT, LingeringStream
 from jobd._telemetry import NULL, Telemetry
 from jobd._tls import describe_tls_error
 from jobd._version import __version__
@@ -77,6 +87,9 @@ SOFTWARE = f"jobd {__version__}"
 RECEIVE_SIZE = 64 * 1024
 #: How long a connection closing (close_notify, error frame) may take.
 CLOSE_TIMEOUT = 2.0
+#: Liveness: the shortest interval between two ticks jobd sends, whatever a client
+#: asks for (docs/protocol.md, ``tick``): a tick is ~20 bytes, 4 a second at most.
+MIN_TICK_INTERVAL = 0.25
 #: TCP keepalive: a peer that vanished without a FIN is noticed in ~1 minute.
 KEEPALIVE = (30, 10, 3)  # idle seconds, interval seconds, probes
 
@@ -105,6 +118,8 @@ class ServerState:
         self.waiting: set[Session] = set()
         self.job_env = job_environment()
         self.telemetry: Telemetry = NULL
+        #: Set when a connection closes; jobd._alloc.trim follows (jobd._server).
+        self.connection_closed = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
 
@@ -166,8 +181,8 @@ class ServerState:
             return
         _set_keepalive(tcp)
         try:
-            session = Session(self, trio.SSLStream(tcp, self.tls(), server_side=True), peer,
-                              ticket)
+            session = Session(self, trio.SSLStream(LingeringStream(tcp), self.tls(),
+                                                   server_side=True), peer, ticket)
             await session.run()
         except* Exception as group:
             # One connection must never take the daemon down: log and drop it.
@@ -175,6 +190,7 @@ class ServerState:
                 self.log.error("connection-failed", peer=peer, reason=repr(exc))
         finally:
             self.admission.release(ticket)
+            self.connection_closed.set()
 
 
 def _set_keepalive(tcp: trio.SocketStream) -> None:
@@ -189,7 +205,7 @@ def _set_keepalive(tcp: trio.SocketStream) -> None:
 class Session:
     """One client connection: handshake, identity, then requests in sequence."""
 
-    def __init__(self, server: ServerState, stream: trio.SSLStream[trio.SocketStream],
+    def __init__(self, server: ServerState, stream: trio.SSLStream[LingeringStream],
                  peer: str, ticket: Ticket):
         self.server = server
         self.ticket = ticket
@@ -206,12 +222,38 @@ class Session:
         self._streaming = False
         self._context: Context | None = None  # the handlers', made at the first request
         self.tel = server.telemetry.connection(peer)
+        #: Liveness (asked for in the hello): tick when nothing was sent for this long
+        #: while a response is in progress; None: never.
+        self.tick_interval: float | None = None
+        self._last_sent = 0.0
+        self._responding = trio.Event()
 
     # -- plumbing -------------------------------------------------------------
 
     async def _send(self, data: bytes) -> None:
         async with self._send_lock:
             await self.stream.send_all(data)
+            self._last_sent = trio.current_time()
+
+    async def _ticker(self, interval: float) -> None:
+        """While a response is in progress, a tick whenever nothing was sent for
+        ``interval``: the client learns that jobd is alive (a stream of a silent
+        job, a stop waiting for its job). A stalled client's ticks wait behind
+        its output, in the one send lock."""
+        while True:
+            await self._responding.wait()
+            await trio.sleep_until(self._last_sent + interval)
+            if self._response_scope is None:
+                continue
+            async with self._send_lock:
+                if trio.current_time() < self._last_sent + interval:
+                    continue
+                try:
+                    frame = self.conn.send(p.Tick())
+                except p.LocalProtocolError:  # the connection is ending
+                    return
+                await self.stream.send_all(frame)
+                self._last_sent = trio.current_time()
 
     async def _receive_event(self) -> Any:
         """Next event from the peer (hello phase only; later the reader task does this)."""
@@ -222,8 +264,11 @@ class Session:
             self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
 
     async def _close(self, final: bytes = b"") -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        """Close; with ``final`` (an error frame), send it first and linger
+        (jobd._linger) so that a client that wrote before it read gets it."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT + LINGER_TIMEOUT):
             if final:
+                self.stream.transport_stream.linger = LINGER_TIMEOUT
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
                                          trio.BusyResourceError):
                     await self._send(final)
@@ -296,6 +341,8 @@ class Session:
                 self.tel.refused("tls", reason)
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flush_tls_alert()
+                # run() closes: after the alert, linger (jobd._linger).
+                self.stream.transport_stream.linger = LINGER_TIMEOUT
                 return False
             refusal: tuple[p.ErrorCode, str] | None = None
             name = "-"
@@ -347,10 +394,12 @@ class Session:
                 await self._close(exc.error_frame)
                 return False
             assert self.identity is not None
+            if hello.tick_interval is not None:
+                self.tick_interval = max(hello.tick_interval, MIN_TICK_INTERVAL)
             welcome = p.Welcome(
                 version=p.PROTOCOL_VERSION, minor=p.PROTOCOL_MINOR, software=SOFTWARE,
                 identity=self.identity.name, role=self.identity.role.value,
-                max_frame_size=p.MAX_FRAME_SIZE,
+                max_frame_size=p.MAX_FRAME_SIZE, tick_interval=self.tick_interval,
             )
             try:
                 await self._send(self.conn.send(welcome))
@@ -371,6 +420,8 @@ class Session:
         shutting_down = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reader, send)
+            if self.tick_interval is not None:
+                nursery.start_soon(self._ticker, self.tick_interval)
             async with receive:
                 while True:
                     with self._waiting_for_peer() as wait:
@@ -382,6 +433,8 @@ class Session:
                         shutting_down = True
                         break
                     self.server.response_started()
+                    self._last_sent = trio.current_time()  # the ticks' clock starts now
+                    self._responding.set()
                     try:
                         with self.tel.request(request), trio.CancelScope() as self._response_scope:
                             await self._respond(request)
@@ -390,6 +443,7 @@ class Session:
                         break
                     finally:
                         self._response_scope = None
+                        self._responding = trio.Event()
                         if self.server.closing and not self._owes_goodbye:
                             # The goodbye that follows belongs to this response: the
                             # server must not look idle (and cancel its handlers)

@@ -65,9 +65,10 @@ from ._messages import (
     Stop,
     Stopped,
     Stream,
+    Tick,
     Welcome,
 )
-from ._requests import MAX_TRACEPARENT
+from ._requests import MAX_TICK_INTERVAL, MAX_TRACEPARENT
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
 from ._units import parse_duration, parse_size
@@ -78,6 +79,7 @@ __all__ = [
     "HEADER_SIZE",
     "ISOLATION_KINDS",
     "MAX_ARGV_BYTES",
+    "MAX_TICK_INTERVAL",
     "MAX_ARGV_ENTRIES",
     "MAX_ARG_BYTES",
     "MAX_CPUS",
@@ -137,6 +139,7 @@ __all__ = [
     "Stop",
     "Stopped",
     "Stream",
+    "Tick",
     "Welcome",
     "clip",
     "decode_payload",

@@ -62,7 +62,7 @@ from ._frames import (
     encode_output_chunk,
     parse_output_chunk,
 )
-from ._messages import Error, Hello, Message, OutputChunk, Welcome
+from ._messages import Error, Hello, Message, OutputChunk, Tick, Welcome
 from ._state import TURN, ConnectionState, Conversation, IllegalMove, Role
 
 
@@ -190,7 +190,16 @@ class _Connection:
                 exc.error_frame = b""  # nobody to tell: a client sends no errors
             elif not exc.error_frame:
                 exc.error_frame = encode_frame(Error(exc.code, clip(exc.message)))
-            self._error = exc
+            # Keep what the error says, not the exception, and let the exception go
+            # without its traceback and context: their frames hold the decoder's
+            # locals (the error itself, so a reference cycle) and, through the
+            # callers' frames, this connection with its receive buffer (up to a
+            # whole frame) and whatever owns it. A cycle is freed only by the cyclic
+            # GC, long after the connection closed.
+            self._error = RemoteProtocolError(exc.code, exc.message,
+                                              error_frame=exc.error_frame,
+                                              message_type=exc.message_type)
+            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
             raise
 
     def send(self, msg: Message) -> bytes:
@@ -330,6 +339,14 @@ class ClientConnection(_Connection):
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         super().__init__(max_frame_size)
         self.welcome: Welcome | None = None
+
+    def next_event(self) -> Event:
+        """As for every connection, but ``tick`` frames are consumed here: they only
+        show that the server is alive, which the bytes arriving already told."""
+        while True:
+            event = super().next_event()
+            if not isinstance(event, Tick):
+                return event
 
     def _check_received(self, msg: Message) -> None:
         if isinstance(msg, Welcome):

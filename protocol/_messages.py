@@ -21,6 +21,7 @@ from ._replies import (
     Started,
     StatusResult,
     Stopped,
+    Tick,
     Welcome,
 )
 from ._requests import Delete, GetStatus, Hello, ListJobs, Output, Prune, Start, Stop, Stream
@@ -30,7 +31,7 @@ ClientMessage: TypeAlias = (
 )
 ServerMessage: TypeAlias = (
     Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
-    | Error
+    | Error | Tick
 )
 #: Any message (usable with isinstance()).
 Message: TypeAlias = ClientMessage | ServerMessage
@@ -42,6 +43,7 @@ CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
+    Tick,
 )
 #: Wire type string -> message class.
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -76,5 +78,6 @@ __all__ = [
     "Stop",
     "Stopped",
     "Stream",
+    "Tick",
     "Welcome",
 ]

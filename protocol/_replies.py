@@ -16,6 +16,7 @@ from ._fields import (
     get_map,
     get_str,
 )
+from ._requests import _check_tick_interval
 from ._status import JobStatus
 
 TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
@@ -36,6 +37,10 @@ class Welcome(_Message):
       identity: the caller's identity as the server sees it (certificate CN).
       role: the caller's role (certificate OU): observe, control or admin.
       max_frame_size: the largest frame payload the server accepts.
+      tick_interval: liveness (optional): the interval the server ticks at, in
+        answer to the hello's ``tick_interval`` (it may be longer than asked:
+        jobd ticks at most every MIN_TICK_INTERVAL). None: this server sends no
+        ticks (it does not know them, or was not asked).
     """
 
     TYPE: ClassVar[str] = "welcome"
@@ -46,6 +51,7 @@ class Welcome(_Message):
     identity: str
     role: str
     max_frame_size: int
+    tick_interval: float | None = None
 
     def __post_init__(self) -> None:
         _uint("version", self.version)
@@ -54,16 +60,42 @@ class Welcome(_Message):
             check_type(name, getattr(self, name), str)
         _uint("max_frame_size", self.max_frame_size)
         check(self.max_frame_size > 0, "max_frame_size must be positive")
+        _check_tick_interval(self, self.tick_interval)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "version": self.version, "minor": self.minor,
-                "software": self.software, "identity": self.identity, "role": self.role,
-                "max_frame_size": self.max_frame_size}
+        out = {"type": self.TYPE, "version": self.version, "minor": self.minor,
+               "software": self.software, "identity": self.identity, "role": self.role,
+               "max_frame_size": self.max_frame_size}
+        if self.tick_interval is not None:
+            out["tick_interval"] = self.tick_interval
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
         return cls(get_int(m, "version"), get_int(m, "minor"), get_str(m, "software"),
-                   get_str(m, "identity"), get_str(m, "role"), get_int(m, "max_frame_size"))
+                   get_str(m, "identity"), get_str(m, "role"), get_int(m, "max_frame_size"),
+                   get_float(m, "tick_interval", None))
+
+
+@dataclass(frozen=True, slots=True)
+class Tick(_Message):
+    """Liveness: the server is alive and still working on the request in progress.
+
+    Sent only to a client whose hello asked for ticks (``tick_interval``),
+    whenever the server has sent nothing for that long while a request is in
+    progress (a stream of a silent job, a stop waiting for its job). It may
+    arrive in any state after the welcome and changes nothing: clients drop
+    it (``ClientConnection.next_event`` never returns one). No fields.
+    """
+
+    TYPE: ClassVar[str] = "tick"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls()
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,10 @@ class Hello(_Message):
       version: the client's major protocol version (int).
       minor: the client's minor protocol version (int).
       software: free text naming the client, e.g. ``"jobctl 0.1.0"``.
+      tick_interval: liveness (optional): seconds, in (0, MAX_TICK_INTERVAL];
+        the client asks for a ``tick`` frame whenever the server has sent
+        nothing for this long while a request is in progress (docs/protocol.md
+        section 4, ``tick``). None: no ticks.
     """
 
     TYPE: ClassVar[str] = "hello"
@@ -80,21 +84,40 @@ class Hello(_Message):
     version: int = PROTOCOL_VERSION
     minor: int = PROTOCOL_MINOR
     software: str = ""
+    tick_interval: float | None = None
 
     def __post_init__(self) -> None:
         _uint("version", self.version)
         _uint("minor", self.minor)
         check_type("software", self.software, str)
+        _check_tick_interval(self, self.tick_interval)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "version": self.version, "minor": self.minor,
-                "software": self.software}
+        out = {"type": self.TYPE, "version": self.version, "minor": self.minor,
+               "software": self.software}
+        if self.tick_interval is not None:
+            out["tick_interval"] = self.tick_interval
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
         # Only "version" is required: it is the one field every future major
         # version keeps, so that any hello can at least be refused clearly.
-        return cls(get_int(m, "version"), get_int(m, "minor", 0), get_str(m, "software", ""))
+        return cls(get_int(m, "version"), get_int(m, "minor", 0), get_str(m, "software", ""),
+                   get_float(m, "tick_interval", None))
+
+
+#: The longest interval between ticks a peer may ask for or announce (an hour):
+#: beyond it TCP keepalive notices a dead peer first anyway.
+MAX_TICK_INTERVAL = 3600.0
+
+
+def _check_tick_interval(message: Any, value: float | None) -> None:
+    if value is not None:
+        check_type("tick_interval", value, (int, float))
+        object.__setattr__(message, "tick_interval", float(value))
+        check(math.isfinite(value) and 0 < value <= MAX_TICK_INTERVAL,
+              f"tick_interval must be a number of seconds in (0, {MAX_TICK_INTERVAL:g}]")
 
 
 @dataclass(frozen=True, slots=True)

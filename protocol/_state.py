@@ -18,6 +18,7 @@ boundary they agree.
     STREAM   --out (server)---------------------------------> STREAM
     STREAM   --end|error (server)---------------------------> IDLE
     HELLO, WELCOME, IDLE --error (server)-------------------> DONE
+    IDLE, RESULT, STREAM --tick (server)--------------------> the same state
 
 Which result answers which request is the second table, ``RESULT_FOR``. An
 ``error`` outside a request is the server refusing the connection (bad
@@ -111,6 +112,9 @@ TRANSITIONS: dict[tuple[ConnectionState, str], ConnectionState] = {
     (S.STREAM, "out"): S.STREAM,
     (S.STREAM, "end"): S.IDLE,
     (S.STREAM, "error"): S.IDLE,
+    # Liveness (asked for in the hello): a tick changes nothing. IDLE too, so that
+    # a tick racing the end of a response is never an error.
+    **{(state, "tick"): state for state in (S.IDLE, S.RESULT, S.STREAM)},
 }
 
 
@@ -145,7 +149,8 @@ class Conversation:
         new = TRANSITIONS.get((state, kind))
         if new is None:
             raise IllegalMove(self._explain(sender, kind))
-        if state is S.RESULT and kind != "error" and RESULT_FOR[self.request or ""] != kind:
+        if (state is S.RESULT and kind not in ("error", "tick")
+                and RESULT_FOR[self.request or ""] != kind):
             raise IllegalMove(
                 f"{kind!r} does not answer {self.request!r} "
                 f"(expected {RESULT_FOR[self.request or '']!r} or 'error')"

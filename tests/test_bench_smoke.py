@@ -45,3 +45,16 @@ def test_the_history_benchmark_runs() -> None:
     out = result.stdout.decode(errors="replace")
     assert result.returncode == 0, out[-3000:] + result.stderr.decode(errors="replace")[-3000:]
     assert "\n| 300 | " in out, out
+
+
+def test_the_memory_benchmark_runs() -> None:
+    """bench/bench_memory.py, each part tiny: attack, stalled streams, soak."""
+    result = subprocess.run([PYTHON, str(ROOT / "bench" / "bench_memory.py"), "--rounds", "1",
+                             "--attackers", "2", "--round-seconds", "0.5", "--stalled", "2",
+                             "--soak-minutes", "0.05", "--settle", "0.2"],
+                            capture_output=True, timeout=180, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out[-3000:] + result.stderr.decode(errors="replace")[-3000:]
+    assert "- round 1: " in out and "2 stalled streams" in out, out
+    assert "soak 0.05 min" in out and " 0 errors" in out, out

@@ -141,6 +141,7 @@ WELCOME = Welcome(version=1, minor=0, software="jobd 0.1.0", identity="alice", r
 #: One example of every message type, with every optional field set where it has one.
 EXAMPLES: list[p.Message] = [
     Hello(software="jobctl 0.1.0"),
+    Hello(software="jobctl 0.1.0", tick_interval=10.0),
     Start(argv=(b"sh", b"-c", b"echo \xff"), cwd=b"/tmp", env=((b"PATH", b"/bin"),),
           limits=Limits(memory=1 << 28, cpus=0.5, pids=64, isolate=("net", "pid"))),
     Start(argv=(b"env",), env=((b"LANG", b"C"),), env_merge=True),
@@ -154,6 +155,8 @@ EXAMPLES: list[p.Message] = [
     Delete(job=7),
     p.Prune(older_than=86400.0),
     WELCOME,
+    dataclasses.replace(WELCOME, tick_interval=10.0),
+    p.Tick(),
     Started(STATUS),
     Stopped(STATUS),
     StatusResult(STATUS),
@@ -229,7 +232,7 @@ def test_golden_decode(msg: p.Message, frame: bytes) -> None:
 
 def test_examples_cover_every_type() -> None:
     assert {type(m) for m in EXAMPLES} == set(p.MESSAGE_TYPES.values())
-    assert len(p.MESSAGE_TYPES) == 19
+    assert len(p.MESSAGE_TYPES) == 20
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)

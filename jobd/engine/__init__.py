@@ -6,8 +6,8 @@ No network code: the server drives it through :class:`JobManager`, made by
 
 from __future__ import annotations
 
+from ._logformat import MAX_RECORD
 from ._manager import LOST, JobManager, OutputReader, open_job_manager
-from ._outputlog import MAX_RECORD
 from ._types import (
     BadLimits,
     BadPosition,

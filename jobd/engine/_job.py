@@ -31,11 +31,11 @@ record cannot be committed is refused, its process killed before it was ever
 supervised. Where jobd has no cgroup of its own (``Context.gate``), the spawn
 helper runs the command only once that record is committed (_tracking.py).
 
-The ladder is SIGINT, grace, SIGTERM, grace, SIGKILL, each to the process
-group (plus session members that left the group), SIGINT and SIGTERM followed
-by SIGCONT so that stopped processes can act on them. Between steps it waits,
-without polling, until every process is gone (``_wait_gone``). A later stop
-joins the running ladder; a shorter grace (0: SIGKILL now) hurries it.
+The ladder (``_ladder.py``, :class:`StopLadder`) is SIGINT, grace, SIGTERM,
+grace, SIGKILL to the job's group, waiting without polling until every
+process is gone. A later stop joins the running ladder; a shorter grace (0:
+SIGKILL now) hurries it. It is a room of its own: it only signals and waits,
+and the job (this module) reaps, drains and records.
 
 A job with limits or isolation (``limits``) first gets its cgroup (made and
 limited in a worker thread) and is spawned through the spawn helper
@@ -58,7 +58,6 @@ import errno
 import fcntl
 import functools
 import logging
-import math
 import os
 import signal
 import time
@@ -71,19 +70,16 @@ from protocol import JobState, JobStatus, Limits
 
 from ._cgroups import Hierarchy, JobCgroup, Usage
 from ._db import JobDB
+from ._ladder import StopLadder, kill_cgroup
 from ._outputlog import MAX_RECORD, Budget, OutputLog
 from ._procs import (
-    ProcInfo,
     ProcScanner,
     SetupError,
     Spawned,
     group_may_exist,
-    job_members,
     signal_group,
-    signal_process,
     spawn,
     spawn_contained,
-    wait_exit,
 )
 from ._store import Record
 from ._tracking import Leaf
@@ -104,8 +100,6 @@ WRITER_THREADS = 16
 PERSIST_TIMEOUT = 10.0
 #: Seconds between attempts to write the ends that a full disk kept from being written.
 RETRY_INTERVAL = 1.0
-
-_LADDER = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
 
 @dataclass(eq=False)
@@ -256,11 +250,19 @@ def _spawn_error(exc: OSError, argv0: bytes, cwd: bytes | None) -> str:
 
 
 class Job:
-    """One job: its state, its output log, and (while running) its supervision."""
+    """One job: its state, its output log, and (while running) its supervision.
+
+    The stop sequence is a room of its own (``_ladder.py``), and so are the log's
+    writer and readers (``_outputlog.py``, ``_logreader.py``). What stays here is
+    one job's supervision: spawn, the pumps, reaping and the end. They share the
+    job's state and its nursery and hand over in one order (the pumps drain only
+    once every process is gone, the end is recorded only after they close):
+    split further, each part would reach into the others' state.
+    """
 
     __slots__ = (
-        "_cgroup", "_ctx", "_final", "_ladder_done", "_ladder_grace", "_nursery",
-        "_pending_grace", "_pipes", "_reaped", "_settled", "_step_scope", "_strays", "_usage",
+        "_cgroup", "_ctx", "_final", "_ladder", "_nursery", "_pending_grace", "_pipes",
+        "_reaped", "_settled", "_usage",
         "argv", "created", "done", "ended", "error", "exit_code", "finished", "id", "limits",
         "log", "oom",
         "owner", "pid", "proc_start", "signal", "started", "state", "stop_requested",
@@ -297,10 +299,7 @@ class Job:
         self._nursery: trio.Nursery | None = None
         self._settled = False  # every process is gone: nothing left to signal
         self._pending_grace: float | None = None
-        self._ladder_done: trio.Event | None = None
-        self._ladder_grace = math.inf
-        self._step_scope: trio.CancelScope | None = None
-        self._strays = False  # a session member left the group: scan, don't trust killpg
+        self._ladder: StopLadder | None = None  # the stop sequence, once started
 
     @classmethod
     def ended_from(cls, ctx: Context, status: JobStatus, log: OutputLog) -> Job:
@@ -452,7 +451,7 @@ class Job:
         signal_group(spawned.popen.pid, signal.SIGKILL)
         if spawned.gate is not None:  # the helper never ran the command
             spawned.gate(False)
-        await self._kill_cgroup()
+        await kill_cgroup(self._cgroup, self.id)
         await trio.to_thread.run_sync(spawned.popen.wait)
         for fd in (spawned.stdout, spawned.stderr, spawned.pidfd):
             os.close(fd)
@@ -511,14 +510,6 @@ class Job:
             log.warning("job %d: cannot read its cgroup: %s", self.id, exc)
             return False
 
-    async def _kill_cgroup(self) -> None:
-        if self._cgroup is None:
-            return
-        try:
-            await self._cgroup.kill()
-        except OSError as exc:
-            log.warning("job %d: cannot kill its cgroup: %s", self.id, exc)
-
     def abort(self) -> None:
         """Stop supervising at once (shutdown ran out of time): SIGKILL, record, end."""
         if self._nursery is not None:
@@ -542,12 +533,11 @@ class Job:
                 await trio.lowlevel.wait_readable(spawned.pidfd)  # it exited
                 returncode = popen.wait()  # reap it (waitpid on its pid: it is ours)
                 self._reaped.set()
-                if self._ladder_done is None and (group_may_exist(pid)
-                                                  or self._cgroup_populated()):
+                if self._ladder is None and (group_may_exist(pid) or self._cgroup_populated()):
                     # Leftovers in the group: they get the stop sequence too.
                     self._start_ladder(self._ctx.config.stop_grace)
-                if self._ladder_done is not None:
-                    await self._ladder_done.wait()
+                if self._ladder is not None:
+                    await self._ladder.done.wait()
                 # Every process of the job is gone: pumps read what is buffered and stop.
                 self._settled = True
                 for fd in self._pipes:
@@ -632,80 +622,14 @@ class Job:
     def _start_ladder(self, grace: float) -> None:
         if self._settled:
             return
-        if self._ladder_done is not None:
-            if grace < self._ladder_grace:
-                self._ladder_grace = grace
-                if self._step_scope is not None:
-                    self._step_scope.deadline = min(self._step_scope.deadline,
-                                                    trio.current_time() + grace)
+        if self._ladder is not None:
+            self._ladder.hurry(grace)
             return
         if self._nursery is None:  # not supervising yet
             if self._pending_grace is None or grace < self._pending_grace:
                 self._pending_grace = grace
             return
-        self._ladder_grace = grace
-        self._ladder_done = trio.Event()
-        self._nursery.start_soon(self._ladder)
-
-    async def _ladder(self) -> None:
-        assert self._ladder_done is not None
-        try:
-            step = 0
-            while True:
-                if self._ladder_grace <= 0:
-                    step = len(_LADDER) - 1
-                sig = _LADDER[step]
-                await self._signal_all(sig)
-                if sig is signal.SIGKILL:
-                    await self._kill_cgroup()  # setsid escapees too
-                    await self._wait_gone()
-                    return
-                with trio.move_on_after(self._ladder_grace) as self._step_scope:
-                    await self._wait_gone()
-                    return
-                self._step_scope = None
-                step += 1
-        finally:
-            self._step_scope = None
-            self._ladder_done.set()
-
-    async def _members(self) -> list[ProcInfo]:
         assert self.pid is not None
-        snapshot = await self._ctx.scanner.snapshot()
-        members = job_members(snapshot, self.pid, self.proc_start or 0)
-        if any(m.pgrp != self.pid for m in members):
-            self._strays = True
-        return members
-
-    async def _signal_all(self, sig: int) -> None:
-        assert self.pid is not None
-        pgid = self.pid
-        # SIGCONT after SIGINT/SIGTERM lets a stopped process act on them (as systemd does).
-        sigs = (sig,) if sig == signal.SIGKILL else (sig, signal.SIGCONT)
-        sent_group = not self._reaped.is_set()
-        if sent_group:  # our unreaped child pins the group ID: safe without a scan
-            for s in sigs:
-                signal_group(pgid, s)
-        members = await self._members()
-        if not sent_group and any(m.pgrp == pgid for m in members):
-            for s in sigs:
-                signal_group(pgid, s)
-        for m in members:
-            if m.pgrp != pgid:
-                for s in sigs:
-                    signal_process(m, s)
-
-    async def _wait_gone(self) -> None:
-        """Until the main process is reaped and no other process of the job is left."""
-        assert self.pid is not None
-        await self._reaped.wait()
-        if self._cgroup is not None:
-            try:
-                await self._cgroup.wait_empty()
-            except OSError as exc:  # cgroupfs misbehaving: the group checks below still hold
-                log.warning("job %d: cannot watch its cgroup: %s", self.id, exc)
-        while self._strays or group_may_exist(self.pid):
-            members = await self._members()
-            if not members:
-                return
-            await wait_exit(members[0])
+        self._ladder = StopLadder(self.id, self.pid, self.proc_start or 0, self._ctx.scanner,
+                                  self._reaped, self._cgroup, grace)
+        self._nursery.start_soon(self._ladder.run)

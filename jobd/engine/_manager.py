@@ -64,6 +64,13 @@ class JobManager:
     """Runs and supervises jobs and keeps their output; see docs/engine.md.
 
     Made by :func:`open_job_manager`, which owns the nursery of every job.
+
+    Why admission and bookkeeping share this class: they meet in :meth:`start`,
+    where the owner's running count is checked and taken with no checkpoint in
+    between (so two starts cannot both take the last place); apart, they would
+    need a lock to keep that. The rest is thin: each method a few lines over the
+    jobs in memory (``_job.py``) and the store (``_db.py``); start-up recovery
+    and retention are this module's functions, the limits' checks ``_limits.py``.
     """
 
     def __init__(self, ctx: Context, nursery: trio.Nursery, next_id: int) -> None:

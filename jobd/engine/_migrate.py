@@ -28,7 +28,7 @@ import os
 import re
 import sqlite3
 
-from ._outputlog import recover
+from ._logformat import recover
 from ._rows import HIGHEST, LOGS, SHARD, apply_puts, log_name, rollback
 from ._statedir import StateDir, open_subdir
 from ._store import JOBS, Record, Store

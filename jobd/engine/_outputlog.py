@@ -1,25 +1,12 @@
-"""One job's output log: the record format, the appender and the readers.
+"""One job's output log: the appender and its writer.
 
 Theory of operation
 -------------------
 
-A job's output is one append-only file of records, in the order jobd read them
-from the job's pipes. A record is a 20-byte header and the bytes::
-
-    offset  size  field
-    0       1     magic 0xA7
-    1       1     fd: 1 (stdout) or 2 (stderr)
-    2       2     reserved, 0
-    4       4     length of the data (uint32, 1..MAX_RECORD)
-    8       8     time the bytes were read (int64 ns since the Unix epoch)
-    16      4     check: CRC-32 of bytes 0..15 followed by the record's own file
-                  offset (uint64); it makes a header recognisable *at its place*,
-                  so a job that prints another job's log (headers and all) can
-                  never make an offset inside its data pass for a record boundary.
-
-All integers are little-endian. A position handed to readers is a file offset
-at a record boundary; :meth:`OutputLog.check_position` verifies one by reading
-the header there (O(1), no walk from the start).
+The record format and the log files are ``_logformat.py``; the readers
+``_logreader.py`` (:meth:`OutputLog.chunks` and :meth:`OutputLog.check_position`
+hand over to it). This module is the writing side: records come in from the
+job's pumps, go to disk, and are committed (``end``) for the readers.
 
 Writing. The pumps (one per pipe) call :meth:`OutputLog.append`, which only
 queues the record; a writer task, started on demand in the job's nursery,
@@ -37,15 +24,6 @@ Dropping. Bytes beyond the cap are cut at :meth:`append` time and counted in
 the file back to the last whole record and *seals* the log: everything after is
 drained and counted as dropped, so what is kept is always a prefix of the
 output, never a log with holes.
-
-Reading. :meth:`OutputLog.chunks` reads large blocks with ``preadv`` and
-``RWF_NOWAIT`` in the event loop (page-cache hits, the live case, cost no
-thread hop) and falls back to a worker thread when the data is not cached.
-Consecutive records of one fd are coalesced into one chunk of at most
-``max_chunk`` bytes (with ``timestamps``, every record is its own chunk, with
-its time: :func:`_records`). A follower waits on an event the appender sets after each
-commit: no polling. Every reader has its own file descriptor, so a slow one
-slows only itself.
 """
 
 from __future__ import annotations
@@ -54,27 +32,27 @@ import contextlib
 import errno
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import trio
 
-from ._statedir import DIR_FLAGS
-from ._types import BadPosition, EngineError, OutputChunk
+from . import _logreader
+from ._logformat import (
+    HEADER_SIZE,
+    MAX_RECORD,
+    create_file,
+    decode_header,
+    encode_header,
+    open_log,
+    recover,
+)
+from ._types import OutputChunk
 
 log = logging.getLogger("jobd.engine")
 
-MAGIC = 0xA7
-HEADER = struct.Struct("<BBHIqI")
-HEADER_SIZE = HEADER.size  # 20
-_OFFSET = struct.Struct("<Q")
-
-#: Largest record payload: one pipe read. Readers need max_chunk >= this.
-MAX_RECORD = 256 * 1024
 #: Bytes (plus a per-record overhead) that may wait in memory for the writer
 #: (queued or being written): four full pipe reads, enough to keep the writer
 #: busy while the pumps read on.
@@ -88,101 +66,10 @@ LINGER = 0.005
 SLICE = 0.05
 #: Records per pwritev (two iovecs each; IOV_MAX is 1024 on Linux).
 _MAX_BATCH = 512
-#: Read beyond max_chunk for the headers of the records a chunk coalesces (200 of them).
-_HEADER_ALLOWANCE = 200 * HEADER_SIZE
-#: Block size for the crash-recovery scan.
-_SCAN_BLOCK = 1 << 20
 
 
 #: The write call (a seam for tests that simulate a full disk or a short write).
 _pwritev = os.pwritev
-
-
-def _check(header16: bytes | memoryview, offset: int) -> int:
-    return zlib.crc32(_OFFSET.pack(offset), zlib.crc32(header16))
-
-
-def encode_header(fd: int, length: int, time_ns: int, offset: int) -> bytes:
-    head = HEADER.pack(MAGIC, fd, 0, length, time_ns, 0)[:16]
-    return head + _check(head, offset).to_bytes(4, "little")
-
-
-def decode_header(buf: bytes | bytearray | memoryview, at: int, offset: int) -> tuple[int, int]:
-    """(fd, length) of the header at ``buf[at:]`` that must sit at file ``offset``.
-
-    Raises ValueError if it is not a valid header for that offset.
-    """
-    magic, fd, reserved, length, _time, check = HEADER.unpack_from(buf, at)
-    if (magic != MAGIC or fd not in (1, 2) or reserved != 0 or not 0 < length <= MAX_RECORD
-            or check != _check(memoryview(buf)[at:at + 16], offset)):
-        raise ValueError(f"no record header at offset {offset}")
-    return fd, length
-
-
-def open_log(path: Path, flags: int, dir_fd: int | None = None, name: str | None = None) -> int:
-    """Open a log file, never through a symlink (ELOOP).
-
-    With ``dir_fd``: ``name`` (``SHARD/FILE``, or ``path``'s name) relative to
-    that directory (the state directory's logs, see _statedir), each component
-    opened with O_NOFOLLOW; with O_CREAT the shard directory is made (0700).
-    """
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
-    if dir_fd is None:
-        return os.open(path, flags, 0o600)
-    shard, _, leaf = (name or path.name).rpartition("/")
-    if not shard:
-        return os.open(leaf, flags, 0o600, dir_fd=dir_fd)
-    if flags & os.O_CREAT:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(shard, 0o700, dir_fd=dir_fd)
-    shard_fd = os.open(shard, DIR_FLAGS, dir_fd=dir_fd)
-    try:
-        return os.open(leaf, flags, 0o600, dir_fd=shard_fd)
-    finally:
-        os.close(shard_fd)
-
-
-def create_file(path: Path, dir_fd: int | None = None, name: str | None = None) -> None:
-    """Create an empty log (blocking: call from a worker thread)."""
-    os.close(open_log(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, dir_fd, name))
-
-
-def recover(path: Path, dir_fd: int | None = None, name: str | None = None) -> tuple[int, int]:
-    """Truncate a log after a crash to its last whole record (blocking).
-
-    Returns (size, data bytes). A missing log counts as empty; a symlink
-    raises OSError (ELOOP).
-    """
-    try:
-        fd = open_log(path, os.O_RDWR, dir_fd, name)
-    except FileNotFoundError:
-        return 0, 0
-    try:
-        size = os.fstat(fd).st_size
-        pos = data = 0
-        block = b""
-        base = 0  # file offset of block[0]
-        while pos + HEADER_SIZE <= size:
-            at = pos - base
-            if at + HEADER_SIZE > len(block):
-                base, at = pos, 0
-                block = os.pread(fd, _SCAN_BLOCK, pos)
-                if len(block) < HEADER_SIZE:
-                    break
-            try:
-                _fd, length = decode_header(block, at, pos)
-            except ValueError:
-                break
-            if pos + HEADER_SIZE + length > size:
-                break
-            pos += HEADER_SIZE + length
-            data += length
-        if pos < size:
-            log.warning("output log %s: truncating a torn tail at %d (size %d)", path, pos, size)
-            os.ftruncate(fd, pos)
-        return pos, data
-    finally:
-        os.close(fd)
 
 
 class Budget:
@@ -440,32 +327,11 @@ class OutputLog:
             log.warning("output log %s: %s; dropping further output", self.path, error)
         self._notify()
 
-    # -- reading (any number of readers) ---------------------------------
+    # -- what the readers (_logreader.py) need of the log -------------------------
 
-    def check_position(self, position: int) -> None:
-        """Raise BadPosition unless ``position`` is a record boundary of this log."""
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise BadPosition(f"position must be an integer, not {type(position).__name__}")
-        if position < 0 or position > self.end:
-            raise BadPosition(f"{position} is outside the log (0..{self.end})")
-        if position in (0, self.end):
-            return
-        try:
-            fd = open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
-        except FileNotFoundError:
-            raise BadPosition(f"{position}: the log is gone") from None
-        try:
-            head = os.pread(fd, HEADER_SIZE, position)
-        finally:
-            os.close(fd)
-        try:
-            if len(head) < HEADER_SIZE:
-                raise ValueError
-            _fd, length = decode_header(head, 0, position)
-        except ValueError:
-            raise BadPosition(f"{position} is not a record boundary") from None
-        if position + HEADER_SIZE + length > self.end:
-            raise BadPosition(f"{position} is not a record boundary")
+    def open_for_reading(self) -> int:
+        """A new read-only descriptor of the log file (FileNotFoundError: gone)."""
+        return open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
 
     async def wait_beyond(self, position: int) -> None:
         """Wait until the log has bytes after ``position`` or is closed."""
@@ -474,130 +340,17 @@ class OutputLog:
                 self._changed = trio.Event()
             await self._changed.wait()
 
-    async def chunks(self, position: int, max_chunk: int, until: int | None, *,
-                     timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
-        """Chunks from ``position`` (validated by the caller).
+    def check_position(self, position: int) -> None:
+        """Raise BadPosition unless ``position`` is a record boundary of this log."""
+        _logreader.check_position(self, position)
 
-        With ``until`` None it follows: waits for more until the log is closed
-        and every byte was given. Else it stops at offset ``until``. With
-        ``timestamps``, every record is its own chunk, with its time.
-        """
-        fd = -1  # opened once there is something to read: the first write makes the log
-        try:
-            while True:
-                end = self.end if until is None else min(until, self.end)
-                if position >= end:
-                    if until is not None or self.closed:
-                        return
-                    await self.wait_beyond(position)
-                    continue
-                if fd < 0:
-                    try:
-                        fd = open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
-                    except FileNotFoundError:
-                        return  # deleted meanwhile: nothing more to give
-                block = await _read_block(fd, position, min(end - position,
-                                                            max_chunk + _HEADER_ALLOWANCE))
-                records: list[OutputChunk] = []
-                spans: list[tuple[int, list[tuple[int, int]], int]] = []
-                try:
-                    if timestamps:
-                        records = _records(block, position)
-                    else:
-                        spans = _parse(block, position, max_chunk)
-                except EngineError as exc:  # damage on disk: the operator must hear of it
-                    log.warning("output log %s is damaged: %s; its output from there on "
-                                "cannot be read (restore the file, or delete the job)",
-                                self.path, exc)
-                    raise
-                for chunk in records:  # with timestamps: one chunk per record
-                    yield chunk
-                    position = chunk.position
-                view = memoryview(block)
-                for i, (chunk_fd, parts, after) in enumerate(spans):
-                    data = b"".join(view[a:b] for a, b in parts)
-                    if i == len(spans) - 1:
-                        del block, view  # hold only the chunk while the consumer works
-                    yield OutputChunk(chunk_fd, data, after)
-                    position = after
-        finally:
-            if fd >= 0:
-                os.close(fd)
+    def chunks(self, position: int, max_chunk: int, until: int | None, *,
+               timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
+        """Chunks from ``position`` (validated by the caller); see
+        :func:`jobd.engine._logreader.chunks`."""
+        return _logreader.chunks(self, position, max_chunk, until, timestamps=timestamps)
 
 
-def _parse(block: bytearray | bytes, base: int,
-           max_chunk: int) -> list[tuple[int, list[tuple[int, int]], int]]:
-    """Split a block read at file offset ``base`` into chunks.
-
-    Returns [(fd, [(start, stop) slices of block], position after)], covering
-    the whole records the block holds (at least one: blocks are read at least
-    one maximal record long, or up to the committed end).
-    """
-    spans: list[tuple[int, list[tuple[int, int]], int]] = []
-    at = 0
-    cur_fd = 0
-    parts: list[tuple[int, int]] = []
-    size = 0
-    while at + HEADER_SIZE <= len(block):
-        try:
-            fd, length = decode_header(block, at, base + at)
-        except ValueError:
-            raise EngineError(f"output log corrupt at offset {base + at}") from None
-        stop = at + HEADER_SIZE + length
-        if stop > len(block):
-            break
-        if parts and (fd != cur_fd or size + length > max_chunk):
-            spans.append((cur_fd, parts, base + at))
-            parts, size = [], 0
-        cur_fd = fd
-        parts.append((at + HEADER_SIZE, stop))
-        size += length
-        at = stop
-    if parts:
-        spans.append((cur_fd, parts, base + at))
-    if not spans:
-        raise EngineError(f"output log corrupt at offset {base}")
-    return spans
-
-
-def _records(block: bytearray | bytes, base: int) -> list[OutputChunk]:
-    """The whole records of a block read at file offset ``base``, one chunk each,
-    with its time (the ``timestamps`` reading; :func:`_parse` is the fast one)."""
-    chunks: list[OutputChunk] = []
-    at = 0
-    while at + HEADER_SIZE <= len(block):
-        try:
-            fd, length = decode_header(block, at, base + at)
-        except ValueError:
-            raise EngineError(f"output log corrupt at offset {base + at}") from None
-        stop = at + HEADER_SIZE + length
-        if stop > len(block):
-            break
-        time_ns = HEADER.unpack_from(block, at)[4]
-        chunks.append(OutputChunk(fd, bytes(block[at + HEADER_SIZE:stop]), base + stop, time_ns))
-        at = stop
-    if not chunks:
-        raise EngineError(f"output log corrupt at offset {base}")
-    return chunks
-
-
-_nowait_reads = hasattr(os, "RWF_NOWAIT")
-
-
-async def _read_block(fd: int, position: int, size: int) -> bytearray | bytes:
-    """``size`` bytes at ``position``: in the loop if cached, else in a worker thread."""
-    global _nowait_reads
-    if _nowait_reads:
-        buf = bytearray(size)
-        try:
-            if os.preadv(fd, [buf], position, os.RWF_NOWAIT) == size:
-                await trio.lowlevel.checkpoint()
-                return buf
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            _nowait_reads = False  # this kernel or file system cannot: always use threads
-        del buf
-    return await trio.to_thread.run_sync(os.pread, fd, size, position)
+#: The record format's names, for the engine's other modules and the tests.
+__all__ = ["HEADER_SIZE", "MAX_RECORD", "Budget", "OutputLog", "create_file", "decode_header",
+           "encode_header", "open_log", "recover"]

@@ -1,0 +1,212 @@
+"""Reading an output log: any number of readers, each at its own pace.
+
+Theory of operation
+-------------------
+
+The log's appender and writer (``_outputlog.py``) commit whole records and
+advance ``end``; readers read only up to ``end``, so they never see a
+half-written record, and wait for more on the log's commit event
+(:meth:`OutputLog.wait_beyond`). Apart from that they share nothing with the
+writer: each opens the file on its own (:meth:`OutputLog.open_for_reading`).
+
+Reading. :func:`chunks` reads large blocks with ``preadv`` and
+``RWF_NOWAIT`` in the event loop (page-cache hits, the live case, cost no
+thread hop) and falls back to a worker thread when the data is not cached.
+Consecutive records of one fd are coalesced into one chunk of at most
+``max_chunk`` bytes (with ``timestamps``, every record is its own chunk, with
+its time: :func:`_records`). A follower waits on an event the appender sets
+after each commit: no polling. Every reader has its own file descriptor, so a slow one
+slows only itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from ._logformat import HEADER, HEADER_SIZE, decode_header
+from ._types import BadPosition, EngineError, OutputChunk
+
+logger = logging.getLogger("jobd.engine")
+
+#: Read beyond max_chunk for the headers of the records a chunk coalesces (200 of them).
+_HEADER_ALLOWANCE = 200 * HEADER_SIZE
+
+
+class ReadableLog(Protocol):
+    """What a reader needs of a log (:class:`jobd.engine._outputlog.OutputLog`)."""
+
+    path: Path
+    #: The committed size: whole records only.
+    end: int
+    #: No more records will be appended: a reader at ``end`` is done.
+    closed: bool
+
+    def open_for_reading(self) -> int:
+        """A new read-only descriptor of the log file (FileNotFoundError: gone)."""
+        ...
+
+    async def wait_beyond(self, position: int) -> None:
+        """Until the log has bytes after ``position`` or is closed."""
+        ...
+
+
+def check_position(log: ReadableLog, position: int) -> None:
+    """Raise BadPosition unless ``position`` is a record boundary of this log."""
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise BadPosition(f"position must be an integer, not {type(position).__name__}")
+    if position < 0 or position > log.end:
+        raise BadPosition(f"{position} is outside the log (0..{log.end})")
+    if position in (0, log.end):
+        return
+    try:
+        fd = log.open_for_reading()
+    except FileNotFoundError:
+        raise BadPosition(f"{position}: the log is gone") from None
+    try:
+        head = os.pread(fd, HEADER_SIZE, position)
+    finally:
+        os.close(fd)
+    try:
+        if len(head) < HEADER_SIZE:
+            raise ValueError
+        _fd, length = decode_header(head, 0, position)
+    except ValueError:
+        raise BadPosition(f"{position} is not a record boundary") from None
+    if position + HEADER_SIZE + length > log.end:
+        raise BadPosition(f"{position} is not a record boundary")
+
+
+async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | None, *,
+                 timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
+    """Chunks from ``position`` (validated by the caller).
+
+    With ``until`` None it follows: waits for more until the log is closed
+    and every byte was given. Else it stops at offset ``until``. With
+    ``timestamps``, every record is its own chunk, with its time.
+    """
+    fd = -1  # opened once there is something to read: the first write makes the log
+    try:
+        while True:
+            end = log.end if until is None else min(until, log.end)
+            if position >= end:
+                if until is not None or log.closed:
+                    return
+                await log.wait_beyond(position)
+                continue
+            if fd < 0:
+                try:
+                    fd = log.open_for_reading()
+                except FileNotFoundError:
+                    return  # deleted meanwhile: nothing more to give
+            block = await _read_block(fd, position, min(end - position,
+                                                        max_chunk + _HEADER_ALLOWANCE))
+            records: list[OutputChunk] = []
+            spans: list[tuple[int, list[tuple[int, int]], int]] = []
+            try:
+                if timestamps:
+                    records = _records(block, position)
+                else:
+                    spans = _parse(block, position, max_chunk)
+            except EngineError as exc:  # damage on disk: the operator must hear of it
+                logger.warning("output log %s is damaged: %s; its output from there on "
+                               "cannot be read (restore the file, or delete the job)",
+                               log.path, exc)
+                raise
+            for chunk in records:  # with timestamps: one chunk per record
+                yield chunk
+                position = chunk.position
+            view = memoryview(block)
+            for i, (chunk_fd, parts, after) in enumerate(spans):
+                data = b"".join(view[a:b] for a, b in parts)
+                if i == len(spans) - 1:
+                    del block, view  # hold only the chunk while the consumer works
+                yield OutputChunk(chunk_fd, data, after)
+                position = after
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _parse(block: bytearray | bytes, base: int,
+           max_chunk: int) -> list[tuple[int, list[tuple[int, int]], int]]:
+    """Split a block read at file offset ``base`` into chunks.
+
+    Returns [(fd, [(start, stop) slices of block], position after)], covering
+    the whole records the block holds (at least one: blocks are read at least
+    one maximal record long, or up to the committed end).
+    """
+    spans: list[tuple[int, list[tuple[int, int]], int]] = []
+    at = 0
+    cur_fd = 0
+    parts: list[tuple[int, int]] = []
+    size = 0
+    while at + HEADER_SIZE <= len(block):
+        try:
+            fd, length = decode_header(block, at, base + at)
+        except ValueError:
+            raise EngineError(f"output log corrupt at offset {base + at}") from None
+        stop = at + HEADER_SIZE + length
+        if stop > len(block):
+            break
+        if parts and (fd != cur_fd or size + length > max_chunk):
+            spans.append((cur_fd, parts, base + at))
+            parts, size = [], 0
+        cur_fd = fd
+        parts.append((at + HEADER_SIZE, stop))
+        size += length
+        at = stop
+    if parts:
+        spans.append((cur_fd, parts, base + at))
+    if not spans:
+        raise EngineError(f"output log corrupt at offset {base}")
+    return spans
+
+
+def _records(block: bytearray | bytes, base: int) -> list[OutputChunk]:
+    """The whole records of a block read at file offset ``base``, one chunk each,
+    with its time (the ``timestamps`` reading; :func:`_parse` is the fast one)."""
+    chunks: list[OutputChunk] = []
+    at = 0
+    while at + HEADER_SIZE <= len(block):
+        try:
+            fd, length = decode_header(block, at, base + at)
+        except ValueError:
+            raise EngineError(f"output log corrupt at offset {base + at}") from None
+        stop = at + HEADER_SIZE + length
+        if stop > len(block):
+            break
+        time_ns = HEADER.unpack_from(block, at)[4]
+        chunks.append(OutputChunk(fd, bytes(block[at + HEADER_SIZE:stop]), base + stop, time_ns))
+        at = stop
+    if not chunks:
+        raise EngineError(f"output log corrupt at offset {base}")
+    return chunks
+
+
+_nowait_reads = hasattr(os, "RWF_NOWAIT")
+
+
+async def _read_block(fd: int, position: int, size: int) -> bytearray | bytes:
+    """``size`` bytes at ``position``: in the loop if cached, else in a worker thread."""
+    global _nowait_reads
+    if _nowait_reads:
+        buf = bytearray(size)
+        try:
+            if os.preadv(fd, [buf], position, os.RWF_NOWAIT) == size:
+                await trio.lowlevel.checkpoint()
+                return buf
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _nowait_reads = False  # this kernel or file system cannot: always use threads
+        del buf
+    return await trio.to_thread.run_sync(os.pread, fd, size, position)
