@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from protocol import End, JobState, JobStatus, Limits, OutputChunk
+from protocol import End, JobState, JobStatus, Limits, OutputChunk, Terminal
 
-from ._blocking import BlockingClient, connect_blocking
+from ._blocking import BlockingAttach, BlockingClient, connect_blocking
 from ._core import exit_status
 from ._errors import (
     ConfigError,
@@ -44,12 +44,13 @@ from ._errors import (
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from ._async import Client, connect
+    from ._async import AsyncAttach, Client, connect
     from ._fanout import Outcome, fanout
     from ._profiles import Target
 
 
 __all__ = [
+    "AsyncAttach", "BlockingAttach", "Terminal",
     "BlockingClient", "Client", "ConfigError", "ConnectionFailed", "End", "InvalidArgument",
     "InvalidState", "JobState", "JobStatus", "JobctlError", "Limits", "NotFound", "Outcome",
     "OutputChunk", "PermissionDenied", "ServerError", "ServerRefused", "Target", "WaitTimeout",
@@ -58,7 +59,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Client", "connect"):
+    if name in ("Client", "connect", "AsyncAttach"):
         from . import _async
 
         return getattr(_async, name)

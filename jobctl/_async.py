@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,7 +27,7 @@ import protocol as p
 
 from . import _calls as calls
 from . import _core as core
-from ._errors import ConfigError, ConnectionFailed, InvalidArgument
+from ._errors import ConfigError, ConnectionFailed, InvalidArgument, JobctlError
 
 if TYPE_CHECKING:
     from ._trust import Pinning
@@ -45,6 +46,14 @@ class Client:
         #: Liveness: the longest silence of the server while a request is in
         #: progress (it ticks); None: no bound but TCP's.
         self._idle = idle
+        #: A new connection like this one (set by ``connect``): what a follow that
+        #: reconnects (``reconnect=``) uses.
+        self._factory: Callable[[], Awaitable[Client]] | None = None
+        #: Called with a line to show when a follow loses its connection and when it
+        #: has it back.
+        self.on_reconnect: Callable[[str], None] | None = None
+        #: When the server was last heard from (a break after it is a new outage).
+        self._heard = trio.current_time()
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
@@ -62,6 +71,7 @@ class Client:
                 raise core.lost(exc.__cause__ or exc) from None
             if silence.cancelled_caught:
                 raise core.silent(idle)
+            self._heard = trio.current_time()
             self._conn.receive_data(data)
 
     async def _send(self, message: p.Message) -> None:
@@ -132,32 +142,154 @@ class Client:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self._stream.aclose()
 
+    # -- reconnecting (issue 21) ----------------------------------------------------
+
+    async def _reopen(self, outage: core.Outage, exc: JobctlError) -> None:
+        """The connection broke with ``exc``: connect again (pausing between tries,
+        as ``outage`` says) and carry on over the new one as this same client.
+        Raises when ``outage`` gives up, or at once for an error that a new
+        connection cannot cure."""
+        if self._factory is None or not core.retriable(exc):
+            raise exc
+        await self.aclose()
+        while True:
+            pause = outage.lost(exc, trio.current_time(), self._heard)
+            if self.on_reconnect is not None and outage.attempts == 1:
+                self.on_reconnect(f"{exc}: reconnecting")
+            await trio.sleep(pause)
+            try:
+                fresh = await self._factory()
+            except JobctlError as failed:
+                exc = failed
+                continue
+            break
+        self._stream, self._conn, self._idle = fresh._stream, fresh._conn, fresh._idle
+        self.welcome = fresh.welcome
+        if self.on_reconnect is not None:
+            self.on_reconnect("reconnected")
+
+    async def _resuming(self, resume: calls.Resume) -> AsyncIterator[p.OutputChunk | p.End]:
+        while True:
+            try:
+                async with aclosing(self._events(  # type: ignore[type-var]
+                        resume.call(self.welcome))) as events:
+                    async for event in events:
+                        yield event
+                return
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                await self._reopen(resume.outage, exc)
+
     # -- requests (each a call of jobctl/_calls.py) ----------------------------------
 
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
                     env: core.Env | None = None, limits: p.Limits | None = None,
-                    env_merge: bool = False) -> p.JobStatus:
+                    env_merge: bool = False, stdin: bool = False,
+                    tty: p.Terminal | None = None) -> p.JobStatus:
         """Start a job (as :meth:`jobctl.BlockingClient.start`)."""
-        return await self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge))
+        return await self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge,
+                                           stdin=stdin, tty=tty))
+
+    @asynccontextmanager
+    async def attach(self, job: int, position: int | None = None, *,
+                     input: bool = False) -> AsyncIterator[AsyncAttach]:
+        """Attach to a job (as :meth:`jobctl.BlockingClient.attach`)::
+
+            async with client.attach(job.id, input=True) as session:
+                await session.send(b"ls\r")
+                async for event in session:   # OutputChunk..., then End
+                    ...
+
+        One task may send while another iterates. Leaving the block detaches
+        (if the job still runs) and reads to the end; the connection is then
+        ready for the next request.
+        """
+        request = calls.attach_request(self.welcome, job, position, input)
+        async with self._lock:
+            await self._send(request)
+            session = AsyncAttach(self, job)
+            yield session
+            if session.end is None:
+                await session.detach()
+                async for _ in session:
+                    pass
 
     async def run(self, argv: Argv, *, cwd: bytes | str | None = None,
                   env: core.Env | None = None, limits: p.Limits | None = None,
                   env_merge: bool = False,
-                  on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
+                  on_output: Callable[[p.OutputChunk], None] | None = None,
+                  stdin: bytes | trio.abc.ReceiveStream | None = None,
+                  reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Start a job, follow its output until it ends, return its final status
         (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
-        default written to this process's stdout and stderr)."""
-        return await self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
-                                         on_output))
+        default written to this process's stdout and stderr; ``stdin``, bytes or a
+        Trio receive stream, is the job's input, then closed; ``reconnect`` as for
+        :meth:`stream`, not with ``stdin``)."""
+        within = core.check_reconnect(reconnect)
+        if stdin is not None:
+            status = await self.start(argv, cwd=cwd, env=env, limits=limits,
+                                      env_merge=env_merge, stdin=True)
+            if status.state is p.JobState.ERROR:
+                return status
+            write = on_output or core.write_chunk
+            source = stdin
+            async with self.attach(status.id, 0, input=True) as session:
 
-    async def wait(self, job: int) -> p.JobStatus:
+                async def feed() -> None:
+                    if isinstance(source, bytes):
+                        await session.send(source)
+                    else:
+                        while block := await source.receive_some(p.MAX_INPUT_CHUNK):
+                            await session.send(block)
+                    await session.close_input()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(feed)
+                    async for event in session:
+                        if isinstance(event, p.OutputChunk):
+                            write(event)
+                    nursery.cancel_scope.cancel()  # the job ended: input is moot
+            assert session.end is not None
+            return session.end.status
+        if within is None:
+            return await self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
+                                             on_output))
+        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+        if status.state is p.JobState.ERROR:
+            return status
+        write = on_output or core.write_chunk
+        end: p.End | None = None
+        async with aclosing(self.stream(  # type: ignore[type-var]
+                status.id, reconnect=within)) as events:
+            async for event in events:
+                if isinstance(event, p.OutputChunk):
+                    write(event)
+                else:
+                    end = event
+        assert end is not None
+        return end.status
+
+    async def wait(self, job: int, *,
+                   reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Wait until the job has ended; its final status. No output is sent.
 
         To bound the wait, use a Trio cancel scope (``trio.fail_after``): if it
         expires, this connection is closed (it was in the middle of the
-        request) and the scope's exception propagates.
+        request) and the scope's exception propagates. ``reconnect``: as for
+        :meth:`stream`; the wait is asked again.
         """
-        return await self._run(calls.wait(self.welcome, job), close_on_error=True)
+        within = core.check_reconnect(reconnect)
+        outage = core.Outage(within) if within is not None else None
+        while True:
+            try:
+                return await self._run(calls.wait(self.welcome, job), close_on_error=True)
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                if outage is None:
+                    raise
+                await self._reopen(outage, exc)
 
     async def stop(self, job: int, grace: float | None = None) -> p.JobStatus:
         return await self._run(calls.stop(job, grace))
@@ -187,13 +319,20 @@ class Client:
     async def delete(self, job: int) -> None:
         await self._run(calls.delete(job))
 
-    def stream(self, job: int, position: int = 0, *,
-               timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
+    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+               reconnect: float | None = core.RECONNECT_TIMEOUT
+               ) -> AsyncIterator[p.OutputChunk | p.End]:
         """Output from ``position``, following live output; OutputChunk events then End.
-        Resume after a lost connection with the last chunk's position. With
-        ``timestamps``, each chunk carries its ``time`` (servers from protocol 1.1)."""
-        return self._output(calls.output_request(self.welcome, job, position, timestamps,
-                                                 follow=True))
+        ``reconnect`` (seconds; None or 0: never): a broken connection is made
+        again with backoff and the stream resumed after the last chunk, nothing
+        lost or repeated, until that many seconds pass without the server (as
+        :meth:`jobctl.BlockingClient.stream`). With ``timestamps``, each chunk
+        carries its ``time`` (servers from protocol 1.1)."""
+        within = core.check_reconnect(reconnect)
+        if within is None:
+            return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                     follow=True))
+        return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within)))
 
     def output(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> AsyncIterator[p.OutputChunk | p.End]:
@@ -203,6 +342,55 @@ class Client:
 
     def _output(self, request: p.Stream | p.Output) -> AsyncIterator[p.OutputChunk | p.End]:
         return self._events(calls.output(request))
+
+
+class AsyncAttach:
+    """An attach in progress (:meth:`Client.attach`): ``send``, ``close_input``,
+    ``resize`` and ``detach`` go to the server; iterating yields output chunks
+    until the ``End`` (kept in ``end``)."""
+
+    def __init__(self, client: Client, job: int) -> None:
+        self._client = client
+        self.job = job
+        self.end: p.End | None = None
+        self._detached = False
+        self._send_lock = trio.StrictFIFOLock()
+
+    async def _send(self, message: p.Message) -> None:
+        async with self._send_lock:
+            if self.end is None:
+                await self._client._send(message)
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), p.MAX_INPUT_CHUNK):
+            await self._send(p.Input(bytes(view[at:at + p.MAX_INPUT_CHUNK])))
+
+    async def close_input(self) -> None:
+        await self._send(p.InputEof())
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._send(core.message(p.Resize, rows, cols))
+
+    async def detach(self) -> None:
+        if not self._detached:
+            self._detached = True
+            await self._send(p.Detach())
+
+    def __aiter__(self) -> AsyncAttach:
+        return self
+
+    async def __anext__(self) -> p.OutputChunk | p.End:
+        if self.end is not None:
+            raise StopAsyncIteration
+        try:
+            event = await self._client._receive()
+        except p.ProtocolError as exc:
+            raise core.lost(exc) from None
+        if isinstance(event, p.OutputChunk):
+            return event
+        self.end = core.expect(event, p.End)
+        return self.end
 
 
 @asynccontextmanager
@@ -225,6 +413,28 @@ async def connect(
     handshake, before anything is sent. ``liveness_timeout``: as for
     :func:`jobctl.connect_blocking`.
     """
+    client = await _open(address, port, certificate=certificate, key=key, ca=ca,
+                         server_name=server_name, connect_timeout=connect_timeout, pin=pin,
+                         liveness_timeout=liveness_timeout)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _open(
+    address: str,
+    port: int,
+    *,
+    certificate: str | os.PathLike[str],
+    key: str | os.PathLike[str],
+    ca: str | os.PathLike[str] | None,
+    server_name: str | None,
+    connect_timeout: float,
+    pin: Pinning | None,
+    liveness_timeout: float | None,
+) -> Client:
+    """A new authenticated connection (what ``connect`` opens and closes)."""
     liveness = core.check_liveness(liveness_timeout)
     if pin is not None:
         ctx = pin.context(certificate, key)
@@ -247,10 +457,11 @@ async def connect(
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await tcp.aclose()
         raise
-    try:
-        yield client
-    finally:
-        await client.aclose()
+    client._factory = partial(
+        _open, address, port, certificate=certificate, key=key, ca=ca,
+        server_name=server_name, connect_timeout=connect_timeout, pin=pin,
+        liveness_timeout=liveness_timeout)
+    return client
 
 
 def _first_attempt_error(exc: OSError) -> OSError:

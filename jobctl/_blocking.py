@@ -20,13 +20,19 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import protocol as p
 
 from . import _calls as calls
 from . import _core as core
-from ._errors import ConfigError, ConnectionFailed, InvalidArgument, WaitTimeout
+from ._errors import (
+    ConfigError,
+    ConnectionFailed,
+    InvalidArgument,
+    JobctlError,
+    WaitTimeout,
+)
 
 if TYPE_CHECKING:
     from ._trust import Pinning
@@ -97,6 +103,30 @@ class TLSChannel:
     def close(self) -> None:
         self._raw.close()
 
+    def fileno(self) -> int:
+        """The socket: readable when :meth:`read_buffered` may have more to give."""
+        return self._raw.fileno()
+
+    def read_buffered(self, buffer: memoryview | bytearray) -> int | None:
+        """Decrypted bytes already received, without waiting: a count (0 at the
+        end), or None when the socket must be read first (:meth:`receive_more`)."""
+        try:
+            count: int = self._tls.read(len(buffer), buffer)  # type: ignore[assignment]
+            return count
+        except ssl.SSLWantReadError:
+            return None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return 0
+
+    def receive_more(self) -> None:
+        """One read of the socket into the TLS layer (blocks until there is data)."""
+        self._flush()
+        count = self._raw.recv_into(self._buffer)
+        if count:
+            self._incoming.write(self._view[:count])
+        else:
+            self._incoming.write_eof()
+
     def _wait_readable(self, fd: int, handler: Callable[[], None]) -> None:
         """Block until the socket is readable, calling ``handler`` each time ``fd``
         is readable first. Nothing is read from the socket here, so the handler
@@ -144,6 +174,15 @@ class BlockingClient:
         #: Liveness: the longest silence of the server while a request is in
         #: progress (it ticks); None: no bound but TCP's.
         self._idle = idle
+        #: A new connection like this one (set by connect_blocking): what a follow
+        #: that reconnects (``reconnect=``) uses.
+        self._factory: Callable[[], BlockingClient] | None = None
+        #: Called with a line to show when a follow loses its connection and when it
+        #: has it back (``jobctl`` shows them on a terminal).
+        self.on_reconnect: Callable[[str], None] | None = None
+        #: When the server was last heard from (any bytes): a break after it
+        #: starts a new outage (core.Outage).
+        self._heard = time.monotonic()
         self.welcome = welcome
         self.identity = welcome.identity
         self.role = welcome.role
@@ -167,6 +206,7 @@ class BlockingClient:
             self._sock.settimeout(wait)
             try:
                 _receive_into(self._sock, conn)
+                self._heard = time.monotonic()
             except TimeoutError:
                 if idle is not None and wait is idle:
                     raise core.silent(idle) from None
@@ -234,6 +274,64 @@ class BlockingClient:
             else:
                 value = self._do(op)
 
+    # -- reconnecting (issue 21) ----------------------------------------------------
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, calling the wakeup handler (Ctrl-C in ``jobctl run``) meanwhile."""
+        wakeup = self._sock.wakeup
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if wakeup is None:
+                time.sleep(left)
+                return
+            import select
+
+            ready, _, _ = select.select([wakeup[0]], [], [], left)
+            if ready:
+                with contextlib.suppress(OSError):
+                    os.read(wakeup[0], 512)
+                wakeup[1]()
+
+    def _reopen(self, outage: core.Outage, exc: JobctlError,
+                deadline: float | None = None) -> None:
+        """The connection broke with ``exc``: connect again (pausing between tries,
+        as ``outage`` says, and not past ``deadline``: then WaitTimeout) and carry
+        on over the new connection as this same client. Raises when ``outage``
+        gives up, or at once for an error that a new connection cannot cure."""
+        if self._factory is None or not core.retriable(exc):
+            raise exc
+        self.close()
+        while True:
+            pause = outage.lost(exc, time.monotonic(), self._heard)
+            if deadline is not None:
+                pause = min(pause, max(deadline - time.monotonic(), 0.0))
+            if self.on_reconnect is not None and outage.attempts == 1:
+                self.on_reconnect(f"{exc}: reconnecting")
+            self._pause(pause)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout("the deadline passed while reconnecting")
+            try:
+                fresh = self._factory()
+            except JobctlError as failed:
+                exc = failed
+                continue
+            break
+        fresh._sock.wakeup = self._sock.wakeup
+        self._sock, self._conn, self._idle = fresh._sock, fresh._conn, fresh._idle
+        self.welcome = fresh.welcome
+        if self.on_reconnect is not None:
+            self.on_reconnect("reconnected")
+
+    def _resuming(self, resume: calls.Resume) -> Iterator[p.OutputChunk | p.End]:
+        while True:
+            try:
+                yield from self._events(resume.call(self.welcome))
+                return
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                self._reopen(resume.outage, exc)
+
     def set_wakeup(self, fd: int | None, handler: Callable[[], None] | None) -> None:
         """While waiting for the server, call ``handler()`` each time ``fd`` is
         readable (a signal's wakeup fd); None, None: no more. The handler runs
@@ -256,42 +354,99 @@ class BlockingClient:
 
     def start(self, argv: Argv, *, cwd: bytes | str | None = None,
               env: core.Env | None = None, limits: p.Limits | None = None,
-              env_merge: bool = False) -> p.JobStatus:
+              env_merge: bool = False, stdin: bool = False,
+              tty: p.Terminal | None = None) -> p.JobStatus:
         """Start a job. The status may be ``error`` (the command could not run).
 
         ``argv``, ``cwd`` and ``env`` names and values may be bytes or str (str
         is encoded as the OS does). ``env`` None: the server's environment for
         jobs; a mapping: the job's whole environment, or with ``env_merge``
-        (servers from protocol 1.1) added to the server's.
+        (servers from protocol 1.1) added to the server's. ``stdin``: the job's
+        stdin is a pipe that :meth:`attach` writes to; ``tty``: the job runs on
+        a pseudo-terminal of that size (servers from protocol 1.2).
         """
-        return self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge))
+        return self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge,
+                                     stdin=stdin, tty=tty))
 
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
             limits: p.Limits | None = None, env_merge: bool = False,
-            on_output: Callable[[p.OutputChunk], None] | None = None) -> p.JobStatus:
+            on_output: Callable[[p.OutputChunk], None] | None = None,
+            stdin: Input | None = None,
+            reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Start a job and follow its output from the first byte until it ends;
         its final status (``jobctl.exit_status`` makes an exit status of it).
 
         ``on_output`` gets each chunk; by default the job's stdout and stderr are
         written to this process's, as ``subprocess.run`` does. A job that never
-        ran returns its ``error`` status at once.
+        ran returns its ``error`` status at once. ``stdin`` (bytes, a binary
+        file, or a file descriptor) is the job's input, sent to its end, then
+        closed; without it the job's stdin is /dev/null. ``reconnect``: as for
+        :meth:`stream` (the start itself is never sent twice; a run with
+        ``stdin`` does not reconnect: input in flight could be lost or repeated).
         """
-        return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge, on_output))
+        within = core.check_reconnect(reconnect)
+        if stdin is not None:
+            status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                                stdin=True)
+            if status.state is p.JobState.ERROR:
+                return status
+            write = on_output or core.write_chunk
+            with self.attach(status.id, 0, input=True) as session:
+                for block in _blocks(stdin):
+                    session.send(block)
+                    for event in session.poll():
+                        if isinstance(event, p.OutputChunk):
+                            write(event)
+                session.close_input()
+                for event in session:
+                    if isinstance(event, p.OutputChunk):
+                        write(event)
+                assert session.end is not None
+                return session.end.status
+        if within is None:
+            return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
+                                       on_output))
+        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+        if status.state is p.JobState.ERROR:
+            return status
+        write = on_output or core.write_chunk
+        end: p.End | None = None
+        for event in self.stream(status.id, reconnect=within):
+            if isinstance(event, p.OutputChunk):
+                write(event)
+            else:
+                end = event
+        assert end is not None
+        return end.status
 
-    def wait(self, job: int, timeout: float | None = None) -> p.JobStatus:
+    def wait(self, job: int, timeout: float | None = None, *,
+             reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Block until the job has ended; its final status. No output is sent.
 
         ``timeout`` (seconds): WaitTimeout if it has not ended by then, and this
         connection is closed (it was in the middle of the request).
+        ``reconnect``: as for :meth:`stream`; the wait is asked again.
         """
         if timeout is not None and not timeout >= 0:
             raise InvalidArgument(f"invalid argument: timeout must be 0 or more, not {timeout}")
         deadline = None if timeout is None else time.monotonic() + min(timeout, core.MAX_TIMEOUT)
-        try:
-            return self._run(calls.wait(self.welcome, job), deadline)
-        except TimeoutError:
-            self.close()
-            raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
+        within = core.check_reconnect(reconnect)
+        outage = core.Outage(within) if within is not None else None
+        while True:
+            try:
+                return self._run(calls.wait(self.welcome, job), deadline)
+            except TimeoutError:
+                self.close()
+                raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
+            except InvalidArgument:
+                raise
+            except JobctlError as exc:
+                if outage is None:
+                    raise
+                try:
+                    self._reopen(outage, exc, deadline)
+                except WaitTimeout:
+                    raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
 
     def stop(self, job: int, grace: float | None = None, *,
              progress: Callable[[], None] | None = None) -> p.JobStatus:
@@ -323,18 +478,26 @@ class BlockingClient:
     def delete(self, job: int) -> None:
         self._run(calls.delete(job))
 
-    def stream(self, job: int, position: int = 0, *,
-               timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
+    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+               reconnect: float | None = core.RECONNECT_TIMEOUT
+               ) -> Iterator[p.OutputChunk | p.End]:
         """The job's output from ``position`` (0: the first byte), following it
         live until the job ends. Yields OutputChunk events, then one End.
 
-        To resume after a lost connection, connect again and pass the position
-        of the last chunk received: nothing is lost or repeated. With
+        ``reconnect`` (seconds; None or 0: never): when the connection breaks
+        (or the server restarts), connect again with backoff and resume right
+        after the last chunk received, so that nothing is lost or repeated;
+        give up (ConnectionFailed) once that many seconds pass without the
+        server. This client then carries on over the new connection. (By hand:
+        connect again and pass the last chunk's position.) With
         ``timestamps``, each chunk is one read of jobd's and carries its
         ``time`` (a server older than protocol 1.1 sends no times: None).
         """
-        return self._output(calls.output_request(self.welcome, job, position, timestamps,
-                                                 follow=True))
+        within = core.check_reconnect(reconnect)
+        if within is None:
+            return self._output(calls.output_request(self.welcome, job, position, timestamps,
+                                                     follow=True))
+        return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within)))
 
     def output(self, job: int, position: int = 0, *,
                timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
@@ -342,8 +505,148 @@ class BlockingClient:
         return self._output(calls.output_request(self.welcome, job, position, timestamps,
                                                  follow=False))
 
+    def attach(self, job: int, position: int | None = None, *,
+               input: bool = False) -> BlockingAttach:
+        """Attach to a job's output (from ``position``; None: a recent point the
+        server picks; 0: the first byte) and, with ``input``, its stdin or
+        terminal (the owner and admin may; protocol 1.2). Returns a
+        :class:`BlockingAttach` (a context manager that detaches on exit)."""
+        self._send(calls.attach_request(self.welcome, job, position, input))
+        return BlockingAttach(self, job)
+
     def _output(self, request: p.Stream | p.Output) -> Iterator[p.OutputChunk | p.End]:
         return self._events(calls.output(request))
+
+
+#: What ``run(stdin=...)`` takes: bytes, a binary file, or a file descriptor.
+Input = bytes | bytearray | memoryview | BinaryIO | int
+
+
+def _blocks(source: Input) -> Iterator[bytes]:
+    size = p.MAX_INPUT_CHUNK
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source).cast("B")
+        for at in range(0, len(view), size):
+            yield bytes(view[at:at + size])
+        return
+    while True:
+        block = os.read(source, size) if isinstance(source, int) else source.read(size)
+        if not block:
+            return
+        yield block
+
+
+class BlockingAttach:
+    """An attach in progress (:meth:`BlockingClient.attach`).
+
+    ``send``, ``close_input`` and ``resize`` go to the job (with ``input``);
+    iterating yields the job's output (``OutputChunk``) until the ``End`` (the
+    job ended, or :meth:`detach` was called), which is also kept in ``end``.
+    ``poll()`` returns what has arrived without waiting, ``receive(timeout)``
+    waits for one event; ``fileno()`` is the socket, for ``select`` (poll first:
+    received bytes may wait decrypted in memory). Leaving the ``with`` block
+    detaches, reads to the end, and leaves the connection ready for the next
+    request.
+    """
+
+    def __init__(self, client: BlockingClient, job: int) -> None:
+        self._client = client
+        self.job = job
+        self.end: p.End | None = None
+        self._detached = False
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Input for the job (in frames of at most ``protocol.MAX_INPUT_CHUNK``)."""
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), p.MAX_INPUT_CHUNK):
+            self._send(p.Input(bytes(view[at:at + p.MAX_INPUT_CHUNK])))
+
+    def close_input(self) -> None:
+        """The end of input: the job's stdin is closed (a terminal gets Ctrl-D)."""
+        self._send(p.InputEof())
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._send(core.message(p.Resize, rows, cols))
+
+    def detach(self) -> None:
+        """Leave the job running: the server ends the attach (iterate to the End)."""
+        if not self._detached and self.end is None:
+            self._detached = True
+            self._send(p.Detach())
+
+    def fileno(self) -> int:
+        return self._client._sock.fileno()
+
+    @property
+    def liveness(self) -> float | None:
+        """The longest the server may stay silent (it ticks meanwhile), or None."""
+        return self._client._idle
+
+    def _send(self, message: p.Message) -> None:
+        if self.end is not None:
+            return  # over: nothing more goes to the job
+        self._client._send(message)
+
+    def receive(self, timeout: float | None = None) -> p.OutputChunk | p.End | None:
+        """The next event; None if none came within ``timeout`` (0: only what has
+        arrived). After the End: the End again."""
+        import select
+
+        if self.end is not None:
+            return self.end
+        sock, conn = self._client._sock, self._client._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except p.ProtocolError as exc:
+                raise core.lost(exc) from None
+            if event is not p.NEED_DATA:
+                if isinstance(event, p.OutputChunk):
+                    return event
+                self.end = core.expect(event, p.End)
+                return self.end
+            try:
+                count = sock.read_buffered(conn.get_buffer(core.RECEIVE_SIZE))
+                if count is None:
+                    if timeout is not None:
+                        ready, _, _ = select.select([sock.fileno()], [], [], timeout)
+                        if not ready:
+                            return None
+                    sock.settimeout(None)
+                    sock.receive_more()
+                    continue
+            except (OSError, ssl.SSLError) as exc:
+                raise core.lost(exc) from None
+            if count:
+                conn.buffer_updated(count)
+            else:
+                conn.receive_data(b"")
+
+    def poll(self) -> list[p.OutputChunk | p.End]:
+        """Every event that has arrived, without waiting."""
+        events: list[p.OutputChunk | p.End] = []
+        while self.end is None:
+            event = self.receive(0)
+            if event is None:
+                break
+            events.append(event)
+        return events
+
+    def __iter__(self) -> Iterator[p.OutputChunk | p.End]:
+        while self.end is None:
+            event = self.receive()
+            assert event is not None
+            yield event
+
+    def __enter__(self) -> BlockingAttach:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.end is None and t is None:
+            self.detach()
+            for _ in self:
+                pass
 
 
 def connect_blocking(
@@ -403,7 +706,11 @@ def connect_blocking(
     except BaseException:
         sock.close()
         raise
-    return BlockingClient(sock, welcome, conn, core.idle_timeout(welcome, liveness))
+    client = BlockingClient(sock, welcome, conn, core.idle_timeout(welcome, liveness))
+    client._factory = lambda: connect_blocking(
+        address, port, certificate=certificate, key=key, ca=ca, server_name=server_name,
+        connect_timeout=connect_timeout, pin=pin, liveness_timeout=liveness_timeout)
+    return client
 
 
 def _context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

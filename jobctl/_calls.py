@@ -78,8 +78,11 @@ def request(message: p.Message, kind: type[R], within: float | None = core.REQUE
 
 
 def start(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.Env | None,
-          limits: p.Limits | None, env_merge: bool) -> Call[p.JobStatus]:
-    message = core.start_request(argv, cwd, env, limits, core.check_merge(env_merge, welcome))
+          limits: p.Limits | None, env_merge: bool, *, stdin: bool = False,
+          tty: p.Terminal | None = None) -> Call[p.JobStatus]:
+    core.check_interactive(welcome, stdin, tty)
+    message = core.start_request(argv, cwd, env, limits, core.check_merge(env_merge, welcome),
+                                 stdin=stdin, tty=tty)
     return (yield from request(message, p.Started)).status
 
 
@@ -89,6 +92,13 @@ def run(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.
     """Start a job and follow its output until it ends; its final status. A job
     that never ran returns its ``error`` status at once."""
     status = yield from start(welcome, argv, cwd, env, limits, env_merge)
+    return (yield from follow_run(welcome, status, on_output))
+
+
+def follow_run(welcome: p.Welcome, status: p.JobStatus,
+               on_output: Callable[[p.OutputChunk], None] | None) -> Call[p.JobStatus]:
+    """``run`` after its start: follow the job's output from the first byte to
+    its end; its final status (at once if it never ran)."""
     if status.state is p.JobState.ERROR:
         return status
     write = on_output or core.write_chunk
@@ -155,6 +165,15 @@ def list_all(welcome: p.Welcome, owner: str | None, states: Sequence[p.JobState]
         after = page.jobs[-1].id
 
 
+def attach_request(welcome: p.Welcome, job: int, position: int | None,
+                   input: bool) -> p.Attach:
+    """The attach both clients send (servers of protocol 1.2). An attach runs both
+    ways at once, so each driver carries it itself (``BlockingAttach``,
+    ``AsyncAttach``): it is not a call."""
+    core.require_minor(welcome, core.INTERACTIVE_MINOR, "attach")
+    return core.message(p.Attach, job, position, input)
+
+
 def output_request(welcome: p.Welcome, job: int, position: int, timestamps: bool, *,
                    follow: bool) -> p.Stream | p.Output:
     """A stream (``follow``) or output request; times asked for only from a server
@@ -163,6 +182,35 @@ def output_request(welcome: p.Welcome, job: int, position: int, timestamps: bool
     if follow:
         return core.message(p.Stream, job, position, timestamps=times)
     return core.message(p.Output, job, position, timestamps=times)
+
+
+class Resume:
+    """A follow that outlives its connections (issue 21): which job, where the
+    next stream request starts (right after the last chunk received), and the
+    reconnect policy (:class:`jobctl._core.Outage`). :meth:`call` is the stream
+    over one connection; when it breaks, the driver connects again and runs a
+    fresh :meth:`call`, which asks from the position reached: nothing is lost
+    or repeated (docs/protocol.md, section 8)."""
+
+    def __init__(self, job: int, position: int, timestamps: bool,
+                 outage: core.Outage) -> None:
+        self.job = job
+        self.position = position
+        self.timestamps = timestamps
+        self.outage = outage
+
+    def call(self, welcome: p.Welcome) -> Call[None]:
+        yield Send(output_request(welcome, self.job, self.position, self.timestamps,
+                                  follow=True))
+        while True:
+            event = yield Receive(None)
+            self.outage.progress()
+            if isinstance(event, p.OutputChunk):
+                self.position = event.position
+                yield Emit(event)
+                continue
+            yield Emit(core.expect(event, p.End))
+            return
 
 
 def output(request: p.Stream | p.Output) -> Call[None]:

@@ -41,7 +41,8 @@ from ._version import __version__
 
 EPILOG = """\
 environment: JOBCTL_CERTIFICATE, JOBCTL_KEY, JOBCTL_CA, JOBCTL_ADDRESS,
-JOBCTL_PORT, JOBCTL_SERVER_NAME, JOBCTL_SERVER, JOBCTL_CONFIG; the certificate
+JOBCTL_PORT, JOBCTL_SERVER_NAME, JOBCTL_SERVER, JOBCTL_CONFIG, JOBCTL_DETACH_KEYS
+(run -t and attach; default ctrl-],d: Ctrl-] then d leaves the job running); the certificate
 files default to certificate.pem, key.pem and ca.pem in $XDG_CONFIG_HOME/jobctl/.
 -s NAME takes a server or a group from $XDG_CONFIG_HOME/jobctl/config.toml; with
 no CA at all, the server's certificate is pinned in known_servers there.

@@ -145,7 +145,23 @@ def _count(value: str) -> int:
 # -- start and run -------------------------------------------------------------------
 
 
+def _input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="keep the job's stdin open for input (run: ours goes to it; "
+                        "start: jobctl attach sends it)")
+    parser.add_argument("-t", "--tty", action="store_true",
+                        help="run the job on a pseudo-terminal of our terminal's size and "
+                        "$TERM (implies -i)")
+
+
+def _detach_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--detach-keys", metavar="KEYS", default=None,
+                        help="the keys that detach, leaving the job running (default: "
+                        "$JOBCTL_DETACH_KEYS, else ctrl-],d; empty: none)")
+
+
 def _start_options(parser: argparse.ArgumentParser) -> None:
+    _input_options(parser)
     parser.add_argument("--memory", type=_size, metavar="SIZE", help="memory limit (e.g. 256M)")
     parser.add_argument("--cpus", type=_cpus, metavar="N", help="CPU limit in cores (e.g. 0.5)")
     parser.add_argument("--pids", type=_pids, metavar="N", help="maximum number of processes")
@@ -188,8 +204,14 @@ def start_args(ns: argparse.Namespace) -> dict[str, Any]:
         # --env adds to (overrides in) the server's environment for jobs, never
         # this shell's; with --clear-env, the --env variables are all there is.
         env = dict(ns.env)
+    tty = None
+    if getattr(ns, "tty", False):
+        from ._interactive import local_terminal
+
+        tty = local_terminal()
     return {"cwd": ns.cwd, "env": env, "env_merge": bool(ns.env) and not ns.clear_env,
-            "limits": None if limits.is_empty() else limits}
+            "limits": None if limits.is_empty() else limits,
+            "stdin": bool(getattr(ns, "interactive", False)) or tty is not None, "tty": tty}
 
 
 def cmd_start(ns: argparse.Namespace, ctx: Context) -> int:
@@ -218,6 +240,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                        const="detach", help="Ctrl-C leaves the job running and prints its ID")
     parser.add_argument("--timestamps", action="store_true",
                         help="prefix each line with the time jobd read it")
+    _detach_option(parser)
+    _reconnect_option(parser)
     _start_options(parser)
 
 
@@ -322,10 +346,20 @@ def _id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", type=job_id, metavar="ID", help="the job's ID")
 
 
+def _reconnect_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reconnect-timeout", type=seconds("--reconnect-timeout",
+                                                            core.MAX_TIMEOUT),
+                        metavar="SECONDS", default=core.RECONNECT_TIMEOUT,
+                        help="when the connection breaks, reconnect with backoff and resume "
+                        "where it broke, for up to SECONDS without the server (default: "
+                        f"{core.RECONNECT_TIMEOUT:g}; 0: do not reconnect)")
+
+
 def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
     if follow:
         parser.add_argument("--no-follow", action="store_true",
                             help="only the output that exists now (as `output`)")
+        _reconnect_option(parser)
     else:
         parser.set_defaults(no_follow=True)
     parser.add_argument("--tail", type=_count, metavar="N",
@@ -333,7 +367,25 @@ def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
                         (", then follow" if follow else ""))
     parser.add_argument("--timestamps", action="store_true",
                         help="prefix each line with the time jobd read it (UTC)")
+    parser.add_argument("--asciicast", action="store_true",
+                        help="write asciicast v2 (asciinema's format), with the times jobd "
+                        "read each piece of output")
     _id(parser)
+
+
+def _attach_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--read-only", action="store_true",
+                        help="only watch: send no input (observe certificates always do)")
+    parser.add_argument("--all", action="store_true",
+                        help="replay the whole output first, not only the recent part")
+    _detach_option(parser)
+    _id(parser)
+
+
+def cmd_attach(ns: argparse.Namespace, ctx: Context) -> int:
+    from ._follow import attach
+
+    return attach(ns, ctx)
 
 
 def _stop_options(parser: argparse.ArgumentParser) -> None:
@@ -351,6 +403,7 @@ def _status_options(parser: argparse.ArgumentParser) -> None:
 def _wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=seconds("--timeout", core.MAX_TIMEOUT),
                         metavar="SECONDS", help="give up after SECONDS (exit status 124)")
+    _reconnect_option(parser)
     parser.add_argument("ids", type=job_id, nargs="+", metavar="ID", help="the jobs' IDs")
 
 
@@ -378,15 +431,30 @@ COMMANDS: list[Command] = [
             "runs, and exit with the job's own status: its exit code, 128+N if signal N "
             "ended it, 1 if it never ran. Ctrl-C asks whether to stop the job (on a "
             "terminal); elsewhere it detaches and prints the job ID, unless "
-            "--stop-on-interrupt or --detach-on-interrupt says otherwise. Options come "
-            "before the command; the command begins at the first word that is not one of "
-            "them (`--` forces it).",
-            ("jobctl run --memory 1G make -j4", "jobctl run --stop-on-interrupt -- ./long-task"),
+            "--stop-on-interrupt or --detach-on-interrupt says otherwise. With -i, stdin "
+            "goes to the job (exact bytes; EOF closes the job's stdin). With -t the job "
+            "runs on a pseudo-terminal: your terminal goes raw, every key (Ctrl-C too) goes "
+            "to the job, window size changes follow, and the detach keys (Ctrl-] then d) "
+            "leave it running. Options come before the command; the command begins at the "
+            "first word that is not one of them (`--` forces it).",
+            ("jobctl run --memory 1G make -j4", "jobctl run --stop-on-interrupt -- ./long-task",
+             "tar c dir | jobctl run -i tar x -C /dst", "jobctl run -t bash"),
             _run_options, cmd_run, _validate_start),
+    Command("attach", "attach to a running job: its output, and your keys as its input",
+            "Show the job's recent output (--all: all of it), then follow it live. If the "
+            "job was started with -i or -t and your certificate may type into it (its "
+            "owner, or admin), what you type goes to the job: on a terminal job your "
+            "terminal goes raw, so Ctrl-C reaches the job. Several people may attach at "
+            "once; observe certificates and --read-only only watch. The detach keys "
+            "(Ctrl-] then d by default) leave the job running. Exits with the job's "
+            "status when it ends.",
+            ("jobctl attach 4", "jobctl attach --read-only --all 4"),
+            _attach_options, cmd_attach),
     Command("start", "start CMD [ARG...] in the background; prints the job ID",
-            "Start CMD as a job and print its ID. Options come before the command; the "
-            "command begins at the first word that is not one of them (`--` forces it), "
-            "and everything after it is passed verbatim.",
+            "Start CMD as a job and print its ID. With -i its stdin stays open and with "
+            "-t it runs on a pseudo-terminal: jobctl attach ID types into it. Options "
+            "come before the command; the command begins at the first word that is not "
+            "one of them (`--` forces it), and everything after it is passed verbatim.",
             ("jobctl start --cpus 0.5 --env LANG=C.UTF-8 ./backup.sh --full",
              "jobctl start -- ls -la"),
             _start_options, cmd_start, _validate_start),
@@ -402,8 +470,11 @@ COMMANDS: list[Command] = [
             ("jobctl status 4", "jobctl status -v 4"), _status_options, cmd_status),
     Command("stream", "write a job's output from its first byte, following it",
             "Write the job's stdout to stdout and its stderr to stderr, byte for byte, "
-            "from its first byte, following live output until the job ends.",
-            ("jobctl stream 4", "jobctl stream --tail 20 --timestamps 4"),
+            "from its first byte, following live output until the job ends. A terminal "
+            "job's output is what its terminal showed; --asciicast writes it as an "
+            "asciinema recording, timed as jobd read it.",
+            ("jobctl stream 4", "jobctl stream --tail 20 --timestamps 4",
+             "jobctl stream --asciicast 4 > session.cast"),
             lambda sp: _stream_options(sp, follow=True), cmd_stream),
     Command("output", "write a job's output so far",
             "Write the job's output that exists now, without following it.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import socket
 import ssl
@@ -20,6 +21,7 @@ from ._errors import (
     ConfigError,
     ConnectionFailed,
     InvalidArgument,
+    ServerError,
     ServerRefused,
     server_error,
 )
@@ -68,6 +70,8 @@ Env = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | s
 
 #: The protocol minor version that brought list filters, counts and prune.
 LIST_FILTERS_MINOR = 1
+#: The protocol minor version that brought interactive jobs (stdin, tty, attach).
+INTERACTIVE_MINOR = 2
 
 
 def require_minor(welcome: p.Welcome, minor: int, what: str) -> None:
@@ -98,7 +102,8 @@ def _encode(what: str, value: object) -> bytes:
 
 
 def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
-                  limits: p.Limits | None, env_merge: bool = False) -> p.Start:
+                  limits: p.Limits | None, env_merge: bool = False, *,
+                  stdin: bool = False, tty: p.Terminal | None = None) -> p.Start:
     """The start message both clients send: str arguments, cwd, env names and
     values encoded as the OS does (``os.fsencode``)."""
     if isinstance(argv, bytes | str):
@@ -108,7 +113,15 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    cwd=_encode("cwd", cwd) if cwd is not None else None,
                    env=tuple((_encode("env name", k), _encode("env value", v))
                              for k, v in env.items()) if env is not None else None,
-                   limits=limits, env_merge=env_merge, traceparent=current_traceparent())
+                   limits=limits, env_merge=env_merge, traceparent=current_traceparent(),
+                   stdin=stdin, tty=tty)
+
+
+def check_interactive(welcome: p.Welcome, stdin: bool, tty: p.Terminal | None) -> None:
+    """A start with stdin or a terminal needs a server of protocol 1.2: an older
+    one would ignore the fields and start the job with /dev/null."""
+    if stdin or tty is not None:
+        require_minor(welcome, INTERACTIVE_MINOR, "interactive jobs (stdin, a terminal)")
 
 
 def stop_request(job: int, grace: float | None) -> p.Stop:
@@ -351,7 +364,7 @@ def check_welcome(event: Any) -> p.Welcome:
     if isinstance(event, p.Welcome):
         return event
     if isinstance(event, p.Error):
-        raise ServerRefused(f"server refused the connection: {event.message}")
+        raise ServerRefused(f"server refused the connection: {event.message}", event.code)
     raise refused_before_welcome(None)
 
 
@@ -370,3 +383,77 @@ def lost(exc: BaseException) -> ConnectionFailed:
     if isinstance(exc, p.ProtocolError):
         return ConnectionFailed(f"protocol error: {exc}")
     return ConnectionFailed(f"connection lost: {tls_reason(exc)}")
+
+
+# -- reconnecting (issue 21) ---------------------------------------------------------
+
+#: How long ``run``, ``stream`` and ``wait`` keep trying to get a broken connection
+#: back, by default (``--reconnect-timeout``): long enough for a jobd restart or a
+#: network hiccup, short enough that a script learns of a real outage.
+RECONNECT_TIMEOUT = 300.0
+#: The pause before the first attempt to reconnect, doubled after each failure up to
+#: BACKOFF_MAX; each pause is drawn between half and all of it (jitter), so that
+#: many clients cut off at once do not come back at once.
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 5.0
+
+
+def check_reconnect(timeout: float | None) -> float | None:
+    """A reconnect timeout as the clients take it: None or 0 turns reconnecting off."""
+    if timeout is None or timeout == 0:
+        return None
+    if not (isinstance(timeout, int | float) and math.isfinite(timeout)
+            and 0 < timeout <= MAX_TIMEOUT):
+        raise InvalidArgument(f"invalid argument: reconnect must be a number of seconds "
+                              f"in (0, {MAX_TIMEOUT:g}], or None, not {timeout!r}")
+    return float(timeout)
+
+
+def retriable(exc: BaseException) -> bool:
+    """Whether a failure may go away by itself: the connection broke or could not be
+    made (the server restarts, the network comes back), or the server said it is
+    busy or unavailable. Not a refused certificate, a missing job or a bad request."""
+    if isinstance(exc, ServerRefused):
+        return exc.code in (p.ErrorCode.UNAVAILABLE, p.ErrorCode.LIMIT_EXCEEDED)
+    if isinstance(exc, ConnectionFailed):
+        return True
+    return isinstance(exc, ServerError) and exc.code is p.ErrorCode.UNAVAILABLE
+
+
+class Outage:
+    """The policy of one follow that reconnects: when to try again, when to give up.
+
+    ``lost(exc, now, heard)`` after each failure: the pause before the next
+    attempt, or the failure raised (not retriable, or ``timeout`` seconds have
+    passed since the connection broke and the server was not heard from since).
+    ``progress()`` whenever the server answered: the next break starts a new
+    outage. No IO and no clock of its own: both clients drive it.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since: float | None = None
+        self.attempts = 0
+        self._pause = BACKOFF_FIRST
+
+    def progress(self) -> None:
+        self.since = None
+        self.attempts = 0
+        self._pause = BACKOFF_FIRST
+
+    def lost(self, exc: BaseException, now: float, heard: float | None = None) -> float:
+        """``heard``: when the server last sent anything; after the outage began,
+        the connection had come back, and this is a new outage."""
+        if not retriable(exc):
+            raise exc
+        if self.since is None or (heard is not None and heard > self.since):
+            self.progress()
+            self.since = now
+        left = self.since + self.timeout - now
+        if left <= 0:
+            raise ConnectionFailed(f"{exc} (gave up reconnecting after "
+                                   f"{self.timeout:g}s)") from None
+        self.attempts += 1
+        pause = self._pause * (0.5 + random.random() / 2)
+        self._pause = min(2 * self._pause, BACKOFF_MAX)
+        return min(pause, left)

@@ -69,7 +69,14 @@ class ConnectionFailed(JobctlError):
 
 
 class ServerRefused(ConnectionFailed):
-    """The server refused the connection after TLS (certificate, role, version, load)."""
+    """The server refused the connection after TLS (certificate, role, version, load).
+
+    ``code``: the error code of the server's refusal frame (``unavailable`` when
+    it is busy or shutting down), None for a TLS alert or a bare close."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 _BY_CODE: dict[ErrorCode, type[ServerError]] = {

@@ -179,7 +179,8 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
     # Refused rather than silently ignored. (Ctrl-C leaves a group's jobs running, as
     # --detach-on-interrupt does for one server.)
     for option, flag in (("tail", "--tail"), ("timestamps", "--timestamps"),
-                         ("long", "-v/--long")):
+                         ("long", "-v/--long"), ("interactive", "-i/--interactive"),
+                         ("tty", "-t/--tty"), ("asciicast", "--asciicast")):
         if getattr(ns, option, None):
             raise ConfigError(f"{flag} is not supported with a group of servers")
     if getattr(ns, "on_interrupt", None) == "stop":
@@ -206,6 +207,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
 
     printer = Printer([t.name for t in targets], prefix=prefix)
     what = ns.command
+    reconnect = getattr(ns, "reconnect_timeout", core.RECONNECT_TIMEOUT)
 
     async def work(client: Client, target: Target) -> tuple[Any, ...]:
         name = target.name
@@ -219,17 +221,18 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             if what == "start":
                 return 0, status
             if not ns.json:
-                end = await _follow(client, status.id, name, printer)
+                end = await _follow(client, status.id, name, printer, reconnect=reconnect)
                 return job_exit_status(end), end
             kept: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
-            end = await _follow(client, status.id, name, printer, keep=kept)
+            end = await _follow(client, status.id, name, printer, keep=kept,
+                                reconnect=reconnect)
             return job_exit_status(end), end, _kept_json(kept)
         if what == "wait":  # every job named, in order; the first one's status
             ends = []
             with trio.move_on_after(ns.timeout if ns.timeout is not None else math.inf) \
                     as scope:
                 for job in ns.ids:
-                    end = await client.wait(job)
+                    end = await client.wait(job, reconnect=reconnect)
                     if not ns.json:
                         printer.line(name, text.describe(end))
                     ends.append(end)
@@ -239,7 +242,7 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             return job_exit_status(ends[0]), ends[0]
         if what in ("stream", "output"):
             end = await _follow(client, ns.id, name, printer,
-                                live=what == "stream" and not ns.no_follow)
+                                live=what == "stream" and not ns.no_follow, reconnect=reconnect)
             return 0, end
         if what == "status":
             status = await client.status(ns.id)
@@ -302,13 +305,14 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
 
 
 async def _follow(client: Client, job: int, name: str, printer: Printer, *,
-                  keep: dict[int, bytearray] | None = None, live: bool = True) -> p.JobStatus:
+                  keep: dict[int, bytearray] | None = None, live: bool = True,
+                  reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
     """The job's end, and its output: printed, prefixed line by line; or with
     ``keep``, kept there per fd (JSON_OUTPUT_CAP bytes in all; none for ``{}``)."""
     end: p.JobStatus | None = None
     # aclosing: a write that fails (a closed stdout) ends the stream in this task.
     source = cast("AsyncGenerator[p.OutputChunk | p.End, None]",
-                  client.stream(job) if live else client.output(job))
+                  client.stream(job, reconnect=reconnect) if live else client.output(job))
     async with contextlib.aclosing(source) as events:
         async for event in events:
             if isinstance(event, p.OutputChunk):

@@ -42,7 +42,7 @@ from . import _core as core
 from . import _text as text
 from ._blocking import BlockingClient
 from ._context import Context, print_json
-from ._errors import JobctlError, WaitTimeout
+from ._errors import ConfigError, JobctlError, WaitTimeout
 
 
 class Detached(Exception):
@@ -131,8 +131,22 @@ def _tail(client: BlockingClient, job: int, count: int, writer: Writer) -> p.End
     return end
 
 
+def _on_reconnect(client: BlockingClient) -> None:
+    """Say on a terminal when the connection is lost and when it is back (never
+    into a file or pipe: stderr may be carrying the job's own stderr)."""
+    if sys.stderr.isatty():
+        client.on_reconnect = lambda line: print(f"jobctl: {text.escape(line)}",
+                                                 file=sys.stderr, flush=True)
+
+
 def stream(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
+    if ns.asciicast:
+        if ns.tail is not None or ns.timestamps:
+            raise ConfigError("--asciicast writes the whole output, with its own times: "
+                              "not with --tail or --timestamps")
+        return asciicast(ns, ctx, follow=follow)
     client = ctx.client
+    _on_reconnect(client)
     writer = Writer(ns.timestamps)
     position = 0
     end: p.End | None = None
@@ -140,7 +154,8 @@ def stream(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
         end = _tail(client, ns.id, ns.tail, writer)
         position = end.position
     if follow:
-        end = writer.follow(client.stream(ns.id, position, timestamps=ns.timestamps))
+        end = writer.follow(client.stream(ns.id, position, timestamps=ns.timestamps,
+                                          reconnect=ns.reconnect_timeout))
     elif end is None:
         end = writer.follow(client.output(ns.id, timestamps=ns.timestamps))
     _truncated(end)
@@ -154,10 +169,11 @@ def wait(ns: argparse.Namespace, ctx: Context) -> int:
     deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
     first: p.JobStatus | None = None
     client = ctx.client
+    _on_reconnect(client)
     for job in ns.ids:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            status = client.wait(job, timeout=remaining)
+            status = client.wait(job, timeout=remaining, reconnect=ns.reconnect_timeout)
         except WaitTimeout:
             print(f"jobctl: timed out after {ns.timeout:g}s waiting for job {job}",
                   file=sys.stderr)
@@ -180,13 +196,17 @@ def run(ns: argparse.Namespace, ctx: Context, start: dict[str, Any]) -> int:
     if status.state is p.JobState.ERROR:
         print(text.describe(status), file=sys.stderr)
         return 1
+    if start.get("stdin"):
+        return _interactive(ns, ctx, status, position=0, typing=True)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     policy = ns.on_interrupt or ("ask" if interactive else "detach")
     interrupt = _Interrupt(ctx, status.id, policy)
     writer = Writer(ns.timestamps)
+    _on_reconnect(client)
     try:
         with interrupt.installed(client):
-            end = writer.follow(client.stream(status.id, timestamps=ns.timestamps))
+            end = writer.follow(client.stream(status.id, timestamps=ns.timestamps,
+                                              reconnect=ns.reconnect_timeout))
     except Detached:
         print(f"\njobctl: detached: job {status.id} keeps running "
               f"(jobctl stream {status.id}; jobctl stop {status.id})", file=sys.stderr)
@@ -267,3 +287,93 @@ class _Interrupt:
         with contextlib.suppress(OSError):
             while os.read(self._wakeup, 512):
                 pass
+
+
+# -- interactive jobs: run -i/-t, attach -----------------------------------------------
+
+
+def attach(ns: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client
+    core.require_minor(client.welcome, core.INTERACTIVE_MINOR, "attach")
+    status = client.status(ns.id)
+    typing = (not ns.read_only and client.role != "observe" and status.stdin
+              and status.running)
+    return _interactive(ns, ctx, status, position=0 if ns.all else None, typing=typing)
+
+
+def _interactive(ns: argparse.Namespace, ctx: Context, status: p.JobStatus, *,
+                 position: int | None, typing: bool) -> int:
+    from ._interactive import (
+        DEFAULT_DETACH_KEYS,
+        RawMode,
+        describe_keys,
+        interact,
+        parse_detach_keys,
+        say,
+    )
+
+    spec = ns.detach_keys
+    if spec is None:
+        spec = os.environ.get("JOBCTL_DETACH_KEYS", DEFAULT_DETACH_KEYS)
+    keys = parse_detach_keys(spec)
+    terminal = status.tty is not None and sys.stdin.isatty()
+    raw = RawMode(sys.stdin.fileno()) if terminal and typing else None
+    if raw is not None and keys:
+        say(f"jobctl: attached to job {status.id}; {describe_keys(keys)} detaches")
+    session = ctx.client.attach(status.id, position, input=typing)
+    try:
+        outcome = interact(session, input_fd=sys.stdin.fileno() if typing else None,
+                           raw=raw, detach_keys=keys if typing and terminal else b"",
+                           resize=raw is not None)
+    except JobctlError as exc:  # the connection was lost: the job may well run on
+        print(f"{text.escape(str(exc))} (job {status.id}: jobctl attach {status.id})",
+              file=sys.stderr)
+        return exc.exit_status
+    if outcome.detached:
+        say(f"jobctl: detached: job {status.id} keeps running (jobctl attach {status.id}; "
+            f"jobctl stop {status.id})")
+        return 128 + outcome.signal if outcome.signal is not None else 0
+    end = outcome.end
+    _truncated(end)
+    if end.status.state in (p.JobState.ERROR, p.JobState.KILLED):
+        say(text.describe(end.status))
+    return core.exit_status(end.status)
+
+
+# -- asciicast -------------------------------------------------------------------------
+
+
+def asciicast(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
+    """asciicast v2: a JSON header line, then ``[seconds, "o", text]`` per record
+    of output, timed from the job's start with the times jobd read it."""
+    import codecs
+    import json
+
+    client = ctx.client
+    status = client.status(ns.id)
+    rows, cols = (status.tty.rows, status.tty.cols) if status.tty is not None else (24, 80)
+    header: dict[str, object] = {"version": 2, "width": cols, "height": rows,
+                                 "title": text.quote_argv(status.argv)}
+    start = status.started if status.started is not None else status.created
+    header["timestamp"] = int(start)
+    if status.tty is not None and status.tty.term:
+        header["env"] = {"TERM": status.tty.term}
+    out = sys.stdout
+    out.write(json.dumps(header) + "\n")
+    decoders = {1: codecs.getincrementaldecoder("utf-8")("replace"),
+                2: codecs.getincrementaldecoder("utf-8")("replace")}
+    events = (client.stream(ns.id, timestamps=True) if follow
+              else client.output(ns.id, timestamps=True))
+    end: p.End | None = None
+    for event in events:
+        if isinstance(event, p.End):
+            end = event
+            continue
+        chunk = decoders[event.fd].decode(event.data)
+        if chunk:
+            when = max(0.0, (event.time if event.time is not None else time.time()) - start)
+            out.write(json.dumps([round(when, 6), "o", chunk]) + "\n")
+            out.flush()
+    assert end is not None
+    _truncated(end)
+    return 0

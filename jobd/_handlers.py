@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 import protocol as p
+from jobd._attach import AttachDenied, Attachments, ReadOnly, attach
 from jobd._auth import POLICY, Action, Identity, Role, Scope
 from jobd.engine import (
     BadLimits,
@@ -101,6 +102,10 @@ class Context:
       max_jobs_per_user: the running jobs a non-admin may have (``--max-jobs-per-user``).
       starting: around a start: refuses it (:class:`Refusal`) when descriptors run short.
       send_chunk: sends one output chunk of a stream to the caller.
+      attachments: how many clients are attached to each job (bounded), server-wide.
+      take_input: the input frames of the attach in progress, which the
+        connection's reader routes from the moment it read the request
+        (``jobd/_attach.py``); the handler closes the channel when it ends.
     """
 
     identity: Identity
@@ -111,6 +116,8 @@ class Context:
     max_jobs_per_user: int | None
     starting: Callable[[Identity], contextlib.AbstractAsyncContextManager[None]]
     send_chunk: Callable[[OutputChunk], Awaitable[None]]
+    attachments: Attachments
+    take_input: Callable[[], trio.MemoryReceiveChannel[p.Message]]
 
 
 async def answer(ctx: Context, request: p.Message) -> p.Message:
@@ -125,8 +132,10 @@ async def answer(ctx: Context, request: p.Message) -> p.Message:
         if handler is None:
             raise Refusal(p.ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
         reply = await handler(ctx, request)
-    except Denied as exc:
+    except (Denied, AttachDenied) as exc:
         reply = p.Error(p.ErrorCode.PERMISSION_DENIED, f"permission denied: {exc}")
+    except ReadOnly as exc:
+        reply = p.Error(p.ErrorCode.BAD_REQUEST, str(exc))
     except JobNotFound:
         reply = p.Error(p.ErrorCode.NOT_FOUND, "process not found")
     except InvalidState as exc:
@@ -210,7 +219,8 @@ async def _start(ctx: Context, request: p.Start) -> p.Message:
     async with ctx.starting(ctx.identity):
         status = await ctx.manager.start(
             request.argv, who, cwd=request.cwd, env=env, limits=request.limits,
-            max_running=None if admin else ctx.max_jobs_per_user)
+            max_running=None if admin else ctx.max_jobs_per_user, stdin=request.stdin,
+            tty=request.tty)
     if status.state is p.JobState.ERROR:
         ctx.log.info("job-failed", id=status.id, owner=who, status=status.describe())
     return p.Started(status)
@@ -300,6 +310,15 @@ async def _send_output(ctx: Context, request: p.Stream | p.Output, *, follow: bo
     return p.End(chunks.status(), position)
 
 
+async def _attach(ctx: Context, request: p.Attach) -> p.Message:
+    """Output out and input in at once (jobd/_attach.py has the theory)."""
+    inputs = ctx.take_input()
+    async with inputs:
+        return await attach(request, identity=ctx.identity, manager=ctx.manager, log=ctx.log,
+                            peer=ctx.peer, attachments=ctx.attachments,
+                            send_chunk=ctx.send_chunk, inputs=inputs)
+
+
 Handler = Callable[[Context, Any], Awaitable[p.Message]]
 
 #: The handler of each request type (the hello is the connection's, not here).
@@ -312,11 +331,12 @@ HANDLERS: dict[type[p.Message], Handler] = {
     p.Prune: _prune,
     p.Stream: _stream,
     p.Output: _output,
+    p.Attach: _attach,
 }
 
 #: The requests answered with a stream of chunks: a client that goes away ends
 #: them at once (the one-shot others run to completion, their answer lost).
-STREAMS: frozenset[type[p.Message]] = frozenset({p.Stream, p.Output})
+STREAMS: frozenset[type[p.Message]] = frozenset({p.Stream, p.Output, p.Attach})
 
 
 def _shortened(status: p.JobStatus) -> p.JobStatus:

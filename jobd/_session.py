@@ -22,7 +22,11 @@ through a channel of size 1. Because the reader keeps reading while a stream
 response is being written, a client that goes away is noticed at once, even
 when the job is silent: the reader cancels the response in flight. Bytes that
 arrive while a response is under way are a protocol error (one request at a
-time), answered with an error frame before the connection closes.
+time), answered with an error frame before the connection closes. The one
+exception is an attach (minor 2): its ``input``, ``eof``, ``resize`` and
+``detach`` frames arrive while it runs, and the reader routes them to the
+attach's handler through a small channel (the *input route*, opened when the
+reader reads the attach request; jobd/_attach.py), waiting while it is full.
 
 A client whose hello asked for liveness ticks gets a third task, the
 *ticker*: while a response is in progress and nothing was sent for the
@@ -62,6 +66,7 @@ from jobd._admission import (
     descriptors_in_use,
     nofile_soft_limit,
 )
+from jobd._attach import INPUT_QUEUE, Attachments
 from jobd._auth import (
     Identity,
     IdentityError,
@@ -117,6 +122,7 @@ class ServerState:
         #: at shutdown each gets ``unavailable`` "server is shutting down".
         self.waiting: set[Session] = set()
         self.job_env = job_environment()
+        self.attachments = Attachments()
         self.telemetry: Telemetry = NULL
         #: Set when a connection closes; jobd._alloc.trim follows (jobd._server).
         self.connection_closed = trio.Event()
@@ -221,6 +227,10 @@ class Session:
         self._owes_goodbye = False
         self._streaming = False
         self._context: Context | None = None  # the handlers', made at the first request
+        #: While an attach runs: where the reader sends its input frames (the input
+        #: route), and the attach's end of it until its handler takes it.
+        self._attach_route: trio.MemorySendChannel[p.Message] | None = None
+        self._attach_inputs: trio.MemoryReceiveChannel[p.Message] | None = None
         self.tel = server.telemetry.connection(peer)
         #: Liveness (asked for in the hello): tick when nothing was sent for this long
         #: while a response is in progress; None: never.
@@ -469,6 +479,15 @@ class Session:
                         if event is p.CLOSED:
                             self._peer_gone()
                             return
+                        if event.TYPE in p.ATTACH_FRAMES:
+                            await self._route_input(event)
+                            continue
+                        if isinstance(event, p.Attach):
+                            # Its input frames may follow at once: route them from now on.
+                            self._attach_route, self._attach_inputs = \
+                                trio.open_memory_channel[p.Message](INPUT_QUEUE)
+                            await requests.send(event)
+                            continue
                         # Bytes read along with this request are a second request sent
                         # before this one's answer: refuse them now, before the first is
                         # handed over, so that the outcome does not depend on which task
@@ -488,6 +507,23 @@ class Session:
                 await self._close(exc.error_frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._peer_gone()
+
+    async def _route_input(self, frame: p.Message) -> None:
+        """An attach's input frame to its handler; one that lingers after the attach
+        ended is dropped. Waits while the attach's queue is full (a job that reads
+        slowly): this connection reads no more until there is room."""
+        route = self._attach_route
+        if route is None:
+            return
+        try:
+            await route.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # the attach ended
+            self._attach_route = None
+
+    def _take_input(self) -> trio.MemoryReceiveChannel[p.Message]:
+        inputs, self._attach_inputs = self._attach_inputs, None
+        assert inputs is not None, "an attach's input route is opened by the reader"
+        return inputs
 
     def _peer_gone(self) -> None:
         # A stream would wait for output forever: end it now. Other responses
@@ -510,7 +546,8 @@ class Session:
         return Context(
             identity=self.identity, manager=self.manager, log=self.log, peer=self.peer,
             job_env=self.server.job_env, max_jobs_per_user=self.server.config.max_jobs_per_user,
-            starting=self.server.starting, send_chunk=self._send_chunk)
+            starting=self.server.starting, send_chunk=self._send_chunk,
+            attachments=self.server.attachments, take_input=self._take_input)
 
     async def _respond(self, request: p.Message) -> None:
         """Answer one request (jobd/_handlers.py) and send the reply."""

@@ -37,19 +37,24 @@ from ._frames import (
     encoded_size,
     parse_output_chunk,
 )
+from ._interactive import ATTACH_FRAMES, MAX_INPUT_CHUNK
 from ._messages import (
     CLIENT_MESSAGES,
     MESSAGE_TYPES,
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
+    Attach,
     ClientMessage,
     Delete,
     Deleted,
+    Detach,
     End,
     Error,
     GetStatus,
     Hello,
+    Input,
+    InputEof,
     JobList,
     ListJobs,
     Message,
@@ -58,6 +63,7 @@ from ._messages import (
     Prune,
     Pruned,
     Request,
+    Resize,
     ServerMessage,
     Start,
     Started,
@@ -71,10 +77,21 @@ from ._messages import (
 from ._requests import MAX_TICK_INTERVAL, MAX_TRACEPARENT
 from ._state import RESULT_FOR, ConnectionState, Role
 from ._status import ISOLATION_KINDS, STATUS_FIELDS, JobState, JobStatus, Limits
+from ._terminal import MAX_TERM_NAME, MAX_TERMINAL_SIDE, Terminal
 from ._units import parse_duration, parse_size
 
 __all__ = [
+    "ATTACH_FRAMES",
     "CLIENT_MESSAGES",
+    "MAX_INPUT_CHUNK",
+    "MAX_TERMINAL_SIDE",
+    "MAX_TERM_NAME",
+    "Attach",
+    "Detach",
+    "Input",
+    "InputEof",
+    "Resize",
+    "Terminal",
     "CLOSED",
     "HEADER_SIZE",
     "ISOLATION_KINDS",

@@ -30,7 +30,10 @@ PROTOCOL_VERSION = 1
 #: 1 (2026-11-30): list filters (owner, states, since) and count; prune;
 #: ``stream``/``output`` take ``timestamps`` and ``end_only``; ``out`` may carry
 #: ``time``; ``start`` takes ``env_merge``.
-PROTOCOL_MINOR = 1
+#: 2 (2026-12-07): interactive jobs: ``start`` takes ``stdin`` and ``tty``; a
+#: status may carry ``stdin`` and ``tty``; the ``attach`` request, during which
+#: the client sends ``input``, ``eof``, ``resize`` and ``detach``.
+PROTOCOL_MINOR = 2
 
 #: Integers on the wire are msgpack uint64 at most.
 _UINT_LIMIT = 1 << 64

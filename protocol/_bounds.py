@@ -60,6 +60,9 @@ MAX_IO_DEVICES = 16
 MAX_LIMIT_VALUE = 2**63 - 1
 #: pids: the kernel's PID_MAX_LIMIT on 64-bit systems; ``pids.max`` refuses more.
 MAX_PIDS = 4 * 1024 * 1024
+#: The most bytes in one ``input`` frame (minor 2): a pipe read's worth, a
+#: quarter of the default frame limit. (Also ``protocol.MAX_INPUT_CHUNK``.)
+MAX_INPUT_BYTES = 256 * 1024
 #: cpus: the largest CONFIG_NR_CPUS the kernel supports (8,192).
 MAX_CPUS = 8192.0
 
@@ -84,16 +87,17 @@ class DecodeLimits:
 
 
 #: What the server accepts in one client frame. The longest str is a device path,
-#: the longest bin an argument (or an environment value), the longest array
-#: argv; a request map has at most 6 fields (64 leaves room for optional fields
-#: of later minor versions). The largest request, a start with the longest argv
-#: and the largest environment, counts about 24,700 items (argv 1 + 8,192; env
-#: 1 + 4,096 + 4,096 pairs of 3; limits ~140): 32,768 leaves room. Decoding
+#: the longest bin an ``input`` frame's data (else an argument or an environment
+#: value), the longest array argv; a request map has at most 8 fields (64 leaves
+#: room for optional fields of later minor versions). The largest request, a
+#: start with the longest argv and the largest environment, counts about 24,700
+#: items (argv 1 + 8,192; env 1 + 4,096 + 4,096 pairs of 3; limits ~140):
+#: 32,768 leaves room. Decoding
 #: stops as soon as a container completes over the budget, so a frame never
 #: becomes more than ~40,000 Python objects (a few MB) however it is built.
 REQUEST_DECODE_LIMITS = DecodeLimits(
     max_str_len=MAX_PATH_BYTES,
-    max_bin_len=MAX_ARG_BYTES,
+    max_bin_len=max(MAX_ARG_BYTES, MAX_INPUT_BYTES),
     max_array_len=MAX_ARGV_ENTRIES,
     max_map_len=64,
     max_items=32 * 1024,

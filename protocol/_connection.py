@@ -63,7 +63,7 @@ from ._frames import (
     parse_output_chunk,
 )
 from ._messages import Error, Hello, Message, OutputChunk, Tick, Welcome
-from ._state import TURN, ConnectionState, Conversation, IllegalMove, Role
+from ._state import ATTACH_INPUT, TURN, ConnectionState, Conversation, IllegalMove, Role
 
 
 class Sentinel(enum.Enum):
@@ -207,6 +207,10 @@ class _Connection:
         self._fail_fast()
         if not isinstance(msg, _Message):
             raise LocalProtocolError(f"not a protocol message: {type(msg).__name__}")
+        if msg.TYPE in ATTACH_INPUT and self._conversation.state is not _S.ATTACH:
+            # Lingering input is allowed from a client that had not yet seen the
+            # end; one that has (this side) knows the attach is over.
+            raise LocalProtocolError(f"{msg.TYPE!r} outside an attach")
         try:
             new = self._conversation.next_state(self.our_role, msg.TYPE)
         except IllegalMove as exc:
@@ -256,7 +260,7 @@ class _Connection:
     def _next_event(self) -> Event:
         if self._closed:
             return CLOSED
-        if TURN[self._conversation.state] is not self.their_role:
+        if self.their_role not in TURN[self._conversation.state]:
             # Not the peer's turn: nothing may arrive but EOF.
             buffered = self._end > self._start
             if buffered and self.our_role is Role.SERVER:
@@ -385,10 +389,10 @@ class ServerConnection(_Connection):
         state checked once and no dataclass built.
         """
         self._fail_fast()
-        if self._conversation.state is not _S.STREAM:
+        if self._conversation.state is not _S.STREAM and self._conversation.state is not _S.ATTACH:
             raise LocalProtocolError(
                 f"a server cannot send 'out' in state {self._conversation.state.name}: "
-                "no stream or output request is in progress"
+                "no stream, output or attach request is in progress"
             )
         return encode_output_chunk(fd, data, position, max_frame_size=self.send_limit)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 from ._base import PROTOCOL_MINOR, PROTOCOL_VERSION
+from ._interactive import Attach, Detach, Input, InputEof, Resize
 from ._replies import (
     Deleted,
     End,
@@ -28,6 +29,7 @@ from ._requests import Delete, GetStatus, Hello, ListJobs, Output, Prune, Start,
 
 ClientMessage: TypeAlias = (
     Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
+    | Attach | Input | InputEof | Resize | Detach
 )
 ServerMessage: TypeAlias = (
     Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
@@ -36,10 +38,13 @@ ServerMessage: TypeAlias = (
 #: Any message (usable with isinstance()).
 Message: TypeAlias = ClientMessage | ServerMessage
 #: The requests a client may send once welcomed.
-Request: TypeAlias = Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
+Request: TypeAlias = (
+    Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Attach
+)
 
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
     Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete, Prune,
+    Attach, Input, InputEof, Resize, Detach,
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
@@ -52,6 +57,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 __all__ = [
     "CLIENT_MESSAGES",
+    "Attach",
+    "Detach",
+    "Input",
+    "InputEof",
+    "Resize",
     "MESSAGE_TYPES",
     "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",

@@ -40,6 +40,7 @@ from ._fields import (
     get_str,
 )
 from ._status import JobState, Limits
+from ._terminal import Terminal
 
 TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
 if TYPE_CHECKING:
@@ -143,6 +144,12 @@ class Start(_Message):
         MAX_TRACEPARENT characters) naming the caller's span, or None. A server
         that traces requests makes it the parent of the request's span; one
         that does not (or an older one) ignores it.
+      stdin: (minor 2) True: the job's stdin is a pipe kept open for ``attach``
+        requests to write to (else /dev/null).
+      tty: (minor 2) a :class:`Terminal`: the job runs on a pseudo-terminal of
+        that size, as its controlling terminal, with ``TERM`` set to its
+        ``term``; stdin, stdout and stderr are the terminal (``stdin`` is
+        implied). None: no terminal.
 
     Every bound is in ``_bounds.py``: what a start makes the server store or echo
     stays small enough for one frame.
@@ -156,8 +163,12 @@ class Start(_Message):
     limits: Limits | None = None
     env_merge: bool = False
     traceparent: str | None = None
+    stdin: bool = False
+    tty: Terminal | None = None
 
     def __post_init__(self) -> None:
+        check_type("stdin", self.stdin, bool)
+        check_type("tty", self.tty, Terminal, optional=True)
         if isinstance(self.argv, list):
             object.__setattr__(self, "argv", tuple(self.argv))
         check_type("argv", self.argv, tuple)
@@ -222,6 +233,10 @@ class Start(_Message):
             out["env_merge"] = True
         if self.traceparent is not None:
             out["traceparent"] = self.traceparent
+        if self.stdin:
+            out["stdin"] = True
+        if self.tty is not None:
+            out["tty"] = self.tty.to_wire()
         return out
 
     @classmethod
@@ -229,6 +244,7 @@ class Start(_Message):
         argv = get_list(m, "argv")
         env = get_list(m, "env", None)
         limits = get_map(m, "limits", None)
+        tty = get_map(m, "tty", None)
         return cls(
             argv=tuple(argv),
             cwd=get_bytes(m, "cwd", None),
@@ -236,6 +252,8 @@ class Start(_Message):
             limits=Limits.from_wire(limits) if limits is not None else None,
             env_merge=_flag(m, "env_merge"),
             traceparent=get_str(m, "traceparent", None),
+            stdin=_flag(m, "stdin"),
+            tty=Terminal.from_wire(tty) if tty is not None else None,
         )
 
 

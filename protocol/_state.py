@@ -17,8 +17,13 @@ boundary they agree.
     RESULT   --the request's one result, or error (server)--> IDLE
     STREAM   --out (server)---------------------------------> STREAM
     STREAM   --end|error (server)---------------------------> IDLE
+    IDLE     --attach (client)------------------------------> ATTACH
+    ATTACH   --out (server)---------------------------------> ATTACH
+    ATTACH   --input|eof|resize|detach (client)-------------> ATTACH
+    ATTACH   --end|error (server)---------------------------> IDLE (lingering)
+    IDLE     --input|eof|resize|detach (client), lingering--> IDLE (discarded)
     HELLO, WELCOME, IDLE --error (server)-------------------> DONE
-    IDLE, RESULT, STREAM --tick (server)--------------------> the same state
+    IDLE, RESULT, STREAM, ATTACH --tick (server)------------> the same state
 
 Which result answers which request is the second table, ``RESULT_FOR``. An
 ``error`` outside a request is the server refusing the connection (bad
@@ -28,7 +33,15 @@ closes. Who may send a message is fixed by its type (``SENDER``), whatever
 the state.
 
 Each state says whose turn it is: the client's in HELLO and IDLE, the
-server's in WELCOME, RESULT and STREAM, nobody's in DONE. The connection
+server's in WELCOME, RESULT and STREAM, both sides' in ATTACH (minor 2: the
+server sends output while the client sends input), nobody's in DONE.
+
+An attach ends when the server sends ``end`` or ``error``; input frames the
+client sent before it saw that end are still on their way. So after an attach
+the conversation *lingers*: until the client's next request, the server
+accepts (and its caller discards) ``input``, ``eof``, ``resize`` and
+``detach``. They can only come before the next request, since the client
+sends that only after it has read the end. The connection
 objects use this: a server that receives bytes while it is its own turn knows
 at once that the client broke the one-request-at-a-time rule, without waiting
 for a whole frame.
@@ -64,6 +77,7 @@ class ConnectionState(enum.Enum):
     IDLE = "idle"  # welcomed, no request in progress: the client may send one
     RESULT = "result"  # a one-shot request is in progress: the server owes its result
     STREAM = "stream"  # a stream/output request is in progress: chunks, then end
+    ATTACH = "attach"  # an attach is in progress: chunks and input both ways, then end
     DONE = "done"  # the server refused or ended the connection with an error
     CLOSED = "closed"  # the peer closed the connection at a frame boundary
     ERROR = "error"  # a protocol error happened; the connection is unusable
@@ -77,15 +91,21 @@ SENDER: dict[str, Role] = {
     **{cls.TYPE: Role.SERVER for cls in SERVER_MESSAGES},
 }
 
-#: Whose turn it is in each conversation state (None: nobody's).
-TURN: dict[ConnectionState, Role | None] = {
-    S.HELLO: Role.CLIENT,
-    S.WELCOME: Role.SERVER,
-    S.IDLE: Role.CLIENT,
-    S.RESULT: Role.SERVER,
-    S.STREAM: Role.SERVER,
-    S.DONE: None,
+_C = frozenset({Role.CLIENT})
+_SV = frozenset({Role.SERVER})
+#: Who may send in each conversation state (empty: nobody).
+TURN: dict[ConnectionState, frozenset[Role]] = {
+    S.HELLO: _C,
+    S.WELCOME: _SV,
+    S.IDLE: _C,
+    S.RESULT: _SV,
+    S.STREAM: _SV,
+    S.ATTACH: _C | _SV,
+    S.DONE: frozenset(),
 }
+
+#: What a client sends while an attach runs (and what may linger after it).
+ATTACH_INPUT = frozenset({"input", "eof", "resize", "detach"})
 
 #: The one result type that answers each one-shot request type.
 RESULT_FOR: dict[str, str] = {
@@ -112,9 +132,16 @@ TRANSITIONS: dict[tuple[ConnectionState, str], ConnectionState] = {
     (S.STREAM, "out"): S.STREAM,
     (S.STREAM, "end"): S.IDLE,
     (S.STREAM, "error"): S.IDLE,
+    (S.IDLE, "attach"): S.ATTACH,
+    (S.ATTACH, "out"): S.ATTACH,
+    **{(S.ATTACH, kind): S.ATTACH for kind in ATTACH_INPUT},
+    (S.ATTACH, "end"): S.IDLE,
+    (S.ATTACH, "error"): S.IDLE,
+    # Only while lingering after an attach (see next_state).
+    **{(S.IDLE, kind): S.IDLE for kind in ATTACH_INPUT},
     # Liveness (asked for in the hello): a tick changes nothing. IDLE too, so that
     # a tick racing the end of a response is never an error.
-    **{(state, "tick"): state for state in (S.IDLE, S.RESULT, S.STREAM)},
+    **{(state, "tick"): state for state in (S.IDLE, S.RESULT, S.STREAM, S.ATTACH)},
 }
 
 
@@ -129,12 +156,14 @@ class Conversation:
     so that a send that fails (e.g. a frame too large) changes nothing.
     """
 
-    __slots__ = ("request", "state")
+    __slots__ = ("lingering", "request", "state")
 
     def __init__(self) -> None:
         self.state = S.HELLO
-        #: The type of the request in progress (RESULT and STREAM), else None.
+        #: The type of the request in progress (RESULT, STREAM, ATTACH), else None.
         self.request: str | None = None
+        #: An attach ended and no request followed yet: its late input is allowed.
+        self.lingering = False
 
     def next_state(self, sender: Role, kind: str) -> ConnectionState:
         state = self.state
@@ -147,7 +176,7 @@ class Conversation:
                 if owner is not None else f"unknown message type {kind!r}"
             )
         new = TRANSITIONS.get((state, kind))
-        if new is None:
+        if new is None or (state is S.IDLE and kind in ATTACH_INPUT and not self.lingering):
             raise IllegalMove(self._explain(sender, kind))
         if (state is S.RESULT and kind not in ("error", "tick")
                 and RESULT_FOR[self.request or ""] != kind):
@@ -158,10 +187,12 @@ class Conversation:
         return new
 
     def commit(self, kind: str, new: ConnectionState) -> None:
-        if new is S.RESULT or new is S.STREAM:
+        if new is S.RESULT or new is S.STREAM or new is S.ATTACH:
             if self.state is S.IDLE:
                 self.request = kind
-        else:
+                self.lingering = False
+        elif kind not in ATTACH_INPUT and kind != "tick":  # a tick changes nothing
+            self.lingering = self.state is S.ATTACH
             self.request = None
         self.state = new
 
@@ -170,16 +201,22 @@ class Conversation:
         where = f"in state {state.name}"
         if self.request is not None:
             where += f" (answering {self.request!r})"
-        if TURN.get(state) is not sender:
+        if sender not in TURN.get(state, frozenset()):
             if sender is Role.CLIENT and state in (S.RESULT, S.STREAM):
                 return "request while another is in progress"
-            whose = TURN.get(state)
-            turn = f"it is the {whose.value}'s turn" if whose else "the connection is done"
+            whose = TURN.get(state, frozenset())
+            turn = (f"it is the {next(iter(whose)).value}'s turn" if whose
+                    else "the connection is done")
             return f"unexpected {kind!r} from the {sender.value} {where}: {turn}"
+        if kind in ATTACH_INPUT:
+            return f"{kind!r} outside an attach"
+        if state is S.ATTACH and sender is Role.CLIENT:
+            return "request while another is in progress"
         return f"unexpected {kind!r} from the {sender.value} {where}"
 
 
 __all__ = [
+    "ATTACH_INPUT",
     "RESULT_FOR",
     "SENDER",
     "TRANSITIONS",

@@ -22,6 +22,7 @@ from ._fields import (
     get_str,
 )
 from ._record import fields_of
+from ._terminal import Terminal
 
 TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
 if TYPE_CHECKING:
@@ -155,6 +156,10 @@ class JobStatus:
       limits: the limits the job runs with, if any.
       peak_memory: peak memory in bytes, where a cgroup measured it.
       cpu_time: CPU seconds used, where known.
+      stdin: (minor 2) True when the job's stdin is a pipe that ``attach``
+        writes to (a job started with ``stdin``, or on a terminal).
+      tty: (minor 2) the :class:`Terminal` the job runs on (its size at start),
+        or None: its output is then the terminal's, all of it on stdout (fd 1).
     """
 
     id: int
@@ -174,6 +179,8 @@ class JobStatus:
     limits: Limits | None = None
     peak_memory: int | None = None
     cpu_time: float | None = None
+    stdin: bool = False
+    tty: Terminal | None = None
 
     def __post_init__(self) -> None:
         check_type("id", self.id, int)
@@ -202,6 +209,8 @@ class JobStatus:
         check_type("dropped_bytes", self.dropped_bytes, int)
         check_type("limits", self.limits, Limits, optional=True)
         check_type("peak_memory", self.peak_memory, int, optional=True)
+        check_type("stdin", self.stdin, bool)
+        check_type("tty", self.tty, Terminal, optional=True)
 
     @property
     def running(self) -> bool:
@@ -237,6 +246,10 @@ class JobStatus:
             out["oom"] = True
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.stdin:
+            out["stdin"] = True
+        if self.tty is not None:
+            out["tty"] = self.tty.to_wire()
         return out
 
     @classmethod
@@ -244,6 +257,7 @@ class JobStatus:
         argv = get_list(m, "argv")
         check(all(isinstance(a, bytes) for a in argv), "argv entries must be binary")
         limits = get_map(m, "limits", None)
+        tty = get_map(m, "tty", None)
         return cls(
             id=get_int(m, "id"),
             owner=get_str(m, "owner"),
@@ -262,6 +276,8 @@ class JobStatus:
             limits=Limits.from_wire(limits) if limits is not None else None,
             peak_memory=get_int(m, "peak_memory", None),
             cpu_time=get_float(m, "cpu_time", None),
+            stdin=get_bool(m, "stdin", False),
+            tty=Terminal.from_wire(tty) if tty is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -648,7 +648,8 @@ def test_run_names_its_job_when_the_connection_is_lost(
 
     server = start_jobd(pki, tmp_path / "state")
     try:
-        proc = _run(server, "sh", "-c", "echo ready; exec sleep 1000")
+        # Not reconnecting (issue 21): the loss itself is what this test looks at.
+        proc = _run(server, "--reconnect-timeout", "0", "sh", "-c", "echo ready; exec sleep 1000")
         procs.append(proc)
         assert proc.stdout is not None
         _read_until(proc.stdout.fileno(), b"ready\n")

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import protocol as p
+from jobd._attach import INPUT_QUEUE, Attachments
 from jobd._auth import Identity, Role
 from jobd._handlers import HANDLERS, STREAMS, Context, answer, job_environment
 from jobd._log import EventLog
@@ -41,7 +42,17 @@ class Caller:
         self.ctx = Context(identity=identity, manager=manager,
                            log=EventLog(stream=self.log), peer="[::1]:4000",
                            job_env=job_environment(), max_jobs_per_user=None,
-                           starting=self._starting, send_chunk=self._send_chunk)
+                           starting=self._starting, send_chunk=self._send_chunk,
+                           attachments=Attachments(), take_input=self._take_input)
+        #: What the next attach's input route carries (as the connection's reader would).
+        self.input: list[p.Message] = []
+
+    def _take_input(self) -> trio.MemoryReceiveChannel[p.Message]:
+        send, receive = trio.open_memory_channel[p.Message](INPUT_QUEUE)
+        for message in self.input:
+            send.send_nowait(message)
+        self.input = []
+        return receive
 
     @contextlib.asynccontextmanager
     async def _starting(self, identity: Identity) -> AsyncIterator[None]:
@@ -61,9 +72,10 @@ def error(reply: p.Message) -> tuple[p.ErrorCode, str]:
 
 
 def test_every_request_has_a_handler() -> None:
-    requests = {p.Start, p.Stop, p.GetStatus, p.Delete, p.ListJobs, p.Prune, p.Stream, p.Output}
+    requests = {p.Start, p.Stop, p.GetStatus, p.Delete, p.ListJobs, p.Prune, p.Stream, p.Output,
+                p.Attach}
     assert set(HANDLERS) == requests
-    assert {p.Stream, p.Output} == STREAMS
+    assert {p.Stream, p.Output, p.Attach} == STREAMS
 
 
 async def test_start_output_and_end(manager: JobManager) -> None:
@@ -137,3 +149,50 @@ async def test_unexpected_request_and_a_bug_are_answered(manager: JobManager) ->
         p.ErrorCode.INTERNAL, "internal error: the request failed")
     assert "request-failed" in alice.log.getvalue()
 
+
+
+async def test_attach_types_into_a_job_and_ends_with_it(manager: JobManager) -> None:
+    alice = Caller(manager, ALICE)
+    started = await alice.ask(p.Start((b"tr", b"a-z", b"A-Z"), stdin=True))
+    assert isinstance(started, p.Started) and started.status.stdin
+    job = started.status.id
+    alice.input = [p.Input(b"hello\n"), p.InputEof()]
+    end = await alice.ask(p.Attach(job, 0, input=True))
+    assert isinstance(end, p.End) and end.status.exit_code == 0
+    assert b"".join(c.data for c in alice.chunks) == b"HELLO\n"
+    assert "attached" in alice.log.getvalue() and "input=true" in alice.log.getvalue()
+
+
+async def test_attach_refusals(manager: JobManager) -> None:
+    alice, eve, bob = Caller(manager, ALICE), Caller(manager, EVE), Caller(manager, BOB)
+    started = await alice.ask(p.Start((b"sleep", b"60"), stdin=True))
+    assert isinstance(started, p.Started)
+    job = started.status.id
+    assert error(await eve.ask(p.Attach(job, input=True))) == (
+        p.ErrorCode.PERMISSION_DENIED, "permission denied: role observe may not type into jobs")
+    assert error(await bob.ask(p.Attach(job))) == (p.ErrorCode.NOT_FOUND, "process not found")
+    # observe may watch; a detach ends the attach with the status now, running.
+    eve.input = [p.Detach()]
+    end = await eve.ask(p.Attach(job))
+    assert isinstance(end, p.End) and end.status.running
+    plain = await alice.ask(p.Start((b"sleep", b"60")))
+    assert isinstance(plain, p.Started)
+    code, message = error(await alice.ask(p.Attach(plain.status.id, input=True)))
+    assert code is p.ErrorCode.INVALID_STATE and "no input" in message
+    await alice.ask(p.Stop(job, grace=0.0))
+    await alice.ask(p.Stop(plain.status.id, grace=0.0))
+
+
+def test_clients_attached_to_one_job_are_bounded() -> None:
+    from jobd._attach import MAX_ATTACHED_PER_JOB
+    from jobd.engine import LimitExceeded
+
+    table = Attachments(per_job=2)
+    with table.hold(7), table.hold(7):
+        with pytest.raises(LimitExceeded, match="too many clients attached to job 7"), \
+                table.hold(7):
+            pass
+        with table.hold(8):  # another job's count is its own
+            assert len(table) == 3
+    assert len(table) == 0
+    assert Attachments().per_job == MAX_ATTACHED_PER_JOB == 64

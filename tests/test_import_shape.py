@@ -10,6 +10,8 @@ import of the package's ``__init__`` unless ``name`` is a module.
 from __future__ import annotations
 
 import ast
+import functools
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +29,7 @@ def modules() -> dict[str, Path]:
     return found
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Each module of the three packages and the modules of theirs it imports."""
     mods = modules()
@@ -122,3 +125,63 @@ def test_the_checks_see_a_circle_and_a_crossing() -> None:
     assert "protocol._x509" in real["jobd._expiry"]  # imports are read (both kinds)
     assert "jobctl._follow" in real["jobctl._commands"]  # a late import in a function
     assert "protocol._pki" in real["jobctl._cert"]
+
+
+def map_arrows() -> list[tuple[str, str]]:
+    """The arrows of docs/architecture.md's map, as (module, imported module).
+
+    A line holds groups ``A, B ─▶ C, D (a note); late: E`` three spaces apart;
+    an arrow's line ending in a comma goes on on the next; other lines are notes."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("### Map: modules and who imports whom", 1)[1].split("```")[1]
+    package = ""
+    arrows: list[tuple[str, str]] = []
+    sources: list[str] = []
+    carried = False  # the last line ended in a comma: this one goes on
+
+    def module(word: str) -> str:
+        if word == "__init__":
+            return package
+        if word == "engine":
+            return "jobd.engine"
+        if word.startswith("protocol"):
+            return word
+        return f"{package}.{word}"
+
+    def targets(text: str) -> list[str]:
+        words = re.sub(r"\([^)]*\)", "", text).replace(";", ",").split(",")
+        cleaned = (w.strip().removeprefix("late:").strip() for w in words)
+        return [module(w) for w in cleaned if w and w != "..."]
+
+    for line in block.splitlines():
+        if line.startswith(("jobd", "jobctl")):
+            package = line.split()[0]
+            continue
+        if "engine/:" in line:
+            package = "jobd.engine"
+            line = line.replace("engine/:", "")
+        drawn = False
+        for group in re.split(r"\s{3,}", line.strip()):
+            if "─▶" in group:
+                left, right = group.split("─▶")
+                sources = targets(left)
+            elif carried:
+                right = group
+            else:
+                continue
+            arrows.extend((source, target) for source in sources for target in targets(right))
+            carried, drawn = False, True
+        carried = drawn and line.rstrip().endswith(",")
+    return arrows
+
+
+def test_the_architecture_map_draws_only_real_imports() -> None:
+    graph = import_graph()
+    arrows = map_arrows()
+    assert len(arrows) > 80 and ("jobd._session", "jobd._handlers") in arrows
+    assert ("jobctl._blocking", "jobctl._calls") in arrows
+    assert ("jobd.engine._job", "jobd.engine._ladder") in arrows
+    unknown = sorted({m for arrow in arrows for m in arrow if m not in graph})
+    assert unknown == [], "the map names modules that do not exist"
+    wrong = sorted(f"{a} -> {b}" for a, b in arrows if b not in graph[a])
+    assert wrong == [], "the map draws imports the code does not make"

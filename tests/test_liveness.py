@@ -26,7 +26,7 @@ from .faultproxy import FaultProxy
 from .test_client_lib import running_server
 
 LIVENESS = "2"
-NO_RECONNECT: list[str] = []
+NO_RECONNECT = ["--reconnect-timeout", "0"]
 
 
 def _follow(jobd: JobdProcess, port: int, *args: str) -> subprocess.Popen[bytes]:

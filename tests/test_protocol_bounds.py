@@ -130,8 +130,8 @@ def test_decode_amplification_frame_is_refused_from_its_header() -> None:
      "arrays, maps and elements"),
     ({"type": "status", "job": 1, "x": "s" * (p.MAX_PATH_BYTES + 1)},
      "a string of 4096 bytes exceeds the request limit of 4095"),
-    ({"type": "status", "job": 1, "x": b"b" * (p.MAX_ARG_BYTES + 1)},
-     "binary of 131072 bytes exceeds the request limit of 131071"),
+    ({"type": "status", "job": 1, "x": b"b" * (p.MAX_INPUT_CHUNK + 1)},
+     "binary of 262145 bytes exceeds the request limit of 262144"),
     ({"type": "status", "job": 1, "x": {str(i): 0 for i in range(65)}},
      "a map of 65 entries exceeds the request limit of 64"),
 ])
@@ -202,8 +202,8 @@ def test_the_largest_status_a_start_can_make_fits_half_a_frame() -> None:
 def test_a_start_refused_while_decoding_still_names_its_type() -> None:
     """A start beyond the decoding limits (a 1 MiB cwd) never decodes, yet jobd's log
     must say it was a refused start: the type is read past the offending value."""
-    error = refused_by_server({"argv": [b"true"], "cwd": b"/" * 200_000, "type": "start"},
-                              "binary of 200000 bytes")
+    error = refused_by_server({"argv": [b"true"], "cwd": b"/" * 300_000, "type": "start"},
+                              "binary of 300000 bytes")
     assert error.message_type == "start"
     error = refused_by_server({"type": "status", "job": 1, "x": [[]] * 10_000})
     assert error.message_type == "status"

@@ -145,6 +145,7 @@ EXAMPLES: list[p.Message] = [
     Start(argv=(b"sh", b"-c", b"echo \xff"), cwd=b"/tmp", env=((b"PATH", b"/bin"),),
           limits=Limits(memory=1 << 28, cpus=0.5, pids=64, isolate=("net", "pid"))),
     Start(argv=(b"env",), env=((b"LANG", b"C"),), env_merge=True),
+    Start(argv=(b"bash",), stdin=True, tty=p.Terminal(rows=40, cols=120, term="xterm-256color")),
     Stop(job=3, grace=0.5),
     GetStatus(job=7),
     ListJobs(after=100, owner="bob", states=(p.JobState.RUNNING, p.JobState.EXITED),
@@ -154,6 +155,12 @@ EXAMPLES: list[p.Message] = [
     Output(job=7),
     Delete(job=7),
     p.Prune(older_than=86400.0),
+    p.Attach(job=7, position=12, input=True),
+    p.Attach(job=7),
+    p.Input(data=b"\x03ls\r"),
+    p.InputEof(),
+    p.Resize(rows=50, cols=132),
+    p.Detach(),
     WELCOME,
     dataclasses.replace(WELCOME, tick_interval=10.0),
     p.Tick(),
@@ -178,7 +185,7 @@ GOLDEN: list[tuple[p.Message, bytes]] = [
         b"\x84"  # map, 4 entries
         b"\xa4type" b"\xa5hello"
         b"\xa7version" b"\x01"
-        b"\xa5minor" b"\x01"
+        b"\xa5minor" b"\x02"
         b"\xa8software" b"\xacjobctl 0.1.0",
     ),
     (
@@ -232,7 +239,7 @@ def test_golden_decode(msg: p.Message, frame: bytes) -> None:
 
 def test_examples_cover_every_type() -> None:
     assert {type(m) for m in EXAMPLES} == set(p.MESSAGE_TYPES.values())
-    assert len(p.MESSAGE_TYPES) == 20
+    assert len(p.MESSAGE_TYPES) == 25
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)

@@ -19,7 +19,7 @@ from protocol._record import fields_of, record, replace
 from .conftest import PYTHON, RUN_CWD
 from .test_protocol_messages import EXAMPLES
 
-CLASSES = sorted({*p.MESSAGE_TYPES.values(), p.JobStatus, p.Limits, p.DecodeLimits},
+CLASSES = sorted({*p.MESSAGE_TYPES.values(), p.JobStatus, p.Limits, p.DecodeLimits, p.Terminal},
                  key=lambda c: c.__name__)
 
 

@@ -7,13 +7,17 @@ and an ID whose log exists is never given again.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 import jobctl
+from jobd.engine import _db
 from jobd.engine._db import JobDB
 from jobd.engine._store import Record
 from protocol import JobState, JobStatus
@@ -120,3 +124,17 @@ def test_a_damaged_output_log_is_in_the_event_log(pki: Pki, tmp_path: Path) -> N
             assert isinstance(c.start(["true"]), jobctl.JobStatus)
     finally:
         assert server.stop() == 0
+
+
+def test_the_start_up_check_is_bounded_in_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A history too big to check within CHECK_SECONDS is checked in part: the start
+    goes on, and the log says so."""
+    state = tmp_path / "state"
+    history(state, 3000)
+    monkeypatch.setattr(_db, "CHECK_SECONDS", 0.0)
+    with caplog.at_level(logging.WARNING, logger="jobd.engine"):
+        JobDB.open(state).close()
+    assert "the check of the job database" in caplog.text
+    assert "stopped after 0 s (a big history)" in caplog.text

@@ -193,8 +193,13 @@ def test_a_full_disk_drops_output_but_nothing_else(pki: Pki, tmp_path: Path) -> 
             big = server.jobctl("alice", "start", "python3", "-c", WRITER)
             assert big.returncode == 0, big
             job = int(big.stdout)
+            # The stream ends, with the job's end on disk: the logs stopped short of the
+            # space they leave to the job database (else the end could not be written
+            # and would not be shown until space came back).
             streamed = server.jobctl("alice", "stream", str(job))
             assert streamed.returncode == 0, streamed
+            server.wait_for_log(r"the file system is nearly full \(the logs leave \d+ bytes "
+                                r"free for the job database\); dropping further output")
             with client(server) as c:
                 status = c.status(job)
                 assert status.describe() == "exited: 0"

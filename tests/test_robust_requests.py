@@ -56,7 +56,7 @@ def test_poison_cwd_is_refused_and_list_keeps_working(jobd: JobdProcess,
     cwd) no longer fit a frame: ``list`` then dropped every role's connection."""
     cwd = b"/" + b"d" * (p.MAX_FRAME_SIZE - 200)
     reply = attack(jobd, packed({"type": "start", "argv": [b"true"], "cwd": cwd}))
-    refused(reply, "binary of 1048377 bytes exceeds the request limit of 131071")
+    refused(reply, "binary of 1048377 bytes exceeds the request limit of 262144")
     jobd.wait_for_log(r"start-refused .*who=alice role=control code=bad_request "
                       r".*binary of 1048377 bytes")
     for size in (p.MAX_PATH_BYTES + 1, p.MAX_ARG_BYTES):  # fits the decoder, not PATH_MAX

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+import protocol as p
 from protocol import STATUS_FIELDS, FieldError, JobState, JobStatus, Limits
 
 
@@ -12,7 +13,7 @@ def full_status() -> JobStatus:
         started=2.0, ended=3.0, output_bytes=10, dropped_bytes=2,
         limits=Limits(memory=1 << 20, cpus=0.5, pids=8, io_read_bps=(("/dev/sda", 10),),
                       isolate=("pid", "net")),
-        peak_memory=4096, cpu_time=0.25,
+        peak_memory=4096, cpu_time=0.25, stdin=True, tty=p.Terminal(30, 100, "xterm"),
     )
 
 

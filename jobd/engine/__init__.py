@@ -17,6 +17,7 @@ from ._types import (
     JobNotFound,
     LimitExceeded,
     LimitPolicy,
+    NoInput,
     OutputChunk,
     Unenforceable,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "JobNotFound",
     "LimitExceeded",
     "LimitPolicy",
+    "NoInput",
     "OutputChunk",
     "OutputReader",
     "Unenforceable",

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from protocol import JobState, JobStatus, Limits
+from protocol import JobState, JobStatus, Limits, Terminal
 
 from ._cgroups import Hierarchy, JobCgroup, Usage
 from ._db import JobDB
@@ -76,7 +76,9 @@ from ._procs import (
     ProcScanner,
     SetupError,
     Spawned,
+    Stdio,
     group_may_exist,
+    set_window_size,
     signal_group,
     spawn,
     spawn_contained,
@@ -261,16 +263,21 @@ class Job:
     """
 
     __slots__ = (
-        "_cgroup", "_ctx", "_final", "_ladder", "_nursery", "_pending_grace", "_pipes",
-        "_reaped", "_settled", "_usage",
+        "_cgroup", "_ctx", "_final", "_input_lock", "_ladder", "_nursery", "_pending_grace",
+        "_pipes", "_reaped", "_settled", "_stdin_fd", "_usage",
         "argv", "created", "done", "ended", "error", "exit_code", "finished", "id", "limits",
-        "log", "oom",
-        "owner", "pid", "proc_start", "signal", "started", "state", "stop_requested",
+        "log", "oom", "owner", "pid", "proc_start", "signal", "started", "state", "stdin",
+        "stop_requested", "tty",
     )
 
     def __init__(self, ctx: Context, job_id: int, owner: str, argv: tuple[bytes, ...],
-                 log: OutputLog, limits: Limits | None = None) -> None:
+                 log: OutputLog, limits: Limits | None = None, *, stdin: bool = False,
+                 tty: Terminal | None = None) -> None:
         self._ctx = ctx
+        self.stdin = stdin or tty is not None  # its input is ours to write (attach)
+        self.tty = tty  # its terminal, as it started (None: pipes)
+        self._stdin_fd = -1  # the write end of its stdin while open (a terminal: the master)
+        self._input_lock = trio.StrictFIFOLock()  # one input frame at a time, whole
         self.id = job_id
         self.owner = owner
         self.argv = argv
@@ -304,7 +311,8 @@ class Job:
     @classmethod
     def ended_from(cls, ctx: Context, status: JobStatus, log: OutputLog) -> Job:
         """A job that ended before this jobd started (loaded from its record)."""
-        job = cls(ctx, status.id, status.owner, status.argv, log)
+        job = cls(ctx, status.id, status.owner, status.argv, log, stdin=status.stdin,
+                  tty=status.tty)
         job._final = status
         job.state = status.state
         job.done.set()
@@ -330,7 +338,7 @@ class Job:
             pid=self.pid, created=self.created, started=self.started, ended=self.ended,
             output_bytes=self.log.output_bytes, dropped_bytes=self.log.dropped_bytes,
             limits=self.limits, peak_memory=None if usage is None else usage.peak_memory,
-            cpu_time=None if usage is None else usage.cpu_time,
+            cpu_time=None if usage is None else usage.cpu_time, stdin=self.stdin, tty=self.tty,
         )
 
     def shown_status(self, *, live: bool = False) -> JobStatus:
@@ -460,12 +468,16 @@ class Job:
     async def _spawn(self, cwd: bytes | None, env: Mapping[bytes, bytes] | None,
                      devices: Mapping[str, str]) -> Spawned:
         limits = self.limits
+        tty = self.tty
+        stdio = Stdio(pipe=self.stdin, tty=None if tty is None else (tty.rows, tty.cols))
+        if tty is not None and tty.term:
+            env = {**(env if env is not None else os.environb), b"TERM": tty.term.encode()}
         gate = self._ctx.gate
         if limits is None:
             if gate:
                 return await trio.to_thread.run_sync(functools.partial(
-                    spawn_contained, self.argv, cwd, env, (), (), gated=True))
-            return await trio.to_thread.run_sync(spawn, self.argv, cwd, env)
+                    spawn_contained, self.argv, cwd, env, (), (), stdio, gated=True))
+            return await trio.to_thread.run_sync(spawn, self.argv, cwd, env, stdio)
         cgroups = self._ctx.cgroups
         if cgroups is not None:
             try:
@@ -476,7 +488,7 @@ class Job:
         join = self._cgroup.procs if self._cgroup is not None else ()
         try:
             return await trio.to_thread.run_sync(functools.partial(
-                spawn_contained, self.argv, cwd, env, join, limits.isolate, gated=gate))
+                spawn_contained, self.argv, cwd, env, join, limits.isolate, stdio, gated=gate))
         except BaseException:
             await self._release_cgroup()  # the helper is reaped: it is empty
             raise
@@ -521,13 +533,15 @@ class Job:
         Returns the main process's exit status (None if aborted before it exited).
         """
         popen, pid = spawned.popen, spawned.popen.pid
+        self._stdin_fd = spawned.stdin
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.log.attach(nursery)
-                self._pipes = spawned.stdout, spawned.stderr
+                self._pipes = tuple(fd for fd in (spawned.stdout, spawned.stderr) if fd >= 0)
                 nursery.start_soon(self._pump, spawned.stdout, 1)
-                nursery.start_soon(self._pump, spawned.stderr, 2)
+                if spawned.stderr >= 0:
+                    nursery.start_soon(self._pump, spawned.stderr, 2)
                 if self._pending_grace is not None:
                     self._start_ladder(self._pending_grace)
                 await trio.lowlevel.wait_readable(spawned.pidfd)  # it exited
@@ -546,6 +560,7 @@ class Job:
         finally:
             self._nursery = None
             os.close(spawned.pidfd)
+            self._close_stdin()
         if nursery.cancel_scope.cancelled_caught:  # aborted by shutdown: last resort
             signal_group(pid, signal.SIGKILL)
             if self._cgroup is not None:
@@ -578,6 +593,10 @@ class Job:
                     with contextlib.suppress(trio.ClosedResourceError):  # _settled now
                         await trio.lowlevel.wait_readable(fd)
                     continue
+                except OSError as exc:
+                    if exc.errno == errno.EIO:  # a pty's master once no slave is open: the end
+                        return
+                    raise
                 if not data:
                     return  # EOF: every writer closed it
                 if len(data) >= PIPE_SIZE and not grown:
@@ -589,6 +608,63 @@ class Job:
                 log_.append(stream, data)
         finally:
             self._pipes = tuple(-1 if f == fd else f for f in self._pipes)
+            os.close(fd)
+
+    # -- input (interactive jobs) ---------------------------------------------------
+
+    async def write_input(self, data: bytes) -> bool:
+        """Write ``data`` to the job's stdin (or terminal), all of it, at the job's pace.
+
+        Waits while the pipe (or the terminal's buffer) is full: a job that does
+        not read holds up only its writers. Returns False, dropping the data,
+        when the input is closed (eof, the job closed its stdin or ended).
+        """
+        async with self._input_lock:
+            view = memoryview(data)
+            while view:
+                fd = self._stdin_fd
+                if fd < 0:
+                    return False
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    try:
+                        await trio.lowlevel.wait_writable(fd)
+                    except trio.ClosedResourceError:  # closed while we waited
+                        return False
+                except OSError as exc:  # EPIPE: nobody reads; EIO: the terminal is gone
+                    if exc.errno not in (errno.EPIPE, errno.EIO):
+                        log.warning("job %d: cannot write its input: %s", self.id, exc)
+                    self._close_stdin()
+                    return False
+            return True
+
+    def close_input(self) -> None:
+        """End of input: close the stdin pipe; on a terminal, type its EOF character
+        (VEOF, normally Ctrl-D) as ``script`` does: a terminal stays open."""
+        fd = self._stdin_fd
+        if fd < 0:
+            return
+        if self.tty is None:
+            self._close_stdin()
+            return
+        import termios
+
+        with contextlib.suppress(OSError):
+            eof = termios.tcgetattr(fd)[6][termios.VEOF]
+            os.write(fd, eof if isinstance(eof, bytes) else bytes([eof]))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the job's terminal (its foreground group gets SIGWINCH)."""
+        if self.tty is None or self._stdin_fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            set_window_size(self._stdin_fd, rows, cols)
+
+    def _close_stdin(self) -> None:
+        fd, self._stdin_fd = self._stdin_fd, -1
+        if fd >= 0:
+            trio.lowlevel.notify_closing(fd)  # wakes a writer waiting on it
             os.close(fd)
 
     def _finish(self, returncode: int | None) -> None:

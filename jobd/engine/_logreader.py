@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from ._logformat import HEADER, HEADER_SIZE, decode_header
+from ._logformat import HEADER, HEADER_SIZE, MAGIC, decode_header
 from ._types import BadPosition, EngineError, OutputChunk
 
 logger = logging.getLogger("jobd.engine")
@@ -81,6 +81,37 @@ def check_position(log: ReadableLog, position: int) -> None:
         raise BadPosition(f"{position} is not a record boundary") from None
     if position + HEADER_SIZE + length > log.end:
         raise BadPosition(f"{position} is not a record boundary")
+
+
+def recent_position(log: ReadableLog, back: int) -> int:
+    """The first record boundary at or after ``end - back`` (0 if the log is
+    shorter; ``end`` if no record starts there), to replay a screen from. One
+    read of ``back`` bytes: a header is recognised by its magic and its check,
+    which covers its own offset, so no walk from the start is needed."""
+    end = log.end
+    start = end - back
+    if start <= 0:
+        return 0
+    try:
+        fd = log.open_for_reading()
+    except FileNotFoundError:
+        return end
+    try:
+        block = os.pread(fd, end - start, start)
+    finally:
+        os.close(fd)
+    magic = MAGIC.to_bytes(1, "little")
+    at = block.find(magic)
+    while 0 <= at <= len(block) - HEADER_SIZE:
+        try:
+            _fd, length = decode_header(block, at, start + at)
+        except ValueError:
+            at = block.find(magic, at + 1)
+            continue
+        if start + at + HEADER_SIZE + length <= end:
+            return start + at
+        break
+    return end
 
 
 async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | None, *,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from protocol import JobState, JobStatus, Limits
+from protocol import JobState, JobStatus, Limits, Terminal
 
 from ._cgroup_layout import detect
 from ._db import JobDB, Page, finished_count, finished_oldest_first, log_space
@@ -103,12 +103,15 @@ class JobManager:
 
     async def start(self, argv: Sequence[bytes], owner: str, *, cwd: bytes | None = None,
                     env: Mapping[bytes, bytes] | None = None,
-                    limits: Limits | None = None, max_running: int | None = None) -> JobStatus:
+                    limits: Limits | None = None, max_running: int | None = None,
+                    stdin: bool = False, tty: Terminal | None = None) -> JobStatus:
         """Start a job. Returns its status once it runs (pid set) or failed to start
         (state error: "command not found: X", "permission denied: X", ...): a record is
         created either way. Malformed requests raise EngineError before any record;
         ``max_running``: LimitExceeded if ``owner`` already has that many jobs running
-        (or being started).
+        (or being started). ``stdin``: the job's stdin is a pipe that
+        :meth:`write_input` writes to; ``tty``: it runs on a pseudo-terminal of
+        that size (``TERM`` set to its ``term``), its output all on fd 1.
         """
         if self._ctx.closing:
             raise EngineError("the job engine is shutting down")
@@ -141,7 +144,8 @@ class JobManager:
         job = Job(ctx, job_id, owner, args,
                   OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap,
                             writers=ctx.writers, dir_fd=ctx.store.logs_fd,
-                            name=log_name(job_id), budget=self._budget(owner)), applied)
+                            name=log_name(job_id), budget=self._budget(owner)), applied,
+                  stdin=stdin, tty=tty)
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):
@@ -429,6 +433,35 @@ class JobManager:
         job.log.check_position(position)
         return OutputReader(job, _then_done(
             job.log.chunks(position, max_chunk, None, timestamps=timestamps), job.done))
+
+    # -- interactive jobs ---------------------------------------------------------
+
+    def _interactive(self, job_id: int) -> Job | None:
+        job = self._ctx.jobs.get(job_id)
+        return job if job is not None and job.running and job.stdin else None
+
+    async def write_input(self, job_id: int, data: bytes) -> bool:
+        """Write to a running job's stdin (or terminal), waiting while the job does
+        not read. False (the data dropped) once its input is closed or it ended."""
+        job = self._interactive(job_id)
+        return await job.write_input(data) if job is not None else False
+
+    def close_input(self, job_id: int) -> None:
+        """End of input: a pipe is closed; a terminal gets its EOF character."""
+        job = self._interactive(job_id)
+        if job is not None:
+            job.close_input()
+
+    def resize(self, job_id: int, rows: int, cols: int) -> None:
+        """Resize a running terminal job's pty (SIGWINCH to its foreground group)."""
+        job = self._interactive(job_id)
+        if job is not None:
+            job.resize(rows, cols)
+
+    def recent_position(self, job_id: int, back: int) -> int:
+        """A record boundary at most about ``back`` bytes before the log's end (the
+        first record that starts within them), to replay a screen from."""
+        return self._get(job_id).log.recent_position(back)
 
     async def shutdown(self) -> None:
         """Stop every running job (in parallel, with the stop sequence); idempotent.

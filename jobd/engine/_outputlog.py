@@ -70,6 +70,12 @@ _MAX_BATCH = 512
 
 #: The write call (a seam for tests that simulate a full disk or a short write).
 _pwritev = os.pwritev
+#: Space the logs leave free for the job database: a batch that would leave less is
+#: dropped as on a full disk, so that the records of starts and ends can still be
+#: committed when output fills the file system (an end is shown only once it is on
+#: disk). 5 % of the file system, at most RESERVE_MAX (like ext4's reserved blocks).
+RESERVE_FRACTION = 0.05
+RESERVE_MAX = 64 << 20
 
 
 class Budget:
@@ -288,6 +294,9 @@ class OutputLog:
                 truncate = os.O_TRUNC if offset == 0 else 0
                 self._fd = open_log(self.path, os.O_WRONLY | os.O_CREAT | truncate,
                                     self._dir_fd, self._name)
+            reserve = _reserve_short(self._fd, total)
+            if reserve is not None:
+                return 0, reserve
             written = _pwritev(self._fd, iov, offset)
         except OSError as exc:
             written, error = 0, os.strerror(exc.errno) if exc.errno else str(exc)
@@ -333,6 +342,11 @@ class OutputLog:
         """A new read-only descriptor of the log file (FileNotFoundError: gone)."""
         return open_log(self.path, os.O_RDONLY, self._dir_fd, self._name)
 
+    def recent_position(self, back: int) -> int:
+        """A record boundary about ``back`` bytes before the end (see
+        :func:`_logreader.recent_position`)."""
+        return _logreader.recent_position(self, back)
+
     async def wait_beyond(self, position: int) -> None:
         """Wait until the log has bytes after ``position`` or is closed."""
         while self.end <= position and not self.closed:
@@ -354,3 +368,13 @@ class OutputLog:
 #: The record format's names, for the engine's other modules and the tests.
 __all__ = ["HEADER_SIZE", "MAX_RECORD", "Budget", "OutputLog", "create_file", "decode_header",
            "encode_header", "open_log", "recover"]
+
+
+def _reserve_short(fd: int, size: int) -> str | None:
+    """Why writing ``size`` more bytes would eat into the database's reserve, or None."""
+    st = os.fstatvfs(fd)
+    reserve = min(RESERVE_MAX, int(st.f_blocks * st.f_frsize * RESERVE_FRACTION))
+    if st.f_bavail * st.f_frsize - size >= reserve:
+        return None
+    return (f"the file system is nearly full (the logs leave {reserve} bytes free for the "
+            f"job database)")

@@ -18,6 +18,7 @@ the job's main process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import marshal
 import os
@@ -31,12 +32,15 @@ from typing import NamedTuple
 import trio
 
 _PROC = "/proc"
+#: The stdin pipe of a job started with ``stdin``: as large as Linux lets anyone
+#: make one (1 MiB), so that bulk input costs few writes and wakeups.
+STDIN_PIPE_SIZE = 1024 * 1024
 
 
 class Spawned(NamedTuple):
     popen: subprocess.Popen[bytes]  # kept until reaped (it reaps, and must not be collected before)
-    stdout: int  # read ends, non-blocking
-    stderr: int
+    stdout: int  # read ends, non-blocking (a terminal job: the pty's master)
+    stderr: int  # -1 for a terminal job: its stderr is the terminal too
     pidfd: int  # readable once the process has exited
     #: Its start time (/proc/<pid>/stat), read in the spawning thread while it
     #: cannot have been reaped (None if it could not be read).
@@ -46,6 +50,30 @@ class Spawned(NamedTuple):
     #: raises as a spawn would; ``gate(False)`` makes it exit without running it
     #: (the caller reaps it). Blocking; call exactly once. None: not gated.
     gate: Callable[[bool], None] | None = None
+    #: The write end of its stdin (a pipe, or the pty's master again), non-blocking;
+    #: -1: its stdin is /dev/null.
+    stdin: int = -1
+
+
+class Stdio(NamedTuple):
+    """How a job's stdin is set up: /dev/null, a pipe, or a pseudo-terminal.
+
+    ``tty`` is (rows, cols) for a terminal job, else None.
+    """
+
+    pipe: bool = False
+    tty: tuple[int, int] | None = None
+
+
+NO_INPUT = Stdio()
+
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    """TIOCSWINSZ on a pty (the kernel signals SIGWINCH to its foreground group)."""
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 #: The spawn helper (see _spawn.py), run with the interpreter jobd runs on.
@@ -97,22 +125,29 @@ class SetupError(OSError):
 
 
 def spawn(argv: Sequence[bytes], cwd: bytes | None,
-          env: Mapping[bytes, bytes] | None) -> Spawned:
+          env: Mapping[bytes, bytes] | None, stdio: Stdio = NO_INPUT) -> Spawned:
     """Start a job's main process (blocking: call from a worker thread).
 
-    Own session and process group, stdin /dev/null, stdout and stderr on two
-    pipes, no shell, no preexec_fn. Raises OSError if it cannot be executed.
-    Plain fds rather than trio.Process: a running job costs a few KiB less.
+    Own session and process group, stdin /dev/null (or a pipe: ``stdio``),
+    stdout and stderr on two pipes, no shell, no preexec_fn. Raises OSError if
+    it cannot be executed. Plain fds rather than trio.Process: a running job
+    costs a few KiB less. A terminal job goes through the spawn helper
+    (:func:`spawn_contained`), which makes the pty its controlling terminal.
     """
-    return _start(list(argv), cwd=cwd, env=dict(env) if env is not None else None)
+    if stdio.tty is not None:
+        return spawn_contained(argv, cwd, env, (), (), stdio)
+    return _start(list(argv), cwd=cwd, env=dict(env) if env is not None else None,
+                  stdio=stdio)
 
 
 def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
                     env: Mapping[bytes, bytes] | None, join: Sequence[str],
-                    isolate: Sequence[str], *, gated: bool = False) -> Spawned:
+                    isolate: Sequence[str], stdio: Stdio = NO_INPUT, *,
+                    gated: bool = False) -> Spawned:
     """Like :func:`spawn`, through the spawn helper: it joins the cgroups whose
-    ``cgroup.procs`` files are ``join`` and the namespaces ``isolate`` before it
-    execs the command (blocking: call from a worker thread).
+    ``cgroup.procs`` files are ``join`` and the namespaces ``isolate`` (and for
+    a terminal job takes the pty as its controlling terminal) before it execs
+    the command (blocking: call from a worker thread).
 
     Returns once the command runs, or raises: OSError as :func:`spawn` would
     (exec and chdir failures, same errno and file name), SetupError for the rest.
@@ -133,7 +168,7 @@ def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
         _pwrite_all(spec_fd, marshal.dumps({
             "argv": list(argv), "cwd": cwd, "join": list(join), "isolate": list(isolate),
             "env": dict(env) if env is not None else dict(os.environb),
-            "gate": gate_r if gated else None,
+            "gate": gate_r if gated else None, "tty": stdio.tty is not None,
         }))
     except BaseException:
         for fd in mine:
@@ -164,7 +199,7 @@ def spawn_contained(argv: Sequence[bytes], cwd: bytes | None,
                 args.append(str(code_fd))
                 fds += (code_fd,)
             spawned = _start(args, cwd=None, env={}, pass_fds=fds,
-                             check=None if gated else check)
+                             check=None if gated else check, stdio=stdio)
         except SetupError:
             raise
         except OSError as exc:
@@ -209,24 +244,49 @@ def _failure(report: bytes, argv0: bytes, cwd: bytes | None) -> OSError:
 
 def _start(args: list[bytes] | list[str], *, cwd: bytes | None,
            env: dict[bytes, bytes] | dict[str, str] | None, pass_fds: Sequence[int] = (),
-           check: Callable[[subprocess.Popen[bytes]], None] | None = None) -> Spawned:
-    fds: list[int] = []
+           check: Callable[[subprocess.Popen[bytes]], None] | None = None,
+           stdio: Stdio = NO_INPUT) -> Spawned:
+    fds: list[int] = []  # ours to close on failure
+    child: list[int] = []  # the child's ends: closed once it has them
     try:
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        fds += (out_r, out_w)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        fds += (err_r, err_w)
+        stdin: int | None = subprocess.DEVNULL
+        in_w = -1
+        if stdio.tty is not None:
+            # The job's stdin, stdout and stderr are the pty's slave; we keep the
+            # master (read: its output; a duplicate: its input).
+            master, slave = os.openpty()  # both close-on-exec
+            fds.append(master)
+            child.append(slave)
+            set_window_size(master, *stdio.tty)
+            out_r, out_w, err_r, err_w = master, slave, -1, slave
+            stdin = slave
+            in_w = os.dup(master)
+            fds.append(in_w)
+        else:
+            if stdio.pipe:
+                in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                fds.append(in_w)
+                child.append(in_r)
+                stdin = in_r
+                with contextlib.suppress(OSError):  # over the user's pipe quota: keep it
+                    fcntl.fcntl(in_w, fcntl.F_SETPIPE_SZ, STDIN_PIPE_SIZE)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            fds.append(out_r)
+            child.append(out_w)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            fds.append(err_r)
+            child.append(err_w)
         popen = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            args, stdin=stdin, stdout=out_w, stderr=err_w,
             start_new_session=True, cwd=cwd, env=env, pass_fds=tuple(pass_fds),
         )
-        os.close(out_w)
-        os.close(err_w)
-        fds = [out_r, err_r]
+        for fd in child:
+            os.close(fd)
+        child = []
         if check is not None:
             check(popen)
     except BaseException:
-        for fd in fds:
+        for fd in fds + child:
             os.close(fd)
         raise
     try:
@@ -234,14 +294,14 @@ def _start(args: list[bytes] | list[str], *, cwd: bytes | None,
     except OSError:  # EMFILE: we could not supervise it
         signal_group(popen.pid, signal.SIGKILL)
         popen.wait()
-        os.close(out_r)
-        os.close(err_r)
+        for fd in fds:
+            os.close(fd)
         raise
-    os.set_blocking(out_r, False)
-    os.set_blocking(err_r, False)
-    # Here, not in the event loop: one more file opened and read per start, and
-    # nothing reaps the process before the loop has the pidfd (issue 26).
-    return Spawned(popen, out_r, err_r, pidfd, start=start_time(popen.pid))
+    for fd in fds:
+        os.set_blocking(fd, False)
+    # The start time here, not in the event loop: one more file opened and read per
+    # start, and nothing reaps the process before the loop has the pidfd (issue 26).
+    return Spawned(popen, out_r, err_r, pidfd, start=start_time(popen.pid), stdin=in_w)
 
 
 class ProcInfo(NamedTuple):

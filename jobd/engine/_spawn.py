@@ -21,7 +21,9 @@ from SPEC_FD and then, in this order:
    after a crash: _tracking.py), waits until jobd has recorded this pid: a
    byte on the gate, or EOF (jobd died): exit without running anything;
 1. joins the job's cgroups (writes its pid to each ``cgroup.procs``): from
-   here on everything it and the command do is limited and accounted;
+   here on everything it and the command do is limited and accounted; a
+   terminal job (its stdin is a pty's slave) takes the pty as its
+   controlling terminal (``TIOCSCTTY``);
 2. changes to the working directory;
 3. with isolation: ``unshare`` a mount namespace (always: a PID namespace
    needs its own /proc, a network namespace its own /sys) made private, plus
@@ -113,6 +115,13 @@ def run(spec: dict[str, Any], err_fd: int) -> None:
     pid = str(os.getpid()).encode()
     for path in spec["join"]:
         _step("joining its cgroup", _write, path, pid)
+    if spec.get("tty"):
+        # A session leader (jobd started us with setsid) whose stdin is the pty's
+        # slave: make it our controlling terminal, then the command's.
+        import fcntl
+        import termios
+
+        _step("taking the terminal", fcntl.ioctl, 0, termios.TIOCSCTTY, 0)
     if spec["cwd"] is not None:
         _step("chdir", os.chdir, spec["cwd"])
     isolate = spec["isolate"]

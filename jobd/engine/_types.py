@@ -141,6 +141,15 @@ class InvalidState(EngineError):
         self.status = status
 
 
+class NoInput(InvalidState):
+    """Input for a job that was started without ``stdin`` or a terminal."""
+
+    def __init__(self, status: JobStatus) -> None:
+        EngineError.__init__(self, "process has no input: it was started without stdin or "
+                                   "a terminal (jobctl start -i or -t)")
+        self.status = status
+
+
 class BadLimits(EngineError):
     """A start request's limits that make no sense as given (a device named twice)."""
 

@@ -1,0 +1,118 @@
+"""Interactive jobs through the client library and a real jobd: stdin, terminals,
+attach with several clients, roles, backpressure (protocol minor 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+import jobctl
+import protocol as p
+
+from .conftest import JobdProcess
+
+TIMEOUT = 30.0
+
+
+def connect(jobd: JobdProcess, who: str = "alice") -> jobctl.BlockingClient:
+    return jobctl.connect_blocking(jobd.address, jobd.port, server_name="localhost",
+                                   **jobd.pki.files(who))
+
+
+def read_until(session: jobctl.BlockingAttach, pattern: bytes) -> bytes:
+    got = b""
+    while pattern not in got:
+        event = session.receive(TIMEOUT)
+        assert event is not None, f"no {pattern!r} within {TIMEOUT}s: {got!r}"
+        assert isinstance(event, p.OutputChunk), f"ended without {pattern!r}: {got!r}"
+        got += event.data
+    return got
+
+
+def test_run_with_stdin_is_binary_exact(jobd: JobdProcess) -> None:
+    payload = os.urandom(5 * 1024 * 1024 + 3)
+    out = bytearray()
+    with connect(jobd) as client:
+        status = client.run(["sha256sum"], stdin=payload, on_output=lambda c: out.extend(c.data))
+        assert status.state is p.JobState.EXITED and status.exit_code == 0
+        assert out.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+        # The connection is good for more requests after the attach.
+        assert client.status(status.id).stdin
+
+
+def test_without_stdin_the_job_reads_nothing(jobd: JobdProcess) -> None:
+    out = bytearray()
+    with connect(jobd) as client:
+        status = client.run(["sh", "-c", "cat; echo end"], on_output=lambda c: out.extend(c.data))
+    assert status.exit_code == 0 and bytes(out) == b"end\n"
+
+
+def test_terminal_session_detach_reattach_and_an_observer(jobd: JobdProcess) -> None:
+    with connect(jobd) as alice, connect(jobd, "olga") as olga, connect(jobd, "bob") as bob:
+        job = alice.start(["bash", "--norc", "--noprofile", "-i"],
+                          tty=p.Terminal(30, 90, "xterm"), env={"PS1": "$ "}, env_merge=True)
+        assert job.tty == p.Terminal(30, 90, "xterm") and job.stdin
+        with alice.attach(job.id, 0, input=True) as session:
+            read_until(session, b"$ ")  # bash may discard what is typed before its prompt
+            session.send(b"echo $((6*7))\r")
+            read_until(session, b"42")
+            session.resize(40, 100)
+            session.send(b"stty size\r")
+            read_until(session, b"40 100")
+        assert session.end is not None and session.end.status.running  # detached
+        # An observer watches the same screen, and may not type.
+        with pytest.raises(jobctl.PermissionDenied, match="may not type"):
+            olga.attach(job.id, input=True).receive(TIMEOUT)
+        watcher = olga.attach(job.id)
+        # Another control user cannot even see the job.
+        with pytest.raises(jobctl.NotFound):
+            bob.attach(job.id).receive(TIMEOUT)
+        with alice.attach(job.id, input=True) as again:
+            again.send(b"echo again-$((1+1))\r")
+            read_until(again, b"again-2")
+            read_until(watcher, b"again-2")
+            again.send(b"exit 3\r")
+            for _ in again:
+                pass
+        assert again.end is not None and again.end.status.exit_code == 3
+        for _ in watcher:
+            pass
+        assert watcher.end is not None and watcher.end.status.exit_code == 3
+
+
+def test_input_needs_a_job_started_for_it(jobd: JobdProcess) -> None:
+    with connect(jobd) as client:
+        job = client.start(["sleep", "100"])
+        with pytest.raises(jobctl.InvalidState, match="no input"):
+            client.attach(job.id, input=True).receive(TIMEOUT)
+        # Read-only attach to a plain job works; input frames in it are refused.
+        session = client.attach(job.id)
+        session.send(b"x")
+        with pytest.raises(jobctl.JobctlError, match="read-only"):
+            session.receive(TIMEOUT)
+        client.stop(job.id, grace=0)
+
+
+def test_a_job_that_never_reads_stalls_only_its_writer(jobd: JobdProcess) -> None:
+    with connect(jobd) as writer_conn, connect(jobd) as other:
+        job = writer_conn.start(["sleep", "1000"], stdin=True)
+        session = writer_conn.attach(job.id, input=True)
+        sock = session._client._sock._raw
+        sock.setblocking(False)
+        pushed = 0
+        try:
+            while pushed < 64 * 1024 * 1024:  # far more than every buffer on the way
+                frame = session._client._conn.send(p.Input(b"y" * 65536))
+                session._client._sock._tls.write(frame)
+                data = session._client._sock._outgoing.read()
+                sock.send(data)  # raises once the kernel's buffers are full
+                pushed += len(frame)
+        except BlockingIOError:
+            pass
+        assert pushed < 64 * 1024 * 1024
+        # The server answers others at once, and the same job's status too.
+        assert other.status(job.id).running
+        assert other.run(["echo", "fine"], on_output=lambda c: None).exit_code == 0
+        other.stop(job.id, grace=0)
