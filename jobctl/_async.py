@@ -49,6 +49,10 @@ class Client:
         #: A new connection like this one (set by ``connect``): what a follow that
         #: reconnects (``reconnect=``) uses.
         self._factory: Callable[[], Awaitable[Client]] | None = None
+        #: A call cut short (a cancelled ``wait``, an abandoned stream) leaves the
+        #: connection mid-answer: it is closed, and the next request runs on a new
+        #: connection (``_factory``) instead of failing (issue 23).
+        self._stale = False
         #: Called with a line to show when a follow loses its connection and when it
         #: has it back.
         self.on_reconnect: Callable[[str], None] | None = None
@@ -74,7 +78,23 @@ class Client:
             self._heard = trio.current_time()
             self._conn.receive_data(data)
 
+    async def _refresh(self) -> None:
+        """Replace a connection that was left in the middle of an answer."""
+        if self._factory is None:
+            raise ConnectionFailed("this connection was closed in the middle of a request")
+        fresh = await self._factory()
+        self._stream, self._conn, self._idle = fresh._stream, fresh._conn, fresh._idle
+        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
+        self._stale = False
+
+    async def _abandon(self) -> None:
+        """Close a connection left in the middle of an answer (shielded, bounded)."""
+        self._stale = True
+        await self.aclose()
+
     async def _send(self, message: p.Message) -> None:
+        if self._stale:
+            await self._refresh()
         try:
             frame = self._conn.send(message)
         except p.LocalProtocolError as exc:  # too large for a frame
@@ -117,26 +137,36 @@ class Client:
                 raise core.lost(exc) from None
             except BaseException:
                 if close_on_error:
-                    await self.aclose()
+                    await self._abandon()
                 raise
 
     async def _events(self, call: calls.Call[None]) -> AsyncIterator[p.OutputChunk | p.End]:
-        """Drive a call, yielding what it emits (a stream's chunks and its End)."""
+        """Drive a call, yielding what it emits (a stream's chunks and its End).
+        Abandoned or cancelled before its end, the connection is left mid-answer:
+        the next request connects again."""
         async with self._lock:
             value = None
-            while True:
-                try:
-                    op = call.send(value)
-                except StopIteration:
-                    return
-                if isinstance(op, calls.Emit):
-                    yield op.event
-                    value = None
-                    continue
-                try:
-                    value = await self._do(op)
-                except p.ProtocolError as exc:
-                    raise core.lost(exc) from None
+            ended = False
+            try:
+                while True:
+                    try:
+                        op = call.send(value)
+                    except StopIteration:
+                        ended = True
+                        return
+                    if isinstance(op, calls.Emit):
+                        if isinstance(op.event, p.End):
+                            ended = True
+                        yield op.event
+                        value = None
+                        continue
+                    try:
+                        value = await self._do(op)
+                    except p.ProtocolError as exc:
+                        raise core.lost(exc) from None
+            finally:
+                if not ended:
+                    await self._abandon()
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -165,6 +195,7 @@ class Client:
             break
         self._stream, self._conn, self._idle = fresh._stream, fresh._conn, fresh._idle
         self.welcome = fresh.welcome
+        self._stale = False
         if self.on_reconnect is not None:
             self.on_reconnect("reconnected")
 
@@ -186,10 +217,11 @@ class Client:
     async def start(self, argv: Argv, *, cwd: bytes | str | None = None,
                     env: core.Env | None = None, limits: p.Limits | None = None,
                     env_merge: bool = False, stdin: bool = False,
-                    tty: p.Terminal | None = None) -> p.JobStatus:
+                    tty: p.Terminal | None = None, labels: core.LabelsArg = None
+                    ) -> p.JobStatus:
         """Start a job (as :meth:`jobctl.BlockingClient.start`)."""
         return await self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge,
-                                           stdin=stdin, tty=tty))
+                                           stdin=stdin, tty=tty, labels=labels))
 
     @asynccontextmanager
     async def attach(self, job: int, position: int | None = None, *,
@@ -220,7 +252,8 @@ class Client:
                   env_merge: bool = False,
                   on_output: Callable[[p.OutputChunk], None] | None = None,
                   stdin: bytes | trio.abc.ReceiveStream | None = None,
-                  reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
+                  reconnect: float | None = core.RECONNECT_TIMEOUT,
+                  labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job, follow its output until it ends, return its final status
         (as :meth:`jobctl.BlockingClient.run`: ``on_output`` gets each chunk, by
         default written to this process's stdout and stderr; ``stdin``, bytes or a
@@ -254,8 +287,9 @@ class Client:
             return session.end.status
         if within is None:
             return await self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
-                                             on_output))
-        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+                                             on_output, labels), close_on_error=True)
+        status = await self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                                  labels=labels)
         if status.state is p.JobState.ERROR:
             return status
         write = on_output or core.write_chunk
@@ -275,9 +309,9 @@ class Client:
         """Wait until the job has ended; its final status. No output is sent.
 
         To bound the wait, use a Trio cancel scope (``trio.fail_after``): if it
-        expires, this connection is closed (it was in the middle of the
-        request) and the scope's exception propagates. ``reconnect``: as for
-        :meth:`stream`; the wait is asked again.
+        expires, the scope's exception propagates; the connection, in the middle
+        of the answer, is closed, and the next request connects again by itself.
+        ``reconnect``: as for :meth:`stream`; the wait is asked again.
         """
         within = core.check_reconnect(reconnect)
         outage = core.Outage(within) if within is not None else None
@@ -298,18 +332,19 @@ class Client:
         return await self._run(calls.status(job))
 
     async def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
-                   since: float | None = None) -> list[p.JobStatus]:
+                   since: float | None = None, labels: core.LabelsArg = None
+                   ) -> list[p.JobStatus]:
         """Every job the caller may see that matches the filters (all pages)."""
-        return await self._run(calls.list_all(self.welcome, owner, states, since))
+        return await self._run(calls.list_all(self.welcome, owner, states, since, labels))
 
     async def list_page(self, after: int = 0, *, owner: str | None = None,
                         states: Sequence[p.JobState] = (), since: float | None = None,
-                        count: bool = False) -> p.JobList:
+                        count: bool = False, labels: core.LabelsArg = None) -> p.JobList:
         """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
         ``count``: with the total that match. Filters and counts need a server of
-        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
+        protocol 1.1 or later, labels 1.2 (ConfigError otherwise, nothing sent)."""
         return await self._run(calls.list_page(self.welcome, after, owner, states, since,
-                                               count))
+                                               count, labels))
 
     async def prune(self, older_than: float) -> int:
         """Remove every finished job that ended more than ``older_than`` seconds ago,
@@ -318,6 +353,10 @@ class Client:
 
     async def delete(self, job: int) -> None:
         await self._run(calls.delete(job))
+
+    async def rerun(self, job: int) -> p.JobStatus:
+        """Start a new job like ``job`` (as :meth:`jobctl.BlockingClient.rerun`)."""
+        return await self._run(calls.rerun(self.welcome, job))
 
     def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
                reconnect: float | None = core.RECONNECT_TIMEOUT

@@ -177,6 +177,10 @@ class BlockingClient:
         #: A new connection like this one (set by connect_blocking): what a follow
         #: that reconnects (``reconnect=``) uses.
         self._factory: Callable[[], BlockingClient] | None = None
+        #: A request cut short (``wait``'s timeout, a stream abandoned) leaves the
+        #: connection in the middle of an answer: it is closed, and the next request
+        #: runs on a new connection (``_factory``) instead of failing (issue 23).
+        self._stale = False
         #: Called with a line to show when a follow loses its connection and when it
         #: has it back (``jobctl`` shows them on a terminal).
         self.on_reconnect: Callable[[str], None] | None = None
@@ -216,7 +220,23 @@ class BlockingClient:
             except (OSError, ssl.SSLError) as exc:
                 raise core.lost(exc) from None
 
+    def _refresh(self) -> None:
+        """Replace a connection that was left in the middle of an answer."""
+        if self._factory is None:
+            raise ConnectionFailed("this connection was closed in the middle of a request")
+        fresh = self._factory()
+        fresh._sock.wakeup = self._sock.wakeup  # set_wakeup holds for the client
+        self._sock, self._conn, self._idle = fresh._sock, fresh._conn, fresh._idle
+        self.welcome, self.identity, self.role = fresh.welcome, fresh.identity, fresh.role
+        self._stale = False
+
+    def _abandon(self) -> None:
+        self.close()
+        self._stale = True
+
     def _send(self, message: p.Message) -> None:
+        if self._stale:
+            self._refresh()
         try:
             frame = self._conn.send(message)
         except p.LocalProtocolError as exc:  # too large for a frame; or a request in progress
@@ -261,18 +281,28 @@ class BlockingClient:
             value = self._do(op, deadline)
 
     def _events(self, call: calls.Call[None]) -> Iterator[p.OutputChunk | p.End]:
-        """Drive a call, yielding what it emits (a stream's chunks and its End)."""
+        """Drive a call, yielding what it emits (a stream's chunks and its End).
+        Abandoned before its end (closed, or an error), the connection is left
+        mid-answer: the next request connects again."""
         value = None
-        while True:
-            try:
-                op = call.send(value)
-            except StopIteration:
-                return
-            if isinstance(op, calls.Emit):
-                yield op.event
-                value = None
-            else:
-                value = self._do(op)
+        ended = False
+        try:
+            while True:
+                try:
+                    op = call.send(value)
+                except StopIteration:
+                    ended = True
+                    return
+                if isinstance(op, calls.Emit):
+                    if isinstance(op.event, p.End):
+                        ended = True
+                    yield op.event
+                    value = None
+                else:
+                    value = self._do(op)
+        finally:
+            if not ended:
+                self._abandon()
 
     # -- reconnecting (issue 21) ----------------------------------------------------
 
@@ -319,6 +349,7 @@ class BlockingClient:
         fresh._sock.wakeup = self._sock.wakeup
         self._sock, self._conn, self._idle = fresh._sock, fresh._conn, fresh._idle
         self.welcome = fresh.welcome
+        self._stale = False
         if self.on_reconnect is not None:
             self.on_reconnect("reconnected")
 
@@ -355,7 +386,7 @@ class BlockingClient:
     def start(self, argv: Argv, *, cwd: bytes | str | None = None,
               env: core.Env | None = None, limits: p.Limits | None = None,
               env_merge: bool = False, stdin: bool = False,
-              tty: p.Terminal | None = None) -> p.JobStatus:
+              tty: p.Terminal | None = None, labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job. The status may be ``error`` (the command could not run).
 
         ``argv``, ``cwd`` and ``env`` names and values may be bytes or str (str
@@ -363,16 +394,18 @@ class BlockingClient:
         jobs; a mapping: the job's whole environment, or with ``env_merge``
         (servers from protocol 1.1) added to the server's. ``stdin``: the job's
         stdin is a pipe that :meth:`attach` writes to; ``tty``: the job runs on
-        a pseudo-terminal of that size (servers from protocol 1.2).
+        a pseudo-terminal of that size (servers from protocol 1.2). ``labels``: a
+        mapping or (key, value) pairs (servers from protocol 1.2).
         """
         return self._run(calls.start(self.welcome, argv, cwd, env, limits, env_merge,
-                                     stdin=stdin, tty=tty))
+                                     stdin=stdin, tty=tty, labels=labels))
 
     def run(self, argv: Argv, *, cwd: bytes | str | None = None, env: core.Env | None = None,
             limits: p.Limits | None = None, env_merge: bool = False,
             on_output: Callable[[p.OutputChunk], None] | None = None,
             stdin: Input | None = None,
-            reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
+            reconnect: float | None = core.RECONNECT_TIMEOUT,
+            labels: core.LabelsArg = None) -> p.JobStatus:
         """Start a job and follow its output from the first byte until it ends;
         its final status (``jobctl.exit_status`` makes an exit status of it).
 
@@ -405,8 +438,9 @@ class BlockingClient:
                 return session.end.status
         if within is None:
             return self._run(calls.run(self.welcome, argv, cwd, env, limits, env_merge,
-                                       on_output))
-        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge)
+                                       on_output, labels))
+        status = self.start(argv, cwd=cwd, env=env, limits=limits, env_merge=env_merge,
+                            labels=labels)
         if status.state is p.JobState.ERROR:
             return status
         write = on_output or core.write_chunk
@@ -423,8 +457,9 @@ class BlockingClient:
              reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
         """Block until the job has ended; its final status. No output is sent.
 
-        ``timeout`` (seconds): WaitTimeout if it has not ended by then, and this
-        connection is closed (it was in the middle of the request).
+        ``timeout`` (seconds): WaitTimeout if it has not ended by then. The
+        connection was in the middle of the answer, so it is closed; the next
+        request connects again by itself (``wait`` then ``stop`` just works).
         ``reconnect``: as for :meth:`stream`; the wait is asked again.
         """
         if timeout is not None and not timeout >= 0:
@@ -436,7 +471,7 @@ class BlockingClient:
             try:
                 return self._run(calls.wait(self.welcome, job), deadline)
             except TimeoutError:
-                self.close()
+                self._abandon()
                 raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
             except InvalidArgument:
                 raise
@@ -458,17 +493,18 @@ class BlockingClient:
         return self._run(calls.status(job))
 
     def list(self, *, owner: str | None = None, states: Sequence[p.JobState] = (),
-             since: float | None = None) -> list[p.JobStatus]:
+             since: float | None = None, labels: core.LabelsArg = None) -> list[p.JobStatus]:
         """Every job the caller may see that matches the filters (all pages)."""
-        return self._run(calls.list_all(self.welcome, owner, states, since))
+        return self._run(calls.list_all(self.welcome, owner, states, since, labels))
 
     def list_page(self, after: int = 0, *, owner: str | None = None,
                   states: Sequence[p.JobState] = (), since: float | None = None,
-                  count: bool = False) -> p.JobList:
+                  count: bool = False, labels: core.LabelsArg = None) -> p.JobList:
         """One page of jobs with IDs above ``after`` (filters as for :meth:`list`);
         ``count``: with the total that match. Filters and counts need a server of
-        protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
-        return self._run(calls.list_page(self.welcome, after, owner, states, since, count))
+        protocol 1.1 or later, labels 1.2 (ConfigError otherwise, nothing sent)."""
+        return self._run(calls.list_page(self.welcome, after, owner, states, since, count,
+                                         labels))
 
     def prune(self, older_than: float) -> int:
         """Remove every finished job that ended more than ``older_than`` seconds ago,
@@ -477,6 +513,12 @@ class BlockingClient:
 
     def delete(self, job: int) -> None:
         self._run(calls.delete(job))
+
+    def rerun(self, job: int) -> p.JobStatus:
+        """Start a new job with ``job``'s argv, cwd, environment (as its start gave
+        it), requested limits and labels; the caller owns it (its own jobs; an
+        admin's any). Its status, as :meth:`start`'s. Protocol 1.2."""
+        return self._run(calls.rerun(self.welcome, job))
 
     def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
                reconnect: float | None = core.RECONNECT_TIMEOUT

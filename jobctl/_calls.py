@@ -79,19 +79,28 @@ def request(message: p.Message, kind: type[R], within: float | None = core.REQUE
 
 def start(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.Env | None,
           limits: p.Limits | None, env_merge: bool, *, stdin: bool = False,
-          tty: p.Terminal | None = None) -> Call[p.JobStatus]:
+          tty: p.Terminal | None = None, labels: core.LabelsArg = None) -> Call[p.JobStatus]:
+    """``labels`` (protocol 1.2): ConfigError naming the versions for an older
+    server, nothing sent; so for ``stdin`` and ``tty``."""
     core.check_interactive(welcome, stdin, tty)
     message = core.start_request(argv, cwd, env, limits, core.check_merge(env_merge, welcome),
-                                 stdin=stdin, tty=tty)
+                                 stdin=stdin, tty=tty, labels=core.labels_arg(labels, welcome))
     return (yield from request(message, p.Started)).status
+
+
+def rerun(welcome: p.Welcome, job: int) -> Call[p.JobStatus]:
+    """A new job like ``job`` (protocol 1.2): its status, as a start's."""
+    core.require_minor(welcome, core.LABELS_MINOR, "rerun")
+    return (yield from request(core.message(p.Rerun, job), p.Started)).status
 
 
 def run(welcome: p.Welcome, argv: core.Argv, cwd: bytes | str | None, env: core.Env | None,
         limits: p.Limits | None, env_merge: bool,
-        on_output: Callable[[p.OutputChunk], None] | None) -> Call[p.JobStatus]:
+        on_output: Callable[[p.OutputChunk], None] | None,
+        labels: core.LabelsArg = None) -> Call[p.JobStatus]:
     """Start a job and follow its output until it ends; its final status. A job
     that never ran returns its ``error`` status at once."""
-    status = yield from start(welcome, argv, cwd, env, limits, env_merge)
+    status = yield from start(welcome, argv, cwd, env, limits, env_merge, labels=labels)
     return (yield from follow_run(welcome, status, on_output))
 
 
@@ -143,22 +152,24 @@ def prune(welcome: p.Welcome, older_than: float) -> Call[int]:
 
 
 def list_page(welcome: p.Welcome, after: int, owner: str | None, states: Sequence[p.JobState],
-              since: float | None, count: bool) -> Call[p.JobList]:
+              since: float | None, count: bool,
+              labels: core.LabelsArg = None) -> Call[p.JobList]:
     """One page of jobs with IDs above ``after``. Filters and counts need a server
-    of protocol 1.1 or later (ConfigError otherwise, nothing sent)."""
-    message = p.ListJobs(after, owner, tuple(states), since, count)
-    if message != p.ListJobs(after):
+    of protocol 1.1 or later, labels 1.2 (ConfigError otherwise, nothing sent)."""
+    message = p.ListJobs(after, owner, tuple(states), since, count,
+                         core.labels_arg(labels, welcome))
+    if message != p.ListJobs(after, labels=message.labels):
         core.require_minor(welcome, core.LIST_FILTERS_MINOR, "list filters and counts")
     return (yield from request(message, p.JobList))
 
 
 def list_all(welcome: p.Welcome, owner: str | None, states: Sequence[p.JobState],
-             since: float | None) -> Call[list[p.JobStatus]]:
+             since: float | None, labels: core.LabelsArg = None) -> Call[list[p.JobStatus]]:
     """Every job the caller may see that matches the filters: page after page."""
     jobs: list[p.JobStatus] = []
     after = 0
     while True:
-        page = yield from list_page(welcome, after, owner, states, since, False)
+        page = yield from list_page(welcome, after, owner, states, since, False, labels)
         jobs.extend(page.jobs)
         if not page.more or not page.jobs:
             return jobs

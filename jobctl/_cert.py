@@ -29,8 +29,20 @@ def config_dir() -> Path:
     return Path(base) / "jobctl"
 
 
+DESCRIPTION = ("Your own key and certificate request: the key stays on this machine, "
+               "the request goes to the CA (jobd ca sign).")
+EPILOG = "example:\n  jobctl cert request --name alice --role control"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jobctl cert", description="Your own key and certificate request.")
+    parser = _Parser(prog="jobctl cert", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(parser)
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """``cert``'s actions on ``parser`` (its own, or jobctl's for the man page)."""
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 parser_class=_Parser)
     req = sub.add_parser("request", help="write NAME.key (0600) and NAME.csr (CN=NAME, OU=ROLE)")
@@ -39,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the role you ask the CA for (the certificate's OU)")
     req.add_argument("--out", type=Path, default=None, metavar="DIR",
                      help="directory (default: $XDG_CONFIG_HOME/jobctl, ~/.config/jobctl)")
-    return parser
 
 
 def main(argv: list[str]) -> int:

@@ -28,9 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import _core as core
 from ._commands import COMMANDS, Command, seconds
@@ -41,22 +42,26 @@ from ._version import __version__
 
 EPILOG = """\
 environment: JOBCTL_CERTIFICATE, JOBCTL_KEY, JOBCTL_CA, JOBCTL_ADDRESS,
-JOBCTL_PORT, JOBCTL_SERVER_NAME, JOBCTL_SERVER, JOBCTL_CONFIG, JOBCTL_DETACH_KEYS
-(run -t and attach; default ctrl-],d: Ctrl-] then d leaves the job running); the certificate
-files default to certificate.pem, key.pem and ca.pem in $XDG_CONFIG_HOME/jobctl/.
--s NAME takes a server or a group from $XDG_CONFIG_HOME/jobctl/config.toml; with
-no CA at all, the server's certificate is pinned in known_servers there.
+JOBCTL_PORT, JOBCTL_SERVER_NAME, JOBCTL_SERVER, JOBCTL_IDENTITY, JOBCTL_CONFIG,
+JOBCTL_DETACH_KEYS (run -t and attach; default ctrl-],d: Ctrl-] then d leaves the job
+running); the certificate files default to certificate.pem, key.pem and ca.pem in
+$XDG_CONFIG_HOME/jobctl/. -s NAME takes a server or a group, -i NAME an identity,
+from $XDG_CONFIG_HOME/jobctl/config.toml (jobctl config migrate: from the older
+format); with no CA at all, the server's certificate is pinned in known_servers there.
 jobctl cert request --name NAME --role ROLE: your own key and certificate request.
 exit status: 0 ok, 1 refused by the server or wrong job state, 2 usage,
 3 cannot connect or refused at TLS or identity level; run and wait exit with
 the job's own status (128+N for signal N), wait --timeout with 124.
 Global options may also follow the subcommand (jobctl status 4 --json)."""
 
+CERT_HELP = "make your own key and certificate request for the CA (cert request -h)"
+
 #: Global options that take a value (to find the subcommand in argv before parsing):
 #: a new global option with a value must be added here too.
 _VALUE_OPTIONS = frozenset({"-c", "--certificate", "-k", "--key", "-C",
                             "--certificate-authority", "-a", "--address", "-p", "--port",
-                            "--server-name", "-s", "--server", "--liveness-timeout"})
+                            "--server-name", "-s", "--server", "-i", "--identity",
+                            "--liveness-timeout"})
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -96,6 +101,13 @@ class _Parser(argparse.ArgumentParser):
     (a missing argument, an unknown option) also gets the usage."""
 
     _bad_value = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A word starting with "-" and a digit is a value, never an option:
+        # `--older-than -5s` and `--memory -1` reach their option's check (and
+        # its one-line message) rather than "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-\d")
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> object:
         try:
@@ -177,6 +189,14 @@ def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
                        help="with a group: do not prefix output lines with the server's name")
     group.add_argument("--trust-on-first-use", action="store_true", default=default(False),
                        help="without a CA: pin an unknown server's certificate without asking")
+    # -- issue 23: identities apart from servers (_profiles)
+    # After run, start and attach, -i is their --interactive: --identity there
+    # (or -i before the command, as every global option may be given).
+    short = [] if "-i" in parser._option_string_actions else ["-i"]
+    group.add_argument(*short, "--identity", metavar="NAME",
+                       default=default(os.environ.get("JOBCTL_IDENTITY")),
+                       help="an identity (certificate and key) from config.toml instead of the "
+                            "server's own (default: $JOBCTL_IDENTITY); -c/-k still win")
 
 
 def _selected(argv: list[str]) -> str | None:
@@ -212,6 +232,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             _add_command(sub, command)
         else:
             sub.add_parser(command.name, help=command.help, add_help=False)
+    # `jobctl cert` runs before this parser (its own, _cert); listed here, and in
+    # full for the man page and the completion scripts.
+    if full:
+        from . import _cert
+
+        _cert.configure(sub.add_parser("cert", help=CERT_HELP, description=_cert.DESCRIPTION,
+                                       epilog=_cert.EPILOG, formatter_class=_Formatter))
+    else:
+        sub.add_parser("cert", add_help=False, help=CERT_HELP)
     return parser
 
 
@@ -299,18 +328,39 @@ def _check_files(ns: argparse.Namespace) -> None:
             raise ConfigError(f"{flag}: {path} is a directory, not a {what} file")
 
 
+def _unknown(parser: argparse.ArgumentParser, extras: list[str]) -> NoReturn:
+    """Unknown words: the usage of the subcommand they were given to, and a close
+    option (``--tial``: did you mean ``--tail``?)."""
+    import difflib
+
+    known = [o for action in parser._actions for o in action.option_strings]
+    hints = []
+    for word in extras:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.partition("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{word}: did you mean {close[0]}?")
+    parser.error(f"unrecognized arguments: {' '.join(extras)}"
+                 + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def _main(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "cert":  # issue 15: its own parser (and cryptography)
         from ._cert import main as cert_main
 
         return cert_main(args[1:])
+    if not args:  # issue 23: no command at all is a question, not a mistake
+        build_parser([]).print_help()
+        return 0
     parser = build_parser(args)
-    ns = parser.parse_args(args)
+    ns, extras = parser.parse_known_args(args)
+    if extras:  # the subcommand's usage, and what was probably meant
+        _unknown(getattr(ns, "subparser", parser), extras)
     command: Command = ns.action
     try:
         command.check(ns, ns.subparser)
-        if command.needs_server and ns.server:  # issue 15: a profile, or a group
+        if command.needs_server and (ns.server or ns.identity):  # a profile, or a group
             from ._profiles import select
 
             targets = select(ns, parser)

@@ -22,7 +22,15 @@ import protocol as p
 from . import _core as core
 from . import _text as text
 from ._context import STATES as _STATES
-from ._context import Context, print_json
+from ._context import (
+    BadValue,
+    Context,
+    filter_jobs,
+    labels_of,
+    list_columns,
+    list_filters,
+    print_json,
+)
 from ._errors import ConfigError
 
 #: The longest ``stop --grace`` the CLI accepts: a day between signals is
@@ -50,10 +58,14 @@ class Command:
         self.needs_server = needs_server
 
     def check(self, ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-        """The checks argparse cannot make; a failure is a usage error (exit 2)."""
+        """The checks argparse cannot make; a failure is a usage error (exit 2),
+        a bad value (:class:`BadValue`) one line as argparse's own."""
         if self.validate is not None:
             try:
                 self.validate(ns)
+            except BadValue as exc:
+                parser._bad_value = True  # type: ignore[attr-defined]
+                parser.error(str(exc))
             except ConfigError as exc:
                 parser.error(str(exc))
 
@@ -74,9 +86,11 @@ def seconds(what: str, maximum: float) -> Callable[[str], float]:
             number = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-        if not math.isfinite(number) or number < 0:
+        if math.isnan(number):
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}")
+        if number < 0:
             raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {value!r}")
-        if number > maximum:
+        if number > maximum:  # inf included
             raise argparse.ArgumentTypeError(f"must be at most {maximum:g} seconds: "
                                              f"{value!r}")
         return number
@@ -85,38 +99,79 @@ def seconds(what: str, maximum: float) -> Callable[[str], float]:
 
 def since(value: str) -> float:
     """A duration: ``90``, ``90s``, ``10m``, ``2h``, ``1h30m``, ``3d``; in seconds."""
+    if value.startswith("-"):
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
     try:
         return p.parse_duration(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: The smallest ``--memory`` taken: below it no program starts, and a number
+#: without its unit (``--memory 1``, meant as 1G) would be taken as bytes and
+#: the job OOM-killed at once.
+MIN_MEMORY = 1 << 20
+
+
+def _limit(field: str, value: Any, text: str) -> None:
+    """Check one limit by the protocol's own rules (``Limits`` and the start
+    request's bounds, as jobd applies them): a bad value is this option's error,
+    in the one style of bad values (``argument --X: PROBLEM: 'VALUE'``)."""
+    try:
+        p.Start(argv=(b"x",), limits=p.Limits(**{field: value}))  # its bounds, as jobd's
+    except p.FieldError as exc:
+        problem = str(exc)
+        for prefix in (f"{field} ", f"{field}: "):
+            problem = problem.removeprefix(prefix)
+        raise argparse.ArgumentTypeError(f"{problem}: {text!r}") from None
+
+
 def _size(value: str) -> int:
-    """A size (``256M``); its range is the protocol's to check (``Limits``, ``Start``)."""
+    """A size (``256M``)."""
+    if value.startswith("-"):
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
     try:
         return p.parse_size(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _rate(value: str) -> tuple[str, int]:
-    device, sep, rate = value.partition("=")
-    if not sep or not device:
-        raise argparse.ArgumentTypeError(f"expected DEVICE=RATE, got {value!r}")
-    return device, _size(rate)
+def _memory(value: str) -> int:
+    size = _size(value)
+    _limit("memory", size, value)
+    if size < MIN_MEMORY:
+        digits = "".join(c for c in value if c.isdigit()).lstrip("0") or "1"
+        unit = "G" if value.strip().isdecimal() and int(digits) <= 64 else "M"
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1M: {value!r} is {size} byte{'s' * (size != 1)} "
+            f"(did you mean {digits}{unit}?)")
+    return size
+
+
+def _rate(field: str) -> Callable[[str], tuple[str, int]]:
+    def parse(value: str) -> tuple[str, int]:
+        device, sep, rate = value.partition("=")
+        if not sep or not device:
+            raise argparse.ArgumentTypeError(f"expected DEVICE=RATE: {value!r}")
+        pair = device, _size(rate)
+        _limit(field, (pair,), value)
+        return pair
+    return parse
 
 
 def _cpus(value: str) -> float:
-    """A number; its range (finite, above 0, a cap) is the protocol's to check."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    _limit("cpus", number, value)
+    return number
 
 
 def _pids(value: str) -> int:
     if not value.isdecimal() or len(value) > 30:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
+    _limit("pids", int(value), value)
     return int(value)
 
 
@@ -129,16 +184,43 @@ def _isolate(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(kinds))
 
 
+def _label(value: str) -> tuple[str, str]:
+    """``KEY=VALUE``, within the protocol's label bounds."""
+    key, sep, val = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE: {value!r}")
+    try:
+        p.check_label(key, val)
+    except p.FieldError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: {value!r}") from None
+    return key, val
+
+
+def _columns(value: str) -> tuple[str, ...]:
+    columns = tuple(c.strip() for c in value.split(","))
+    for column in columns:
+        if column not in text.COLUMNS:
+            raise argparse.ArgumentTypeError(
+                f"unknown column {column!r} (columns: {', '.join(text.COLUMNS)}): {value!r}")
+    return columns
+
+
 def _env(value: str) -> tuple[str, str]:
     name, sep, val = value.partition("=")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE: {value!r}")
     return name, val
 
 
+#: The most lines ``--tail`` keeps: more than any log has (memory holds them).
+MAX_TAIL = 10**9
+
+
 def _count(value: str) -> int:
-    if not value.isdecimal() or len(value) > 12:
+    if not value.isdecimal():
         raise argparse.ArgumentTypeError(f"not a number of lines: {value!r}")
+    if len(value) > 10 or int(value) > MAX_TAIL:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TAIL} lines: {value!r}")
     return int(value)
 
 
@@ -162,13 +244,14 @@ def _detach_option(parser: argparse.ArgumentParser) -> None:
 
 def _start_options(parser: argparse.ArgumentParser) -> None:
     _input_options(parser)
-    parser.add_argument("--memory", type=_size, metavar="SIZE", help="memory limit (e.g. 256M)")
+    parser.add_argument("--memory", type=_memory, metavar="SIZE",
+                        help="memory limit (e.g. 256M; at least 1M)")
     parser.add_argument("--cpus", type=_cpus, metavar="N", help="CPU limit in cores (e.g. 0.5)")
     parser.add_argument("--pids", type=_pids, metavar="N", help="maximum number of processes")
-    parser.add_argument("--io-read-bps", type=_rate, action="append", default=[],
+    parser.add_argument("--io-read-bps", type=_rate("io_read_bps"), action="append", default=[],
                         metavar="DEV=RATE",
                         help="read limit on a block device (e.g. /dev/sda=10M), repeatable")
-    parser.add_argument("--io-write-bps", type=_rate, action="append", default=[],
+    parser.add_argument("--io-write-bps", type=_rate("io_write_bps"), action="append", default=[],
                         metavar="DEV=RATE", help="write limit on a block device, repeatable")
     parser.add_argument("--isolate", type=_isolate, default=(), metavar="LIST",
                         help="namespaces to isolate the job in: any of pid,mount,net")
@@ -178,6 +261,10 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
                         help="set a variable in the job's environment, repeatable")
     parser.add_argument("--clear-env", action="store_true",
                         help="start from an empty environment (only the --env variables)")
+    parser.add_argument("--label", type=_label, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help=f"a label on the job, shown by status -v and list, filtered on "
+                        f"by list --label; repeatable, at most {p.MAX_LABELS} (protocol 1.2)")
     parser.add_argument("words", nargs=argparse.REMAINDER, metavar="CMD [ARG...]",
                         help="the command and its arguments, passed verbatim")
 
@@ -189,6 +276,7 @@ def _validate_start(ns: argparse.Namespace) -> None:
     if not words:
         raise ConfigError("missing command")
     ns.words = words
+    start_args(ns)  # what the options say together (e.g. too many devices)
 
 
 def start_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -197,8 +285,12 @@ def start_args(ns: argparse.Namespace) -> dict[str, Any]:
         limits = p.Limits(memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
                           io_read_bps=tuple(ns.io_read_bps),
                           io_write_bps=tuple(ns.io_write_bps), isolate=tuple(ns.isolate))
+        p.Start(argv=(b"x",), limits=limits)  # the request's bounds (device counts)
     except p.FieldError as exc:  # e.g. more devices than the protocol takes
-        raise ConfigError(f"{ns.command}: {exc}") from None
+        option = next((o for f, o in (("io_read_bps", "--io-read-bps"),
+                                      ("io_write_bps", "--io-write-bps"))
+                       if str(exc).startswith(f)), "--isolate")
+        raise BadValue(f"argument {option}: {exc}") from None
     env: dict[str, str] | None = None
     if ns.clear_env or ns.env:
         # --env adds to (overrides in) the server's environment for jobs, never
@@ -210,7 +302,7 @@ def start_args(ns: argparse.Namespace) -> dict[str, Any]:
 
         tty = local_terminal()
     return {"cwd": ns.cwd, "env": env, "env_merge": bool(ns.env) and not ns.clear_env,
-            "limits": None if limits.is_empty() else limits,
+            "limits": None if limits.is_empty() else limits, "labels": labels_of(ns),
             "stdin": bool(getattr(ns, "interactive", False)) or tty is not None, "tty": tty}
 
 
@@ -285,26 +377,18 @@ def cmd_delete(ns: argparse.Namespace, ctx: Context) -> int:
 def cmd_list(ns: argparse.Namespace, ctx: Context) -> int:
     now = time.time()
     client = ctx.client
-    states: set[p.JobState] = set().union(*(_STATES[name] for name in ns.state or ()))
-    if client.welcome.minor >= core.LIST_FILTERS_MINOR:
-        # The server filters, from its indexes (protocol 1.1).
-        jobs = client.list(owner=ns.owner, states=sorted(states, key=lambda s: s.value),
-                           since=None if ns.since is None else now - ns.since)
+    filters = list_filters(ns, now)
+    if client.welcome.minor >= core.LIST_FILTERS_MINOR or filters["labels"]:
+        jobs = client.list(**filters)  # the server filters, from its indexes
     else:  # an older server: every page, filtered here
-        jobs = client.list()
-        if states:
-            jobs = [s for s in jobs if s.state in states]
-        if ns.owner is not None:
-            jobs = [s for s in jobs if s.owner == ns.owner]
-        if ns.since is not None:
-            jobs = [s for s in jobs if s.created >= now - ns.since]
+        jobs = filter_jobs(client.list(), filters)
     if ns.json:
         print_json({"jobs": [s.to_json() for s in jobs]})
         return 0
-    rows = [(str(s.id), text.escape(s.owner), text.describe(s), text.clock(s.created),
-             text.run_time(s, now), text.quote_argv(s.argv)) for s in jobs]
-    header = ("ID", "OWNER", "STATUS", "CREATED", "DURATION", "COMMAND")
-    lines = text.table(rows, header=header if sys.stdout.isatty() else None)
+    columns = list_columns(ns, jobs)
+    rows = [text.list_row(s, now, columns) for s in jobs]
+    header = [text.COLUMNS[c][0] for c in columns]
+    lines = text.table(rows, header=header if sys.stdout.isatty() and not ns.quiet else None)
     if lines:
         print("\n".join(lines))
     return 0
@@ -317,6 +401,16 @@ def _list_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--owner", metavar="NAME", help="only jobs this identity started")
     parser.add_argument("--since", type=since, metavar="DURATION",
                         help="only jobs created within DURATION (90s, 10m, 2h, 3d)")
+    parser.add_argument("--label", type=_label, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="only jobs with this label (the server filters; protocol 1.2); "
+                        "repeat for jobs with all of them")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("-q", "--quiet", action="store_true",
+                       help="only the job IDs, one per line (for scripts)")
+    shown.add_argument("--format", type=_columns, metavar="COLUMNS",
+                       help=f"the columns to show, comma-separated, of: {', '.join(text.COLUMNS)} "
+                       f"(default: {','.join(text.DEFAULT_COLUMNS)})")
 
 
 # -- output --------------------------------------------------------------------------
@@ -335,15 +429,43 @@ def cmd_wait(ns: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_completion(ns: argparse.Namespace, ctx: Context) -> int:
-    from ._completion import script
+    from ._completion import script, server_names
 
+    if ns.server_names or ns.identity_names:
+        names = server_names(identities=ns.identity_names)
+        if names:
+            print("\n".join(names))
+        return 0
     assert ctx.parser is not None, "the command line gives the completion its parser"
     sys.stdout.write(script(ns.shell, ctx.parser()))
     return 0
 
 
+def _validate_completion(ns: argparse.Namespace) -> None:
+    if (ns.shell is None) == (not ns.server_names and not ns.identity_names) or \
+            (ns.server_names and ns.identity_names):
+        raise ConfigError("give a shell (bash, zsh, fish), --server-names or --identity-names")
+
+
 def _id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", type=job_id, metavar="ID", help="the job's ID")
+
+
+def point_in_time(value: str) -> float:
+    """``--since``: a duration ago (``10m``, ``2h``, ``1h30m``) or a time in RFC 3339
+    (``2026-12-07T18:00:00Z``, ``2026-12-07T19:00:00+01:00``; without an offset, local
+    time); as a Unix time."""
+    import datetime
+
+    if value[:1].isdigit() and not any(c in value for c in "-:T"):
+        return time.time() - since(value)
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration or an RFC 3339 time: {value!r} (examples: 10m, 2h, "
+            "2026-12-07T18:00:00Z)") from None
+    return when.timestamp()
 
 
 def _reconnect_option(parser: argparse.ArgumentParser) -> None:
@@ -367,6 +489,14 @@ def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
                         (", then follow" if follow else ""))
     parser.add_argument("--timestamps", action="store_true",
                         help="prefix each line with the time jobd read it (UTC)")
+    parser.add_argument("--since", type=point_in_time, metavar="TIME",
+                        help="only output jobd read at or after TIME: a duration ago (10m, "
+                        "2h) or an RFC 3339 time (2026-12-07T18:00:00Z); protocol 1.1")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--stdout", dest="only_fd", action="store_const", const=1,
+                       help="only the job's stdout")
+    which.add_argument("--stderr", dest="only_fd", action="store_const", const=2,
+                       help="only the job's stderr")
     parser.add_argument("--asciicast", action="store_true",
                         help="write asciicast v2 (asciinema's format), with the times jobd "
                         "read each piece of output")
@@ -395,7 +525,7 @@ def _stop_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _status_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--long", action="store_true",
+    parser.add_argument("-v", "--long", "--verbose", action="store_true",
                         help="every field of the status, one per line")
     _id(parser)
 
@@ -412,6 +542,18 @@ def _prune_options(parser: argparse.ArgumentParser) -> None:
                         help="ended more than this long ago (30d, 12h, 90m, 1h30m, 3600)")
 
 
+def cmd_rerun(ns: argparse.Namespace, ctx: Context) -> int:
+    status = ctx.client.rerun(ns.id)
+    if ns.json:
+        print_json(status.to_json())
+    else:
+        print(status.id, flush=True)
+    if status.state is p.JobState.ERROR:
+        print(text.describe(status), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_prune(ns: argparse.Namespace, ctx: Context) -> int:
     removed = ctx.client.prune(ns.older_than)
     if ns.json:
@@ -421,8 +563,28 @@ def cmd_prune(ns: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", metavar="ACTION", choices=("migrate",),
+                        help="migrate: rewrite config.toml with identities apart from servers")
+    parser.add_argument("--write", action="store_true",
+                        help="replace the file (the old one stays as config.toml.bak) "
+                        "instead of printing the new one")
+
+
+def cmd_config(ns: argparse.Namespace, ctx: Context) -> int:
+    from ._profiles import config_path, migrate
+
+    sys.stdout.write(migrate(config_path(), write=ns.write))
+    return 0
+
+
 def _completion_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell")
+    parser.add_argument("shell", nargs="?", choices=("bash", "zsh", "fish"), help="the shell")
+    parser.add_argument("--server-names", action="store_true",
+                        help="print the server and group names of config.toml instead "
+                        "(what the scripts complete -s with)")
+    parser.add_argument("--identity-names", action="store_true",
+                        help="print the identity names of config.toml instead (for -i)")
 
 
 COMMANDS: list[Command] = [
@@ -438,7 +600,8 @@ COMMANDS: list[Command] = [
             "leave it running. Options come before the command; the command begins at the "
             "first word that is not one of them (`--` forces it).",
             ("jobctl run --memory 1G make -j4", "jobctl run --stop-on-interrupt -- ./long-task",
-             "tar c dir | jobctl run -i tar x -C /dst", "jobctl run -t bash"),
+             "tar c dir | jobctl run -i tar x -C /dst", "jobctl run -t bash",
+             "jobctl run --label build=nightly make test"),
             _run_options, cmd_run, _validate_start),
     Command("attach", "attach to a running job: its output, and your keys as its input",
             "Show the job's recent output (--all: all of it), then follow it live. If the "
@@ -474,7 +637,8 @@ COMMANDS: list[Command] = [
             "job's output is what its terminal showed; --asciicast writes it as an "
             "asciinema recording, timed as jobd read it.",
             ("jobctl stream 4", "jobctl stream --tail 20 --timestamps 4",
-             "jobctl stream --asciicast 4 > session.cast"),
+             "jobctl stream --asciicast 4 > session.cast",
+             "jobctl stream --stderr --since 10m 4"),
             lambda sp: _stream_options(sp, follow=True), cmd_stream),
     Command("output", "write a job's output so far",
             "Write the job's output that exists now, without following it.",
@@ -485,11 +649,19 @@ COMMANDS: list[Command] = [
             "--grace seconds apart; prints `process stopped` once every process is gone.",
             ("jobctl stop 4", "jobctl stop --grace 0 4"), _stop_options, cmd_stop),
     Command("list", "list the jobs you may see",
-            "One line per job: ID, owner, status, created, duration, command; with a "
+            "One line per job: ID, owner, status, created, duration, command, and labels "
+            "when a job has some (or the columns --format names; -q: the IDs alone); with a "
             "header on a terminal, tab-separated otherwise. Control characters in "
             "owners and commands are escaped; --json gives the exact values.",
-            ("jobctl list --state running", "jobctl list --owner alice --since 2h"),
+            ("jobctl list --state running", "jobctl list --owner alice --since 2h",
+             "jobctl list -q --label env=prod", "jobctl list --format id,status,labels"),
             _list_options, cmd_list),
+    Command("rerun", "start a job again, as a new job; prints its ID",
+            "Start a new job with the same command, working directory, environment (as "
+            "its start gave it), requested limits and labels as job ID, and print the new "
+            "job's ID. Your own jobs; an admin's any. The job may be running or ended. "
+            "Needs a server of protocol 1.2.",
+            ("jobctl rerun 4", "jobctl wait $(jobctl rerun 4)"), _id, cmd_rerun),
     Command("delete", "remove a finished job's record and output",
             "Remove an ended job's record and its output. A running job must be stopped "
             "first.",
@@ -499,9 +671,20 @@ COMMANDS: list[Command] = [
             "output, and print how many went. Admin certificates only; jobd's "
             "--retain, --retain-count and --max-log-space do the same continuously.",
             ("jobctl prune --older-than 30d",), _prune_options, cmd_prune),
+    Command("config", "migrate config.toml to identities apart from servers",
+            "Rewrite config.toml (JOBCTL_CONFIG, or $XDG_CONFIG_HOME/jobctl/config.toml) "
+            "from the format where each server carries its certificate and key: each "
+            "distinct certificate and key becomes an [identities.NAME] table, servers name "
+            "theirs, and profiles of one server under several identities become one server "
+            "and `like` entries, so that `-s all` asks each server once. Prints the new "
+            "file; --write replaces it (keeping config.toml.bak).",
+            ("jobctl config migrate", "jobctl config migrate --write"),
+            _config_options, cmd_config, needs_server=False),
     Command("completion", "print a shell completion script (bash, zsh, fish)",
-            "Print the completion script for SHELL; job IDs complete from `jobctl list`.",
+            "Print the completion script for SHELL. Job IDs complete from `jobctl list` "
+            "on the server (or group) the command line names, in numeric order; -s "
+            "completes the servers and groups of config.toml.",
             ("source <(jobctl completion bash)",
              "jobctl completion fish > ~/.config/fish/completions/jobctl.fish"),
-            _completion_options, cmd_completion, needs_server=False),
+            _completion_options, cmd_completion, _validate_completion, needs_server=False),
 ]

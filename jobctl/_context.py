@@ -9,14 +9,15 @@ that none of them imports another that comes back to it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import protocol as p
 
 from . import _core as core
+from . import _text as text
 from ._blocking import BlockingClient, connect_blocking
-from ._errors import ConnectionFailed
+from ._errors import ConfigError, ConnectionFailed
 
 #: What ``list --state`` accepts: each name and the states it stands for.
 STATES = {"running": {p.JobState.RUNNING},
@@ -94,3 +95,46 @@ def connect_pinned(ns: Any, address: str | None = None, port: int | None = None
             raise ConnectionFailed(f"server {exc.pinning.key} not trusted: nothing was sent "
                                    "to it") from None
     return attempt(False)
+
+
+class BadValue(ConfigError):
+    """An option's value that is wrong as a whole (``argument --X: PROBLEM``)."""
+
+
+def labels_of(ns: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The ``--label`` options as labels (too many, or a key twice: BadValue)."""
+    try:
+        return p.check_labels("--label", tuple(ns.label or ()))
+    except p.FieldError as exc:
+        raise BadValue(f"argument --label: {str(exc).removeprefix('--label: ')}") from None
+
+
+def list_filters(ns: argparse.Namespace, now: float) -> dict[str, Any]:
+    """``list``'s filters as keyword arguments of ``client.list`` (the server
+    filters them, protocol 1.1; see :func:`filter_jobs` for older servers)."""
+    states: set[p.JobState] = set().union(*(STATES[name] for name in ns.state or ()))
+    return {"owner": ns.owner, "states": sorted(states, key=lambda s: s.value),
+            "since": None if ns.since is None else now - ns.since,
+            "labels": labels_of(ns)}
+
+
+def filter_jobs(jobs: list[p.JobStatus], filters: dict[str, Any]) -> list[p.JobStatus]:
+    """:func:`list_filters` applied here: for a server before protocol 1.1."""
+    states, owner, since = set(filters["states"]), filters["owner"], filters["since"]
+    assert not filters["labels"]  # needs a server of protocol 1.2: it filters
+    return [s for s in jobs if (not states or s.state in states)
+            and (owner is None or s.owner == owner)
+            and (since is None or s.created >= since)]
+
+
+def list_columns(ns: argparse.Namespace, jobs: Sequence[p.JobStatus]) -> tuple[str, ...]:
+    """``list``'s columns: ``-q`` the ID alone, ``--format`` those named; by
+    default, labels last only when a job listed has some (the six columns of
+    before stay as they were)."""
+    if ns.quiet:
+        return ("id",)
+    if ns.format:
+        return tuple(ns.format)
+    if any(s.labels for s in jobs):
+        return text.DEFAULT_COLUMNS
+    return tuple(c for c in text.DEFAULT_COLUMNS if c != "labels")

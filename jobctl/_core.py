@@ -66,10 +66,14 @@ M = TypeVar("M", bound=p.Message)
 Argv = Sequence[bytes | str]
 #: An environment as the clients take it: names and values as bytes or str.
 Env = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
+#: Labels as the clients take them: a mapping, or (key, value) pairs.
+LabelsArg = Mapping[str, str] | Sequence[tuple[str, str]] | None
 
 
 #: The protocol minor version that brought list filters, counts and prune.
 LIST_FILTERS_MINOR = 1
+#: The protocol minor version that brought labels and rerun (issue 23).
+LABELS_MINOR = 2
 #: The protocol minor version that brought interactive jobs (stdin, tty, attach).
 INTERACTIVE_MINOR = 2
 
@@ -78,9 +82,9 @@ def require_minor(welcome: p.Welcome, minor: int, what: str) -> None:
     """Refuse locally what the server's protocol version does not know (it would
     ignore new fields, or refuse a new message as a protocol error)."""
     if welcome.minor < minor:
-        raise ConfigError(f"the server does not support {what} (it speaks protocol "
-                          f"{welcome.version}.{welcome.minor}; they need "
-                          f"{p.PROTOCOL_VERSION}.{minor})")
+        raise ConfigError(f"the server does not support {what}: it speaks protocol "
+                          f"{welcome.version}.{welcome.minor}, {what} needs "
+                          f"{p.PROTOCOL_VERSION}.{minor} (a newer jobd)")
 
 
 def message(kind: Callable[..., M], *args: Any, **kwargs: Any) -> M:
@@ -101,9 +105,23 @@ def _encode(what: str, value: object) -> bytes:
         raise InvalidArgument(f"invalid argument: {what} {value!r} cannot be encoded") from None
 
 
+def labels_arg(labels: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+               welcome: p.Welcome) -> tuple[tuple[str, str], ...]:
+    """Labels as the protocol takes them, for a server that knows them (1.2)."""
+    if not labels:
+        return ()
+    require_minor(welcome, LABELS_MINOR, "labels")
+    items = tuple(labels.items()) if isinstance(labels, Mapping) else tuple(labels)
+    try:
+        return p.check_labels("labels", items)
+    except p.FieldError as exc:
+        raise InvalidArgument(f"invalid argument: {exc}") from None
+
+
 def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                   limits: p.Limits | None, env_merge: bool = False, *,
-                  stdin: bool = False, tty: p.Terminal | None = None) -> p.Start:
+                  stdin: bool = False, tty: p.Terminal | None = None,
+                  labels: tuple[tuple[str, str], ...] = ()) -> p.Start:
     """The start message both clients send: str arguments, cwd, env names and
     values encoded as the OS does (``os.fsencode``)."""
     if isinstance(argv, bytes | str):
@@ -114,7 +132,7 @@ def start_request(argv: Argv, cwd: bytes | str | None, env: Env | None,
                    env=tuple((_encode("env name", k), _encode("env value", v))
                              for k, v in env.items()) if env is not None else None,
                    limits=limits, env_merge=env_merge, traceparent=current_traceparent(),
-                   stdin=stdin, tty=tty)
+                   stdin=stdin, tty=tty, labels=labels)
 
 
 def check_interactive(welcome: p.Welcome, stdin: bool, tty: p.Terminal | None) -> None:
@@ -213,8 +231,11 @@ def load_client_certificate(ctx: ssl.SSLContext, certificate: str | os.PathLike[
     try:
         ctx.load_cert_chain(certificate, key)
     except (OSError, ssl.SSLError) as exc:
+        from protocol._pem import mismatch
+
         raise ConfigError(f"cannot load certificate {os.fspath(certificate)} "
-                          f"with key {os.fspath(key)}: {tls_reason(exc)}") from None
+                          f"with key {os.fspath(key)}: "
+                          f"{mismatch(certificate, key) or tls_reason(exc)}") from None
 
 
 def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[str],

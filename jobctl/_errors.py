@@ -57,7 +57,8 @@ class InvalidArgument(ConfigError, ValueError):
 
 class WaitTimeout(JobctlError):
     """``wait`` gave up: the job had not ended within the timeout. The
-    connection it used is closed (it was in the middle of a request)."""
+    connection it used was in the middle of an answer: it is closed, and the
+    client's next request connects again by itself."""
 
     exit_status = 124
 

@@ -46,7 +46,7 @@ import protocol as p
 from . import _core as core
 from . import _text as text
 from ._async import Client, connect
-from ._context import STATES
+from ._context import filter_jobs, list_columns, list_filters
 from ._errors import ConfigError, ConnectionFailed, JobctlError, WaitTimeout
 from ._profiles import Target
 from ._trust import Pinning
@@ -98,11 +98,7 @@ async def fanout(
         t = outcome.target
         async with limiter:
             try:
-                pin = (Pinning(t.address, t.port, accept_new=t.trust_on_first_use)
-                       if t.ca is None else None)
-                async with connect(t.address, t.port, certificate=t.certificate, key=t.key,
-                                   ca=t.ca, server_name=t.server_name, pin=pin,
-                                   connect_timeout=connect_timeout) as client:
+                async with connect_target(t, connect_timeout) as client:
                     outcome.value = await work(client, t)
             except JobctlError as exc:
                 outcome.error = exc
@@ -113,6 +109,14 @@ async def fanout(
         for outcome in outcomes:
             nursery.start_soon(one, outcome)
     return outcomes
+
+
+def connect_target(t: Target, connect_timeout: float = core.CONNECT_TIMEOUT
+                   ) -> contextlib.AbstractAsyncContextManager[Client]:
+    """``jobctl.connect`` to one target (its CA, or its pin: trust on first use)."""
+    pin = Pinning(t.address, t.port, accept_new=t.trust_on_first_use) if t.ca is None else None
+    return connect(t.address, t.port, certificate=t.certificate, key=t.key, ca=t.ca,
+                   server_name=t.server_name, pin=pin, connect_timeout=connect_timeout)
 
 
 job_exit_status = core.exit_status  # SPEC §9, as `run` and `wait` exit on one server
@@ -176,15 +180,14 @@ def run_cli(ns: argparse.Namespace, targets: Sequence[Target], command: list[str
     if ns.command not in GROUP_COMMANDS:
         raise ConfigError(f"{ns.command} is not supported with a group of servers "
                           f"(only {', '.join(GROUP_COMMANDS)})")
-    # Refused rather than silently ignored. (Ctrl-C leaves a group's jobs running, as
-    # --detach-on-interrupt does for one server.)
+    # Refused rather than silently ignored.
     for option, flag in (("tail", "--tail"), ("timestamps", "--timestamps"),
                          ("long", "-v/--long"), ("interactive", "-i/--interactive"),
                          ("tty", "-t/--tty"), ("asciicast", "--asciicast")):
         if getattr(ns, option, None):
             raise ConfigError(f"{flag} is not supported with a group of servers")
-    if getattr(ns, "on_interrupt", None) == "stop":
-        raise ConfigError("--stop-on-interrupt is not supported with a group of servers")
+    if ns.command in ("stream", "output") and ns.since is not None:
+        raise ConfigError("--since is not supported with a group of servers")
     try:
         return trio.run(_run_cli, ns, targets, command, start, group and not ns.no_prefix)
     except BaseExceptionGroup as group_exc:
@@ -207,6 +210,8 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
 
     printer = Printer([t.name for t in targets], prefix=prefix)
     what = ns.command
+    #: run: the job each server started, until it ends (what Ctrl-C acts on)
+    running: dict[str, tuple[Target, int]] = {}
     reconnect = getattr(ns, "reconnect_timeout", core.RECONNECT_TIMEOUT)
 
     async def work(client: Client, target: Target) -> tuple[Any, ...]:
@@ -220,12 +225,15 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 return 1, status  # on_done writes the error
             if what == "start":
                 return 0, status
+            running[name] = (target, status.id)
             if not ns.json:
                 end = await _follow(client, status.id, name, printer, reconnect=reconnect)
+                del running[name]
                 return job_exit_status(end), end
             kept: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
             end = await _follow(client, status.id, name, printer, keep=kept,
                                 reconnect=reconnect)
+            del running[name]
             return job_exit_status(end), end, _kept_json(kept)
         if what == "wait":  # every job named, in order; the first one's status
             ends = []
@@ -242,7 +250,8 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
             return job_exit_status(ends[0]), ends[0]
         if what in ("stream", "output"):
             end = await _follow(client, ns.id, name, printer,
-                                live=what == "stream" and not ns.no_follow, reconnect=reconnect)
+                                live=what == "stream" and not ns.no_follow, only_fd=ns.only_fd,
+                                reconnect=reconnect)
             return 0, end
         if what == "status":
             status = await client.status(ns.id)
@@ -255,17 +264,16 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 printer.line(name, "process stopped")
             return 0, status
         if what == "list":
-
             now = time.time()
-            jobs = [s for s in await client.list()
-                    if (ns.state is None or s.state in STATES[ns.state])
-                    and (ns.owner is None or s.owner == ns.owner)
-                    and (ns.since is None or s.created >= now - ns.since)]
+            filters = list_filters(ns, now)
+            if client.welcome.minor >= core.LIST_FILTERS_MINOR or filters["labels"]:
+                jobs = await client.list(**filters)
+            else:
+                jobs = filter_jobs(await client.list(), filters)
             if not ns.json:
+                columns = list_columns(ns, jobs)
                 for s in jobs:
-                    printer.line(name, "\t".join((
-                        str(s.id), text.escape(s.owner), text.describe(s), text.clock(s.created),
-                        text.run_time(s, now), text.quote_argv(s.argv))))
+                    printer.line(name, "\t".join(text.list_row(s, now, columns)))
             return 0, jobs
         if what == "delete":
             await client.delete(ns.id)
@@ -287,7 +295,22 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
                 printer.line(name, f"jobctl: output truncated: {status.dropped_bytes} bytes "
                              "dropped by the server", fd=2)
 
-    outcomes = await fanout(targets, work, on_done=on_done)
+    interrupt = _Interrupt(ns, running, printer)
+    outcomes: list[Outcome[tuple[Any, ...]]] = []
+    with trio.CancelScope() as following:
+        async with trio.open_nursery() as nursery:
+            watcher = trio.CancelScope()
+            if what == "run" and interrupt.policy != "ignore":
+                # Ctrl-C: ask, stop or detach, per server (_Interrupt)
+                await nursery.start(interrupt.watch, following, watcher)
+            outcomes = await fanout(targets, work, on_done=on_done)
+            watcher.cancel()
+    if following.cancelled_caught:
+        for name, (_target, job) in running.items():
+            printer.flush(name)
+            printer.line(name, f"jobctl: detached: job {job} keeps running (jobctl -s "
+                         f"{name} stream {job}; jobctl -s {name} stop {job})", fd=2)
+        return 130
     from ._expiry import warn_if_expiring
 
     for certificate in dict.fromkeys(o.target.certificate for o in outcomes if o.ok):
@@ -304,8 +327,78 @@ async def _run_cli(ns: argparse.Namespace, targets: Sequence[Target],
     return worst
 
 
+class _Interrupt:
+    """Ctrl-C during ``jobctl -s GROUP run``, as for one server (_follow.py): on a
+    terminal it asks once whether to stop the jobs (yes: stop each on a second
+    connection and follow them to their end; no: follow on); a further Ctrl-C, or
+    ``--detach-on-interrupt``, or no terminal, detaches: every job keeps running
+    and each server's line names its job. ``--stop-on-interrupt`` stops them. An
+    inherited "ignore SIGINT" stays: Ctrl-C does nothing."""
+
+    def __init__(self, ns: argparse.Namespace, running: dict[str, tuple[Target, int]],
+                 printer: Printer) -> None:
+        import signal
+
+        interactive = sys.stdin.isatty() and sys.stderr.isatty()
+        self.policy = getattr(ns, "on_interrupt", None) or ("ask" if interactive else "detach")
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            self.policy = "ignore"  # inherited (a script's background job): it stays
+        self.running = running
+        self.printer = printer
+        self.stopping = False
+
+    async def watch(self, following: trio.CancelScope, watcher: trio.CancelScope, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        import signal
+
+        with watcher, trio.open_signal_receiver(signal.SIGINT) as signals:
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                async for _ in signals:
+                    if self.policy == "detach" or self.stopping or nursery.child_tasks:
+                        following.cancel()  # detach (also a Ctrl-C at the question)
+                        return
+                    if self.policy == "stop":
+                        self._stop(nursery)
+                    else:
+                        nursery.start_soon(self._ask, nursery)
+
+    async def _ask(self, nursery: trio.Nursery) -> None:
+        jobs = len(self.running)
+        sys.stderr.write(f"\njobctl: stop the job on {jobs} server{'s' * (jobs != 1)}? "
+                         "[y/N] (Ctrl-C again: detach) ")
+        sys.stderr.flush()
+        answer = b""
+        while not answer.endswith(b"\n"):
+            await trio.lowlevel.wait_readable(sys.stdin.fileno())
+            chunk = os.read(sys.stdin.fileno(), 256)
+            if not chunk:
+                break
+            answer += chunk
+        if answer.strip().lower() in (b"y", b"yes"):
+            self._stop(nursery)
+        else:
+            print("jobctl: following on (Ctrl-C again detaches)", file=sys.stderr, flush=True)
+            self.policy = "detach"
+
+    def _stop(self, nursery: trio.Nursery) -> None:
+        self.stopping = True
+        print(f"\njobctl: stopping the jobs on {len(self.running)} servers…",
+              file=sys.stderr, flush=True)
+        for name, (target, job) in list(self.running.items()):
+            nursery.start_soon(self._stop_one, name, target, job)
+
+    async def _stop_one(self, name: str, target: Target, job: int) -> None:
+        try:
+            async with connect_target(target) as client:
+                await client.stop(job)
+        except JobctlError as exc:  # it ended meanwhile, or the stop failed: say so
+            self.printer.line(name, f"jobctl: {text.escape(str(exc))}", fd=2)
+
+
 async def _follow(client: Client, job: int, name: str, printer: Printer, *,
                   keep: dict[int, bytearray] | None = None, live: bool = True,
+                  only_fd: int | None = None,
                   reconnect: float | None = core.RECONNECT_TIMEOUT) -> p.JobStatus:
     """The job's end, and its output: printed, prefixed line by line; or with
     ``keep``, kept there per fd (JSON_OUTPUT_CAP bytes in all; none for ``{}``)."""
@@ -316,6 +409,8 @@ async def _follow(client: Client, job: int, name: str, printer: Printer, *,
     async with contextlib.aclosing(source) as events:
         async for event in events:
             if isinstance(event, p.OutputChunk):
+                if only_fd is not None and event.fd != only_fd:
+                    continue
                 if keep is None:
                     printer.write(name, event.fd, bytes(event.data))
                 elif event.fd in keep:

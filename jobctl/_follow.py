@@ -14,7 +14,9 @@ and following simply goes on after a "no". What a Ctrl-C does:
   it);
 - on a terminal, by default: ask once (``stop job 4? [y/N]``); yes stops as
   above, no keeps following; a further Ctrl-C, also at the question,
-  detaches.
+  detaches;
+- started with SIGINT ignored (a background job of a script): nothing, as for
+  every other command; the inherited "ignore" stays.
 
 ``--tail N`` is done by the client: it reads the output that exists now
 (``output``), keeps only the last N lines, then follows from the position
@@ -42,7 +44,7 @@ from . import _core as core
 from . import _text as text
 from ._blocking import BlockingClient
 from ._context import Context, print_json
-from ._errors import ConfigError, JobctlError, WaitTimeout
+from ._errors import ConfigError, JobctlError, ServerError, WaitTimeout
 
 
 class Detached(Exception):
@@ -67,9 +69,24 @@ class Writer:
     protocol 1.1 sends no times: the time the chunk arrived stands in.
     """
 
-    def __init__(self, timestamps: bool) -> None:
+    def __init__(self, timestamps: bool, *, only_fd: int | None = None,
+                 since: float | None = None) -> None:
         self.timestamps = timestamps
+        #: ``--stdout``/``--stderr``: the one fd written; ``--since``: the first time.
+        self.only_fd = only_fd
+        self.since = since
         self._at_line_start = {1: True, 2: True}
+
+    @property
+    def wants_time(self) -> bool:
+        """Ask the server for each chunk's time (one chunk per record)."""
+        return self.timestamps or self.since is not None
+
+    def wanted(self, event: p.OutputChunk) -> bool:
+        if self.only_fd is not None and event.fd != self.only_fd:
+            return False
+        # A record's time is when jobd read it; with since, a chunk has its record's.
+        return self.since is None or (event.time is not None and event.time >= self.since)
 
     def write(self, fd: int, data: bytes, when: float | None) -> None:
         if not self.timestamps:
@@ -88,7 +105,8 @@ class Writer:
         end: p.End | None = None
         for event in events:
             if isinstance(event, p.OutputChunk):
-                self.write(event.fd, event.data, event.time)
+                if self.wanted(event):
+                    self.write(event.fd, event.data, event.time)
             else:
                 end = event
         assert end is not None
@@ -106,9 +124,11 @@ def _tail(client: BlockingClient, job: int, count: int, writer: Writer) -> p.End
     lines: deque[tuple[int, bytes, float | None]] = deque(maxlen=count or 1)
     partial: dict[int, tuple[bytearray, float | None]] = {}
     end: p.End | None = None
-    for event in client.output(job, timestamps=writer.timestamps):
+    for event in client.output(job, timestamps=writer.wants_time):
         if not isinstance(event, p.OutputChunk):
             end = event
+            continue
+        if not writer.wanted(event):
             continue
         for line in event.data.splitlines(keepends=True):
             held = partial.pop(event.fd, None)
@@ -147,17 +167,19 @@ def stream(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
         return asciicast(ns, ctx, follow=follow)
     client = ctx.client
     _on_reconnect(client)
-    writer = Writer(ns.timestamps)
+    writer = Writer(ns.timestamps, only_fd=ns.only_fd, since=ns.since)
+    if ns.since is not None:  # the records' times: protocol 1.1
+        core.require_minor(client.welcome, core.LIST_FILTERS_MINOR, "--since")
     position = 0
     end: p.End | None = None
     if ns.tail is not None:
         end = _tail(client, ns.id, ns.tail, writer)
         position = end.position
     if follow:
-        end = writer.follow(client.stream(ns.id, position, timestamps=ns.timestamps,
+        end = writer.follow(client.stream(ns.id, position, timestamps=writer.wants_time,
                                           reconnect=ns.reconnect_timeout))
     elif end is None:
-        end = writer.follow(client.output(ns.id, timestamps=ns.timestamps))
+        end = writer.follow(client.output(ns.id, timestamps=writer.wants_time))
     _truncated(end)
     return 0
 
@@ -219,7 +241,23 @@ def run(ns: argparse.Namespace, ctx: Context, start: dict[str, Any]) -> int:
     if end.status.state in (p.JobState.ERROR, p.JobState.KILLED):
         # As a shell says "Killed": an exit status alone does not tell an OOM kill.
         print(text.describe(end.status), file=sys.stderr)
+    elif end.status.state is p.JobState.STOPPED and not interrupt.stopping:
+        print(f"jobctl: job {status.id} stopped{_stopped_by(client, status.id)}",
+              file=sys.stderr)
     return core.exit_status(end.status)
+
+
+def _stopped_by(client: BlockingClient, job: int) -> str:
+    """Why a job ``run`` did not stop itself was stopped: jobd shutting down
+    sends its goodbye (``unavailable``) after the stream's end, so the next
+    request on this connection gets it at once, or finds the connection closed."""
+    try:
+        client.status(job)
+    except JobctlError as exc:
+        if isinstance(exc, ServerError) and exc.code is not p.ErrorCode.UNAVAILABLE:
+            return ""
+        return ": the server is shutting down"
+    return " (by a stop request)"
 
 
 class _Interrupt:
@@ -235,6 +273,11 @@ class _Interrupt:
 
     @contextlib.contextmanager
     def installed(self, client: BlockingClient) -> Iterator[None]:
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # Started with SIGINT ignored (`jobctl run ... &` in a script): ignore it,
+            # as stream and wait do, rather than detach on a Ctrl-C meant for others.
+            yield
+            return
         read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)

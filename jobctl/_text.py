@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import protocol as p
 
@@ -80,8 +80,11 @@ def describe(status: p.JobStatus) -> str:
 
 
 def duration(seconds: float) -> str:
-    """``13s``, ``2m13s``, ``3h05m``, ``2d04h``: two units at most, as people read them."""
-    s = max(0, int(seconds))
+    """``0.3s``, ``13s``, ``2m13s``, ``3h05m``, ``2d04h``: two units at most, as people
+    read them (tenths below 10 s)."""
+    if seconds < 9.95:  # a short job: 0.3s, not 0s (and never "10.0s")
+        return f"{max(0.0, seconds):.1f}s"
+    s = int(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -130,6 +133,41 @@ def table(rows: Sequence[Sequence[str]], *, header: Sequence[str] | None) -> lis
             for row in every]
 
 
+def labels_text(labels: Sequence[tuple[str, str]]) -> str:
+    """``key=value,key2=value2`` (escaped), ``-`` for none."""
+    return ",".join(f"{escape(k)}={escape(v)}" for k, v in labels) or "-"
+
+
+#: ``list``'s columns (``--format``): name -> (header, cell of a status at ``now``).
+COLUMNS: dict[str, tuple[str, Callable[[p.JobStatus, float], str]]] = {
+    "id": ("ID", lambda s, now: str(s.id)),
+    "owner": ("OWNER", lambda s, now: escape(s.owner)),
+    "status": ("STATUS", lambda s, now: describe(s)),
+    "state": ("STATE", lambda s, now: s.state.value),
+    "created": ("CREATED", lambda s, now: clock(s.created)),
+    "started": ("STARTED", lambda s, now: clock(s.started)),
+    "ended": ("ENDED", lambda s, now: clock(s.ended)),
+    "duration": ("DURATION", lambda s, now: run_time(s, now)),
+    "pid": ("PID", lambda s, now: "-" if s.pid is None else str(s.pid)),
+    "exit": ("EXIT", lambda s, now: "-" if s.running else str(exit_code(s))),
+    "labels": ("LABELS", lambda s, now: labels_text(s.labels)),
+    "command": ("COMMAND", lambda s, now: quote_argv(s.argv)),
+}
+#: What ``list`` shows by default (scripts: ``cut -f1`` is the ID, ``-f6`` the command;
+#: labels only when a job listed has some).
+DEFAULT_COLUMNS = ("id", "owner", "status", "created", "duration", "command", "labels")
+
+
+def exit_code(status: p.JobStatus) -> int:
+    from ._core import exit_status
+
+    return exit_status(status)
+
+
+def list_row(status: p.JobStatus, now: float, columns: Sequence[str]) -> list[str]:
+    return [COLUMNS[c][1](status, now) for c in columns]
+
+
 def status_long(status: p.JobStatus, now: float) -> list[str]:
     """Every field of a status, one per line, aligned (``status -v``)."""
     limits = status.limits
@@ -144,8 +182,10 @@ def status_long(status: p.JobStatus, now: float) -> list[str]:
         ("ended", clock(status.ended)),
         ("duration", run_time(status, now)),
         ("limits", "none" if limits is None or limits.is_empty() else limits_text(limits)),
-        ("peak memory", "-" if status.peak_memory is None else size(status.peak_memory)),
+        # 0: measured from after it ended (a job of a few ms, moved into its cgroup late)
+        ("peak memory", "-" if not status.peak_memory else size(status.peak_memory)),
         ("cpu time", "-" if status.cpu_time is None else f"{status.cpu_time:.3f}s"),
+        ("labels", labels_text(status.labels)),
         ("output", f"{status.output_bytes} bytes kept"),
         ("dropped", f"{status.dropped_bytes} bytes"),
     ]
@@ -168,5 +208,6 @@ def limits_text(limits: p.Limits) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["clock", "describe", "duration", "escape", "quote_arg", "quote_argv",
-           "run_time", "size", "status_long", "table"]
+__all__ = ["COLUMNS", "DEFAULT_COLUMNS", "clock", "describe", "duration", "escape",
+           "labels_text", "list_row", "quote_arg", "quote_argv", "run_time", "size",
+           "status_long", "table"]

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     log = EventLog(config.log_format, config.log_level)
     try:
-        telemetry = open_telemetry(config.telemetry, service_version=__version__)
+        telemetry = open_telemetry(config.telemetry, service_version=__version__, log=log)
     except TelemetryError as problem:
         log.error("startup-failed", reason=str(problem))
         return 1

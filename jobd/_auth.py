@@ -24,6 +24,7 @@ class Action(enum.StrEnum):
     DELETE = "delete"
     READ = "read"  # status, stream, output, list
     PRUNE = "prune"  # remove finished jobs by age (every job at once: admin only)
+    RERUN = "rerun"  # start a new job like an earlier one (its cwd and environment too)
     INPUT = "type into"  # send input to a job's stdin or terminal (attach with input)
 
 
@@ -36,13 +37,16 @@ class Scope(enum.Enum):
 POLICY: dict[Role, dict[Action, Scope]] = {
     Role.OBSERVE: {Action.START: Scope.NONE, Action.STOP: Scope.NONE,
                    Action.DELETE: Scope.NONE, Action.READ: Scope.ALL,
-                   Action.PRUNE: Scope.NONE, Action.INPUT: Scope.NONE},
+                   Action.PRUNE: Scope.NONE, Action.INPUT: Scope.NONE,
+                   Action.RERUN: Scope.NONE},
     Role.CONTROL: {Action.START: Scope.ALL, Action.STOP: Scope.OWN,
                    Action.DELETE: Scope.OWN, Action.READ: Scope.OWN,
-                   Action.PRUNE: Scope.NONE, Action.INPUT: Scope.OWN},
+                   Action.PRUNE: Scope.NONE, Action.INPUT: Scope.OWN,
+                   Action.RERUN: Scope.OWN},
     Role.ADMIN: {Action.START: Scope.ALL, Action.STOP: Scope.ALL,
                  Action.DELETE: Scope.ALL, Action.READ: Scope.ALL,
-                 Action.PRUNE: Scope.ALL, Action.INPUT: Scope.ALL},
+                 Action.PRUNE: Scope.ALL, Action.INPUT: Scope.ALL,
+                 Action.RERUN: Scope.ALL},
 }
 
 ROLE_NAMES = ", ".join(r.value for r in Role)

@@ -277,6 +277,11 @@ def _sign(ns: argparse.Namespace, ca: _pki.CA) -> int:
     else:
         if ns.san:
             raise Refused("--san is for server certificates (--server)")
+        if not csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME):
+            # `jobd cert request` makes server requests: no role, and no --server here.
+            raise Refused("the request has no OU (role): a client's request names its role "
+                          "(jobctl cert request --role ROLE); for a server's, sign with "
+                          "--server --san NAME...")
         role = _pki.single(csr.subject, NameOID.ORGANIZATIONAL_UNIT_NAME, "OU (role)")
         if role not in ROLES:
             raise Refused(f"refused: {name!r} asks for role {role!r}, which does not exist "

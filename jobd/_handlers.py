@@ -207,6 +207,48 @@ def _owned(ctx: Context, job: int, action: Action) -> None:
 
 async def _start(ctx: Context, request: p.Start) -> p.Message:
     _require(ctx, Action.START)
+    return await _start_job(ctx, request)
+
+
+async def _rerun(ctx: Context, request: p.Rerun) -> p.Message:
+    """A new job from an earlier job's start (protocol 1.2): the caller's own
+    jobs, an admin's any (POLICY's RERUN), the caller owning the new one."""
+    _require(ctx, Action.RERUN, request.job)
+    _owned(ctx, request.job, Action.RERUN)
+    ctx.log.info("rerun-requested", id=request.job, who=ctx.identity.name)
+    return await _start_job(ctx, _rerun_request(ctx, request.job))
+
+
+def _rerun_request(ctx: Context, job: int) -> p.Start:
+    """The start request a rerun of *job* makes: its argv and labels, and its
+    start's cwd, environment and requested limits (kept in its record)."""
+    status, spec = ctx.manager.spec(job)
+    if spec is None:
+        raise Refusal(p.ErrorCode.INVALID_STATE, f"job {job} was started by an older jobd, "
+                      "which did not keep its cwd and environment: start it anew")
+    try:
+        limits = spec.get("limits")
+        return p.Start(argv=status.argv, cwd=spec.get("cwd"), env=spec.get("env"),
+                       limits=p.Limits.from_wire(limits) if limits is not None else None,
+                       env_merge=bool(spec.get("env_merge")), labels=status.labels,
+                       stdin=status.stdin, tty=status.tty)
+    except (p.FieldError, TypeError, ValueError) as exc:  # a damaged record
+        raise Refusal(p.ErrorCode.INVALID_STATE,
+                      f"job {job}'s start cannot be repeated: {exc}") from None
+
+
+def start_spec(request: p.Start) -> dict[str, Any]:
+    """What a job's record keeps of its start, for ``rerun``: the request's own
+    cwd, environment (as given, not merged: a rerun merges it with the server's
+    environment of the day) and requested limits (the server's defaults apply
+    again)."""
+    return {"cwd": request.cwd,
+            "env": [[k, v] for k, v in request.env] if request.env is not None else None,
+            "env_merge": request.env_merge,
+            "limits": request.limits.to_wire() if request.limits is not None else None}
+
+
+async def _start_job(ctx: Context, request: p.Start) -> p.Message:
     env: Mapping[bytes, bytes]
     if request.env is None:
         env = ctx.job_env
@@ -220,7 +262,7 @@ async def _start(ctx: Context, request: p.Start) -> p.Message:
         status = await ctx.manager.start(
             request.argv, who, cwd=request.cwd, env=env, limits=request.limits,
             max_running=None if admin else ctx.max_jobs_per_user, stdin=request.stdin,
-            tty=request.tty)
+            tty=request.tty, labels=request.labels, spec=start_spec(request))
     if status.state is p.JobState.ERROR:
         ctx.log.info("job-failed", id=status.id, owner=who, status=status.describe())
     return p.Started(status)
@@ -258,7 +300,7 @@ async def _prune(ctx: Context, request: p.Prune) -> p.Message:
 
 
 async def _list(ctx: Context, request: p.ListJobs) -> p.Message:
-    """One page, filtered by the database (owner, states, since) from its indexes;
+    """One page, filtered by the database (owner, states, since, labels) from its indexes;
     a caller who may read only its own jobs gets only those, whatever it asks."""
     owner = request.owner
     if POLICY[ctx.identity.role][Action.READ] is not Scope.ALL:
@@ -267,7 +309,7 @@ async def _list(ctx: Context, request: p.ListJobs) -> p.Message:
         owner = ctx.identity.name
     statuses, more, total = await ctx.manager.list_page(
         request.after, LIST_PAGE_ROWS, owner=owner, states=request.states,
-        since=request.since, count=request.count)
+        since=request.since, count=request.count, labels=request.labels)
     page: list[p.JobStatus] = []
     size = 0
     for status in statuses:
@@ -329,6 +371,7 @@ HANDLERS: dict[type[p.Message], Handler] = {
     p.Delete: _delete,
     p.ListJobs: _list,
     p.Prune: _prune,
+    p.Rerun: _rerun,
     p.Stream: _stream,
     p.Output: _output,
     p.Attach: _attach,

@@ -50,6 +50,8 @@ usage by scanning the logs directory in the reader's thread.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import socket
 import threading
@@ -85,7 +87,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import protocol as p
-from jobd._log import format_fields
+from jobd._log import EventLog, format_fields
 from jobd._telemetry import ConnectionTelemetry, Telemetry, TelemetryError
 
 if TYPE_CHECKING:
@@ -98,6 +100,8 @@ _PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES
 #: How long shutdown waits for the last export of all three signals together: a
 #: collector that is down must not hold up jobd's exit (systemd's stop timeout).
 SHUTDOWN_TIMEOUT = 5.0
+#: After aborting the exports still retrying, how long shutdown waits for them.
+ABORT_TIMEOUT = 1.0
 #: Request durations, seconds: the buckets of OTel's http.server.request.duration,
 #: from a 5 ms status round trip to a 10 s stop (streams run longer: last bucket).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -118,7 +122,85 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 3] + "..."
 
 
-def open_otel(service_version: str) -> OtelTelemetry:
+#: The SDK's own warnings and errors (an unreachable collector: one per retry and
+#: per dropped batch, each signal, multi-line) become at most one event-log line
+#: per this many seconds; the line counts what it stands for.
+SDK_LOG_INTERVAL = 60.0
+#: Longest SDK message kept (its first line only).
+SDK_MESSAGE_MAX = 300
+
+
+class SdkLogHandler(logging.Handler):
+    """The ``opentelemetry`` logger's records, into jobd's event log.
+
+    One line (``telemetry-export-failed`` for export trouble, else
+    ``telemetry-sdk``), in jobd's format, with the first line of the SDK's
+    message; at most one per SDK_LOG_INTERVAL, carrying how many batches were
+    dropped in all and how many messages it stands for. After :meth:`close`
+    (shutdown) nothing more is written. Called from the SDK's threads; a record
+    emitted while this handler writes (the event log's own OTel record) is only
+    counted, never written, so it cannot loop.
+    """
+
+    def __init__(self, log: EventLog) -> None:
+        super().__init__(logging.WARNING)
+        self._log = log
+        self._mutex = threading.Lock()
+        self._busy = threading.local()
+        self._last = -math.inf
+        self._suppressed = 0
+        self.dropped = 0
+        #: The last export attempt failed (as far as the SDK's messages tell).
+        self.failing = False
+        self._closed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        first = message.strip().splitlines()[0] if message.strip() else "(empty)"
+        export = "export" in message or "batch" in message
+        with self._mutex:
+            if message.startswith(("Failed to export", "Dropping")):
+                self.dropped += 1
+            if export:
+                self.failing = True
+            now = time.monotonic()
+            if self._closed or getattr(self._busy, "on", False) \
+                    or now - self._last < SDK_LOG_INTERVAL:
+                self._suppressed += 1
+                return
+            self._last = now
+            suppressed, self._suppressed = self._suppressed, 0
+            dropped = self.dropped
+        if "Connection" in message or "connect" in message:
+            first = "collector unreachable: " + first
+        self._busy.on = True
+        try:
+            self._log.warning("telemetry-export-failed" if export else "telemetry-sdk",
+                              reason=first[:SDK_MESSAGE_MAX], batches_dropped=dropped,
+                              messages_suppressed=suppressed)
+        finally:
+            self._busy.on = False
+
+    def close(self) -> None:
+        with self._mutex:
+            self._closed = True
+        super().close()
+
+
+def route_sdk_logs(log: EventLog) -> SdkLogHandler:
+    """Send the SDK's own log records through ``log`` (and nowhere else)."""
+    handler = SdkLogHandler(log)
+    logger = logging.getLogger("opentelemetry")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    return handler
+
+
+def open_otel(service_version: str, log: EventLog | None = None) -> OtelTelemetry:
     for name in _PROTOCOL_VARIABLES:
         value = os.environ.get(name, "").strip()
         if value and value != PROTOCOL:
@@ -138,14 +220,19 @@ def open_otel(service_version: str) -> OtelTelemetry:
     if HOST_NAME not in resource.attributes:
         defaults[HOST_NAME] = socket.gethostname()
     resource = resource.merge(Resource(defaults))
+    sdk_log = route_sdk_logs(log) if log is not None else None
+    exporters = (OTLPSpanExporter(), OTLPMetricExporter(), OTLPLogExporter())
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporters[0]))
     meter_provider = MeterProvider(
         resource=resource, shutdown_on_exit=False,
-        metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+        metric_readers=[PeriodicExportingMetricReader(exporters[1])])
     logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
-    logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
-    return OtelTelemetry(tracer_provider, meter_provider, logger_provider, service_version)
+    logger_provider.add_log_record_processor(BatchLogRecordProcessor(exporters[2]))
+    telemetry = OtelTelemetry(tracer_provider, meter_provider, logger_provider, service_version)
+    telemetry.exporters = exporters
+    telemetry.sdk_log = sdk_log
+    return telemetry
 
 
 def _attr(value: Any) -> Any:
@@ -187,6 +274,8 @@ class OtelTelemetry(Telemetry):
     def __init__(self, tracer_provider: TracerProvider, meter_provider: MeterProvider,
                  logger_provider: LoggerProvider, version: str) -> None:
         self._providers = (tracer_provider, meter_provider, logger_provider)
+        self.exporters: tuple[Any, ...] = ()
+        self.sdk_log: SdkLogHandler | None = None
         self.tracer = tracer_provider.get_tracer("jobd", version)
         self._logger = logger_provider.get_logger("jobd", version)
         meter = meter_provider.get_meter("jobd", version)
@@ -390,10 +479,16 @@ class OtelTelemetry(Telemetry):
     # -- shutdown -----------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Shut the three providers down in parallel, waiting SHUTDOWN_TIMEOUT at most."""
+        """Shut the three providers down in parallel (their last export), waiting
+        SHUTDOWN_TIMEOUT at most; then stop every export still retrying. With the
+        collector already failing, stop the retries at once: nothing would get
+        through, and jobd's exit should not wait for it. The SDK says nothing
+        more after this."""
         for span in self._jobs.values():  # jobs abandoned by an aborted shutdown
             span.end()
         self._jobs.clear()
+        if self.sdk_log is not None and self.sdk_log.failing:
+            self._abort_exports()
         threads = [threading.Thread(target=provider.shutdown, daemon=True,
                                     name=f"jobd-otel-shutdown-{type(provider).__name__}")
                    for provider in self._providers]
@@ -402,6 +497,18 @@ class OtelTelemetry(Telemetry):
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            self._abort_exports()
+            for thread in threads:
+                thread.join(ABORT_TIMEOUT)
+        if self.sdk_log is not None:
+            self.sdk_log.close()
+
+    def _abort_exports(self) -> None:
+        """End the exporters' retry waits: an export in progress fails at once."""
+        for exporter in self.exporters:
+            with contextlib.suppress(Exception):
+                exporter.shutdown()
 
 
 class _OtelConnection(ConnectionTelemetry):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from jobd._log import EventLog
 from jobd._telemetry import NULL, Telemetry, TelemetryError
 
 #: What ``--telemetry`` accepts.
@@ -20,9 +21,11 @@ def telemetry_disabled_by_environment() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
-def open_telemetry(mode: str, *, service_version: str) -> Telemetry:
+def open_telemetry(mode: str, *, service_version: str, log: EventLog | None = None
+                   ) -> Telemetry:
     """The telemetry for ``--telemetry mode``: :data:`NULL` for ``off`` (or when
-    ``OTEL_SDK_DISABLED=true``), else OpenTelemetry over OTLP/HTTP.
+    ``OTEL_SDK_DISABLED=true``), else OpenTelemetry over OTLP/HTTP (whose SDK's
+    own log messages go through ``log``, rate-limited: ``jobd._otel``).
 
     Raises :class:`TelemetryError` when ``otlp`` cannot be set up: the extra is
     not installed, or the environment asks for an OTLP transport jobd lacks.
@@ -37,7 +40,7 @@ def open_telemetry(mode: str, *, service_version: str) -> Telemetry:
         raise TelemetryError(
             f"--telemetry otlp needs OpenTelemetry ({exc.name or exc} is not installed): "
             "install jobd with the otel extra, pip install 'jobd[otel]'") from None
-    return _otel.open_otel(service_version)
+    return _otel.open_otel(service_version, log)
 
 
 __all__ = ["MODES", "open_telemetry", "telemetry_disabled_by_environment"]

@@ -48,8 +48,10 @@ def make_server_context(certificate: Path, key: Path, ca: Path, crl: Path | None
     try:
         ctx.load_cert_chain(str(certificate), str(key))
     except (OSError, ssl.SSLError) as exc:
+        from protocol._pem import mismatch
+
         raise TLSConfigError(f"cannot load certificate {certificate} with key {key}: "
-                             f"{_reason(exc)}") from None
+                             f"{mismatch(certificate, key) or _reason(exc)}") from None
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:

@@ -38,6 +38,7 @@ from ._frames import (
     parse_output_chunk,
 )
 from ._interactive import ATTACH_FRAMES, MAX_INPUT_CHUNK
+from ._labels import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, check_label, check_labels
 from ._messages import (
     CLIENT_MESSAGES,
     MESSAGE_TYPES,
@@ -63,6 +64,7 @@ from ._messages import (
     Prune,
     Pruned,
     Request,
+    Rerun,
     Resize,
     ServerMessage,
     Start,
@@ -106,6 +108,9 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_FRAME_SIZE",
     "MAX_IO_DEVICES",
+    "MAX_LABELS",
+    "MAX_LABEL_KEY",
+    "MAX_LABEL_VALUE",
     "MAX_LIMIT_VALUE",
     "MAX_OUTPUT_CHUNK",
     "MAX_PATH_BYTES",
@@ -146,6 +151,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "Request",
+    "Rerun",
     "Role",
     "Sentinel",
     "ServerConnection",
@@ -158,6 +164,8 @@ __all__ = [
     "Stream",
     "Tick",
     "Welcome",
+    "check_label",
+    "check_labels",
     "clip",
     "decode_payload",
     "encode_frame",

@@ -33,6 +33,8 @@ PROTOCOL_VERSION = 1
 #: 2 (2026-12-07): interactive jobs: ``start`` takes ``stdin`` and ``tty``; a
 #: status may carry ``stdin`` and ``tty``; the ``attach`` request, during which
 #: the client sends ``input``, ``eof``, ``resize`` and ``detach``.
+#: 2 (2026-12-07, issue 23): ``start`` takes ``labels``, statuses carry them,
+#: ``list`` filters on them; the ``rerun`` request (answered by ``started``).
 PROTOCOL_MINOR = 2
 
 #: Integers on the wire are msgpack uint64 at most.

@@ -48,9 +48,10 @@ MAX_ARGV_ENTRIES = 8192
 MAX_ARGV_BYTES = 256 * 1024
 #: The most environment variables in one start request (a login shell has ~50).
 MAX_ENV_ENTRIES = 4096
-#: The whole environment (the sum of ``len(name) + 1 + len(value)``): the
-#: environment is not stored, only passed to ``execve``, whose total for
-#: arguments and environment together is 2 MiB on a default stack limit.
+#: The whole environment (the sum of ``len(name) + 1 + len(value)``): passed to
+#: ``execve``, whose total for arguments and environment together is 2 MiB on a
+#: default stack limit, and kept in the job's record for ``rerun`` (never echoed
+#: in a status).
 MAX_ENV_BYTES = 256 * 1024
 #: Device entries per direction (``io_read_bps``, ``io_write_bps``): a job
 #: names the few disks it uses; each entry is a stat() and a cgroup write.

@@ -25,11 +25,22 @@ from ._replies import (
     Tick,
     Welcome,
 )
-from ._requests import Delete, GetStatus, Hello, ListJobs, Output, Prune, Start, Stop, Stream
+from ._requests import (
+    Delete,
+    GetStatus,
+    Hello,
+    ListJobs,
+    Output,
+    Prune,
+    Rerun,
+    Start,
+    Stop,
+    Stream,
+)
 
 ClientMessage: TypeAlias = (
     Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune
-    | Attach | Input | InputEof | Resize | Detach
+    | Attach | Input | InputEof | Resize | Detach | Rerun
 )
 ServerMessage: TypeAlias = (
     Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
@@ -39,12 +50,12 @@ ServerMessage: TypeAlias = (
 Message: TypeAlias = ClientMessage | ServerMessage
 #: The requests a client may send once welcomed.
 Request: TypeAlias = (
-    Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Attach
+    Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune | Attach | Rerun
 )
 
 CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
     Hello, Start, Stop, GetStatus, ListJobs, Stream, Output, Delete, Prune,
-    Attach, Input, InputEof, Resize, Detach,
+    Attach, Input, InputEof, Resize, Detach, Rerun,
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
@@ -81,6 +92,7 @@ __all__ = [
     "Prune",
     "Pruned",
     "Request",
+    "Rerun",
     "ServerMessage",
     "Start",
     "StatusResult",

@@ -39,6 +39,7 @@ from ._fields import (
     get_map,
     get_str,
 )
+from ._labels import check_labels, labels_from_wire, labels_to_wire
 from ._status import JobState, Limits
 from ._terminal import Terminal
 
@@ -150,6 +151,9 @@ class Start(_Message):
         that size, as its controlling terminal, with ``TERM`` set to its
         ``term``; stdin, stdout and stderr are the terminal (``stdin`` is
         implied). None: no terminal.
+      labels: (minor 2) ((key, value), ...) to attach to the job, sorted by key,
+        each key once; bounds in ``_labels.py``. A server before 1.2 would
+        ignore them: clients send them only to a 1.2 server.
 
     Every bound is in ``_bounds.py``: what a start makes the server store or echo
     stays small enough for one frame.
@@ -165,6 +169,7 @@ class Start(_Message):
     traceparent: str | None = None
     stdin: bool = False
     tty: Terminal | None = None
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         check_type("stdin", self.stdin, bool)
@@ -220,6 +225,8 @@ class Start(_Message):
         if self.limits is not None:
             object.__setattr__(self, "limits", request_limits(self.limits))
         _check_traceparent(self.traceparent)
+        object.__setattr__(self, "labels", check_labels("labels", self.labels)
+                           if self.labels else ())
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "argv": list(self.argv)}
@@ -233,6 +240,8 @@ class Start(_Message):
             out["env_merge"] = True
         if self.traceparent is not None:
             out["traceparent"] = self.traceparent
+        if self.labels:
+            out["labels"] = labels_to_wire(self.labels)
         if self.stdin:
             out["stdin"] = True
         if self.tty is not None:
@@ -252,6 +261,7 @@ class Start(_Message):
             limits=Limits.from_wire(limits) if limits is not None else None,
             env_merge=_flag(m, "env_merge"),
             traceparent=get_str(m, "traceparent", None),
+            labels=labels_from_wire(m, "labels"),
             stdin=_flag(m, "stdin"),
             tty=Terminal.from_wire(tty) if tty is not None else None,
         )
@@ -357,6 +367,8 @@ class ListJobs(_Message):
         Unix epoch (optional).
       count: also answer the total number of jobs that match (``JobList.total``);
         it costs an index scan, so a client asks for it once, on its first page.
+      labels: (minor 2) only jobs that carry every one of these labels (key and
+        value equal); at most MAX_LABELS.
     """
 
     TYPE: ClassVar[str] = "list"
@@ -366,6 +378,7 @@ class ListJobs(_Message):
     states: tuple[JobState, ...] = ()
     since: float | None = None
     count: bool = False
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _uint("after", self.after)
@@ -383,6 +396,8 @@ class ListJobs(_Message):
         check_type("since", self.since, (int, float), optional=True)
         check(self.since is None or math.isfinite(self.since), "since must be finite")
         check_type("count", self.count, bool)
+        object.__setattr__(self, "labels", check_labels("labels", self.labels)
+                           if self.labels else ())
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "after": self.after}
@@ -394,6 +409,8 @@ class ListJobs(_Message):
             out["since"] = self.since
         if self.count:
             out["count"] = True
+        if self.labels:
+            out["labels"] = labels_to_wire(self.labels)
         return out
 
     @classmethod
@@ -401,7 +418,8 @@ class ListJobs(_Message):
         states = get_list(m, "states", [])
         check(all(isinstance(x, str) for x in states), "states entries must be strings")
         return cls(get_int(m, "after", 0), get_str(m, "owner", None), tuple(states),
-                   get_float(m, "since", None), get_bool(m, "count", False))
+                   get_float(m, "since", None), get_bool(m, "count", False),
+                   labels_from_wire(m, "labels"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +463,19 @@ class Delete(_JobMessage):
 
     TYPE: ClassVar[str] = "delete"
 
+
+@dataclass(frozen=True, slots=True)
+class Rerun(_JobMessage):
+    """Start a new job like an earlier one (protocol 1.2; answered by :class:`Started`):
+    the same argv, cwd, environment (as its start asked for it: merged again with
+    the server's environment for jobs where it was), requested limits and labels.
+    The caller owns the new job; it may rerun its own jobs, an admin any.
+
+    Fields:
+      job: the earlier job's ID (running or ended).
+    """
+
+    TYPE: ClassVar[str] = "rerun"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ boundary they agree.
 
     HELLO    --hello (client)-------------------------------> WELCOME
     WELCOME  --welcome (server)-----------------------------> IDLE
-    IDLE     --start|stop|status|list|delete (client)-------> RESULT
+    IDLE     --start|stop|status|list|delete|prune|rerun (c.)-> RESULT
     IDLE     --stream|output (client)-----------------------> STREAM
     RESULT   --the request's one result, or error (server)--> IDLE
     STREAM   --out (server)---------------------------------> STREAM
@@ -115,6 +115,7 @@ RESULT_FOR: dict[str, str] = {
     "list": "jobs",
     "delete": "deleted",
     "prune": "pruned",
+    "rerun": "started",  # minor 2
 }
 
 #: (state, message type) -> next state. Anything not here is illegal.

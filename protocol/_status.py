@@ -21,6 +21,7 @@ from ._fields import (
     get_map,
     get_str,
 )
+from ._labels import check_labels, labels_from_wire, labels_to_wire
 from ._record import fields_of
 from ._terminal import Terminal
 
@@ -160,6 +161,8 @@ class JobStatus:
         writes to (a job started with ``stdin``, or on a terminal).
       tty: (minor 2) the :class:`Terminal` the job runs on (its size at start),
         or None: its output is then the terminal's, all of it on stdout (fd 1).
+      labels: (minor 2) the job's labels, ((key, value), ...) sorted by key
+        (``_labels.py`` has their bounds).
     """
 
     id: int
@@ -181,6 +184,7 @@ class JobStatus:
     cpu_time: float | None = None
     stdin: bool = False
     tty: Terminal | None = None
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         check_type("id", self.id, int)
@@ -211,6 +215,10 @@ class JobStatus:
         check_type("peak_memory", self.peak_memory, int, optional=True)
         check_type("stdin", self.stdin, bool)
         check_type("tty", self.tty, Terminal, optional=True)
+        if self.labels:
+            object.__setattr__(self, "labels", check_labels("labels", self.labels))
+        else:
+            object.__setattr__(self, "labels", ())
 
     @property
     def running(self) -> bool:
@@ -246,6 +254,8 @@ class JobStatus:
             out["oom"] = True
         if self.limits is not None:
             out["limits"] = self.limits.to_wire()
+        if self.labels:
+            out["labels"] = labels_to_wire(self.labels)
         if self.stdin:
             out["stdin"] = True
         if self.tty is not None:
@@ -276,6 +286,7 @@ class JobStatus:
             limits=Limits.from_wire(limits) if limits is not None else None,
             peak_memory=get_int(m, "peak_memory", None),
             cpu_time=get_float(m, "cpu_time", None),
+            labels=labels_from_wire(m, "labels"),
             stdin=get_bool(m, "stdin", False),
             tty=Terminal.from_wire(tty) if tty is not None else None,
         )

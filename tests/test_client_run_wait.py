@@ -42,8 +42,15 @@ def test_blocking_run_and_wait(jobd: JobdProcess) -> None:
         with pytest.raises(jobctl.WaitTimeout) as info:
             client.wait(sleeper.id, timeout=0.2)
         assert info.value.exit_status == 124
-    with blocking(jobd) as client:
-        client.stop(sleeper.id, grace=0)
+        # "wait a while, then stop" (issue 23): the same client goes on.
+        assert client.stop(sleeper.id, grace=0).describe() == "stopped"
+        assert client.status(sleeper.id).describe() == "stopped"
+        # A stream abandoned mid-answer leaves it usable too.
+        talker = client.start(["sh", "-c", "echo hi; sleep 1000"])
+        events = client.stream(talker.id)
+        assert isinstance(next(events), p.OutputChunk)
+        events.close()
+        assert client.stop(talker.id, grace=0).describe() == "stopped"
 
 
 def test_blocking_env_as_str_and_bytes(jobd: JobdProcess, tmp_path: Path) -> None:
@@ -82,25 +89,26 @@ def test_bad_arguments_are_jobctl_errors(jobd: JobdProcess, call: object, fragme
 
 async def test_async_run_wait_and_errors(pki: Pki, tmp_path: Path) -> None:
     connect = {"server_name": "localhost", **pki.files("alice")}
-    async with running_server(pki, tmp_path) as server:
-        async with jobctl.connect("127.0.0.1", server.port, **connect) as client:
-            chunks: list[p.OutputChunk] = []
-            status = await client.run(["sh", "-c", "echo $GREETING; exit 2"],
-                                      env={"GREETING": "hi"}, on_output=chunks.append)
-            assert jobctl.exit_status(status) == 2
-            assert b"".join(c.data for c in chunks) == b"hi\n"
-            job = await client.start(["sh", "-c", "sleep 0.2"])
-            assert (await client.wait(job.id)).describe() == "exited: 0"
-            with pytest.raises(jobctl.InvalidArgument):
-                await client.status(-5)
-            with pytest.raises(jobctl.InvalidArgument):
-                await client.start([b"ok"], env={b"": b"x"})
-            sleeper = await client.start(["sleep", "1000"])
-            with trio.move_on_after(0.2) as scope:
-                await client.wait(sleeper.id)
-            assert scope.cancelled_caught
-        async with jobctl.connect("127.0.0.1", server.port, **connect) as client:
-            assert (await client.stop(sleeper.id, grace=0)).describe() == "stopped"
+    async with running_server(pki, tmp_path) as server, \
+            jobctl.connect("127.0.0.1", server.port, **connect) as client:
+        chunks: list[p.OutputChunk] = []
+        status = await client.run(["sh", "-c", "echo $GREETING; exit 2"],
+                                  env={"GREETING": "hi"}, on_output=chunks.append)
+        assert jobctl.exit_status(status) == 2
+        assert b"".join(c.data for c in chunks) == b"hi\n"
+        job = await client.start(["sh", "-c", "sleep 0.2"])
+        assert (await client.wait(job.id)).describe() == "exited: 0"
+        with pytest.raises(jobctl.InvalidArgument):
+            await client.status(-5)
+        with pytest.raises(jobctl.InvalidArgument):
+            await client.start([b"ok"], env={b"": b"x"})
+        sleeper = await client.start(["sleep", "1000"])
+        with trio.move_on_after(0.2) as scope:
+            await client.wait(sleeper.id)
+        assert scope.cancelled_caught
+        # Issue 23: the same client goes on (it connects again by itself).
+        assert (await client.stop(sleeper.id, grace=0)).describe() == "stopped"
+        assert (await client.status(sleeper.id)).describe() == "stopped"
 
 
 def test_server_honours_protocol_1_1_flags(jobd: JobdProcess) -> None:

@@ -73,7 +73,7 @@ def error(reply: p.Message) -> tuple[p.ErrorCode, str]:
 
 def test_every_request_has_a_handler() -> None:
     requests = {p.Start, p.Stop, p.GetStatus, p.Delete, p.ListJobs, p.Prune, p.Stream, p.Output,
-                p.Attach}
+                p.Attach, p.Rerun}
     assert set(HANDLERS) == requests
     assert {p.Stream, p.Output, p.Attach} == STREAMS
 
@@ -149,6 +149,43 @@ async def test_unexpected_request_and_a_bug_are_answered(manager: JobManager) ->
         p.ErrorCode.INTERNAL, "internal error: the request failed")
     assert "request-failed" in alice.log.getvalue()
 
+
+
+async def test_rerun_and_label_filters(manager: JobManager, tmp_path: Path) -> None:
+    """Issue 23: rerun repeats the start as asked (the env unmerged, merged again);
+    labels go into the status and the list filter; others' jobs are not found."""
+    alice, bob, root, eve = (Caller(manager, who) for who in (ALICE, BOB, ROOT, EVE))
+    started = await alice.ask(p.Start(
+        (b"sh", b"-c", b"echo $A $HOME"), cwd=str(tmp_path).encode(), env=((b"A", b"1"),),
+        env_merge=True, labels=(("env", "prod"),)))
+    assert isinstance(started, p.Started)
+    first = started.status
+    await alice.ask(p.Stream(first.id, end_only=True))
+    again = await alice.ask(p.Rerun(first.id))
+    assert isinstance(again, p.Started)
+    assert again.status.id != first.id and again.status.labels == (("env", "prod"),)
+    await alice.ask(p.Stream(again.status.id, end_only=True))
+    alice.chunks.clear()
+    await alice.ask(p.Output(again.status.id))
+    home = job_environment().get(b"HOME", b"")
+    assert b"".join(c.data for c in alice.chunks) == b"1 " + home + b"\n"
+    _, spec = manager.spec(again.status.id)
+    assert spec is not None and spec["env"] == [[b"A", b"1"]] and spec["env_merge"]
+    assert error(await bob.ask(p.Rerun(first.id))) == (p.ErrorCode.NOT_FOUND,
+                                                       "process not found")
+    assert error(await eve.ask(p.Rerun(first.id)))[0] is p.ErrorCode.PERMISSION_DENIED
+    by_root = await root.ask(p.Rerun(first.id))
+    assert isinstance(by_root, p.Started) and by_root.status.owner == "root"
+    listed = await root.ask(p.ListJobs(labels=(("env", "prod"),)))
+    assert isinstance(listed, p.JobList)
+    assert [s.id for s in listed.jobs] == [first.id, again.status.id, by_root.status.id]
+    none = await root.ask(p.ListJobs(labels=(("env", "prod"), ("team", "x"))))
+    assert isinstance(none, p.JobList) and none.jobs == ()
+    # A job whose record kept no start (an older jobd's) cannot be repeated.
+    old = await manager.start([b"true"], "alice")
+    await manager.wait(old.id)
+    code, message = error(await alice.ask(p.Rerun(old.id)))
+    assert code is p.ErrorCode.INVALID_STATE and "older jobd" in message
 
 
 async def test_attach_types_into_a_job_and_ends_with_it(manager: JobManager) -> None:

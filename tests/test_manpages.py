@@ -19,7 +19,10 @@ def test_manpages_generated_from_the_parsers(tmp_path: Path) -> None:
     assert jobctl.startswith('.TH JOBCTL "1"')
     assert jobd.startswith('.TH JOBD "8"')
     for word in ("jobctl run", "jobctl wait", "jobctl stream", "jobctl list",
-                 "stop\\-on\\-interrupt", "timestamps", "clear\\-env", "JOBCTL_CA"):
+                 "stop\\-on\\-interrupt", "timestamps", "clear\\-env", "JOBCTL_CA",
+                 "jobctl cert request", "\\-\\-role", "jobctl rerun", "jobctl config",
+                 "\\-\\-label", "\\-\\-identity", "\\-\\-format", "\\-\\-since",
+                 "\\-\\-stderr"):
         assert word in jobctl, word
     for word in ("state\\-dir", "certificate\\-authority"):
         assert word in jobd, word

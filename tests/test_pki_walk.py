@@ -197,7 +197,8 @@ def test_sign_refuses_what_the_ca_must_not_sign(tmp_path: Path) -> None:
     # A server request (no OU) is no client request.
     assert jobd_cmd("cert", "request", "--name", "web", "--out", tmp_path).returncode == 0
     no_role = sign(ca, tmp_path / "web.csr")
-    assert no_role.returncode == 1 and "exactly one OU" in no_role.stderr
+    assert no_role.returncode == 1 and "has no OU (role)" in no_role.stderr
+    assert "sign with --server --san NAME" in no_role.stderr  # issue 23: the hint
     # --server without --san, and junk instead of a request.
     assert "needs --san" in sign(ca, tmp_path / "web.csr", "--server").stderr
     junk = tmp_path / "junk.csr"

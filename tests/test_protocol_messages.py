@@ -73,6 +73,11 @@ request_limits_st = st.builds(
     isolate=st.sets(st.sampled_from(sorted(p.ISOLATION_KINDS))).map(tuple),
 )
 
+labels_st = st.dictionaries(
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,8}", fullmatch=True),
+    st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=8),
+    max_size=3).map(lambda d: tuple(sorted(d.items())))
+
 status_st = st.builds(
     JobStatus,
     id=uint64,
@@ -92,6 +97,7 @@ status_st = st.builds(
     limits=st.none() | limits_st,
     peak_memory=st.none() | st.integers(0, 2**63),
     cpu_time=st.none() | finite,
+    labels=labels_st,
 )
 
 env_name = st.binary(min_size=1, max_size=6).map(
@@ -103,18 +109,21 @@ client_messages = st.one_of(
     st.builds(Hello, version=uint64, minor=uint64, software=texts),
     st.builds(Start, argv=st.lists(arg, min_size=1, max_size=4).map(tuple),
               cwd=st.none() | arg.filter(bool), env=st.none() | env_st,
-              limits=st.none() | request_limits_st, env_merge=st.booleans()),
+              limits=st.none() | request_limits_st, env_merge=st.booleans(),
+              labels=labels_st),
     st.builds(Stop, job=uint64, grace=st.none() | st.floats(0, 1e9)),
     st.builds(GetStatus, job=uint64),
     st.builds(ListJobs, after=uint64, owner=st.none() | texts,
               states=st.lists(st.sampled_from(list(p.JobState)), max_size=5).map(tuple),
-              since=st.none() | st.floats(0, 1e10), count=st.booleans()),
+              since=st.none() | st.floats(0, 1e10), count=st.booleans(),
+              labels=labels_st),
     st.builds(Stream, job=uint64, position=uint64, timestamps=st.booleans(),
               end_only=st.booleans()),
     st.builds(Output, job=uint64, position=uint64, timestamps=st.booleans(),
               end_only=st.booleans()),
     st.builds(Delete, job=uint64),
     st.builds(p.Prune, older_than=st.floats(0, 1e10)),
+    st.builds(p.Rerun, job=uint64),
 )
 server_messages = st.one_of(
     st.builds(Welcome, version=uint64, minor=uint64, software=texts, identity=texts,
@@ -145,11 +154,14 @@ EXAMPLES: list[p.Message] = [
     Start(argv=(b"sh", b"-c", b"echo \xff"), cwd=b"/tmp", env=((b"PATH", b"/bin"),),
           limits=Limits(memory=1 << 28, cpus=0.5, pids=64, isolate=("net", "pid"))),
     Start(argv=(b"env",), env=((b"LANG", b"C"),), env_merge=True),
+    Start(argv=(b"true",), labels=(("env", "prod"), ("team", "web/é"))),
+    p.Rerun(job=7),
     Start(argv=(b"bash",), stdin=True, tty=p.Terminal(rows=40, cols=120, term="xterm-256color")),
     Stop(job=3, grace=0.5),
     GetStatus(job=7),
     ListJobs(after=100, owner="bob", states=(p.JobState.RUNNING, p.JobState.EXITED),
              since=1.5, count=True),
+    ListJobs(labels=(("env", "prod"),)),
     Stream(job=7, position=12),
     Stream(job=7, position=12, timestamps=True, end_only=True),
     Output(job=7),
@@ -167,6 +179,7 @@ EXAMPLES: list[p.Message] = [
     Started(STATUS),
     Stopped(STATUS),
     StatusResult(STATUS),
+    StatusResult(dataclasses.replace(STATUS, labels=(("a", ""), ("b.c/d-e_f", "x y")))),
     JobList((STATUS, dataclasses.replace(STATUS, id=8)), more=True, total=12),
     Deleted(job=7),
     p.Pruned(removed=3),
@@ -220,6 +233,15 @@ GOLDEN: list[tuple[p.Message, bytes]] = [
         Deleted(job=7),
         b"\x00\x00\x00\x13" b"\x82" b"\xa4type" b"\xa7deleted" b"\xa3job" b"\x07",
     ),
+    (  # protocol 1.2
+        p.Rerun(job=7),
+        b"\x00\x00\x00\x11" b"\x82" b"\xa4type" b"\xa5rerun" b"\xa3job" b"\x07",
+    ),
+    (
+        Start(argv=(b"ls",), labels=(("env", "prod"),)),
+        b"\x00\x00\x00\x27" b"\x83" b"\xa4type" b"\xa5start" b"\xa4argv" b"\x91" b"\xc4\x02ls"
+        b"\xa6labels" b"\x81" b"\xa3env" b"\xa4prod",  # a map of str
+    ),
 ]
 
 
@@ -239,7 +261,7 @@ def test_golden_decode(msg: p.Message, frame: bytes) -> None:
 
 def test_examples_cover_every_type() -> None:
     assert {type(m) for m in EXAMPLES} == set(p.MESSAGE_TYPES.values())
-    assert len(p.MESSAGE_TYPES) == 25
+    assert len(p.MESSAGE_TYPES) == 26
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)

@@ -266,10 +266,10 @@ def test_frame_of_unknown_containers_is_bounded(jobd: JobdProcess,
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["--cpus", "inf"], "cpus must be a finite positive number"),
-    (["--cpus", "nan"], "cpus must be a finite positive number"),
+    (["--cpus", "inf"], "argument --cpus: must be a finite positive number: 'inf'"),
+    (["--cpus", "nan"], "argument --cpus: must be a finite positive number: 'nan'"),
     ([f"--io-read-bps=/dev/d{i}=1M" for i in range(17)], "17 entries, more than 16"),
-    (["--memory", str(2**64)], "memory must be at most"),
+    (["--memory", str(2**64)], "argument --memory: must be at most"),
 ])
 def test_cli_refuses_out_of_range_limits_locally(jobd: JobdProcess, args: list[str],
                                                  fragment: str) -> None:

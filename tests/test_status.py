@@ -14,6 +14,7 @@ def full_status() -> JobStatus:
         limits=Limits(memory=1 << 20, cpus=0.5, pids=8, io_read_bps=(("/dev/sda", 10),),
                       isolate=("pid", "net")),
         peak_memory=4096, cpu_time=0.25, stdin=True, tty=p.Terminal(30, 100, "xterm"),
+        labels=(("env", "prod"),),
     )
 
 

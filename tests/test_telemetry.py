@@ -432,3 +432,30 @@ def test_oom_kill_with_limits(otel_jobd: JobdProcess, receiver: OtlpReceiver) ->
     [oom] = receiver.wait_for("an OOM kill", lambda: receiver.metric(
         "jobd.jobs.oom_kills")[-1:] or None)
     assert oom.value == 1
+
+
+def test_collector_down_is_one_rate_limited_line_in_jobds_format(
+        pki: Pki, tmp_path: Path) -> None:
+    """Issue 23: the SDK's own retry and drop messages (multi-line, per batch) go
+    through the event log: one JSON line, rate-limited; nothing after shutdown."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = s.getsockname()[1]  # released: nothing listens there
+    env = {**base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{down}",
+           "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_BLRP_SCHEDULE_DELAY": "50",
+           "OTEL_METRIC_EXPORT_INTERVAL": "100", "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    server = start_jobd(pki, tmp_path / "state", "--telemetry", "otlp", env=env)
+    try:
+        start(server, "true")
+        server.wait_for_log("telemetry-export-failed")
+    finally:
+        assert server.stop() == 0
+    line = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+Z (debug|info|warning|error) [a-z-]+( |$)")
+    assert all(line.match(text) for text in server.lines), server.lines  # jobd's format only
+    failures = [t for t in server.lines if " telemetry-" in t]
+    assert len(failures) == 1, failures  # within a minute: one line
+    assert ' reason="collector unreachable: ' in failures[0]
+    stopped = next(i for i, t in enumerate(server.lines) if t.split()[2] == "stopped")
+    assert not [t for t in server.lines[stopped:] if " telemetry-" in t]  # nothing after

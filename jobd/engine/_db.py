@@ -16,7 +16,11 @@ recovery (only the running rows are read at start) and state filters,
 (ended) for retention, (created) for ``since``. ``meta`` keeps the highest ID
 ever given (so a deleted highest ID never comes back) and the schema version;
 ``usage`` the bytes of log each owner has on disk (for the per-user quota),
-kept in the same transactions as the rows.
+kept in the same transactions as the rows. ``labels`` (issue 23) has one row
+per label of a job, keyed (key, value, job): ``list --label`` reads the
+matching IDs from its key. It was added without a schema version: an older
+database gets the empty table, and an older jobd ignores it (the rows of jobs
+it deletes then stay behind, harmless: IDs never come back).
 
 Writing. Every write (a job's start, its end, a deletion) is queued for the
 writer thread, which takes everything queued, applies it in one transaction
@@ -86,6 +90,11 @@ CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(ended);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS usage (owner TEXT PRIMARY KEY, log_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    key TEXT NOT NULL, value TEXT NOT NULL, job INTEGER NOT NULL,
+    PRIMARY KEY (key, value, job)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS labels_job ON labels(job);
 """
 
 #: What to do with a damaged database (one line: it ends a start-up-failed message).
@@ -413,7 +422,7 @@ class JobDB:
 
     def page(self, after: int, limit: int, *, owner: str | None = None,
              states: Sequence[str] = (), since: float | None = None,
-             count: bool = False) -> Page:
+             count: bool = False, labels: Sequence[tuple[str, str]] = ()) -> Page:
         """Up to ``limit`` records with ID > ``after`` matching the filters, in ID
         order (blocking: a worker thread). ``count``: also the total that match."""
         where, args = ["id > ?"], [after]
@@ -428,6 +437,9 @@ class JobDB:
         if since is not None:
             filters.append("created >= ?")
             fargs.append(since)
+        for key, value in labels:  # each from the labels table's (key, value, job) key
+            filters.append("id IN (SELECT job FROM labels WHERE key = ? AND value = ?)")
+            fargs.extend((key, value))
         cond = " AND ".join(where + filters)
         rows = self.read(f"SELECT record FROM jobs WHERE {cond} ORDER BY id LIMIT ?",
                          [*args, *fargs, limit + 1])

@@ -63,12 +63,13 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import trio
 
 from protocol import JobState, JobStatus, Limits, Terminal
 
-from ._cgroups import Hierarchy, JobCgroup, Usage
+from ._cgroups import Hierarchy, JobCgroup, Usage, write_file
 from ._db import JobDB
 from ._ladder import StopLadder, kill_cgroup
 from ._outputlog import MAX_RECORD, Budget, OutputLog
@@ -265,14 +266,15 @@ class Job:
     __slots__ = (
         "_cgroup", "_ctx", "_final", "_input_lock", "_ladder", "_nursery", "_pending_grace",
         "_pipes", "_reaped", "_settled", "_stdin_fd", "_usage",
-        "argv", "created", "done", "ended", "error", "exit_code", "finished", "id", "limits",
-        "log", "oom", "owner", "pid", "proc_start", "signal", "started", "state", "stdin",
-        "stop_requested", "tty",
+        "argv", "created", "done", "ended", "error", "exit_code", "finished", "id", "labels",
+        "limits", "log", "oom", "owner", "pid", "proc_start", "signal", "spec", "started",
+        "state", "stdin", "stop_requested", "tty",
     )
 
     def __init__(self, ctx: Context, job_id: int, owner: str, argv: tuple[bytes, ...],
                  log: OutputLog, limits: Limits | None = None, *, stdin: bool = False,
-                 tty: Terminal | None = None) -> None:
+                 tty: Terminal | None = None, labels: tuple[tuple[str, str], ...] = (),
+                 spec: dict[str, Any] | None = None) -> None:
         self._ctx = ctx
         self.stdin = stdin or tty is not None  # its input is ours to write (attach)
         self.tty = tty  # its terminal, as it started (None: pipes)
@@ -283,6 +285,8 @@ class Job:
         self.argv = argv
         self.log = log
         self.limits = limits  # as applied (server defaults included); None: none
+        self.labels = labels
+        self.spec = spec  # opaque: how it was asked for (Record.spec)
         self.oom = False
         self._cgroup: JobCgroup | None = None  # while it exists
         self._usage: Usage | None = None  # read when the cgroup is released
@@ -309,10 +313,11 @@ class Job:
         self._ladder: StopLadder | None = None  # the stop sequence, once started
 
     @classmethod
-    def ended_from(cls, ctx: Context, status: JobStatus, log: OutputLog) -> Job:
+    def ended_from(cls, ctx: Context, status: JobStatus, log: OutputLog,
+                   spec: dict[str, Any] | None = None) -> Job:
         """A job that ended before this jobd started (loaded from its record)."""
-        job = cls(ctx, status.id, status.owner, status.argv, log, stdin=status.stdin,
-                  tty=status.tty)
+        job = cls(ctx, status.id, status.owner, status.argv, log, status.limits,
+                  stdin=status.stdin, tty=status.tty, labels=status.labels, spec=spec)
         job._final = status
         job.state = status.state
         job.done.set()
@@ -339,6 +344,7 @@ class Job:
             output_bytes=self.log.output_bytes, dropped_bytes=self.log.dropped_bytes,
             limits=self.limits, peak_memory=None if usage is None else usage.peak_memory,
             cpu_time=None if usage is None else usage.cpu_time, stdin=self.stdin, tty=self.tty,
+            labels=self.labels,
         )
 
     def shown_status(self, *, live: bool = False) -> JobStatus:
@@ -353,7 +359,7 @@ class Job:
 
     def _record(self) -> Record:
         return Record(self.status(), self.proc_start, self._ctx.boot_id,
-                      None if self.running else self.log.end)
+                      None if self.running else self.log.end, self.spec)
 
     # -- the job's task -----------------------------------------------------
 
@@ -473,12 +479,16 @@ class Job:
         if tty is not None and tty.term:
             env = {**(env if env is not None else os.environb), b"TERM": tty.term.encode()}
         gate = self._ctx.gate
+        cgroups = self._ctx.cgroups
         if limits is None:
             if gate:
-                return await trio.to_thread.run_sync(functools.partial(
+                spawned = await trio.to_thread.run_sync(functools.partial(
                     spawn_contained, self.argv, cwd, env, (), (), stdio, gated=True))
-            return await trio.to_thread.run_sync(spawn, self.argv, cwd, env, stdio)
-        cgroups = self._ctx.cgroups
+            else:
+                spawned = await trio.to_thread.run_sync(spawn, self.argv, cwd, env, stdio)
+            if cgroups is not None:  # issue 23: measured too (a gated one before it runs)
+                await self._measure(cgroups, spawned.popen.pid)
+            return spawned
         if cgroups is not None:
             try:
                 self._cgroup = await trio.to_thread.run_sync(cgroups.create, self.id, limits,
@@ -492,6 +502,28 @@ class Job:
         except BaseException:
             await self._release_cgroup()  # the helper is reaped: it is empty
             raise
+
+    async def _measure(self, cgroups: Hierarchy, pid: int) -> None:
+        """A job without limits still gets a cgroup, only to measure it (peak
+        memory, CPU time) and to find all of it when it stops. It is started
+        directly (no spawn helper: its start stays fast) and moved in right
+        after exec, so a child it forks within those microseconds escapes the
+        measure. Where that fails the job simply runs unmeasured."""
+        def move() -> JobCgroup:
+            cgroup = cgroups.create(self.id, Limits(), {})
+            try:
+                for procs in cgroup.procs:
+                    write_file(procs, str(pid))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    cgroup.remove()
+                raise
+            return cgroup
+
+        try:
+            self._cgroup = await trio.to_thread.run_sync(move)
+        except (OSError, EngineError) as exc:
+            log.debug("job %d: runs unmeasured (no cgroup: %s)", self.id, exc)
 
     async def _release_cgroup(self) -> None:
         """Read the usage, then remove the (empty) cgroup."""

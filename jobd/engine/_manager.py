@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -104,7 +105,9 @@ class JobManager:
     async def start(self, argv: Sequence[bytes], owner: str, *, cwd: bytes | None = None,
                     env: Mapping[bytes, bytes] | None = None,
                     limits: Limits | None = None, max_running: int | None = None,
-                    stdin: bool = False, tty: Terminal | None = None) -> JobStatus:
+                    stdin: bool = False, tty: Terminal | None = None,
+                    labels: tuple[tuple[str, str], ...] = (),
+                    spec: dict[str, Any] | None = None) -> JobStatus:
         """Start a job. Returns its status once it runs (pid set) or failed to start
         (state error: "command not found: X", "permission denied: X", ...): a record is
         created either way. Malformed requests raise EngineError before any record;
@@ -112,6 +115,8 @@ class JobManager:
         (or being started). ``stdin``: the job's stdin is a pipe that
         :meth:`write_input` writes to; ``tty``: it runs on a pseudo-terminal of
         that size (``TERM`` set to its ``term``), its output all on fd 1.
+        ``labels`` go into its status; ``spec`` (opaque to the
+        engine) into its record, for :meth:`spec`.
         """
         if self._ctx.closing:
             raise EngineError("the job engine is shutting down")
@@ -145,7 +150,7 @@ class JobManager:
                   OutputLog(ctx.store.log_path(job_id), ctx.config.output_cap,
                             writers=ctx.writers, dir_fd=ctx.store.logs_fd,
                             name=log_name(job_id), budget=self._budget(owner)), applied,
-                  stdin=stdin, tty=tty)
+                  stdin=stdin, tty=tty, labels=tuple(labels), spec=spec)
         # Shielded: a caller cancelled mid-spawn (a client gone) must not leave
         # the new job's task behind in a cancelled start; spawning is bounded.
         with trio.CancelScope(shield=True):
@@ -202,6 +207,12 @@ class JobManager:
         """
         return self._get(job_id).shown_status(live=True)
 
+    def spec(self, job_id: int) -> tuple[JobStatus, dict[str, Any] | None]:
+        """The job's status and the ``spec`` its start stored (None: none kept,
+        a record of a jobd before issue 23)."""
+        job = self._get(job_id)
+        return self.status(job_id), job.spec
+
     def cgroup_layout(self) -> dict[str, str]:
         """What jobd found for limits and isolation, for its start-up log line:
         ``mode`` (v2, v1 or none), ``controllers``, ``root`` or ``reason``, ``isolation``,
@@ -233,7 +244,8 @@ class JobManager:
 
     async def list_page(self, after: int, limit: int, *, owner: str | None = None,
                         states: tuple[JobState, ...] = (), since: float | None = None,
-                        count: bool = False) -> tuple[list[JobStatus], bool, int | None]:
+                        count: bool = False, labels: tuple[tuple[str, str], ...] = ()
+                        ) -> tuple[list[JobStatus], bool, int | None]:
         """Up to ``limit`` jobs with ID > ``after`` matching the filters, by ID:
         (statuses, more follow, the total that match if ``count``). Answered from
         the database's indexes in a worker thread; jobs in memory (running, or
@@ -243,7 +255,7 @@ class JobManager:
         try:
             page: Page = await trio.to_thread.run_sync(functools.partial(
                 ctx.store.page, after, limit, owner=owner, states=names, since=since,
-                count=count))
+                count=count, labels=labels))
         except sqlite3.Error as exc:
             raise EngineError(f"job database: {exc}") from None
         found = {r.status.id: r.status for r in page.records}
@@ -253,7 +265,8 @@ class JobManager:
                 found[job_id] = job.shown_status()
         out = [s for i, s in sorted(found.items())
                if (owner is None or s.owner == owner) and (not states or s.state in states)
-               and (since is None or s.created >= since)]
+               and (since is None or s.created >= since)
+               and all(label in s.labels for label in labels)]
         return out[:limit], page.more or len(out) > limit, page.total
 
     def list(self) -> list[JobStatus]:
@@ -691,7 +704,7 @@ def _ended_job(ctx: Context, record: Record) -> Job:
                      end=record.log_size or 0, output_bytes=status.output_bytes,
                      dropped_bytes=status.dropped_bytes, closed=True,
                      dir_fd=ctx.store.logs_fd, name=log_name(status.id))
-    return Job.ended_from(ctx, status, log_)
+    return Job.ended_from(ctx, status, log_, record.spec)
 
 
 def _load(db: JobDB) -> tuple[list[Record], int]:

@@ -54,6 +54,9 @@ def apply_puts(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
         s = record.status
         old = conn.execute("SELECT owner, log_size FROM jobs WHERE id = ?", (s.id,)).fetchone()
         conn.execute(_UPSERT, row_values(record))
+        if s.labels and old is None:  # a job's labels never change: written with its first row
+            conn.executemany("INSERT OR IGNORE INTO labels (key, value, job) VALUES (?, ?, ?)",
+                             [(k, v, s.id) for k, v in s.labels])
         if old is not None and old[1]:
             conn.execute(_USAGE, (old[0], -old[1]))
         if record.log_size:
@@ -66,6 +69,7 @@ def apply_deletes(conn: sqlite3.Connection, job_ids: Iterable[int]) -> None:
                            (job_id,)).fetchone()
         if old is not None and old[1]:
             conn.execute(_USAGE, (old[0], -old[1]))
+        conn.execute("DELETE FROM labels WHERE job = ?", (job_id,))
         conn.execute(HIGHEST, (job_id,))
 
 

@@ -81,6 +81,10 @@ class Record:
     proc_start: int | None = None
     boot_id: str | None = None
     log_size: int | None = None
+    #: How the job was asked for, for ``rerun`` (the server's: cwd, the env as the
+    #: request gave it, env_merge, the requested limits); None for a record of a
+    #: jobd before issue 23.
+    spec: dict[str, Any] | None = None
 
 
 #: Flags of every record file open: never through a symlink, never inherited.
@@ -171,6 +175,7 @@ def encode(record: Record) -> bytes:
         "proc_start": record.proc_start,
         "boot_id": record.boot_id,
         "log_size": record.log_size,
+        **({"spec": record.spec} if record.spec is not None else {}),
     }, use_bin_type=True)
     return data
 
@@ -184,7 +189,10 @@ def decode(raw: bytes) -> Record:
     if not (proc_start is None or isinstance(proc_start, int)) or not (
             boot is None or isinstance(boot, str)) or not (size is None or isinstance(size, int)):
         raise ValueError("bad field types in job record")
-    return Record(JobStatus.from_wire(m["status"]), proc_start, boot, size)
+    spec = m.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError("bad spec in job record")
+    return Record(JobStatus.from_wire(m["status"]), proc_start, boot, size, spec)
 
 
 def read_record(dir_fd: int, name: str, job_id: int) -> Record:
