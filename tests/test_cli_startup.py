@@ -33,6 +33,7 @@ def imported(jobd: JobdProcess, *args: str) -> tuple[set[str], subprocess.Comple
 #: What no one-shot command (start, status, stop) imports (issue 26's start-up
 #: budget): the event loop, the async client, and the modules only jobd uses.
 NEVER = ("trio", "jobctl._async", "sqlite3", "subprocess", "asyncio", "logging",
+         "dataclasses", "inspect",  # protocol/_record.py: records without them
          "protocol._pki", "cryptography", "jobd")
 
 
