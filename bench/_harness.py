@@ -362,6 +362,7 @@ PrintMotd no
 PrintLastLog no
 UseDNS no
 LogLevel INFO
+MaxStartups 1000
 """)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],

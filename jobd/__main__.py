@@ -38,6 +38,7 @@ async def _run(config: ServerConfig, log: EventLog, telemetry: Telemetry = NULL)
         interval = watchdog_interval()
         if interval is not None:
             watchdog.start_soon(_watchdog, interval)
+        watchdog.start_soon(log.write_batches)
         await _serve_until_signalled(config, log, telemetry)
         watchdog.cancel_scope.cancel()
 

@@ -231,3 +231,18 @@ def descriptors_in_use() -> int:
     """How many descriptors this process has open (run in a worker thread: with
     tens of thousands open, listing them takes milliseconds)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def descriptors_at_most() -> int | None:
+    """An upper bound of the descriptors open, cheap enough for the event loop:
+    the size of this process's descriptor table (``FDSize`` in /proc/self/status,
+    a power of two above the highest descriptor open). None if unreadable."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    at = text.find(b"\nFDSize:")
+    if at < 0:
+        return None
+    return int(text[at + 8:text.index(b"\n", at + 1)])

@@ -14,9 +14,12 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
+
+import trio
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -68,6 +71,11 @@ class EventLog:
         #: Also called with each event logged (event, level, fields): the telemetry's
         #: log records (jobd._telemetry). None: the event goes to the stream only.
         self.sink: Callable[[str, str, Mapping[str, Any]], None] | None = None
+        #: While write_batches() runs: the lines the event loop's thread logged
+        #: since the last write, and the thread's ident.
+        self._batch: list[str] | None = None
+        self._batch_thread = 0
+        self._ready: trio.Event | None = None
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
         if LEVELS[level] < self._min:
@@ -81,13 +89,48 @@ class EventLog:
             line = json.dumps(record, default=str)
         else:
             line = " ".join([_timestamp(now), level, event, *format_fields(fields)])
+        batch = self._batch
+        if batch is not None and threading.get_ident() == self._batch_thread:
+            batch.append(line + "\n")
+            assert self._ready is not None
+            self._ready.set()
+            return
+        self._write(line + "\n")
+
+    def _write(self, text: str) -> None:
         stream = self._stream if self._stream is not None else sys.stderr
         try:
-            stream.write(line + "\n")
+            stream.write(text)
             stream.flush()
         except (OSError, ValueError):
             # A closed or broken stderr must never take the daemon down.
             pass
+
+    async def write_batches(self) -> None:
+        """Write the lines the event loop logs once per turn of the loop, in one write.
+
+        Run as a task of the daemon's (until cancelled). Meanwhile a line logged
+        in the event loop's thread is queued, and this task writes every queued
+        line in one ``write`` after the loop's other ready tasks have run: a
+        start storm logs two lines per job, and a write per line (each one
+        waking whoever reads stderr) was a fifth of the loop's time (issue 26).
+        Lines keep their order and their timestamps (taken when logged); lines
+        from other threads are written at once. Cancelled, it writes what is
+        left; a SIGKILL loses at most the lines of the current turn.
+        """
+        self._batch, self._batch_thread = [], threading.get_ident()
+        try:
+            while True:
+                self._ready = trio.Event()
+                await self._ready.wait()
+                # One turn more: the tasks woken with this one may log too.
+                await trio.lowlevel.checkpoint()
+                lines, self._batch = self._batch, []
+                self._write("".join(lines))
+        finally:
+            lines, self._batch = self._batch or [], None
+            if lines:
+                self._write("".join(lines))
 
     def info(self, event: str, **fields: Any) -> None:
         self.event(event, "info", **fields)

@@ -62,6 +62,7 @@ from jobd._admission import (
     Admission,
     Limits,
     Ticket,
+    descriptors_at_most,
     descriptors_in_use,
     nofile_soft_limit,
 )
@@ -149,10 +150,17 @@ class ServerState:
     async def starting(self, identity: Identity) -> AsyncIterator[None]:
         """Around a start: refused when the descriptors left would eat into the
         admin's reserve (non-admin) or the last few (anyone; see jobd._admission)."""
+        admin = identity.role is Role.ADMIN
         if nofile_soft_limit() is not None:
-            in_use = await trio.to_thread.run_sync(descriptors_in_use)
-            short = self.admission.descriptors_short(
-                in_use, admin=identity.role is Role.ADMIN)
+            # The table's size bounds the count from above: when even that leaves
+            # enough, no count (a listing of /proc/self/fd and a thread's round
+            # trip, a tenth of a start's cost: issue 26).
+            bound = descriptors_at_most()
+            short = (self.admission.descriptors_short(bound, admin=admin)
+                     if bound is not None else "unknown")
+            if short is not None:
+                in_use = await trio.to_thread.run_sync(descriptors_in_use)
+                short = self.admission.descriptors_short(in_use, admin=admin)
             if short is not None:  # logged as start-refused, as every refused start
                 raise Refusal(p.ErrorCode.UNAVAILABLE, short)
         self.admission.starts_in_progress += 1

@@ -13,12 +13,16 @@ an absent field and an explicit nil alike. Arrays decode as tuples, so that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Self
-
 from ._bounds import MAX_JOB_ID
 from ._fields import check, check_type, get_bool, get_int, get_map
 from ._status import JobStatus
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Any, ClassVar, Self
+else:
+    from ._record import record as dataclass
 
 #: Major version: a server refuses a hello with another major version.
 PROTOCOL_VERSION = 1

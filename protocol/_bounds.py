@@ -26,7 +26,12 @@ characters) plus an owner (a certificate's CN): well under half a frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from ._record import record as dataclass
+
 
 #: The largest job ID (and list ``after``, and output position): jobd keeps IDs in
 #: SQLite and positions are file offsets, both signed 64-bit. A larger value names

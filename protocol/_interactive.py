@@ -9,13 +9,17 @@ frames. See ``_state.py`` (state ATTACH) and docs/protocol.md §4.7.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Self
-
-from ._base import _Message, _uint
+from ._base import _id, _Message
 from ._bounds import MAX_INPUT_BYTES
 from ._fields import check, check_type, get_bool, get_bytes, get_int
 from ._terminal import check_size
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Any, ClassVar, Self
+else:
+    from ._record import record as dataclass
 
 #: The most input bytes in one ``input`` frame (see ``_bounds.py``).
 MAX_INPUT_CHUNK = MAX_INPUT_BYTES
@@ -43,9 +47,9 @@ class Attach(_Message):
     input: bool = False
 
     def __post_init__(self) -> None:
-        _uint("job", self.job)
+        _id("job", self.job)
         if self.position is not None:
-            _uint("position", self.position)
+            _id("position", self.position)
         check_type("input", self.input, bool)
 
     def to_wire(self) -> dict[str, Any]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Self
-
 from ._base import _JobMessage, _Message, _StatusReply, _uint
 from ._errors import ErrorCode
 from ._fields import (
@@ -21,6 +18,13 @@ from ._fields import (
 )
 from ._requests import _check_tick_interval
 from ._status import JobStatus
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Any, ClassVar, Self
+else:
+    from ._record import record as dataclass
 
 
 @dataclass(frozen=True, slots=True)

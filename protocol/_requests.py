@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import posixpath
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Self
 
 from ._base import (
     PROTOCOL_MINOR,
@@ -45,6 +43,14 @@ from ._fields import (
 from ._labels import check_labels, labels_from_wire, labels_to_wire
 from ._status import JobState, Limits
 from ._terminal import Terminal
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass, replace
+    from typing import Any, ClassVar, Self
+else:
+    from ._record import record as dataclass
+    from ._record import replace
 
 #: Longest owner a list filter may name (a certificate CN is at most 64 characters).
 MAX_OWNER_FILTER = 1024

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, fields
-from typing import Any
 
 from ._fields import (
     FieldError,
@@ -24,7 +22,15 @@ from ._fields import (
     get_str,
 )
 from ._labels import check_labels, labels_from_wire, labels_to_wire
+from ._record import fields_of
 from ._terminal import Terminal
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Any
+else:
+    from ._record import record as dataclass
 
 #: The namespaces a job may ask to be isolated in (SPEC §8).
 ISOLATION_KINDS = frozenset({"pid", "mount", "net"})
@@ -304,5 +310,5 @@ def _state(value: object) -> str:
 
 
 # Keep the field list importable for tests that check to_wire/from_wire cover every field.
-STATUS_FIELDS = tuple(f.name for f in fields(JobStatus) if not f.name.startswith("_"))
+STATUS_FIELDS = tuple(name for name in fields_of(JobStatus) if not name.startswith("_"))
 __all__ = ["ISOLATION_KINDS", "STATUS_FIELDS", "JobState", "JobStatus", "Limits"]

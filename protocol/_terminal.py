@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from ._fields import check, check_type, get_int, get_str
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Any
+else:
+    from ._record import record as dataclass
 
 #: The largest row or column count: the kernel's ``struct winsize`` holds 16 bits.
 MAX_TERMINAL_SIDE = 65535

@@ -30,13 +30,34 @@ def imported(jobd: JobdProcess, *args: str) -> tuple[set[str], subprocess.Comple
     return {name.decode() for name in names}, result
 
 
+#: What no one-shot command (start, status, stop) imports (issue 26's start-up
+#: budget): the event loop, the async client, and the modules only jobd uses.
+NEVER = ("trio", "jobctl._async", "sqlite3", "subprocess", "asyncio", "logging",
+         "dataclasses", "inspect",  # protocol/_record.py: records without them
+         "protocol._pki", "cryptography", "jobd")
+
+
+def _assert_lean(modules: set[str]) -> None:
+    assert "jobctl._cli" in modules and "protocol" in modules  # the parse works
+    assert not {m for m in modules if m.split(".")[0] in NEVER or m in NEVER}
+    assert not set(LAZY) & modules
+
+
 def test_start_imports_neither_trio_nor_what_other_commands_need(jobd: JobdProcess) -> None:
     modules, result = imported(jobd, "start", "true")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().isdigit()
-    assert "jobctl._cli" in modules and "protocol" in modules  # the parse works
-    assert not {m for m in modules if m == "trio" or m.startswith("trio.")}
-    assert not set(LAZY) & modules
+    _assert_lean(modules)
+
+
+def test_status_and_stop_import_no_more_than_start(jobd: JobdProcess) -> None:
+    job = jobd.jobctl("alice", "start", "sleep", "30").stdout.decode().strip()
+    started, _ = imported(jobd, "start", "true")
+    for command in (["status", job], ["stop", job]):
+        modules, result = imported(jobd, *command)
+        assert result.returncode == 0, result.stderr[-2000:]
+        _assert_lean(modules)
+        assert modules <= started, sorted(modules - started)
 
 
 def test_json_output_imports_json_when_asked(jobd: JobdProcess) -> None:

@@ -49,3 +49,48 @@ def test_json_log_stays_exact(value: str) -> None:
 def test_plain_values_stay_bare() -> None:
     assert _line("text", "sleep").endswith(" id=1 argv=sleep")
     assert _line("text", "héllo wörld").endswith(' argv="héllo wörld"')
+
+
+class _CountingStream(io.StringIO):
+    """A stream that records each write (a write to stderr is one system call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_lines_logged_in_one_turn_of_the_loop_are_one_write() -> None:
+    """Issue 26: two lines per job, one write each, were a fifth of a start storm."""
+    import threading
+
+    import trio
+
+    stream = _CountingStream()
+    log = EventLog("text", stream=stream)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.write_batches)
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(3):  # one turn: no checkpoint in between
+                log.info("job-started", id=n)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(stream.writes) == 1, stream.writes
+            assert [line.split()[-1] for line in stream.writes[0].splitlines()] == \
+                ["id=0", "id=1", "id=2"]
+            # another thread's line is not queued: written at once
+            other = threading.Thread(target=log.info, args=("engine",), kwargs={"n": 9})
+            other.start()
+            other.join()
+            assert stream.writes[-1].endswith("engine n=9\n")
+            log.info("job-ended", id=7)  # still queued when the task is cancelled
+            nursery.cancel_scope.cancel()
+        assert stream.writes[-1].endswith("job-ended id=7\n")
+        log.info("after", id=8)  # the task is gone: written at once
+        assert stream.writes[-1].endswith("after id=8\n")
+
+    trio.run(main)

@@ -310,6 +310,25 @@ def test_fd_helpers_count_this_process() -> None:
         os.close(w)
 
 
+def test_the_cheap_bound_is_never_below_the_count() -> None:
+    """A start skips the count only when the table's size already leaves enough
+    (issue 26): that size must bound the count, also past a table's growth."""
+    from jobd._admission import descriptors_at_most, descriptors_in_use
+
+    opened: list[int] = []
+    try:
+        for _ in range(3):
+            bound = descriptors_at_most()
+            assert bound is not None and bound >= descriptors_in_use()
+            assert bound > max(opened, default=0)
+            opened += os.pipe()  # the highest descriptor grows past the bound
+            while opened[-1] < bound:
+                opened += os.pipe()
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
 # -- the admission rules themselves (jobd/_admission.py), without a server -----------
 
 

@@ -23,6 +23,7 @@ __all__ = ["jobd"]  # the fixture
     {"type": "status", "job": 2**63},
     {"type": "delete", "job": 2**64 - 1},
     {"type": "stream", "job": 2**63, "position": 0},
+    {"type": "attach", "job": 2**63},
 ])
 def test_ids_beyond_sqlite_are_bad_requests(jobd: JobdProcess, request_: dict[str, object]) -> None:
     """``list`` with ``after`` >= 2**63 was an ``internal`` error and a "bug" log line

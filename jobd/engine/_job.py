@@ -85,7 +85,6 @@ from ._procs import (
     signal_group,
     spawn,
     spawn_contained,
-    start_time,
 )
 from ._store import Record
 from ._tracking import Leaf
@@ -393,7 +392,7 @@ class Job:
                 return
             self.pid = spawned.popen.pid
             self.started = time.time()
-            self.proc_start = start_time(self.pid)  # not reaped yet: /proc/<pid> is there
+            self.proc_start = spawned.start  # read by the spawning thread
             try:
                 await self._record_start()
             except EngineError:

@@ -42,6 +42,9 @@ class Spawned(NamedTuple):
     stdout: int  # read ends, non-blocking (a terminal job: the pty's master)
     stderr: int  # -1 for a terminal job: its stderr is the terminal too
     pidfd: int  # readable once the process has exited
+    #: Its start time (/proc/<pid>/stat), read in the spawning thread while it
+    #: cannot have been reaped (None if it could not be read).
+    start: int | None = None
     #: A gated spawn (see _tracking): the spawn helper waits before it execs the
     #: command. ``gate(True)`` lets it run and returns once the command runs, or
     #: raises as a spawn would; ``gate(False)`` makes it exit without running it
@@ -296,7 +299,9 @@ def _start(args: list[bytes] | list[str], *, cwd: bytes | None,
         raise
     for fd in fds:
         os.set_blocking(fd, False)
-    return Spawned(popen, out_r, err_r, pidfd, stdin=in_w)
+    # The start time here, not in the event loop: one more file opened and read per
+    # start, and nothing reaps the process before the loop has the pidfd (issue 26).
+    return Spawned(popen, out_r, err_r, pidfd, start=start_time(popen.pid), stdin=in_w)
 
 
 class ProcInfo(NamedTuple):
