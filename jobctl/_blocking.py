@@ -278,7 +278,15 @@ class BlockingClient:
             except StopIteration as stop:
                 result: core.R = stop.value
                 return result
-            value = self._do(op, deadline)
+            try:
+                value = self._do(op, deadline)
+            except InvalidArgument:
+                raise  # refused before anything was sent: the connection goes on
+            except BaseException:
+                # Cut off mid-request (lost, timed out, interrupted): the connection
+                # cannot go on, and the next request connects again.
+                self._abandon()
+                raise
 
     def _events(self, call: calls.Call[None]) -> Iterator[p.OutputChunk | p.End]:
         """Drive a call, yielding what it emits (a stream's chunks and its End).
@@ -330,7 +338,7 @@ class BlockingClient:
         gives up, or at once for an error that a new connection cannot cure."""
         if self._factory is None or not core.retriable(exc):
             raise exc
-        self.close()
+        self._abandon()  # whatever ends the loop below, the next request connects again
         while True:
             pause = outage.lost(exc, time.monotonic(), self._heard)
             if deadline is not None:

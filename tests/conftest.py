@@ -239,6 +239,19 @@ class JobdProcess:
         with self._cond:
             return "\n".join(self.lines)
 
+    def wait_for_log_count(self, text: str, count: int, timeout: float = 30.0) -> int:
+        """Wait (on the condition) until ``text`` occurs at least ``count`` times in
+        the log; the number of times. jobd writes a turn's lines after the turn's
+        closes, so a client can see its connection closed before the line is read."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                seen = "\n".join(self.lines).count(text)
+                remaining = deadline - time.monotonic()
+                if seen >= count or remaining <= 0:
+                    return seen
+                self._cond.wait(remaining)
+
     def wait_for_log(self, pattern: str, timeout: float = 30.0) -> str:
         """Wait (on a condition, not a sleep loop) for a log line matching pattern."""
         rx = re.compile(pattern)

@@ -223,3 +223,38 @@ async def test_the_library_resumes_a_stream(pki: Pki, tmp_path: Path, gate: Path
                 assert proxy.accepted == 4
                 assert (await client.status(job.id)).describe() == "exited: 0"
     _counted(bytes(out))
+
+
+@pytest.mark.parametrize("library", ["blocking", "async"])
+def test_a_wait_that_times_out_while_reconnecting_leaves_the_client_usable(
+        jobd: JobdProcess, library: str) -> None:
+    """The path to jobd breaks during a wait with a deadline (the blocking client's
+    ``timeout=``, a Trio cancel scope) and stays broken until the deadline: the
+    same client's next request connects again. (The
+    blocking client used to answer "cannot send 'status': request while another is
+    in progress", seen as a thread exception in the crash loop.)"""
+    with FaultProxy(jobd.port) as proxy:
+        files = {"server_name": "localhost", **jobd.pki.files("alice")}
+        if library == "blocking":
+            with jobctl.connect_blocking(jobd.address, proxy.port, **files) as client:
+                job = client.start(["sleep", "1000"]).id
+                proxy.refuse()
+                proxy.drop()
+                with pytest.raises(jobctl.WaitTimeout):
+                    client.wait(job, timeout=1)
+                proxy.accept()
+                assert client.status(job).describe() == "running"
+                assert client.stop(job, grace=0).describe() == "stopped"
+        else:
+            async def main() -> None:
+                async with jobctl.connect(jobd.address, proxy.port, **files) as client:
+                    job = (await client.start(["sleep", "1000"])).id
+                    proxy.refuse()
+                    proxy.drop()
+                    with pytest.raises(trio.TooSlowError), trio.fail_after(1):
+                        await client.wait(job)
+                    proxy.accept()
+                    assert (await client.status(job)).describe() == "running"
+                    assert (await client.stop(job, grace=0)).describe() == "stopped"
+
+            trio.run(main)

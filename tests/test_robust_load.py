@@ -79,7 +79,8 @@ def test_idle_and_slow_connections_are_dropped_after_the_handshake_timeout(
             still_open = wait_all_closed([*tcp, *(t.tls for t in tls)], timeout=60)
             elapsed = time.monotonic() - opened
             assert not still_open, f"{len(still_open)} connections still open after {elapsed:.1f}s"
-        timeouts = server.log_text().count("connection-timeout")
+        timeouts = server.wait_for_log_count("connection-timeout",
+                                             IDLE_TCP + IDLE_TLS + SLOW_HELLO)
         assert timeouts >= IDLE_TCP + IDLE_TLS + SLOW_HELLO, timeouts
         with blocking_client(server) as client:  # and afterwards
             assert [s.id for s in client.list()] == [job]
