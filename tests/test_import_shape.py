@@ -14,7 +14,10 @@ import functools
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# ROOT: the source tree, also when the suite runs against the installed wheel
+# (JOBD_SOURCE_ROOT): the shape is read from the source, the docs beside it.
+from .conftest import ROOT
+
 PACKAGES = ("jobd", "jobctl", "protocol")
 
 

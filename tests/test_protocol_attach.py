@@ -6,6 +6,8 @@ import pytest
 
 import protocol as p
 
+from .conftest import ROOT
+
 
 def _pair() -> tuple[p.ClientConnection, p.ServerConnection]:
     client, server = p.ClientConnection(), p.ServerConnection()
@@ -116,9 +118,8 @@ def test_the_worked_examples_hex_dumps_are_real_frames_of_this_version() -> None
     """docs/protocol.md §11: every hex dump decodes, hello and welcome carry the
     current minor (independent clients once found 0 where the maps said 1)."""
     import re
-    from pathlib import Path
 
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    doc = (ROOT / "docs" / "protocol.md").read_text()
     section = doc.split("## 11. Worked example", 1)[1].split("## 12.", 1)[0]
     frames: list[bytes] = []
     current = bytearray()
