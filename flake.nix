@@ -91,6 +91,8 @@
               trustme
               hypothesis
               pytest-timeout
+              # jobctl run -t and attach on a real terminal (tests/test_interactive_cli.py)
+              pexpect
               # the "otel" extra, which the telemetry tests use
               opentelemetry-api
               opentelemetry-sdk
@@ -173,6 +175,7 @@
                   trustme
                   hypothesis
                   pytest-timeout
+                  pexpect
                   argparse-manpage
                   shtab
                   opentelemetry-api
