@@ -174,7 +174,10 @@ class SdkLogHandler(logging.Handler):
             self._last = now
             suppressed, self._suppressed = self._suppressed, 0
             dropped = self.dropped
-        if "Connection" in message or "connect" in message:
+        # Newer SDKs say "connection" in the message; older ones (1.38) log
+        # "Exception while exporting ..." with the ConnectionError attached.
+        raised = record.exc_info[1] if record.exc_info else None
+        if "Connection" in message or "connect" in message or isinstance(raised, OSError):
             first = "collector unreachable: " + first
         self._busy.on = True
         try:
