@@ -478,8 +478,7 @@ class BlockingClient:
         while True:
             try:
                 return self._run(calls.wait(self.welcome, job), deadline)
-            except TimeoutError:
-                self._abandon()
+            except TimeoutError:  # _run has abandoned the connection already
                 raise WaitTimeout(f"job {job} did not end within {timeout:g}s") from None
             except InvalidArgument:
                 raise
