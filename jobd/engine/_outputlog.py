@@ -24,10 +24,22 @@ Dropping. Bytes beyond the cap are cut at :meth:`append` time and counted in
 the file back to the last whole record and *seals* the log: everything after is
 drained and counted as dropped, so what is kept is always a prefix of the
 output, never a log with holes.
+
+The tail in memory. While a job is followed (:meth:`OutputLog.follow`), each
+commit also keeps the records it committed, with their offsets, in a short
+list (:data:`TAIL_LIMIT`), and a follower whose position is one of them takes
+its next chunk from there (:meth:`OutputLog.chunk_from_memory`) instead of
+reading the file back: no ``pread``, no copy for a chunk of one record. Only
+committed records ever enter it, so a follower sees exactly the bytes and
+positions the log holds, and nothing a failed write dropped. The tail is
+emptied when the writer goes idle and when the last follower leaves: it holds
+memory only while output flows to someone. A follower behind the tail reads
+the file, as every reader did before.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -35,6 +47,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from operator import itemgetter
 from pathlib import Path
 
 import trio
@@ -64,6 +77,17 @@ LINGER = 0.005
 #: How long one writer thread keeps writing before it hands back anyway, so that
 #: more busy jobs than writer threads take turns (and none starves).
 SLICE = 0.05
+#: Committed bytes (plus _RECORD_COST per record) kept in memory for followers while
+#: output flows. A follower that keeps up with a busy job trails the committed end by
+#: about one queue (QUEUE_LIMIT) and a record; twice that covered 99 % of its chunks
+#: in a 1 GiB stream (1 MiB: two thirds).
+TAIL_LIMIT = 2 * QUEUE_LIMIT
+#: Bytes a writer thread writes in one drain before it moves into the owner's CPU
+#: group (cgroup v1, :meth:`OutputLog._place`). A move costs the kernel an RCU grace
+#: period when none happened lately: 5-10 ms on the bench machine, which the echo
+#: of a keystroke typed at a human pace paid twice (there and back); a busy job
+#: passes this in its first batch or two.
+GROUP_AFTER = 256 * 1024
 #: Records per pwritev (two iovecs each; IOV_MAX is 1024 on Linux).
 _MAX_BATCH = 512
 
@@ -98,9 +122,9 @@ class OutputLog:
 
     __slots__ = (
         "_accepted", "_budget", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd",
-        "_group", "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue", "_queued_cost",
-        "_room", "_token", "_writers", "_writing", "cap", "closed", "dropped_bytes", "end",
-        "output_bytes", "path",
+        "_followers", "_group", "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue",
+        "_queued_cost", "_room", "_tail", "_tail_cost", "_token", "_writers", "_writing", "cap",
+        "closed", "dropped_bytes", "end", "output_bytes", "path",
     )
 
     def __init__(self, path: Path, cap: int, *, end: int = 0, output_bytes: int = 0,
@@ -139,6 +163,11 @@ class OutputLog:
         self._posted = False
         self._lingering = False
         self._token: trio.lowlevel.TrioToken | None = None
+        # The tail: (offset, fd, data, time_ns) of the last committed records, in order
+        # and contiguous up to ``end``, kept while someone follows (_followers > 0).
+        self._tail: list[tuple[int, int, bytes, int]] = []
+        self._tail_cost = 0
+        self._followers = 0
 
     # -- appending (the job's side) ---------------------------------------
 
@@ -228,6 +257,7 @@ class OutputLog:
                 self._deliver()
         finally:
             self._writing = False
+            self._drop_tail()  # idle: followers that are behind read the file
             if self.closed and self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -243,23 +273,33 @@ class OutputLog:
         anyway and the writer task queues for a thread again. Results go back to
         the loop through ``run_sync_soon`` (:meth:`_deliver`), at most one pending.
         """
-        tasks = self._group() if self._group is not None else None
-        if tasks is not None:
-            tid = threading.get_native_id()
-            try:
-                _join(tasks[0], tid)
-            except OSError:
-                tasks = None
+        placed: list[tuple[str, int]] = []  # (tasks file to go back to, thread) once moved
         try:
-            self._drain_slice()
+            self._drain_slice(placed)
         finally:
-            if tasks is not None:
+            for home, tid in placed:
                 with contextlib.suppress(OSError):
-                    _join(tasks[1], tid)
+                    _join(home, tid)
 
-    def _drain_slice(self) -> None:
+    def _place(self, placed: list[tuple[str, int]]) -> None:
+        """Move this writer thread into the owner's CPU group (cgroup v1), once this
+        drain has written GROUP_AFTER bytes: copying a busy job's output is its owner's
+        CPU time, while a keystroke's echo never waits for a move."""
+        tasks = self._group() if self._group is not None else None
+        if tasks is None:
+            return
+        tid = threading.get_native_id()
+        try:
+            _join(tasks[0], tid)
+        except OSError:
+            return
+        placed.append((tasks[1], tid))
+
+    def _drain_slice(self, placed: list[tuple[str, int]]) -> None:
         offset = self.end
         until = time.monotonic() + SLICE
+        unplaced = self._group is not None
+        start = offset
         while True:
             if time.monotonic() > until:
                 return
@@ -292,6 +332,9 @@ class OutputLog:
             if post:
                 assert self._token is not None
                 self._token.run_sync_soon(self._deliver)
+            if unplaced and offset - start >= GROUP_AFTER:  # after the hand-back: no wait
+                unplaced = False
+                self._place(placed)
 
     def _deliver(self) -> None:
         """Commit what the writer thread finished (in the loop)."""
@@ -340,10 +383,14 @@ class OutputLog:
     def _commit(self, batch: list[tuple[int, bytes, int]], written: int,
                 error: str | None) -> None:
         done = 0
-        for _fd, data, _t in batch:
+        tail = self._tail if self._followers else None
+        for fd, data, time_ns in batch:
             size = HEADER_SIZE + len(data)
             self._queued_cost -= len(data) + _RECORD_COST
             if done + size <= written:
+                if tail is not None:  # committed: followers may take it from memory
+                    tail.append((self.end + done, fd, data, time_ns))
+                    self._tail_cost += len(data) + _RECORD_COST
                 done += size
                 self.output_bytes += len(data)
             else:
@@ -352,11 +399,58 @@ class OutputLog:
                 if self._budget is not None:
                     self._budget.left += len(data) + HEADER_SIZE
         self.end += written
+        if tail is not None and self._tail_cost > TAIL_LIMIT:
+            self._trim_tail()
         if error is not None:
             log.warning("output log %s: %s; dropping further output", self.path, error)
         self._notify()
 
+    def _trim_tail(self) -> None:
+        tail = self._tail
+        cut = 0
+        while self._tail_cost > TAIL_LIMIT and cut < len(tail) - 1:  # keep the newest
+            self._tail_cost -= len(tail[cut][2]) + _RECORD_COST
+            cut += 1
+        del tail[:cut]
+
+    def _drop_tail(self) -> None:
+        self._tail = []
+        self._tail_cost = 0
+
     # -- what the readers (_logreader.py) need of the log -------------------------
+
+    def follow(self, delta: int) -> None:
+        """A follower comes (+1) or goes (-1): commits keep a tail in memory while
+        there is one (see the module's *The tail in memory*)."""
+        self._followers += delta
+        if not self._followers:
+            self._drop_tail()
+
+    def chunk_from_memory(self, position: int, max_chunk: int, *,
+                          timestamps: bool = False) -> OutputChunk | None:
+        """The chunk at ``position`` (a record boundary) from the tail, or None when
+        the tail does not hold that record (read the file). Records coalesce as
+        :func:`_logreader.chunks` coalesces them; with ``timestamps``, one record."""
+        tail = self._tail
+        if not tail or position < tail[0][0]:
+            return None
+        i = bisect.bisect_left(tail, position, key=_OFFSET)
+        if i == len(tail) or tail[i][0] != position:
+            return None
+        _offset, fd, data, time_ns = tail[i]
+        after = position + HEADER_SIZE + len(data)
+        if timestamps:
+            return OutputChunk(fd, data, after, time_ns)
+        parts = [data]
+        size = len(data)
+        for j in range(i + 1, len(tail)):
+            _offset, next_fd, data, _t = tail[j]
+            if next_fd != fd or size + len(data) > max_chunk:
+                break
+            parts.append(data)
+            size += len(data)
+            after += HEADER_SIZE + len(data)
+        return OutputChunk(fd, parts[0] if len(parts) == 1 else b"".join(parts), after)
 
     def open_for_reading(self) -> int:
         """A new read-only descriptor of the log file (FileNotFoundError: gone)."""
@@ -383,6 +477,9 @@ class OutputLog:
         """Chunks from ``position`` (validated by the caller); see
         :func:`jobd.engine._logreader.chunks`."""
         return _logreader.chunks(self, position, max_chunk, until, timestamps=timestamps)
+
+
+_OFFSET = itemgetter(0)
 
 
 def _join(tasks: str, tid: int) -> None:
