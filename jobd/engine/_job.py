@@ -515,7 +515,8 @@ class Job:
         memory, CPU time) and to find all of it when it stops. It is started
         directly (no spawn helper: its start stays fast) and, with v2, moved in
         right after exec, so a child it forks within those microseconds escapes
-        the measure (with v1 it is born in it: :func:`spawn_measured`). Where that fails the job simply runs unmeasured."""
+        the measure (with v1 it is born in it: :func:`spawn_measured`). Where
+        that fails the job simply runs unmeasured."""
         def move() -> JobCgroup:
             cgroup = cgroups.create(self.id, Limits(), {}, owner=self.owner)
             try:
