@@ -1,7 +1,7 @@
 """The output log's tail in memory: followers at the end take committed records from
 memory, and get exactly the bytes and positions the log file holds (also when the
 disk fills, when the writer falls behind and when a follower falls behind the
-tail); and the writer thread's move into the owner's CPU group."""
+tail)."""
 
 from __future__ import annotations
 
@@ -243,29 +243,3 @@ async def test_on_a_full_disk_followers_get_exactly_what_the_log_kept(
         check_against_log(follower.chunks, from_file)
     if space:
         assert paths["memory"] >= 1
-
-
-async def test_the_writer_joins_the_owners_group_only_for_a_busy_job(tmp_path: Path) -> None:
-    """cgroup v1: the writer thread moves into the owner's CPU group once it has
-    written GROUP_AFTER bytes in one go, and back when it is done; a few small
-    records (a keystroke's echo) never wait for a move. Regular files stand in for
-    the ``tasks`` files here: a move is a write of the thread's ID."""
-    owner, home = tmp_path / "owner-tasks", tmp_path / "home-tasks"
-    owner.touch()
-    home.touch()
-    path = tmp_path / "x.log"
-    _outputlog.create_file(path)
-    log = OutputLog(path, 1 << 40, group=lambda: (str(owner), str(home)))
-    async with trio.open_nursery() as nursery:
-        log.attach(nursery)
-        for key in b"typed":
-            log.append(1, bytes([key]))
-            await log.flush()
-        assert (owner.read_bytes(), home.read_bytes()) == (b"", b"")
-        for _ in range(_outputlog.GROUP_AFTER // MAX_RECORD + 2):
-            await log.wait_room()
-            log.append(1, b"x" * MAX_RECORD)
-        await log.flush()
-        log.close()
-    tid = owner.read_bytes()
-    assert tid.isdigit() and home.read_bytes() == tid

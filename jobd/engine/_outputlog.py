@@ -53,6 +53,7 @@ from pathlib import Path
 import trio
 
 from . import _logreader
+from ._cgroups import join_thread
 from ._logformat import (
     HEADER_SIZE,
     MAX_RECORD,
@@ -82,12 +83,6 @@ SLICE = 0.05
 #: about one queue (QUEUE_LIMIT) and a record; twice that covered 99 % of its chunks
 #: in a 1 GiB stream (1 MiB: two thirds).
 TAIL_LIMIT = 2 * QUEUE_LIMIT
-#: Bytes a writer thread writes in one drain before it moves into the owner's CPU
-#: group (cgroup v1, :meth:`OutputLog._place`). A move costs the kernel an RCU grace
-#: period when none happened lately: 5-10 ms on the bench machine, which the echo
-#: of a keystroke typed at a human pace paid twice (there and back); a busy job
-#: passes this in its first batch or two.
-GROUP_AFTER = 256 * 1024
 #: Records per pwritev (two iovecs each; IOV_MAX is 1024 on Linux).
 _MAX_BATCH = 512
 
@@ -273,33 +268,22 @@ class OutputLog:
         anyway and the writer task queues for a thread again. Results go back to
         the loop through ``run_sync_soon`` (:meth:`_deliver`), at most one pending.
         """
-        placed: list[tuple[str, int]] = []  # (tasks file to go back to, thread) once moved
-        try:
-            self._drain_slice(placed)
-        finally:
-            for home, tid in placed:
-                with contextlib.suppress(OSError):
-                    _join(home, tid)
-
-    def _place(self, placed: list[tuple[str, int]]) -> None:
-        """Move this writer thread into the owner's CPU group (cgroup v1), once this
-        drain has written GROUP_AFTER bytes: copying a busy job's output is its owner's
-        CPU time, while a keystroke's echo never waits for a move."""
         tasks = self._group() if self._group is not None else None
-        if tasks is None:
-            return
-        tid = threading.get_native_id()
+        if tasks is not None:
+            try:
+                join_thread(tasks[0])
+            except OSError:
+                tasks = None
         try:
-            _join(tasks[0], tid)
-        except OSError:
-            return
-        placed.append((tasks[1], tid))
+            self._drain_slice()
+        finally:
+            if tasks is not None:
+                with contextlib.suppress(OSError):
+                    join_thread(tasks[1])
 
-    def _drain_slice(self, placed: list[tuple[str, int]]) -> None:
+    def _drain_slice(self) -> None:
         offset = self.end
         until = time.monotonic() + SLICE
-        unplaced = self._group is not None
-        start = offset
         while True:
             if time.monotonic() > until:
                 return
@@ -332,9 +316,6 @@ class OutputLog:
             if post:
                 assert self._token is not None
                 self._token.run_sync_soon(self._deliver)
-            if unplaced and offset - start >= GROUP_AFTER:  # after the hand-back: no wait
-                unplaced = False
-                self._place(placed)
 
     def _deliver(self) -> None:
         """Commit what the writer thread finished (in the loop)."""
@@ -480,15 +461,6 @@ class OutputLog:
 
 
 _OFFSET = itemgetter(0)
-
-
-def _join(tasks: str, tid: int) -> None:
-    """Move thread ``tid`` into the cgroup (v1) whose ``tasks`` file this is."""
-    fd = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, str(tid).encode())
-    finally:
-        os.close(fd)
 
 
 #: The record format's names, for the engine's other modules and the tests.
