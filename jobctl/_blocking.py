@@ -606,6 +606,10 @@ class BlockingAttach:
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
         """Input for the job (in frames of at most ``protocol.MAX_INPUT_CHUNK``)."""
+        if type(data) is bytes and len(data) <= p.MAX_INPUT_CHUNK:
+            if data:
+                self._send(p.Input(data))  # one frame as it is (bulk input: no copy)
+            return
         view = memoryview(data).cast("B")
         for at in range(0, len(view), p.MAX_INPUT_CHUNK):
             self._send(p.Input(bytes(view[at:at + p.MAX_INPUT_CHUNK])))

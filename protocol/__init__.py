@@ -34,8 +34,10 @@ from ._frames import (
     MAX_OUTPUT_CHUNK,
     decode_payload,
     encode_frame,
+    encode_input,
     encode_output_chunk,
     encoded_size,
+    parse_input,
     parse_output_chunk,
 )
 from ._interactive import ATTACH_FRAMES, MAX_INPUT_CHUNK
@@ -171,8 +173,10 @@ __all__ = [
     "clip",
     "decode_payload",
     "encode_frame",
+    "encode_input",
     "encode_output_chunk",
     "encoded_size",
+    "parse_input",
     "parse_output_chunk",
     "parse_duration",
     "parse_size",

@@ -4,8 +4,11 @@ attach with several clients, roles, backpressure (protocol minor 2)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import random
 
+import msgpack
 import pytest
 
 import jobctl
@@ -116,3 +119,78 @@ def test_a_job_that_never_reads_stalls_only_its_writer(jobd: JobdProcess) -> Non
         assert other.status(job.id).running
         assert other.run(["echo", "fine"], on_output=lambda c: None).exit_code == 0
         other.stop(job.id, grace=0)
+
+
+def _send_cut(client: jobctl.BlockingClient, wire: bytes, cuts: list[int]) -> None:
+    """``wire`` over the client's TLS in pieces of the sizes ``cuts`` cycles through:
+    each piece is its own TLS record(s), so records end anywhere in a frame."""
+    at = 0
+    for size in itertools.cycle(cuts):
+        if at >= len(wire):
+            return
+        client._sock.sendall(wire[at:at + size])
+        at += size
+
+
+def test_input_cut_anywhere_by_tls_records_arrives_exact(jobd: JobdProcess) -> None:
+    """jobd's reader decrypts every record a socket read brought and reads exactly
+    the rest of each frame (issue 24): frames cut anywhere by TLS records (a length
+    prefix split, many frames in one record, a record ending one frame and starting
+    the next, frames of every size up to the largest) reach the job exact."""
+    rng = random.Random(24)
+    sizes = [1, 2, 3, 4, 5, 16379, 16384, 16385, p.MAX_INPUT_CHUNK, 65536, 7,
+             *(rng.randrange(1, p.MAX_INPUT_CHUNK + 1) for _ in range(16))]
+    parts = [rng.randbytes(n) for n in sizes]
+    with connect(jobd) as client:
+        job = client.start(["sha256sum"], stdin=True)
+        session = client.attach(job.id, 0, input=True)
+        conn = client._conn
+        wire = b"".join(conn.send(p.Input(part)) for part in parts) + conn.send(p.InputEof())
+        _send_cut(client, wire, [1, 2, 3, 5, 4093, 16384, 16385, 70001, 300000, 9])
+        out = b"".join(e.data for e in session if isinstance(e, p.OutputChunk))
+        assert session.end is not None and session.end.status.exit_code == 0
+        assert out.split()[0].decode() == hashlib.sha256(b"".join(parts)).hexdigest()
+        assert client.status(job.id).exit_code == 0  # the connection goes on
+
+
+def _frame(wire: dict[str, object]) -> bytes:
+    raw = msgpack.packb(wire)
+    return len(raw).to_bytes(4, "big") + raw
+
+
+@pytest.mark.parametrize(("frame", "code", "fragment"), [
+    # a length prefix over the frame limit, refused before its payload arrives
+    ((p.MAX_FRAME_SIZE + 1).to_bytes(4, "big"), p.ErrorCode.LIMIT_EXCEEDED, "frame limit"),
+    # an input frame one byte over the largest (the general decoder's refusal)
+    (_frame({"type": "input", "data": b"z" * (p.MAX_INPUT_CHUNK + 1)}),
+     p.ErrorCode.BAD_REQUEST, "exceeds the request limit"),
+])
+def test_input_bounds_hold_behind_good_input_in_the_same_records(
+        jobd: JobdProcess, frame: bytes, code: p.ErrorCode, fragment: str) -> None:
+    """A bad frame that arrives in the same TLS records as good input (decrypted in
+    one burst) is refused as ever, with its reason; the job and the server go on."""
+    with connect(jobd) as client, connect(jobd) as other:
+        job = client.start(["cat"], stdin=True)
+        session = client.attach(job.id, 0, input=True)
+        conn = client._conn
+        good = b"".join(conn.send(p.Input(b"g" * 100_000)) for _ in range(3))
+        _send_cut(client, good + frame, [50_000])
+        with pytest.raises(jobctl.ServerError) as caught:
+            for _ in session:
+                pass
+        assert caught.value.code is code and fragment in caught.value.message
+        assert other.status(job.id).running
+        other.stop(job.id, grace=0)
+
+
+def test_the_trio_ssl_object_jobd_decrypts_from_is_there() -> None:
+    """jobd's reader takes whole frames of decrypted records from trio's SSLStream's
+    SSL object (jobd._session, issue 24); without it every record would take trio's
+    slow way again, unnoticed but for the benchmark."""
+    import ssl
+
+    import trio
+    import trio.testing
+
+    stream = trio.SSLStream(trio.testing.MemorySendStream(), ssl.create_default_context())
+    assert isinstance(getattr(stream, "_ssl_object", None), ssl.SSLObject)
