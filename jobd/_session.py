@@ -79,6 +79,7 @@ from jobd._linger import LINGER_TIMEOUT, LingeringStream
 from jobd._telemetry import NULL, Telemetry
 from jobd._tls import describe_tls_error
 from jobd._version import __version__
+from jobd.engine import TERMINAL_FD, TERMINAL_SIZE
 from protocol._x509 import CertificateFormatError, issuer_and_serial
 
 if TYPE_CHECKING:
@@ -659,7 +660,12 @@ class Session:
         await self._send(frame)
 
     async def _send_chunk(self, chunk: OutputChunk) -> None:
-        """One chunk of a stream or output answer."""
+        """One chunk of a stream or output answer (or a resize, when it asked)."""
+        if chunk.fd == TERMINAL_FD:
+            rows, cols = TERMINAL_SIZE.unpack(chunk.data)
+            await self._send(self.conn.send(p.Resized(rows, cols, chunk.position,
+                                                      (chunk.time_ns or 0) / 1e9)))
+            return
         if chunk.time_ns is None:
             frame = self.conn.send_output(chunk.fd, chunk.data, chunk.position)
         else:  # timestamps asked for: the general encoder (not the fast path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import random
 
@@ -170,7 +171,8 @@ def test_input_bounds_hold_behind_good_input_in_the_same_records(
     """A bad frame that arrives in the same TLS records as good input (decrypted in
     one burst) is refused as ever, with its reason; the job and the server go on."""
     with connect(jobd) as client, connect(jobd) as other:
-        job = client.start(["cat"], stdin=True)
+        # A job that prints nothing: the refusal is then the only thing coming back.
+        job = client.start(["sh", "-c", "cat > /dev/null"], stdin=True)
         session = client.attach(job.id, 0, input=True)
         conn = client._conn
         good = b"".join(conn.send(p.Input(b"g" * 100_000)) for _ in range(3))
@@ -194,3 +196,58 @@ def test_the_trio_ssl_object_jobd_decrypts_from_is_there() -> None:
 
     stream = trio.SSLStream(trio.testing.MemorySendStream(), ssl.create_default_context())
     assert isinstance(getattr(stream, "_ssl_object", None), ssl.SSLObject)
+
+
+def test_resizes_are_recorded_once_at_their_place_and_replayed(jobd: JobdProcess) -> None:
+    """Each accepted resize is recorded in the job's log at its place and time
+    (issue 24): a resize to the size already recorded makes no record, resizes
+    with no output between them make one (the last size), so a client spamming
+    resizes cannot grow the record; ``stream --asciicast`` replays it as an "r"
+    event between the output before it and the output after it; a reader that
+    did not ask for resizes never sees one, and positions stay good."""
+    with connect(jobd) as client:
+        job = client.start(["sh", "-c", "read a; echo one; read b; echo two"],
+                           tty=p.Terminal(24, 80, "xterm"))
+        with client.attach(job.id, 0, input=True) as session:
+            session.resize(24, 80)  # its size already: nothing to record
+            session.send(b"x\r")
+            read_until(session, b"one")
+            for i in range(2000):  # no output meanwhile: one record, the last size
+                session.resize(30 + i % 7, 100)
+            session.resize(40, 120)
+            session.send(b"y\r")
+            read_until(session, b"two")
+            for _ in session:
+                pass
+        assert session.end is not None and session.end.status.exit_code == 0
+
+        events = list(client.output(job.id, timestamps=True, resizes=True))
+        sizes = [e for e in events if isinstance(e, p.Resized)]
+        assert [(e.rows, e.cols) for e in sizes] == [(40, 120)]
+        at = events.index(sizes[0])
+        before = b"".join(e.data for e in events[:at] if isinstance(e, p.OutputChunk))
+        after = b"".join(e.data for e in events[at:] if isinstance(e, p.OutputChunk))
+        assert b"one" in before and b"two" not in before and b"two" in after
+        # Resuming right after the resize gives what followed it, and nothing else.
+        rest = [e for e in client.output(job.id, sizes[0].position, resizes=True)
+                if isinstance(e, p.OutputChunk)]
+        assert b"".join(e.data for e in rest) == after
+        # Without asking: output only, the same bytes, the same last position.
+        plain = list(client.output(job.id))
+        assert not any(isinstance(e, p.Resized) for e in plain)
+        assert b"".join(e.data for e in plain if isinstance(e, p.OutputChunk)) == before + after
+        assert plain[-1] == events[-1]
+
+    cast = jobd.jobctl("alice", "stream", "--asciicast", str(job.id))
+    assert cast.returncode == 0, cast.stderr
+    header, *lines = [json.loads(line) for line in cast.stdout.splitlines()]
+    assert (header["height"], header["width"]) == (24, 80)
+    kinds = [kind for _, kind, _ in lines]
+    assert kinds.count("r") == 1
+    r = kinds.index("r")
+    assert lines[r][2] == "120x40"
+    shown_before = "".join(text for _, kind, text in lines[:r] if kind == "o")
+    shown_after = "".join(text for _, kind, text in lines[r:] if kind == "o")
+    assert "one" in shown_before and "two" in shown_after and "two" not in shown_before
+    times = [t for t, _, _ in lines]
+    assert times == sorted(times)
