@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from jobd.engine import MAX_RECORD, OutputChunk, _outputlog
+from jobd.engine._logformat import TERMINAL_FD
 from jobd.engine._outputlog import HEADER_SIZE, OutputLog, recover
 from tests.engine_helpers import TIMEOUT, collect
 
@@ -30,11 +31,11 @@ def paths(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     seen: Counter[str] = Counter()
     real = OutputLog.chunk_from_memory
 
-    def spy(self: OutputLog, position: int, max_chunk: int, *,
-            timestamps: bool = False) -> OutputChunk | None:
-        chunk = real(self, position, max_chunk, timestamps=timestamps)
-        seen["memory" if chunk is not None else "file"] += 1
-        return chunk
+    def spy(self: OutputLog, position: int, max_chunk: int, *, timestamps: bool = False,
+            resizes: bool = False) -> tuple[OutputChunk | None, int] | None:
+        found = real(self, position, max_chunk, timestamps=timestamps, resizes=resizes)
+        seen["memory" if found is not None else "file"] += 1
+        return found
 
     monkeypatch.setattr(OutputLog, "chunk_from_memory", spy)
     return seen
@@ -76,14 +77,17 @@ def check_against_log(chunks: list[OutputChunk], log_chunks: list[OutputChunk]) 
 class Follower:
     """A follower task that collects chunks and says when it got to a position."""
 
-    def __init__(self, log: OutputLog, position: int = 0) -> None:
+    def __init__(self, log: OutputLog, position: int = 0, *, timestamps: bool = False,
+                 resizes: bool = False) -> None:
         self.chunks: list[OutputChunk] = []
         self.log = log
         self.position = position
         self.moved = trio.Event()
+        self.options = {"timestamps": timestamps, "resizes": resizes}
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        gen: AsyncGenerator[OutputChunk, None] = self.log.chunks(self.position, MAX_CHUNK, None)
+        gen: AsyncGenerator[OutputChunk, None] = self.log.chunks(
+            self.position, MAX_CHUNK, None, **self.options)
         task_status.started()
         async with contextlib.aclosing(gen):
             async for chunk in gen:
@@ -243,3 +247,54 @@ async def test_on_a_full_disk_followers_get_exactly_what_the_log_kept(
         check_against_log(follower.chunks, from_file)
     if space:
         assert paths["memory"] >= 1
+
+
+def runs(chunks: list[OutputChunk]) -> list[tuple[int, bytes, int | None]]:
+    """Output merged into runs of one fd; a terminal's size chunks stay apart, with
+    their times (how chunks are cut within a run may differ by reader)."""
+    out: list[tuple[int, bytes, int | None]] = []
+    for c in chunks:
+        if out and out[-1][0] == c.fd and c.fd != TERMINAL_FD:
+            out[-1] = (c.fd, out[-1][1] + c.data, out[-1][2])
+        else:
+            out.append((c.fd, c.data, c.time_ns if c.fd == TERMINAL_FD else None))
+    return out
+
+
+@pytest.mark.parametrize(("timestamps", "resizes"),
+                         [(False, False), (False, True), (True, False), (True, True)])
+async def test_a_terminals_size_records_from_memory_as_from_the_file(
+        tmp_path: Path, paths: Counter[str], timestamps: bool, resizes: bool) -> None:
+    """A terminal job's size records are in the tail like any record: skipped, or
+    given alone with their time (``resizes``), exactly as a reader of the file has
+    them, and a follower's positions stay record boundaries."""
+    path = tmp_path / "x.log"
+    _outputlog.create_file(path)
+    log = OutputLog(path, 1 << 40)
+    log.terminal_size = (24, 80)
+    follower = Follower(log, timestamps=timestamps, resizes=resizes)
+    async with trio.open_nursery() as nursery:
+        log.attach(nursery)
+        await nursery.start(follower.run)
+        for i in range(12):
+            if i % 3 == 1:
+                log.resize(30 + i, 100)
+            if i == 7:
+                log.resize(50, 50)
+                log.resize(51, 51)  # two resizes, one record: the last size
+            end = log.end
+            log.append(1 + i % 2, b"%d" % i * (i + 1))
+            with trio.fail_after(TIMEOUT):
+                await log.wait_beyond(end)
+            await follower.reach(log.end)
+        log.close()
+    chunks = follower.chunks
+    assert paths["file"] == 0
+    from_file = await collect(log.chunks(0, MAX_CHUNK, log.end, timestamps=timestamps,
+                                         resizes=resizes))
+    assert runs(chunks) == runs(from_file)
+    sizes = [c.data for c in from_file if c.fd == TERMINAL_FD]
+    assert len(sizes) == (4 if resizes else 0)
+    for chunk in chunks:
+        log.check_position(chunk.position)
+        assert (chunk.time_ns is not None) == (timestamps or chunk.fd == TERMINAL_FD)

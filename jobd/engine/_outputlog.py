@@ -57,6 +57,8 @@ from ._cgroups import join_thread
 from ._logformat import (
     HEADER_SIZE,
     MAX_RECORD,
+    TERMINAL_FD,
+    TERMINAL_SIZE,
     create_file,
     decode_header,
     encode_header,
@@ -118,8 +120,9 @@ class OutputLog:
     __slots__ = (
         "_accepted", "_budget", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd",
         "_followers", "_group", "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue",
-        "_queued_cost", "_room", "_tail", "_tail_cost", "_token", "_writers", "_writing", "cap",
-        "closed", "dropped_bytes", "end", "output_bytes", "path",
+        "_queued_cost", "_resized", "_room", "_tail", "_tail_cost", "_token", "_writers",
+        "_writing", "cap", "closed", "dropped_bytes", "end", "output_bytes", "path",
+        "terminal_size",
     )
 
     def __init__(self, path: Path, cap: int, *, end: int = 0, output_bytes: int = 0,
@@ -158,8 +161,12 @@ class OutputLog:
         self._posted = False
         self._lingering = False
         self._token: trio.lowlevel.TrioToken | None = None
-        # The tail: (offset, fd, data, time_ns) of the last committed records, in order
-        # and contiguous up to ``end``, kept while someone follows (_followers > 0).
+        #: A terminal job's size as last recorded (its starting size: set by the job).
+        self.terminal_size: tuple[int, int] | None = None
+        self._resized: tuple[tuple[int, int], int] | None = None  # ((rows, cols), time_ns)
+        # The tail: (offset, fd, data, time_ns) of the last committed records (size
+        # records too), in order and contiguous up to ``end``, kept while someone
+        # follows (_followers > 0).
         self._tail: list[tuple[int, int, bytes, int]] = []
         self._tail_cost = 0
         self._followers = 0
@@ -177,6 +184,15 @@ class OutputLog:
                 self._room = trio.Event()
             await self._room.wait()
 
+    def resize(self, rows: int, cols: int) -> None:
+        """The job's terminal was resized now: recorded (a TERMINAL_FD record with
+        this time) just before the next output record. So resizes with no output
+        between them make one record, the last size, and a resize back to the size
+        last recorded makes none: there are never more size records than output
+        records, whatever a client sends (docs/engine.md). A resize that no output
+        follows before the job ends is not recorded: nothing was shown at that size."""
+        self._resized = ((rows, cols), time.time_ns())
+
     def append(self, fd: int, data: bytes) -> None:
         """Queue one pipe read (at most MAX_RECORD bytes) for writing; never blocks."""
         assert not self.closed and 0 < len(data) <= MAX_RECORD
@@ -189,12 +205,19 @@ class OutputLog:
             if keep <= 0:
                 return
             data = data[:keep]
-        self._accepted += keep
-        if self._budget is not None:
-            self._budget.left -= keep + HEADER_SIZE
-        self._queued_cost += keep + _RECORD_COST
+        records = [(fd, data, time.time_ns())]
+        resized, self._resized = self._resized, None
+        if (resized is not None and resized[0] != self.terminal_size
+                and room - keep >= TERMINAL_SIZE.size + HEADER_SIZE):
+            self.terminal_size = resized[0]
+            records.insert(0, (TERMINAL_FD, TERMINAL_SIZE.pack(*resized[0]), resized[1]))
+        for _fd, kept, _t in records:
+            self._accepted += len(kept)
+            if self._budget is not None:
+                self._budget.left -= len(kept) + HEADER_SIZE
+            self._queued_cost += len(kept) + _RECORD_COST
         with self._cond:
-            self._queue.append((fd, data, time.time_ns()))
+            self._queue.extend(records)
             if self._lingering:
                 self._cond.notify()
         if not self._writing:
@@ -227,8 +250,9 @@ class OutputLog:
             self._changed = None
 
     def _drop(self, records: list[tuple[int, bytes, int]]) -> None:
-        for _fd, data, _t in records:
-            self.dropped_bytes += len(data)
+        for fd, data, _t in records:
+            if fd != TERMINAL_FD:
+                self.dropped_bytes += len(data)
             self._accepted -= len(data)
             if self._budget is not None:
                 self._budget.left += len(data) + HEADER_SIZE
@@ -368,14 +392,15 @@ class OutputLog:
         for fd, data, time_ns in batch:
             size = HEADER_SIZE + len(data)
             self._queued_cost -= len(data) + _RECORD_COST
+            output = fd != TERMINAL_FD  # a size record is no output
             if done + size <= written:
                 if tail is not None:  # committed: followers may take it from memory
                     tail.append((self.end + done, fd, data, time_ns))
                     self._tail_cost += len(data) + _RECORD_COST
                 done += size
-                self.output_bytes += len(data)
+                self.output_bytes += len(data) * output
             else:
-                self.dropped_bytes += len(data)
+                self.dropped_bytes += len(data) * output
                 self._accepted -= len(data)
                 if self._budget is not None:
                     self._budget.left += len(data) + HEADER_SIZE
@@ -407,21 +432,28 @@ class OutputLog:
         if not self._followers:
             self._drop_tail()
 
-    def chunk_from_memory(self, position: int, max_chunk: int, *,
-                          timestamps: bool = False) -> OutputChunk | None:
-        """The chunk at ``position`` (a record boundary) from the tail, or None when
-        the tail does not hold that record (read the file). Records coalesce as
-        :func:`_logreader.chunks` coalesces them; with ``timestamps``, one record."""
+    def chunk_from_memory(self, position: int, max_chunk: int, *, timestamps: bool = False,
+                          resizes: bool = False) -> tuple[OutputChunk | None, int] | None:
+        """The chunk at ``position`` (a record boundary) from the tail and the position
+        after it, or None when the tail does not hold that record (read the file).
+        Records coalesce and size records are skipped (or, with ``resizes``, given
+        alone) as :func:`_logreader.chunks` does from the file; the chunk is None
+        when only skipped size records were left."""
         tail = self._tail
         if not tail or position < tail[0][0]:
             return None
         i = bisect.bisect_left(tail, position, key=_OFFSET)
         if i == len(tail) or tail[i][0] != position:
             return None
+        while not resizes and tail[i][1] == TERMINAL_FD:  # skipped, as from the file
+            position += HEADER_SIZE + len(tail[i][2])
+            i += 1
+            if i == len(tail):
+                return None, position
         _offset, fd, data, time_ns = tail[i]
         after = position + HEADER_SIZE + len(data)
-        if timestamps:
-            return OutputChunk(fd, data, after, time_ns)
+        if timestamps or fd == TERMINAL_FD:
+            return OutputChunk(fd, data, after, time_ns), after
         parts = [data]
         size = len(data)
         for j in range(i + 1, len(tail)):
@@ -431,7 +463,7 @@ class OutputLog:
             parts.append(data)
             size += len(data)
             after += HEADER_SIZE + len(data)
-        return OutputChunk(fd, parts[0] if len(parts) == 1 else b"".join(parts), after)
+        return OutputChunk(fd, parts[0] if len(parts) == 1 else b"".join(parts), after), after
 
     def open_for_reading(self) -> int:
         """A new read-only descriptor of the log file (FileNotFoundError: gone)."""
@@ -454,10 +486,12 @@ class OutputLog:
         _logreader.check_position(self, position)
 
     def chunks(self, position: int, max_chunk: int, until: int | None, *,
-               timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
+               timestamps: bool = False,
+               resizes: bool = False) -> AsyncGenerator[OutputChunk, None]:
         """Chunks from ``position`` (validated by the caller); see
         :func:`jobd.engine._logreader.chunks`."""
-        return _logreader.chunks(self, position, max_chunk, until, timestamps=timestamps)
+        return _logreader.chunks(self, position, max_chunk, until, timestamps=timestamps,
+                                 resizes=resizes)
 
 
 _OFFSET = itemgetter(0)
