@@ -20,7 +20,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 import protocol as p
 
@@ -34,7 +33,10 @@ from ._errors import (
     WaitTimeout,
 )
 
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
 if TYPE_CHECKING:
+    from typing import Any, BinaryIO
+
     from ._trust import Pinning
 
 Argv = core.Argv
@@ -567,8 +569,9 @@ class BlockingClient:
         return self._events(calls.output(request))
 
 
-#: What ``run(stdin=...)`` takes: bytes, a binary file, or a file descriptor.
-Input = bytes | bytearray | memoryview | BinaryIO | int
+if TYPE_CHECKING:
+    #: What ``run(stdin=...)`` takes: bytes, a binary file, or a file descriptor.
+    Input = bytes | bytearray | memoryview | BinaryIO | int
 
 
 def _blocks(source: Input) -> Iterator[bytes]:
