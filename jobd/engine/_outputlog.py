@@ -120,7 +120,7 @@ class OutputLog:
     __slots__ = (
         "_accepted", "_budget", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd",
         "_followers", "_group", "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue",
-        "_queued_cost", "_resized", "_room", "_tail", "_tail_cost", "_token", "_writers",
+        "_queued_cost", "_resized", "_room", "_shared", "_tail", "_tail_cost", "_token", "_writers",
         "_writing", "cap", "closed", "dropped_bytes", "end", "output_bytes", "path",
         "terminal_size",
     )
@@ -170,6 +170,10 @@ class OutputLog:
         self._tail: list[tuple[int, int, bytes, int]] = []
         self._tail_cost = 0
         self._followers = 0
+        # The last chunk taken from the tail, by (position, max_chunk, timestamps,
+        # resizes): followers of one job take the same object, whose frame the
+        # protocol then encodes once (protocol._frames.encode_output_chunk).
+        self._shared: tuple[tuple[int, int, bool, bool], tuple[OutputChunk, int]] | None = None
 
     # -- appending (the job's side) ---------------------------------------
 
@@ -422,6 +426,7 @@ class OutputLog:
     def _drop_tail(self) -> None:
         self._tail = []
         self._tail_cost = 0
+        self._shared = None
 
     # -- what the readers (_logreader.py) need of the log -------------------------
 
@@ -439,6 +444,9 @@ class OutputLog:
         Records coalesce and size records are skipped (or, with ``resizes``, given
         alone) as :func:`_logreader.chunks` does from the file; the chunk is None
         when only skipped size records were left."""
+        key = (position, max_chunk, timestamps, resizes)
+        if self._shared is not None and self._shared[0] == key:
+            return self._shared[1]  # the chunk another follower just took: the same object
         tail = self._tail
         if not tail or position < tail[0][0]:
             return None
@@ -454,6 +462,14 @@ class OutputLog:
         after = position + HEADER_SIZE + len(data)
         if timestamps or fd == TERMINAL_FD:
             return OutputChunk(fd, data, after, time_ns), after
+        found = self._coalesce(i, max_chunk)
+        self._shared = (key, found)
+        return found
+
+    def _coalesce(self, i: int, max_chunk: int) -> tuple[OutputChunk, int]:
+        tail = self._tail
+        position, fd, data, _t = tail[i]
+        after = position + HEADER_SIZE + len(data)
         parts = [data]
         size = len(data)
         for j in range(i + 1, len(tail)):
