@@ -409,8 +409,10 @@ class OutputLog:
                 if self._budget is not None:
                     self._budget.left += len(data) + HEADER_SIZE
         self.end += written
-        if tail is not None and self._tail_cost > TAIL_LIMIT:
-            self._trim_tail()
+        if tail is not None:
+            self._shared = None  # the tail grew: a chunk cut now may coalesce more
+            if self._tail_cost > TAIL_LIMIT:
+                self._trim_tail()
         if error is not None:
             log.warning("output log %s: %s; dropping further output", self.path, error)
         self._notify()
