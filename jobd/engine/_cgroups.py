@@ -477,13 +477,22 @@ class V1Hierarchy(Hierarchy):
                owner: str | None = None) -> JobCgroup:
         name = f"{JOB_PREFIX}{job_id}"
         made: dict[str, str] = {}
-        dirs = {c: f"{p}/{name}" for c, p in self.parents.items()}
+        parents = self.parents
+        if limits == Limits():
+            # Only to measure it and to find it (issue 23): the hierarchies that
+            # measure (memory, cpuacct), place (cpu) and find or kill it (freezer,
+            # else pids) suffice; blkio, and pids beside a freezer, would only cost
+            # every start a directory made, joined and removed (issue 26).
+            skip = {"blkio"} | ({"pids"} if "freezer" in parents else set())
+            parents = {c: p for c, p in parents.items()
+                       if c not in skip or p in (parents[k] for k in parents if k not in skip)}
+        dirs = {c: f"{p}/{name}" for c, p in parents.items()}
         groups = self.owner_groups() if owner is not None else None
         if groups is not None and owner is not None:
             # In the cpu hierarchy the job's cgroup is inside its owner's group, so
             # that the owner's jobs together weigh as one (issue 22 item 11).
             cpu = self.parents["cpu"]
-            for controller, parent in self.parents.items():  # co-mounted ones too
+            for controller, parent in parents.items():  # co-mounted ones too
                 if parent == cpu:
                     dirs[controller] = f"{groups.path(owner)}/{name}"
         job = V1Job(name, dirs)
