@@ -72,9 +72,17 @@ class Usage:
 class JobCgroup(ABC):
     """One job's cgroup (in each v1 hierarchy, or one v2 directory)."""
 
-    name: str
-    #: The ``cgroup.procs`` files the spawn helper writes its pid to.
-    procs: tuple[str, ...]
+    __slots__ = ()
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """``job-<id>``."""
+
+    @property
+    @abstractmethod
+    def procs(self) -> tuple[str, ...]:
+        """The ``cgroup.procs`` files the spawn helper writes its pid to."""
 
     @abstractmethod
     def populated(self) -> bool:
@@ -154,17 +162,19 @@ class OwnerGroups:
         self.parent = parent
         self.per_thread = per_thread
         self.home = home  # where the spawning thread returns to (v1)
-        self._made: set[str] = set()
+        self._made: dict[str, str] = {}  # owner -> its group, made
 
     def path(self, owner: str) -> str:
-        """The owner's group, made if need be (blocking). Raises OSError."""
-        name = OWNER_PREFIX + hashlib.sha256(
-            owner.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        path = f"{self.parent}/{name}"
-        if path not in self._made:
+        """The owner's group, made if need be (blocking). Raises OSError. One string
+        per owner: every job of the owner's refers to it."""
+        path = self._made.get(owner)
+        if path is None:
+            name = OWNER_PREFIX + hashlib.sha256(
+                owner.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            path = f"{self.parent}/{name}"
             with contextlib.suppress(FileExistsError):
                 os.makedirs(path)
-            self._made.add(path)
+            self._made[owner] = path
         return path
 
     def remove_empty(self) -> None:
@@ -240,10 +250,18 @@ def _rmdir(path: str) -> None:
 
 
 class V2Job(JobCgroup):
+    __slots__ = ("path",)
+
     def __init__(self, path: str) -> None:
         self.path = path
-        self.name = os.path.basename(path)
-        self.procs = (f"{path}/cgroup.procs",)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def procs(self) -> tuple[str, ...]:
+        return (f"{self.path}/cgroup.procs",)
 
     def populated(self) -> bool:
         try:
@@ -369,15 +387,40 @@ class V2Hierarchy(Hierarchy):
 
 
 class V1Job(JobCgroup):
-    def __init__(self, name: str, dirs: Mapping[str, str]) -> None:
-        self.name = name
-        self.dirs = dict(dirs)  # controller -> directory (co-mounted ones share one)
-        unique = list(dict.fromkeys(self.dirs.values()))
-        self.procs = tuple(f"{d}/cgroup.procs" for d in unique)
-        # Where to list the job's processes: freezer first (it is what kill uses).
-        track = next((self.dirs[c] for c in ("freezer", "pids", "memory") if c in self.dirs),
-                     unique[0])
-        self._track = f"{track}/cgroup.procs"
+    """A job's cgroup in each v1 hierarchy jobd uses: ``<parent>/<name>``, or in the cpu
+    hierarchy (and those co-mounted with it) ``<owner group>/<name>`` when ``owner`` is
+    given. It keeps only its name and shared strings, and spells its directories out
+    when asked (issue 26: every running job has one)."""
+
+    __slots__ = ("_name", "_owner", "_parents")
+
+    def __init__(self, name: str, parents: Mapping[str, str], owner: str | None = None) -> None:
+        self._name = name
+        self._parents = parents  # controller -> jobs' parent directory (shared)
+        self._owner = owner  # the owner's CPU group, holding it in the cpu hierarchy
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dirs(self) -> dict[str, str]:
+        """controller -> directory (co-mounted controllers share one)."""
+        cpu = self._parents.get("cpu") if self._owner is not None else None
+        return {c: f"{self._owner}/{self.name}" if cpu is not None and p == cpu
+                else f"{p}/{self.name}" for c, p in self._parents.items()}
+
+    @property
+    def procs(self) -> tuple[str, ...]:
+        return tuple(f"{d}/cgroup.procs" for d in dict.fromkeys(self.dirs.values()))
+
+    @property
+    def _track(self) -> str:
+        """Where to list the job's processes: freezer first (it is what kill uses)."""
+        dirs = self.dirs
+        track = next((dirs[c] for c in ("freezer", "pids", "memory") if c in dirs),
+                     next(iter(dirs.values())))
+        return f"{track}/cgroup.procs"
 
     def populated(self) -> bool:
         return bool(_pids(self._track))
@@ -455,16 +498,12 @@ class V1Hierarchy(Hierarchy):
                owner: str | None = None) -> JobCgroup:
         name = f"{JOB_PREFIX}{job_id}"
         made: dict[str, str] = {}
-        dirs = {c: f"{p}/{name}" for c, p in self.parents.items()}
         groups = self.owner_groups() if owner is not None else None
-        if groups is not None and owner is not None:
-            # In the cpu hierarchy the job's cgroup is inside its owner's group, so
-            # that the owner's jobs together weigh as one (issue 22 item 11).
-            cpu = self.parents["cpu"]
-            for controller, parent in self.parents.items():  # co-mounted ones too
-                if parent == cpu:
-                    dirs[controller] = f"{groups.path(owner)}/{name}"
-        job = V1Job(name, dirs)
+        # In the cpu hierarchy (and those co-mounted with it) the job's cgroup is inside
+        # its owner's group, so that the owner's jobs together weigh as one (issue 22
+        # item 11).
+        job = V1Job(name, self.parents,
+                    groups.path(owner) if groups is not None and owner is not None else None)
         try:
             for controller, path in job.dirs.items():
                 if path not in made.values():
@@ -507,14 +546,12 @@ class V1Hierarchy(Hierarchy):
                     nested[name] = f"{cpu}/{owner}/{name}"
                     names[name] = None
         out: list[JobCgroup] = []
+        cpu_parent = self.parents.get("cpu")
         for name in names:
-            dirs = {c: f"{p}/{name}" for c, p in self.parents.items()
-                    if os.path.isdir(f"{p}/{name}")}
-            if name in nested:
-                for controller, parent in self.parents.items():
-                    if parent == self.parents["cpu"]:
-                        dirs[controller] = nested[name]
-            out.append(V1Job(name, dirs))
+            group = os.path.dirname(nested[name]) if name in nested else None
+            parents = {c: p for c, p in self.parents.items() if os.path.isdir(f"{p}/{name}")
+                       or (group is not None and p == cpu_parent)}
+            out.append(V1Job(name, parents, group))
         return out
 
     def owner_groups(self) -> OwnerGroups | None:

@@ -134,7 +134,8 @@ class OutputLog:
         self._room: trio.Event | None = None
         self._idle: trio.Event | None = None
         # Shared with the writer thread, under _cond: the queue, the finished batches.
-        self._cond = threading.Condition(threading.Lock())
+        # Made by the first append: a job that writes nothing never needs it (issue 26).
+        self._cond: threading.Condition | None = None
         self._done: list[tuple[list[tuple[int, bytes, int]], int, str | None]] = []
         self._posted = False
         self._lingering = False
@@ -169,10 +170,13 @@ class OutputLog:
         if self._budget is not None:
             self._budget.left -= keep + HEADER_SIZE
         self._queued_cost += keep + _RECORD_COST
-        with self._cond:
+        cond = self._cond
+        if cond is None:
+            cond = self._cond = threading.Condition(threading.Lock())
+        with cond:
             self._queue.append((fd, data, time.time_ns()))
             if self._lingering:
-                self._cond.notify()
+                cond.notify()
         if not self._writing:
             assert self._nursery is not None, "attach() the log before appending"
             self._writing = True
@@ -188,10 +192,11 @@ class OutputLog:
     def close(self) -> None:
         """No more appends: wake every reader so that it finishes at ``end``."""
         self.closed = True
-        with self._cond:
-            dropped, self._queue = self._queue, []
-            self._cond.notify()
-        self._drop(dropped)
+        if self._cond is not None:  # else nothing was ever queued
+            with self._cond:
+                dropped, self._queue = self._queue, []
+                self._cond.notify()
+            self._drop(dropped)
         if self._fd is not None and not self._writing:  # else the writer closes it
             os.close(self._fd)
             self._fd = None
@@ -258,15 +263,17 @@ class OutputLog:
                     _join(tasks[1], tid)
 
     def _drain_slice(self) -> None:
+        cond = self._cond
+        assert cond is not None  # the writer runs only after an append
         offset = self.end
         until = time.monotonic() + SLICE
         while True:
             if time.monotonic() > until:
                 return
-            with self._cond:
+            with cond:
                 if not self._queue and not self.closed:
                     self._lingering = True
-                    self._cond.wait(LINGER)
+                    cond.wait(LINGER)
                     self._lingering = False
                 if not self._queue or self.closed:
                     return
@@ -285,7 +292,7 @@ class OutputLog:
                 offset += written
                 if error is not None:
                     self._failed = error
-            with self._cond:
+            with cond:
                 self._done.append((batch, written, error))
                 post = not self._posted
                 self._posted = True
@@ -295,6 +302,7 @@ class OutputLog:
 
     def _deliver(self) -> None:
         """Commit what the writer thread finished (in the loop)."""
+        assert self._cond is not None
         with self._cond:
             done, self._done = self._done, []
             self._posted = False
