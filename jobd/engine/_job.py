@@ -61,7 +61,6 @@ import logging
 import os
 import select
 import signal
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -71,7 +70,7 @@ import trio
 
 from protocol import JobState, JobStatus, Limits, Terminal
 
-from ._cgroups import Hierarchy, JobCgroup, OwnerGroups, Usage, write_file
+from ._cgroups import Hierarchy, JobCgroup, OwnerGroups, Usage, join_thread, write_file
 from ._db import JobDB
 from ._ladder import StopLadder, kill_cgroup
 from ._outputlog import MAX_RECORD, Budget, OutputLog
@@ -489,6 +488,10 @@ class Job:
             if gate:
                 spawned = await trio.to_thread.run_sync(functools.partial(
                     spawn_contained, self.argv, cwd, env, (), (), stdio, gated=True))
+            elif cgroups is not None and cgroups.thread_moves_possible:
+                spawned, self._cgroup = await trio.to_thread.run_sync(functools.partial(
+                    spawn_measured, cgroups, self.id, self.owner, self.argv, cwd, env, stdio))
+                return spawned
             else:
                 groups = cgroups.owner_groups() if cgroups is not None else None
                 spawned = await trio.to_thread.run_sync(spawn_for_owner, groups, self.owner,
@@ -513,9 +516,10 @@ class Job:
     async def _measure(self, cgroups: Hierarchy, pid: int) -> None:
         """A job without limits still gets a cgroup, only to measure it (peak
         memory, CPU time) and to find all of it when it stops. It is started
-        directly (no spawn helper: its start stays fast) and moved in right
-        after exec, so a child it forks within those microseconds escapes the
-        measure. Where that fails the job simply runs unmeasured."""
+        directly (no spawn helper: its start stays fast) and, with v2, moved in
+        right after exec, so a child it forks within those microseconds escapes
+        the measure (with v1 it is born in it: :func:`spawn_measured`). Where
+        that fails the job simply runs unmeasured."""
         def move() -> JobCgroup:
             cgroup = cgroups.create(self.id, Limits(), {}, owner=self.owner)
             try:
@@ -795,11 +799,10 @@ def spawn_for_owner(groups: OwnerGroups | None, owner: str, argv: Sequence[bytes
     global _placement_failed
     if groups is None:
         return spawn(argv, cwd, env, stdio)
-    tid = threading.get_native_id()
     try:
         path = groups.path(owner)
         if groups.per_thread:
-            write_file(f"{path}/tasks", str(tid))
+            join_thread(f"{path}/tasks")
     except OSError as exc:
         if not _placement_failed:
             _placement_failed = True
@@ -811,8 +814,55 @@ def spawn_for_owner(groups: OwnerGroups | None, owner: str, argv: Sequence[bytes
             return spawn(argv, cwd, env, stdio)
         finally:
             with contextlib.suppress(OSError):
-                write_file(f"{groups.home}/tasks", str(tid))
+                join_thread(f"{groups.home}/tasks")
     spawned = spawn(argv, cwd, env, stdio)
     with contextlib.suppress(OSError):  # gone already, or the group: it runs in jobd's
         write_file(f"{path}/cgroup.procs", str(spawned.popen.pid))
     return spawned
+
+
+def spawn_measured(cgroups: Hierarchy, job_id: int, owner: str, argv: Sequence[bytes],
+                   cwd: bytes | None, env: Mapping[bytes, bytes] | None,
+                   stdio: Stdio = NO_INPUT) -> tuple[Spawned, JobCgroup | None]:
+    """Spawn a job without limits in a cgroup of its own, only to measure it (v1,
+    where a thread can join a cgroup: :meth:`Hierarchy.thread_moves`; worker
+    thread). The spawning thread joins the job's cgroup (inside its owner's CPU
+    group), forks and returns: the job is measured from its first instruction,
+    with no process moved afterwards and no other thread's turn. Where the
+    cgroup cannot be made or joined, :func:`spawn_for_owner` (unmeasured)."""
+    try:
+        cgroup: JobCgroup | None = cgroups.create(job_id, Limits(), {}, owner=owner)
+    except (OSError, EngineError) as exc:
+        log.debug("job %d: runs unmeasured (no cgroup: %s)", job_id, exc)
+        cgroup = None
+    moves = cgroups.thread_moves(cgroup) if cgroup is not None else None
+    if cgroup is None or not moves:
+        return spawn_for_owner(cgroups.owner_groups(), owner, argv, cwd, env, stdio), None
+    joined: list[str] = []
+    try:
+        try:
+            for tasks, home in moves:
+                join_thread(tasks)
+                joined.append(home)
+        except OSError as exc:
+            log.debug("job %d: runs unmeasured (cannot join its cgroup: %s)", job_id, exc)
+        else:
+            try:
+                return spawn(argv, cwd, env, stdio), cgroup
+            except BaseException:
+                _go_home(joined)
+                joined = []
+                with contextlib.suppress(OSError):  # the command never ran: it is empty
+                    cgroup.remove()
+                raise
+    finally:
+        _go_home(joined)
+    with contextlib.suppress(OSError):
+        cgroup.remove()
+    return spawn_for_owner(cgroups.owner_groups(), owner, argv, cwd, env, stdio), None
+
+
+def _go_home(homes: list[str]) -> None:
+    for home in homes:
+        with contextlib.suppress(OSError):
+            join_thread(home)

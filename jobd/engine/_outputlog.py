@@ -40,6 +40,7 @@ from pathlib import Path
 import trio
 
 from . import _logreader
+from ._cgroups import join_thread
 from ._logformat import (
     HEADER_SIZE,
     MAX_RECORD,
@@ -250,9 +251,8 @@ class OutputLog:
         """
         tasks = self._group() if self._group is not None else None
         if tasks is not None:
-            tid = threading.get_native_id()
             try:
-                _join(tasks[0], tid)
+                join_thread(tasks[0])
             except OSError:
                 tasks = None
         try:
@@ -260,7 +260,7 @@ class OutputLog:
         finally:
             if tasks is not None:
                 with contextlib.suppress(OSError):
-                    _join(tasks[1], tid)
+                    join_thread(tasks[1])
 
     def _drain_slice(self) -> None:
         cond = self._cond
@@ -391,15 +391,6 @@ class OutputLog:
         """Chunks from ``position`` (validated by the caller); see
         :func:`jobd.engine._logreader.chunks`."""
         return _logreader.chunks(self, position, max_chunk, until, timestamps=timestamps)
-
-
-def _join(tasks: str, tid: int) -> None:
-    """Move thread ``tid`` into the cgroup (v1) whose ``tasks`` file this is."""
-    fd = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, str(tid).encode())
-    finally:
-        os.close(fd)
 
 
 #: The record format's names, for the engine's other modules and the tests.
