@@ -8,8 +8,10 @@ process in a worker thread (own session, stdin /dev/null, stdout and stderr on
 two pipes, plus a pidfd), writes the record, and then owns a nursery of its
 own holding
 
-* two pumps, one per pipe: read at most MAX_RECORD bytes, append to the
-  output log, wait for room in the log's bounded queue, read again;
+* the pump, one task for both pipes: read at most MAX_RECORD bytes from each
+  pipe with data, append to the output log, wait for room in the log's
+  bounded queue, read again; with neither ready, wait on one descriptor (the
+  pipe, or an epoll instance of the job's holding both);
 * the log's writer task, started on demand while output is queued;
 * the stop sequence ("ladder"), started by a stop request or when the main
   process exits and left processes behind.
@@ -18,8 +20,8 @@ The task itself waits for the main process's pidfd to become readable, then
 reaps it with ``waitpid`` on its pid: no SIGCHLD handler, no ``waitpid(-1)``.
 Then leftovers in the job's group get the ladder, like systemd's control-group
 kill mode. Once every process of the job is gone the job is *settled*: the
-pumps are woken (``notify_closing``), read what is still buffered without
-blocking, and close their pipes. So output ends at EOF, or right after the
+pump is woken (``notify_closing``), reads what is still buffered without
+blocking, and closes the pipes. So output ends at EOF, or right after the
 cleanup when a stray process outside the job still holds a pipe: it never
 hangs, and nothing in a pipe is lost. Then the log is flushed and closed, the
 final state set, the record written and ``done`` set (``finished`` either
@@ -492,10 +494,8 @@ class Job:
                 spawned, self._cgroup = await trio.to_thread.run_sync(functools.partial(
                     spawn_measured, cgroups, self.id, self.owner, self.argv, cwd, env, stdio))
                 return spawned
-            else:
-                groups = cgroups.owner_groups() if cgroups is not None else None
-                spawned = await trio.to_thread.run_sync(spawn_for_owner, groups, self.owner,
-                                                        self.argv, cwd, env, stdio)
+            else:  # v2 (whole processes move): measured in its owner's group below
+                spawned = await trio.to_thread.run_sync(spawn, self.argv, cwd, env, stdio)
             if cgroups is not None:  # issue 23: measured too (a gated one before it runs)
                 await self._measure(cgroups, spawned.popen.pid)
             return spawned
@@ -793,32 +793,26 @@ _placement_failed = False
 def spawn_for_owner(groups: OwnerGroups | None, owner: str, argv: Sequence[bytes],
                     cwd: bytes | None, env: Mapping[bytes, bytes] | None,
                     stdio: Stdio = NO_INPUT) -> Spawned:
-    """Spawn a job without a cgroup of its own in its owner's CPU group (worker
-    thread; see :class:`OwnerGroups`). Where that fails, the job runs in jobd's
-    group, as before, and the failure is logged once."""
+    """Spawn a job that could not get a cgroup of its own in its owner's CPU group
+    (v1, worker thread; see :class:`OwnerGroups`). Where that fails, the job runs in
+    jobd's group, as before, and the failure is logged once. (With v2 a job is
+    placed only by its own cgroup, inside its owner's group.)"""
     global _placement_failed
-    if groups is None:
+    if groups is None or not groups.per_thread:
         return spawn(argv, cwd, env, stdio)
     try:
-        path = groups.path(owner)
-        if groups.per_thread:
-            join_thread(f"{path}/tasks")
+        join_thread(f"{groups.path(owner)}/tasks")
     except OSError as exc:
         if not _placement_failed:
             _placement_failed = True
             log.warning("cannot place jobs in their owner's cgroup (they share jobd's): %s",
                         exc)
         return spawn(argv, cwd, env, stdio)
-    if groups.per_thread:
-        try:
-            return spawn(argv, cwd, env, stdio)
-        finally:
-            with contextlib.suppress(OSError):
-                join_thread(f"{groups.home}/tasks")
-    spawned = spawn(argv, cwd, env, stdio)
-    with contextlib.suppress(OSError):  # gone already, or the group: it runs in jobd's
-        write_file(f"{path}/cgroup.procs", str(spawned.popen.pid))
-    return spawned
+    try:
+        return spawn(argv, cwd, env, stdio)
+    finally:
+        with contextlib.suppress(OSError):
+            join_thread(f"{groups.home}/tasks")
 
 
 def spawn_measured(cgroups: Hierarchy, job_id: int, owner: str, argv: Sequence[bytes],
