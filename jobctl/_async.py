@@ -155,9 +155,12 @@ class Client:
                         ended = True
                         return
                     if isinstance(op, calls.Emit):
-                        if isinstance(op.event, p.End):
+                        event = op.event
+                        if isinstance(event, p.End):
                             ended = True
-                        yield op.event
+                        # This client never asks for resizes (the blocking one can).
+                        assert not isinstance(event, p.Resized), event
+                        yield event
                         value = None
                         continue
                     try:

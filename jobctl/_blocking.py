@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 import protocol as p
 
@@ -288,7 +288,7 @@ class BlockingClient:
                 self._abandon()
                 raise
 
-    def _events(self, call: calls.Call[None]) -> Iterator[p.OutputChunk | p.End]:
+    def _events(self, call: calls.Call[None]) -> Iterator[core.StreamEvent]:
         """Drive a call, yielding what it emits (a stream's chunks and its End).
         Abandoned before its end (closed, or an error), the connection is left
         mid-answer: the next request connects again."""
@@ -361,7 +361,7 @@ class BlockingClient:
         if self.on_reconnect is not None:
             self.on_reconnect("reconnected")
 
-    def _resuming(self, resume: calls.Resume) -> Iterator[p.OutputChunk | p.End]:
+    def _resuming(self, resume: calls.Resume) -> Iterator[core.StreamEvent]:
         while True:
             try:
                 yield from self._events(resume.call(self.welcome))
@@ -527,9 +527,19 @@ class BlockingClient:
         admin's any). Its status, as :meth:`start`'s. Protocol 1.2."""
         return self._run(calls.rerun(self.welcome, job))
 
+    @overload
     def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
-               reconnect: float | None = core.RECONNECT_TIMEOUT
-               ) -> Iterator[p.OutputChunk | p.End]:
+               reconnect: float | None = core.RECONNECT_TIMEOUT,
+               resizes: Literal[False] = False) -> Iterator[p.OutputChunk | p.End]: ...
+
+    @overload
+    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+               reconnect: float | None = core.RECONNECT_TIMEOUT,
+               resizes: bool) -> Iterator[core.StreamEvent]: ...
+
+    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+               reconnect: float | None = core.RECONNECT_TIMEOUT,
+               resizes: bool = False) -> Iterator[core.StreamEvent]:
         """The job's output from ``position`` (0: the first byte), following it
         live until the job ends. Yields OutputChunk events, then one End.
 
@@ -540,19 +550,31 @@ class BlockingClient:
         server. This client then carries on over the new connection. (By hand:
         connect again and pass the last chunk's position.) With
         ``timestamps``, each chunk is one read of jobd's and carries its
-        ``time`` (a server older than protocol 1.1 sends no times: None).
+        ``time`` (a server older than protocol 1.1 sends no times: None). With
+        ``resizes``, a terminal job's recorded resizes come too, as
+        :class:`protocol.Resized` events in the log's order (protocol 1.2; an
+        older server sends none).
         """
         within = core.check_reconnect(reconnect)
         if within is None:
             return self._output(calls.output_request(self.welcome, job, position, timestamps,
-                                                     follow=True))
-        return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within)))
+                                                     follow=True, resizes=resizes))
+        return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within),
+                                           resizes))
 
-    def output(self, job: int, position: int = 0, *,
-               timestamps: bool = False) -> Iterator[p.OutputChunk | p.End]:
+    @overload
+    def output(self, job: int, position: int = 0, *, timestamps: bool = False,
+               resizes: Literal[False] = False) -> Iterator[p.OutputChunk | p.End]: ...
+
+    @overload
+    def output(self, job: int, position: int = 0, *, timestamps: bool = False,
+               resizes: bool) -> Iterator[core.StreamEvent]: ...
+
+    def output(self, job: int, position: int = 0, *, timestamps: bool = False,
+               resizes: bool = False) -> Iterator[core.StreamEvent]:
         """Like :meth:`stream`, but only the output that exists now."""
         return self._output(calls.output_request(self.welcome, job, position, timestamps,
-                                                 follow=False))
+                                                 follow=False, resizes=resizes))
 
     def attach(self, job: int, position: int | None = None, *,
                input: bool = False) -> BlockingAttach:
@@ -563,7 +585,7 @@ class BlockingClient:
         self._send(calls.attach_request(self.welcome, job, position, input))
         return BlockingAttach(self, job)
 
-    def _output(self, request: p.Stream | p.Output) -> Iterator[p.OutputChunk | p.End]:
+    def _output(self, request: p.Stream | p.Output) -> Iterator[core.StreamEvent]:
         return self._events(calls.output(request))
 
 
@@ -606,6 +628,10 @@ class BlockingAttach:
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
         """Input for the job (in frames of at most ``protocol.MAX_INPUT_CHUNK``)."""
+        if type(data) is bytes and len(data) <= p.MAX_INPUT_CHUNK:
+            if data:
+                self._send(p.Input(data))  # one frame as it is (bulk input: no copy)
+            return
         view = memoryview(data).cast("B")
         for at in range(0, len(view), p.MAX_INPUT_CHUNK):
             self._send(p.Input(bytes(view[at:at + p.MAX_INPUT_CHUNK])))

@@ -58,9 +58,10 @@ class Receive(NamedTuple):
 
 
 class Emit(NamedTuple):
-    """An event for the caller: an output chunk, or a stream's End."""
+    """An event for the caller: an output chunk (or a resize, when the request asked
+    for them), or a stream's End."""
 
-    event: p.OutputChunk | p.End
+    event: p.OutputChunk | p.Resized | p.End
 
 
 Op = Send | Receive | Emit
@@ -186,13 +187,14 @@ def attach_request(welcome: p.Welcome, job: int, position: int | None,
 
 
 def output_request(welcome: p.Welcome, job: int, position: int, timestamps: bool, *,
-                   follow: bool) -> p.Stream | p.Output:
+                   follow: bool, resizes: bool = False) -> p.Stream | p.Output:
     """A stream (``follow``) or output request; times asked for only from a server
-    that sends them (protocol 1.1)."""
+    that sends them (protocol 1.1), resizes likewise (1.2)."""
     times = timestamps and welcome.minor >= 1
+    sizes = resizes and welcome.minor >= core.INTERACTIVE_MINOR
     if follow:
-        return core.message(p.Stream, job, position, timestamps=times)
-    return core.message(p.Output, job, position, timestamps=times)
+        return core.message(p.Stream, job, position, timestamps=times, resizes=sizes)
+    return core.message(p.Output, job, position, timestamps=times, resizes=sizes)
 
 
 class Resume:
@@ -204,19 +206,20 @@ class Resume:
     or repeated (docs/protocol.md, section 8)."""
 
     def __init__(self, job: int, position: int, timestamps: bool,
-                 outage: core.Outage) -> None:
+                 outage: core.Outage, resizes: bool = False) -> None:
         self.job = job
         self.position = position
         self.timestamps = timestamps
+        self.resizes = resizes
         self.outage = outage
 
     def call(self, welcome: p.Welcome) -> Call[None]:
         yield Send(output_request(welcome, self.job, self.position, self.timestamps,
-                                  follow=True))
+                                  follow=True, resizes=self.resizes))
         while True:
             event = yield Receive(None)
             self.outage.progress()
-            if isinstance(event, p.OutputChunk):
+            if isinstance(event, p.OutputChunk | p.Resized):
                 self.position = event.position
                 yield Emit(event)
                 continue
@@ -230,7 +233,7 @@ def output(request: p.Stream | p.Output) -> Call[None]:
     yield Send(request)
     while True:
         event = yield Receive(None)
-        if isinstance(event, p.OutputChunk):
+        if isinstance(event, p.OutputChunk | p.Resized):
             yield Emit(event)
             continue
         yield Emit(core.expect(event, p.End))

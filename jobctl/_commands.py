@@ -499,7 +499,7 @@ def _stream_options(parser: argparse.ArgumentParser, *, follow: bool) -> None:
                        help="only the job's stderr")
     parser.add_argument("--asciicast", action="store_true",
                         help="write asciicast v2 (asciinema's format), with the times jobd "
-                        "read each piece of output")
+                        "read each piece of output, and the terminal's resizes")
     _id(parser)
 
 

@@ -77,6 +77,9 @@ LIST_FILTERS_MINOR = 1
 LABELS_MINOR = 2
 #: The protocol minor version that brought interactive jobs (stdin, tty, attach).
 INTERACTIVE_MINOR = 2
+#: What a stream or output answer yields: chunks (resizes too, when asked for:
+#: protocol 1.2), then its End.
+StreamEvent = p.OutputChunk | p.Resized | p.End
 
 
 def require_minor(welcome: p.Welcome, minor: int, what: str) -> None:

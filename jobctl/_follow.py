@@ -388,7 +388,9 @@ def _interactive(ns: argparse.Namespace, ctx: Context, status: p.JobStatus, *,
 
 def asciicast(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
     """asciicast v2: a JSON header line, then ``[seconds, "o", text]`` per record
-    of output, timed from the job's start with the times jobd read it."""
+    of output, timed from the job's start with the times jobd read it, and
+    ``[seconds, "r", "COLSxROWS"]`` where the terminal was resized (jobd records
+    each resize at its place in the log: protocol 1.2)."""
     import codecs
     import json
 
@@ -405,12 +407,16 @@ def asciicast(ns: argparse.Namespace, ctx: Context, *, follow: bool) -> int:
     out.write(json.dumps(header) + "\n")
     decoders = {1: codecs.getincrementaldecoder("utf-8")("replace"),
                 2: codecs.getincrementaldecoder("utf-8")("replace")}
-    events = (client.stream(ns.id, timestamps=True) if follow
-              else client.output(ns.id, timestamps=True))
+    events = (client.stream(ns.id, timestamps=True, resizes=True) if follow
+              else client.output(ns.id, timestamps=True, resizes=True))
     end: p.End | None = None
     for event in events:
         if isinstance(event, p.End):
             end = event
+            continue
+        if isinstance(event, p.Resized):
+            when = max(0.0, event.time - start)
+            out.write(json.dumps([round(when, 6), "r", f"{event.cols}x{event.rows}"]) + "\n")
             continue
         chunk = decoders[event.fd].decode(event.data)
         if chunk:

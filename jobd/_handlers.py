@@ -362,7 +362,8 @@ async def _send_output(ctx: Context, request: p.Stream | p.Output, *, follow: bo
             return p.End(await ctx.manager.wait(request.job), request.position)
         return p.End(ctx.manager.status(request.job), request.position)
     reader = ctx.manager.follow_output if follow else ctx.manager.read_output
-    chunks = reader(request.job, request.position, timestamps=request.timestamps)
+    chunks = reader(request.job, request.position, timestamps=request.timestamps,
+                    resizes=request.resizes)
     position = request.position
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:

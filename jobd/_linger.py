@@ -35,6 +35,11 @@ LINGER_TIMEOUT = 2.0
 #: closed at once after this (a reset is what it asked for).
 LINGER_BYTES = 1 << 20
 _READ = 64 * 1024
+#: What the TLS stream above asks of the socket per read when it names no size
+#: (trio's SSLStream never does): bulk input (256 KiB frames) arrives in few
+#: reads, and the session decrypts every record a read brought at once
+#: (jobd._session). A bound on what one connection holds undecrypted.
+TRANSPORT_RECEIVE_SIZE = 256 * 1024
 
 
 class LingeringStream(trio.abc.HalfCloseableStream):
@@ -56,7 +61,7 @@ class LingeringStream(trio.abc.HalfCloseableStream):
         await self.tcp.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.tcp.receive_some(max_bytes)
+        return await self.tcp.receive_some(max_bytes or TRANSPORT_RECEIVE_SIZE)
 
     async def aclose(self) -> None:
         try:

@@ -79,6 +79,7 @@ from jobd._linger import LINGER_TIMEOUT, LingeringStream
 from jobd._telemetry import NULL, Telemetry
 from jobd._tls import describe_tls_error
 from jobd._version import __version__
+from jobd.engine import TERMINAL_FD, TERMINAL_SIZE
 from protocol._x509 import CertificateFormatError, issuer_and_serial
 
 if TYPE_CHECKING:
@@ -512,8 +513,8 @@ class Session:
         async with requests:
             try:
                 while True:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                    self.conn.receive_data(data)
+                    if not self._receive_decrypted():
+                        self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
                     while True:
                         event = self.conn.next_event()
                         if event is p.NEED_DATA:
@@ -549,6 +550,52 @@ class Session:
                 await self._close(exc.error_frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._peer_gone()
+
+    def _receive_decrypted(self) -> bool:
+        """Move what OpenSSL can decrypt without waiting (the records that the
+        last transport read brought along) into the connection's buffer, up to the
+        end of the next frame; True if anything came (or the peer's close_notify).
+
+        trio's ``receive_some`` returns one TLS record (16 KiB at most) per call;
+        bulk input (256 KiB frames) would take 16 trips through its retry loop and
+        this reader's per frame. Reading the rest here, straight into the
+        connection's buffer (no copy), takes one. Exactly what the next frame
+        wants is read, so the buffer still never holds more than one frame; what
+        OpenSSL holds beyond it is bounded by one transport read
+        (jobd._linger.TRANSPORT_RECEIVE_SIZE). The SSL object is trio's: when it is
+        not there (another trio), every record takes trio's way, as before.
+        """
+        tls = getattr(self.stream, "_ssl_object", None)
+        if not isinstance(tls, ssl.SSLObject):
+            return False
+        conn = self.conn
+        progress = False
+        # First the rest of the length prefix, then the rest of the payload it
+        # announces; stop when the frame is whole or OpenSSL has nothing more.
+        while (wanted := conn.bytes_wanted()) > 0:
+            got = 0
+            eof = False
+            with conn.get_buffer(wanted) as view:
+                try:
+                    while got < wanted:  # one record (16 KiB at most) per read
+                        count: int = tls.read(wanted - got, view[got:])  # type: ignore[assignment]
+                        if not count:  # close_notify: the peer's clean end
+                            eof = True
+                            break
+                        got += count
+                except ssl.SSLWantReadError:  # nothing more without the transport
+                    pass
+                except ssl.SSLError as exc:  # as trio reports it (a bad record: the end)
+                    raise trio.BrokenResourceError from exc
+            if got:
+                conn.buffer_updated(got)
+                progress = True
+            if eof:
+                conn.receive_data(b"")
+                return True
+            if got < wanted:
+                break
+        return progress
 
     async def _route_input(self, frame: p.Message) -> None:
         """An attach's input frame to its handler; one that lingers after the attach
@@ -613,7 +660,12 @@ class Session:
         await self._send(frame)
 
     async def _send_chunk(self, chunk: OutputChunk) -> None:
-        """One chunk of a stream or output answer."""
+        """One chunk of a stream or output answer (or a resize, when it asked)."""
+        if chunk.fd == TERMINAL_FD:
+            rows, cols = TERMINAL_SIZE.unpack(chunk.data)
+            await self._send(self.conn.send(p.Resized(rows, cols, chunk.position,
+                                                      (chunk.time_ns or 0) / 1e9)))
+            return
         if chunk.time_ns is None:
             frame = self.conn.send_output(chunk.fd, chunk.data, chunk.position)
         else:  # timestamps asked for: the general encoder (not the fast path)

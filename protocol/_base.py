@@ -34,6 +34,8 @@ PROTOCOL_VERSION = 1
 #: 2 (2026-12-07): interactive jobs: ``start`` takes ``stdin`` and ``tty``; a
 #: status may carry ``stdin`` and ``tty``; the ``attach`` request, during which
 #: the client sends ``input``, ``eof``, ``resize`` and ``detach``.
+#: 2 (2026-12-07, issue 24): ``stream``/``output`` take ``resizes``, answered with
+#: ``resized`` frames among the ``out`` frames (a terminal job's recorded resizes).
 #: 2 (2026-12-07, issue 23): ``start`` takes ``labels``, statuses carry them,
 #: ``list`` filters on them; the ``rerun`` request (answered by ``started``).
 PROTOCOL_MINOR = 2
@@ -104,18 +106,22 @@ class _OutputRequest(_Message):
     """The shape of the two output requests: a job ID, a position, and (minor 1)
     two flags: ``timestamps`` asks for the time of every record (one ``out``
     frame per record, each with ``time``); ``end_only`` asks for no ``out``
-    frame at all, only the ``end`` (for a stream, once the job has ended)."""
+    frame at all, only the ``end`` (for a stream, once the job has ended); and
+    (minor 2) ``resizes`` asks for a ``resized`` frame wherever the job's
+    terminal was resized, in the log's order."""
 
     job: int
     position: int = 0
     timestamps: bool = False
     end_only: bool = False
+    resizes: bool = False
 
     def __post_init__(self) -> None:
         _id("job", self.job)
         _id("position", self.position)
         check_type("timestamps", self.timestamps, bool)
         check_type("end_only", self.end_only, bool)
+        check_type("resizes", self.resizes, bool)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "job": self.job, "position": self.position}
@@ -124,12 +130,14 @@ class _OutputRequest(_Message):
             out["timestamps"] = True
         if self.end_only:
             out["end_only"] = True
+        if self.resizes:
+            out["resizes"] = True
         return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Self:
         return cls(get_int(m, "job"), get_int(m, "position", 0),
-                   _flag(m, "timestamps"), _flag(m, "end_only"))
+                   _flag(m, "timestamps"), _flag(m, "end_only"), _flag(m, "resizes"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,10 @@ runs out, so a stream of large frames costs no allocation per frame (resizing
 a bytearray whose front was deleted reallocates and copies it). A client keeps
 its buffer; a server drops it when it is empty, so idle connections cost
 nothing. ``out`` frames in the exact layout :func:`encode_output_chunk`
-writes are decoded without msgpack (anything else takes the general path).
+writes, and ``input`` frames in the layout :func:`encode_input` writes, are
+decoded without msgpack (anything else takes the general path).
+:meth:`bytes_wanted` says how much the next frame still needs, for a driver
+that can read exactly that much.
 
 The peer's EOF (CLOSED) ends only what we receive: a server whose client
 vanished mid-response may still call ``send()`` until it notices.
@@ -59,9 +62,12 @@ from ._frames import (
     MAX_FRAME_SIZE,
     decode_payload,
     encode_frame,
+    encode_input,
     encode_output_chunk,
+    parse_input,
     parse_output_chunk,
 )
+from ._interactive import Input
 from ._messages import Error, Hello, Message, OutputChunk, Tick, Welcome
 from ._state import ATTACH_INPUT, TURN, ConnectionState, Conversation, IllegalMove, Role
 
@@ -176,6 +182,22 @@ class _Connection:
                                      "that get_buffer() gave")
         self._end += nbytes
 
+    def bytes_wanted(self) -> int:
+        """How many more bytes the next frame needs before :meth:`next_event` can
+        return it: the rest of its length prefix, else the rest of its payload; 0
+        when it is whole (or its prefix is refused: next_event() says why).
+
+        A driver that can read exactly this much (a TLS object that has decrypted
+        records waiting) never buffers more than one frame.
+        """
+        available = self._end - self._start
+        if available < HEADER_SIZE:
+            return HEADER_SIZE - available
+        size: int = _HEADER.unpack_from(self._buf, self._start)[0]
+        if size > self.max_frame_size or size == 0:
+            return 0
+        return max(0, HEADER_SIZE + size - available)
+
     def next_event(self) -> Event:
         """The next message from the peer, NEED_DATA, or CLOSED.
 
@@ -215,7 +237,10 @@ class _Connection:
             new = self._conversation.next_state(self.our_role, msg.TYPE)
         except IllegalMove as exc:
             raise LocalProtocolError(str(exc)) from None
-        frame = encode_frame(msg, max_frame_size=self.send_limit)
+        if type(msg) is Input:  # bulk input: the fast path (the same bytes)
+            frame = encode_input(msg.data, max_frame_size=self.send_limit)
+        else:
+            frame = encode_frame(msg, max_frame_size=self.send_limit)
         self._conversation.commit(msg.TYPE, new)
         return frame
 
@@ -314,7 +339,12 @@ class _Connection:
                 msg = OutputChunk(fd, bytes(data), position)
                 data.release()
             else:
-                msg = decode_payload(payload, self._decode_limits)
+                raw = parse_input(payload)
+                if raw is not None:
+                    msg = Input(bytes(raw))
+                    raw.release()
+                else:
+                    msg = decode_payload(payload, self._decode_limits)
         self._consume(HEADER_SIZE + size)
         return msg
 

@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from ._base import _Message
-from ._bounds import DecodeLimits
+from ._bounds import MAX_INPUT_BYTES, DecodeLimits
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, clip
 from ._fields import FieldError
 from ._messages import MESSAGE_TYPES, Error, Message
@@ -205,6 +205,63 @@ def parse_output_chunk(
     if at != size:
         return None
     return fd, payload[start:stop], position
+
+
+# The fixed start of an "input" frame's map, as msgpack.packb writes it for
+# {"type": "input", "data": ...}: fixmap of 2 entries, "type": "input", the key "data".
+_INPUT_HEAD = b"\x82\xa4type\xa5input\xa4data"
+
+
+def encode_input(data: bytes | bytearray | memoryview, *,
+                 max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
+    """The same bytes as ``encode_frame(Input(data))``, faster: the client's bulk
+    input loop (no dataclass, no generic packer, one copy of *data*).
+
+    LocalProtocolError unless *data* is 1 to ``MAX_INPUT_CHUNK`` bytes and the frame
+    fits *max_frame_size*.
+    """
+    size = len(data) if type(data) is bytes else memoryview(data).nbytes
+    if not 0 < size <= MAX_INPUT_BYTES:
+        raise LocalProtocolError(f"input data must be 1 to {MAX_INPUT_BYTES} bytes, not {size}")
+    if size < 0x100:
+        bin_head = _U8.pack(0xC4, size)
+    elif size < 0x10000:
+        bin_head = _U16.pack(0xC5, size)
+    else:
+        bin_head = _U32.pack(0xC6, size)
+    length = len(_INPUT_HEAD) + len(bin_head) + size
+    if length > min(max_frame_size, _MAX_PREFIX):
+        raise LocalProtocolError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"'input' frame of {length} bytes exceeds the frame limit of {max_frame_size}",
+        )
+    return b"".join((_HEADER.pack(length), _INPUT_HEAD, bin_head, data))
+
+
+def parse_input(payload: bytes | bytearray | memoryview) -> memoryview | None:
+    """The data of an ``input`` payload laid out as :func:`encode_input` (and
+    msgpack) writes it, as a view into *payload*; None for any other payload,
+    including an ``input`` whose data is empty or over ``MAX_INPUT_CHUNK`` (decode
+    it with :func:`decode_payload`, which says what is wrong).
+
+    The server's hot loop for bulk input: no msgpack. It accepts exactly what
+    ``decode_payload`` decodes to the same ``Input`` (every bin form msgpack allows
+    for the length), so the two never disagree.
+    """
+    if not isinstance(payload, memoryview) or payload.format != "B":
+        payload = memoryview(payload).cast("B")
+    size = payload.nbytes
+    at = len(_INPUT_HEAD)
+    if size < at + 3 or payload[:at] != _INPUT_HEAD:
+        return None
+    form = _BIN_SIZES.get(payload[at])
+    if form is None or at + form.size > size:
+        return None
+    _, length = form.unpack_from(payload, at)
+    start = at + form.size
+    if start + length != size or not 0 < length <= MAX_INPUT_BYTES:
+        return None
+    return payload[start:]
 
 
 def bad_request(message: str) -> RemoteProtocolError:
@@ -389,7 +446,9 @@ __all__ = [
     "bad_request",
     "decode_payload",
     "encode_frame",
+    "encode_input",
     "encode_output_chunk",
     "encoded_size",
+    "parse_input",
     "parse_output_chunk",
 ]

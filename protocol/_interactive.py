@@ -9,9 +9,9 @@ frames. See ``_state.py`` (state ATTACH) and docs/protocol.md §4.7.
 
 from __future__ import annotations
 
-from ._base import _id, _Message
+from ._base import _id, _Message, _uint
 from ._bounds import MAX_INPUT_BYTES
-from ._fields import check, check_type, get_bool, get_bytes, get_int
+from ._fields import check, check_type, get_bool, get_bytes, get_float, get_int
 from ._terminal import check_size
 
 TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
@@ -147,8 +147,44 @@ class Detach(_Message):
         return cls()
 
 
+@dataclass(frozen=True, slots=True)
+class Resized(_Message):
+    """The job's terminal was resized here: a server frame between the ``out``
+    frames of a ``stream`` or ``output`` answer that asked for ``resizes``
+    (minor 2), in the order of the log.
+
+    Fields:
+      rows, cols: the terminal's new size.
+      position: the position just after this event in the log (resuming from
+        it continues with what followed).
+      time: when jobd resized the terminal, Unix seconds.
+    """
+
+    TYPE: ClassVar[str] = "resized"
+
+    rows: int
+    cols: int
+    position: int
+    time: float
+
+    def __post_init__(self) -> None:
+        check_size(self.rows, self.cols)
+        _uint("position", self.position)
+        check_type("time", self.time, (int, float))
+        object.__setattr__(self, "time", float(self.time))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "rows": self.rows, "cols": self.cols,
+                "position": self.position, "time": self.time}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Self:
+        return cls(get_int(m, "rows"), get_int(m, "cols"), get_int(m, "position"),
+                   get_float(m, "time"))
+
+
 #: The frames a client sends while an attach runs.
 ATTACH_FRAMES = frozenset({Input.TYPE, InputEof.TYPE, Resize.TYPE, Detach.TYPE})
 
 __all__ = ["ATTACH_FRAMES", "MAX_INPUT_CHUNK", "Attach", "Detach", "Input", "InputEof",
-           "Resize"]
+           "Resize", "Resized"]

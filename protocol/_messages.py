@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 from ._base import PROTOCOL_MINOR, PROTOCOL_VERSION
-from ._interactive import Attach, Detach, Input, InputEof, Resize
+from ._interactive import Attach, Detach, Input, InputEof, Resize, Resized
 from ._replies import (
     Deleted,
     End,
@@ -44,7 +44,7 @@ ClientMessage: TypeAlias = (
 )
 ServerMessage: TypeAlias = (
     Welcome | Started | Stopped | StatusResult | JobList | Deleted | Pruned | OutputChunk | End
-    | Error | Tick
+    | Error | Tick | Resized
 )
 #: Any message (usable with isinstance()).
 Message: TypeAlias = ClientMessage | ServerMessage
@@ -59,7 +59,7 @@ CLIENT_MESSAGES: tuple[type[ClientMessage], ...] = (
 )
 SERVER_MESSAGES: tuple[type[ServerMessage], ...] = (
     Welcome, Started, Stopped, StatusResult, JobList, Deleted, Pruned, OutputChunk, End, Error,
-    Tick,
+    Tick, Resized,
 )
 #: Wire type string -> message class.
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -73,6 +73,7 @@ __all__ = [
     "Input",
     "InputEof",
     "Resize",
+    "Resized",
     "MESSAGE_TYPES",
     "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",

@@ -436,6 +436,8 @@ class Stream(_OutputRequest):
         job's pipes, each with the time it was read.
       end_only: (minor 1) True to get no chunks: only the end frame, once the
         job has ended (``jobctl wait``).
+      resizes: (minor 2) True to get a :class:`Resized` frame, among the
+        chunks, wherever the job's terminal was resized (``stream --asciicast``).
     """
 
     TYPE: ClassVar[str] = "stream"
@@ -450,6 +452,7 @@ class Output(_OutputRequest):
       position: as for :class:`Stream`.
       timestamps: as for :class:`Stream`.
       end_only: True to get only the end frame, at once.
+      resizes: as for :class:`Stream`.
     """
 
     TYPE: ClassVar[str] = "output"

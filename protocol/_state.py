@@ -131,6 +131,7 @@ TRANSITIONS: dict[tuple[ConnectionState, str], ConnectionState] = {
     **{(S.RESULT, result): S.IDLE for result in RESULT_FOR.values()},
     (S.RESULT, "error"): S.IDLE,
     (S.STREAM, "out"): S.STREAM,
+    (S.STREAM, "resized"): S.STREAM,  # minor 2: only when the request asked for it
     (S.STREAM, "end"): S.IDLE,
     (S.STREAM, "error"): S.IDLE,
     (S.IDLE, "attach"): S.ATTACH,

@@ -107,7 +107,13 @@ def test_a_shell_on_a_terminal_resize_ctrl_c_detach_attach_and_an_observer(
     header, *events = [json.loads(line) for line in cast.stdout.splitlines()]
     assert header["version"] == 2 and (header["height"], header["width"]) == (30, 100)
     assert header["env"] == {"TERM": "xterm-256color"}
-    assert all(kind == "o" for _, kind, _ in events)
+    # Each resize at its place (issue 24): alice's window change, then the size of
+    # the second attach's terminal (the observer's is not sent: it cannot type).
+    assert {kind for _, kind, _ in events} == {"o", "r"}
+    assert [text for _, kind, text in events if kind == "r"] == ["132x41", "100x30"]
+    first = next(i for i, (_, kind, _) in enumerate(events) if kind == "r")
+    assert "41 132" not in "".join(text for _, kind, text in events[:first] if kind == "o")
+    assert "41 132" in "".join(text for _, kind, text in events[first:] if kind == "o")
     times = [t for t, _, _ in events]
     assert times == sorted(times) and times[0] >= 0
     assert "\r42\r\n" in "".join(text for _, _, text in events)

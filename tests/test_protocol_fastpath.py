@@ -4,7 +4,10 @@
   against ``decode_payload``, for every integer form msgpack allows and for
   layouts it must leave to the general decoder;
 * ``get_buffer``/``buffer_updated`` (receiving without a copy) against
-  ``receive_data``, including the bound on what may be buffered.
+  ``receive_data``, including the bound on what may be buffered;
+* ``encode_input``/``parse_input`` (bulk input, issue 24) against
+  ``encode_frame``/``decode_payload``, and ``bytes_wanted`` (a driver reading
+  exactly the rest of the next frame).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from hypothesis import strategies as st
 
 from protocol import (
     CLOSED,
+    MAX_INPUT_CHUNK,
     NEED_DATA,
+    Attach,
     ClientConnection,
     End,
+    Input,
     LocalProtocolError,
     OutputChunk,
     RemoteProtocolError,
@@ -28,7 +34,9 @@ from protocol import (
     Stream,
     decode_payload,
     encode_frame,
+    encode_input,
     encode_output_chunk,
+    parse_input,
     parse_output_chunk,
 )
 
@@ -217,3 +225,109 @@ def test_an_oversized_frame_is_refused_before_its_payload() -> None:
     client.buffer_updated(4)
     with pytest.raises(RemoteProtocolError, match="exceeds the frame limit"):
         client.next_event()
+
+
+# -- input frames (issue 24) --------------------------------------------------
+
+INPUT_HEAD = b"\x82\xa4type\xa5input\xa4data"
+
+
+def input_payload(data: bytes, bin_form: str = "") -> bytes:
+    if bin_form:
+        marker, fmt, _ = BIN_FORMS[bin_form]
+        return INPUT_HEAD + bytes([marker]) + struct.pack(fmt, len(data)) + data
+    return msgpack.packb({"type": "input", "data": data})
+
+
+@pytest.mark.parametrize("size", [1, 255, 256, 65535, 65536, MAX_INPUT_CHUNK])
+def test_the_input_fast_path_writes_and_reads_what_the_general_path_does(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frame = encode_input(data)
+    assert frame == encode_frame(Input(data))
+    assert bytes(parse_input(frame[4:]) or b"") == data
+    assert decode_payload(frame[4:]) == Input(data)
+
+
+@pytest.mark.parametrize("bin_form", sorted(BIN_FORMS))
+def test_parse_input_accepts_every_bin_form_the_general_decoder_does(bin_form: str) -> None:
+    raw = input_payload(b"abc" * 30, bin_form)
+    assert decode_payload(raw) == Input(b"abc" * 30)
+    assert bytes(parse_input(raw) or b"") == b"abc" * 30
+
+
+@pytest.mark.parametrize("raw", [
+    # valid, but another layout: the general path
+    msgpack.packb({"data": b"x", "type": "input"}),
+    # invalid or refused: the general path says why
+    input_payload(b""),
+    input_payload(b"x" * (MAX_INPUT_CHUNK + 1)),
+    input_payload(b"xy") + b"\x00",
+    input_payload(b"xy")[:-1],
+    INPUT_HEAD + b"\xa2xy",
+    INPUT_HEAD + b"\xc6",
+    INPUT_HEAD,
+    b"",
+])
+def test_parse_input_leaves_everything_else_to_the_general_decoder(raw: bytes) -> None:
+    assert parse_input(raw) is None
+
+
+@given(st.binary(max_size=64))
+def test_parse_input_never_disagrees_with_the_general_decoder(raw: bytes) -> None:
+    body = input_payload(b"data!")
+    for candidate in (raw, INPUT_HEAD + raw, body[: len(raw)] + raw, body + raw):
+        result = parse_input(candidate)
+        if result is not None:
+            assert decode_payload(candidate) == Input(bytes(result))
+
+
+@pytest.mark.parametrize("data", [b"", b"x" * (MAX_INPUT_CHUNK + 1)])
+def test_encode_input_refuses_what_input_refuses(data: bytes) -> None:
+    with pytest.raises(LocalProtocolError, match="1 to"):
+        encode_input(data)
+    with pytest.raises(LocalProtocolError, match="exceeds the frame limit"):
+        encode_input(b"x" * 100, max_frame_size=50)
+
+
+def attaching() -> tuple[ClientConnection, ServerConnection]:
+    client, server = welcomed()
+    server.receive_data(client.send(Attach(7, input=True)))
+    assert server.next_event() == Attach(7, input=True)
+    return client, server
+
+
+def test_bytes_wanted_reads_exactly_one_frame_at_a_time() -> None:
+    """A driver that reads exactly what bytes_wanted() says (as jobd's reader does
+    from OpenSSL) gets every frame whole and never buffers a byte beyond it."""
+    client, server = attaching()
+    sizes = [1, 3, 16384, 16385, MAX_INPUT_CHUNK, 70000, 2]
+    wire = b"".join(client.send(Input(bytes([i]) * n)) for i, n in enumerate(sizes))
+    events: list[object] = []
+    at = 0
+    while at < len(wire):
+        wanted = server.bytes_wanted()
+        assert wanted > 0
+        piece = wire[at:at + min(wanted, 5000)]  # records shorter than the frame
+        view = server.get_buffer(len(piece))
+        view[:len(piece)] = piece
+        server.buffer_updated(len(piece))
+        at += len(piece)
+        assert len(server._buffer) <= MAX_INPUT_CHUNK + 64  # never beyond one frame
+        if server.bytes_wanted() == 0:
+            events.append(server.next_event())
+            assert server.next_event() is NEED_DATA
+    assert events == [Input(bytes([i]) * n) for i, n in enumerate(sizes)]
+    assert server.bytes_wanted() == 4  # the next length prefix
+
+
+def test_bytes_wanted_is_zero_for_a_refused_length_prefix() -> None:
+    _client, server = attaching()
+    server.receive_data((2 << 20).to_bytes(4, "big"))
+    assert server.bytes_wanted() == 0  # nothing more is read: next_event() says why
+    with pytest.raises(RemoteProtocolError, match="exceeds the frame limit"):
+        server.next_event()
+    _client, server = attaching()
+    server.receive_data(bytes(4))
+    assert server.bytes_wanted() == 0
+    with pytest.raises(RemoteProtocolError, match="empty frame"):
+        server.next_event()

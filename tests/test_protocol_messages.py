@@ -174,6 +174,7 @@ EXAMPLES: list[p.Message] = [
     p.Input(data=b"\x03ls\r"),
     p.InputEof(),
     p.Resize(rows=50, cols=132),
+    p.Resized(rows=50, cols=132, position=4096, time=1733580000.25),
     p.Detach(),
     WELCOME,
     dataclasses.replace(WELCOME, tick_interval=10.0),
@@ -263,7 +264,7 @@ def test_golden_decode(msg: p.Message, frame: bytes) -> None:
 
 def test_examples_cover_every_type() -> None:
     assert {type(m) for m in EXAMPLES} == set(p.MESSAGE_TYPES.values())
-    assert len(p.MESSAGE_TYPES) == 26
+    assert len(p.MESSAGE_TYPES) == 27
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)

@@ -6,7 +6,7 @@ No network code: the server drives it through :class:`JobManager`, made by
 
 from __future__ import annotations
 
-from ._logformat import MAX_RECORD
+from ._logformat import MAX_RECORD, TERMINAL_FD, TERMINAL_SIZE
 from ._manager import LOST, JobManager, OutputReader, open_job_manager
 from ._types import (
     BadLimits,
@@ -25,6 +25,8 @@ from ._types import (
 __all__ = [
     "LOST",
     "MAX_RECORD",
+    "TERMINAL_FD",
+    "TERMINAL_SIZE",
     "BadLimits",
     "BadPosition",
     "EngineConfig",

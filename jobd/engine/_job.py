@@ -288,6 +288,8 @@ class Job:
         self.owner = owner
         self.argv = argv
         self.log = log
+        if tty is not None:
+            log.terminal_size = (tty.rows, tty.cols)  # a resize to it records nothing
         self.limits = limits  # as applied (server defaults included); None: none
         self.labels = labels
         self.spec = spec  # opaque: how it was asked for (Record.spec)
@@ -729,8 +731,11 @@ class Job:
         """Resize the job's terminal (its foreground group gets SIGWINCH)."""
         if self.tty is None or self._stdin_fd < 0:
             return
-        with contextlib.suppress(OSError):
+        try:
             set_window_size(self._stdin_fd, rows, cols)
+        except OSError:
+            return
+        self.log.resize(rows, cols)  # recorded with the next output (asciicast replays)
 
     def _close_stdin(self) -> None:
         fd, self._stdin_fd = self._stdin_fd, -1

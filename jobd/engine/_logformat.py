@@ -8,7 +8,7 @@ from the job's pipes. A record is a 20-byte header and the bytes::
 
     offset  size  field
     0       1     magic 0xA7
-    1       1     fd: 1 (stdout) or 2 (stderr)
+    1       1     fd: 1 (stdout), 2 (stderr), or 3 (a terminal size: see below)
     2       2     reserved, 0
     4       4     length of the data (uint32, 1..MAX_RECORD)
     8       8     time the bytes were read (int64 ns since the Unix epoch)
@@ -16,6 +16,12 @@ from the job's pipes. A record is a 20-byte header and the bytes::
                   offset (uint64); it makes a header recognisable *at its place*,
                   so a job that prints another job's log (headers and all) can
                   never make an offset inside its data pass for a record boundary.
+
+A record with fd 3 is no output: the job's terminal was resized (issue 24).
+Its 4 bytes are the new size, rows then columns (uint16 each), and its time
+is when jobd resized the terminal. Readers skip these records unless asked
+for them (``resizes``); positions count them like any record. The appender
+writes one only just before the next output record (``OutputLog.resize``).
 
 All integers are little-endian. A position handed to readers is a file offset
 at a record boundary; ``_logreader.check_position`` verifies one by reading
@@ -46,6 +52,9 @@ _OFFSET = struct.Struct("<Q")
 
 #: Largest record payload: one pipe read. Readers need max_chunk >= this.
 MAX_RECORD = 256 * 1024
+#: The fd of a terminal size record, and its payload: rows, columns.
+TERMINAL_FD = 3
+TERMINAL_SIZE = struct.Struct("<HH")
 #: Block size for the crash-recovery scan.
 _SCAN_BLOCK = 1 << 20
 
@@ -65,7 +74,8 @@ def decode_header(buf: bytes | bytearray | memoryview, at: int, offset: int) -> 
     Raises ValueError if it is not a valid header for that offset.
     """
     magic, fd, reserved, length, _time, check = HEADER.unpack_from(buf, at)
-    if (magic != MAGIC or fd not in (1, 2) or reserved != 0 or not 0 < length <= MAX_RECORD
+    if (magic != MAGIC or reserved != 0 or not 0 < length <= MAX_RECORD
+            or not (fd in (1, 2) or (fd == TERMINAL_FD and length == TERMINAL_SIZE.size))
             or check != _check(memoryview(buf)[at:at + 16], offset)):
         raise ValueError(f"no record header at offset {offset}")
     return fd, length
@@ -122,13 +132,14 @@ def recover(path: Path, dir_fd: int | None = None, name: str | None = None) -> t
                 if len(block) < HEADER_SIZE:
                     break
             try:
-                _fd, length = decode_header(block, at, pos)
+                kind, length = decode_header(block, at, pos)
             except ValueError:
                 break
             if pos + HEADER_SIZE + length > size:
                 break
             pos += HEADER_SIZE + length
-            data += length
+            if kind != TERMINAL_FD:
+                data += length
         if pos < size:
             log.warning("output log %s: truncating a torn tail at %d (size %d)", path, pos, size)
             os.ftruncate(fd, pos)

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from ._logformat import HEADER, HEADER_SIZE, MAGIC, decode_header
+from ._logformat import HEADER, HEADER_SIZE, MAGIC, TERMINAL_FD, decode_header
 from ._types import BadPosition, EngineError, OutputChunk
 
 logger = logging.getLogger("jobd.engine")
@@ -115,12 +115,15 @@ def recent_position(log: ReadableLog, back: int) -> int:
 
 
 async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | None, *,
-                 timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
+                 timestamps: bool = False,
+                 resizes: bool = False) -> AsyncGenerator[OutputChunk, None]:
     """Chunks from ``position`` (validated by the caller).
 
     With ``until`` None it follows: waits for more until the log is closed
     and every byte was given. Else it stops at offset ``until``. With
-    ``timestamps``, every record is its own chunk, with its time.
+    ``timestamps``, every record is its own chunk, with its time. A terminal's
+    size records are skipped, or with ``resizes`` given as chunks of their own
+    (fd TERMINAL_FD, the 4 bytes of the size, with its time).
     """
     fd = -1  # opened once there is something to read: the first write makes the log
     try:
@@ -142,9 +145,9 @@ async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | N
             spans: list[tuple[int, list[tuple[int, int]], int]] = []
             try:
                 if timestamps:
-                    records = _records(block, position)
+                    records, after = _records(block, position, resizes)
                 else:
-                    spans = _parse(block, position, max_chunk)
+                    spans, after = _parse(block, position, max_chunk, resizes)
             except EngineError as exc:  # damage on disk: the operator must hear of it
                 logger.warning("output log %s is damaged: %s; its output from there on "
                                "cannot be read (restore the file, or delete the job)",
@@ -154,24 +157,29 @@ async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | N
                 yield chunk
                 position = chunk.position
             view = memoryview(block)
-            for i, (chunk_fd, parts, after) in enumerate(spans):
+            for i, (chunk_fd, parts, stop) in enumerate(spans):
                 data = b"".join(view[a:b] for a, b in parts)
+                time_ns = (HEADER.unpack_from(view, parts[0][0] - HEADER_SIZE)[4]
+                           if chunk_fd == TERMINAL_FD else None)  # a size: with its time
                 if i == len(spans) - 1:
                     del block, view  # hold only the chunk while the consumer works
-                yield OutputChunk(chunk_fd, data, after)
-                position = after
+                yield OutputChunk(chunk_fd, data, stop, time_ns)
+                position = stop
+            position = after  # past size records skipped at the end of the block
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-def _parse(block: bytearray | bytes, base: int,
-           max_chunk: int) -> list[tuple[int, list[tuple[int, int]], int]]:
+def _parse(block: bytearray | bytes, base: int, max_chunk: int,
+           resizes: bool = False) -> tuple[list[tuple[int, list[tuple[int, int]], int]], int]:
     """Split a block read at file offset ``base`` into chunks.
 
-    Returns [(fd, [(start, stop) slices of block], position after)], covering
-    the whole records the block holds (at least one: blocks are read at least
-    one maximal record long, or up to the committed end).
+    Returns ([(fd, [(start, stop) slices of block], position after)], the
+    position after the last whole record), covering the whole records the
+    block holds (at least one: blocks are read at least one maximal record
+    long, or up to the committed end). A terminal's size record ends the chunk
+    before it, and is a chunk of its own with ``resizes``, else skipped.
     """
     spans: list[tuple[int, list[tuple[int, int]], int]] = []
     at = 0
@@ -186,23 +194,31 @@ def _parse(block: bytearray | bytes, base: int,
         stop = at + HEADER_SIZE + length
         if stop > len(block):
             break
-        if parts and (fd != cur_fd or size + length > max_chunk):
+        if parts and (fd != cur_fd or size + length > max_chunk or fd == TERMINAL_FD):
             spans.append((cur_fd, parts, base + at))
             parts, size = [], 0
+        if fd == TERMINAL_FD:
+            if resizes:
+                spans.append((fd, [(at + HEADER_SIZE, stop)], base + stop))
+            at = stop
+            continue
         cur_fd = fd
         parts.append((at + HEADER_SIZE, stop))
         size += length
         at = stop
     if parts:
         spans.append((cur_fd, parts, base + at))
-    if not spans:
+    if at == 0:
         raise EngineError(f"output log corrupt at offset {base}")
-    return spans
+    return spans, base + at
 
 
-def _records(block: bytearray | bytes, base: int) -> list[OutputChunk]:
+def _records(block: bytearray | bytes, base: int,
+             resizes: bool = False) -> tuple[list[OutputChunk], int]:
     """The whole records of a block read at file offset ``base``, one chunk each,
-    with its time (the ``timestamps`` reading; :func:`_parse` is the fast one)."""
+    with its time (the ``timestamps`` reading; :func:`_parse` is the fast one),
+    and the position after the last; a terminal's size records only with
+    ``resizes``."""
     chunks: list[OutputChunk] = []
     at = 0
     while at + HEADER_SIZE <= len(block):
@@ -213,12 +229,14 @@ def _records(block: bytearray | bytes, base: int) -> list[OutputChunk]:
         stop = at + HEADER_SIZE + length
         if stop > len(block):
             break
-        time_ns = HEADER.unpack_from(block, at)[4]
-        chunks.append(OutputChunk(fd, bytes(block[at + HEADER_SIZE:stop]), base + stop, time_ns))
+        if fd != TERMINAL_FD or resizes:
+            time_ns = HEADER.unpack_from(block, at)[4]
+            chunks.append(OutputChunk(fd, bytes(block[at + HEADER_SIZE:stop]), base + stop,
+                                      time_ns))
         at = stop
-    if not chunks:
+    if at == 0:
         raise EngineError(f"output log corrupt at offset {base}")
-    return chunks
+    return chunks, base + at
 
 
 _nowait_reads = hasattr(os, "RWF_NOWAIT")

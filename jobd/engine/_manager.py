@@ -434,20 +434,22 @@ class JobManager:
 
     def read_output(self, job_id: int, position: int = 0, *,
                     max_chunk: int = DEFAULT_MAX_CHUNK,
-                    timestamps: bool = False) -> OutputReader:
+                    timestamps: bool = False, resizes: bool = False) -> OutputReader:
         """The output that exists now, from ``position``. Raises JobNotFound or
         BadPosition at call time; close the iterator (``aclosing``) if you stop early.
-        With ``timestamps``, one chunk per record, each with its time.
+        With ``timestamps``, one chunk per record, each with its time. With
+        ``resizes``, a terminal's recorded resizes too: chunks of fd TERMINAL_FD
+        (the size, ``TERMINAL_SIZE``; with its time).
         """
         job = self._get(job_id)
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
         return OutputReader(job, job.log.chunks(position, max_chunk, job.log.end,
-                                                timestamps=timestamps))
+                                                timestamps=timestamps, resizes=resizes))
 
     def follow_output(self, job_id: int, position: int = 0, *,
                       max_chunk: int = DEFAULT_MAX_CHUNK,
-                      timestamps: bool = False) -> OutputReader:
+                      timestamps: bool = False, resizes: bool = False) -> OutputReader:
         """Like read_output, then waits for more until the job ended and everything
         was delivered.
         """
@@ -455,7 +457,8 @@ class JobManager:
         _check_max_chunk(max_chunk)
         job.log.check_position(position)
         return OutputReader(job, _then_done(
-            job.log.chunks(position, max_chunk, None, timestamps=timestamps), job.done))
+            job.log.chunks(position, max_chunk, None, timestamps=timestamps, resizes=resizes),
+            job.done))
 
     # -- interactive jobs ---------------------------------------------------------
 

@@ -44,6 +44,8 @@ from ._cgroups import join_thread
 from ._logformat import (
     HEADER_SIZE,
     MAX_RECORD,
+    TERMINAL_FD,
+    TERMINAL_SIZE,
     create_file,
     decode_header,
     encode_header,
@@ -100,8 +102,8 @@ class OutputLog:
     __slots__ = (
         "_accepted", "_budget", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd",
         "_group", "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue", "_queued_cost",
-        "_room", "_token", "_writers", "_writing", "cap", "closed", "dropped_bytes", "end",
-        "output_bytes", "path",
+        "_resized", "_room", "_token", "_writers", "_writing", "cap", "closed", "dropped_bytes",
+        "end", "output_bytes", "path", "terminal_size",
     )
 
     def __init__(self, path: Path, cap: int, *, end: int = 0, output_bytes: int = 0,
@@ -141,6 +143,9 @@ class OutputLog:
         self._posted = False
         self._lingering = False
         self._token: trio.lowlevel.TrioToken | None = None
+        #: A terminal job's size as last recorded (its starting size: set by the job).
+        self.terminal_size: tuple[int, int] | None = None
+        self._resized: tuple[tuple[int, int], int] | None = None  # ((rows, cols), time_ns)
 
     # -- appending (the job's side) ---------------------------------------
 
@@ -155,6 +160,15 @@ class OutputLog:
                 self._room = trio.Event()
             await self._room.wait()
 
+    def resize(self, rows: int, cols: int) -> None:
+        """The job's terminal was resized now: recorded (a TERMINAL_FD record with
+        this time) just before the next output record. So resizes with no output
+        between them make one record, the last size, and a resize back to the size
+        last recorded makes none: there are never more size records than output
+        records, whatever a client sends (docs/engine.md). A resize that no output
+        follows before the job ends is not recorded: nothing was shown at that size."""
+        self._resized = ((rows, cols), time.time_ns())
+
     def append(self, fd: int, data: bytes) -> None:
         """Queue one pipe read (at most MAX_RECORD bytes) for writing; never blocks."""
         assert not self.closed and 0 < len(data) <= MAX_RECORD
@@ -167,15 +181,22 @@ class OutputLog:
             if keep <= 0:
                 return
             data = data[:keep]
-        self._accepted += keep
-        if self._budget is not None:
-            self._budget.left -= keep + HEADER_SIZE
-        self._queued_cost += keep + _RECORD_COST
+        records = [(fd, data, time.time_ns())]
+        resized, self._resized = self._resized, None
+        if (resized is not None and resized[0] != self.terminal_size
+                and room - keep >= TERMINAL_SIZE.size + HEADER_SIZE):
+            self.terminal_size = resized[0]
+            records.insert(0, (TERMINAL_FD, TERMINAL_SIZE.pack(*resized[0]), resized[1]))
+        for _fd, kept, _t in records:
+            self._accepted += len(kept)
+            if self._budget is not None:
+                self._budget.left -= len(kept) + HEADER_SIZE
+            self._queued_cost += len(kept) + _RECORD_COST
         cond = self._cond
         if cond is None:
             cond = self._cond = threading.Condition(threading.Lock())
         with cond:
-            self._queue.append((fd, data, time.time_ns()))
+            self._queue.extend(records)
             if self._lingering:
                 cond.notify()
         if not self._writing:
@@ -209,8 +230,9 @@ class OutputLog:
             self._changed = None
 
     def _drop(self, records: list[tuple[int, bytes, int]]) -> None:
-        for _fd, data, _t in records:
-            self.dropped_bytes += len(data)
+        for fd, data, _t in records:
+            if fd != TERMINAL_FD:
+                self.dropped_bytes += len(data)
             self._accepted -= len(data)
             if self._budget is not None:
                 self._budget.left += len(data) + HEADER_SIZE
@@ -348,14 +370,15 @@ class OutputLog:
     def _commit(self, batch: list[tuple[int, bytes, int]], written: int,
                 error: str | None) -> None:
         done = 0
-        for _fd, data, _t in batch:
+        for fd, data, _t in batch:
             size = HEADER_SIZE + len(data)
             self._queued_cost -= len(data) + _RECORD_COST
+            output = fd != TERMINAL_FD  # a size record is no output
             if done + size <= written:
                 done += size
-                self.output_bytes += len(data)
+                self.output_bytes += len(data) * output
             else:
-                self.dropped_bytes += len(data)
+                self.dropped_bytes += len(data) * output
                 self._accepted -= len(data)
                 if self._budget is not None:
                     self._budget.left += len(data) + HEADER_SIZE
@@ -387,10 +410,12 @@ class OutputLog:
         _logreader.check_position(self, position)
 
     def chunks(self, position: int, max_chunk: int, until: int | None, *,
-               timestamps: bool = False) -> AsyncGenerator[OutputChunk, None]:
+               timestamps: bool = False,
+               resizes: bool = False) -> AsyncGenerator[OutputChunk, None]:
         """Chunks from ``position`` (validated by the caller); see
         :func:`jobd.engine._logreader.chunks`."""
-        return _logreader.chunks(self, position, max_chunk, until, timestamps=timestamps)
+        return _logreader.chunks(self, position, max_chunk, until, timestamps=timestamps,
+                                 resizes=resizes)
 
 
 #: The record format's names, for the engine's other modules and the tests.

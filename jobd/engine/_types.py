@@ -106,7 +106,9 @@ class OutputChunk:
     """Consecutive output of one stream.
 
     Fields:
-      fd: 1 for stdout, 2 for stderr.
+      fd: 1 for stdout, 2 for stderr; TERMINAL_FD (3) for a terminal's resize,
+        read only when asked for (``resizes``): ``data`` is the new size
+        (``TERMINAL_SIZE``: rows, columns) and ``time_ns`` when it was resized.
       data: the bytes, never empty.
       position: the log offset just after the last record in this chunk; reading
         again from it resumes right after this chunk, nothing lost or repeated.
