@@ -5,7 +5,10 @@
     .venv/bin/python bench/run.py --only 1 --only 3
 
 Every run starts its own contenders on loopback (bench/_harness.py): a real
-jobd with a dev PKI, a throwaway sshd, socat as a raw TLS 1.3 pipe. Contenders
+jobd with a dev PKI, a throwaway sshd, socat as a raw TLS 1.3 pipe. jobd and
+jobctl are what users get: a wheel of the tree (the repository, or ``--tree
+DIR``) installed into a venv of the run's own, for every figure (``--editable``:
+the repository's editable install instead, or ``--tree`` on PYTHONPATH). Contenders
 alternate (A B A B ...), the figures are medians. A whole run writes its table
 into bench/README.md (between the "bench/run.py" markers); ``--quick`` runs
 print only, unless ``--write``.
@@ -236,7 +239,7 @@ def _children_cpu() -> float:
 def bench_start(report: Report, jobd: h.Jobd, sshd: h.Sshd) -> None:
     rounds = report.sizes.start_rounds
     say(f"3: `jobctl start true` vs `ssh ... true` ({rounds} rounds)")
-    python = [sys.executable, "-c", "pass"]
+    python = [h.python(), "-c", "pass"]
     results = h.alternate({
         "jobctl start true": lambda: h.run_timed(jobd.cli("start", "true"), env=jobd.env),
         "ssh true": lambda: h.run_timed(sshd.command("true")),
@@ -378,7 +381,7 @@ async def main():
     print(done / (time.perf_counter() - t0))
 trio.run(main)
 """
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+    out = subprocess.run([h.python(), "-P", "-c", code], capture_output=True, text=True,
                          cwd=h.ROOT, check=True, env=jobd.env)
     return float(out.stdout.strip())
 
@@ -541,25 +544,14 @@ def bench_starts(report: Report, work: Path, pki: h.Pki) -> None:
         f"and {CONNECTIONS} at once, vs `Popen(['true']).wait()` here")
     jobd = h.Jobd(work, pki)
     try:
-        client = jobd.connect()
-        for _ in range(20):
-            client.start(["true"])
-
-        def blocking() -> float:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                client.start(["true"])
-            return n / (time.perf_counter() - t0)
-
         seconds = max(0.2, n / 500)
         results = h.alternate({
-            "blocking": blocking,
+            "blocking": lambda: _blocking_starts_per_second(jobd, n),
             "async": lambda: _async_per_second(jobd, "start", 0, seconds),
             f"{CONNECTIONS} connections": lambda: _async_per_second(
                 jobd, "start", 0, seconds, connections=CONNECTIONS),
             "Popen": lambda: _popen_per_second(seconds),
         }, 3)
-        client.close()
     finally:
         jobd.stop()
     med = {name: h.median(v) for name, v in results.items()}
@@ -581,6 +573,24 @@ def bench_starts(report: Report, work: Path, pki: h.Pki) -> None:
 
 #: Figure 7's concurrent connections.
 CONNECTIONS = 8
+
+
+def _blocking_starts_per_second(jobd: h.Jobd, n: int) -> float:
+    """Starts of ``true`` per second, one after another over one blocking library
+    connection (in a child process, with the jobctl under test: :func:`h.python`)."""
+    code = f"""
+import time, jobctl
+with jobctl.connect_blocking("127.0.0.1", {jobd.port}, **{jobd.connect_args()!r}) as c:
+    for _ in range(20):
+        c.start(["true"])
+    t0 = time.perf_counter()
+    for _ in range({n}):
+        c.start(["true"])
+    print({n} / (time.perf_counter() - t0))
+"""
+    out = subprocess.run([h.python(), "-P", "-c", code], capture_output=True, text=True,
+                         cwd=h.ROOT, check=True, env=jobd.env)
+    return float(out.stdout.strip())
 
 
 def _popen_per_second(seconds: float) -> float:
@@ -656,6 +666,9 @@ def table(report: Report, info: dict[str, str], quick: bool, seconds: float) -> 
         f"Date: {info['date']}. Machine: nproc {info['nproc']}, {info['cpu']}, "
         f"{info['kernel']}, {info['python']}, {info['openssl']}; references "
         f"{info['ssh']} (`-c aes128-gcm@openssh.com`) and {info['socat']}."
+        + (" jobd and jobctl: a wheel of the tree installed into a venv of the run's "
+           "own (not editable), for every figure." if "install" in info else
+           " jobd and jobctl: the editable install (`--editable`).")
         + (" **Quick run** (`--quick`): smaller sizes." if quick else ""),
         f"Medians of {s.rounds} alternating rounds for figures 1 and 2 (their range "
         f"in parentheses), {s.start_rounds} for figure 3, 3 for figure 4; the whole run took "
@@ -703,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=float, metavar="SECONDS",
                         help="wait at most this long for a quiet machine before each figure "
                         f"(default {h.QUIET_PATIENCE:g}; 0: never wait)")
+    parser.add_argument("--editable", action="store_true",
+                        help="run the editable install (or --tree on PYTHONPATH), not a wheel "
+                        "installed into a venv of the run's own (never writes the README)")
     parser.add_argument("--tree", type=Path, metavar="DIR",
                         help="run jobd and jobctl from this copy of the code (e.g. "
                         "`git archive HEAD | tar -x -C DIR`) instead of the repository's")
@@ -711,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         h.CODE_TREE = ns.tree.resolve()
         ns.no_write = True
     sizes = SMOKE if ns.smoke else QUICK if ns.quick else Sizes()
-    if ns.smoke:
+    if ns.smoke or ns.editable:
         ns.no_write = True
         h.QUIET_PATIENCE = 0.0
     if ns.rounds:
@@ -728,6 +744,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="jobd-bench-") as tmp:
         work = Path(tmp)
+        if not ns.editable:
+            tree = h.CODE_TREE or h.ROOT
+            h.INSTALLED = h.install(tree, work / "install")
+            info["install"] = f"a wheel of {tree} installed into a venv (not editable)"
+            print(f"jobd and jobctl: {info['install']}", flush=True)
         pki = h.Pki(work / "pki")
         # The fan-out runs 100 jobctl of one identity, all connecting at once from one
         # address: above the default shares (64 connections per identity, 32

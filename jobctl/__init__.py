@@ -23,8 +23,6 @@ Trio is imported only when the async client is used, so the blocking client
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from protocol import End, JobState, JobStatus, Limits, OutputChunk, Terminal
 
 from ._blocking import BlockingAttach, BlockingClient, connect_blocking
@@ -43,7 +41,10 @@ from ._errors import (
 )
 from ._version import __version__ as __version__
 
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._async import AsyncAttach, Client, connect
     from ._fanout import Outcome, fanout
     from ._profiles import Target

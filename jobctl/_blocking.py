@@ -20,7 +20,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 import protocol as p
 
@@ -34,7 +33,10 @@ from ._errors import (
     WaitTimeout,
 )
 
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
 if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Literal, overload
+
     from ._trust import Pinning
 
 Argv = core.Argv
@@ -527,15 +529,16 @@ class BlockingClient:
         admin's any). Its status, as :meth:`start`'s. Protocol 1.2."""
         return self._run(calls.rerun(self.welcome, job))
 
-    @overload
-    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
-               reconnect: float | None = core.RECONNECT_TIMEOUT,
-               resizes: Literal[False] = False) -> Iterator[p.OutputChunk | p.End]: ...
+    if TYPE_CHECKING:  # the overloads, for the type checker only (no typing at run time)
+        @overload
+        def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+                   reconnect: float | None = core.RECONNECT_TIMEOUT,
+                   resizes: Literal[False] = False) -> Iterator[p.OutputChunk | p.End]: ...
 
-    @overload
-    def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
-               reconnect: float | None = core.RECONNECT_TIMEOUT,
-               resizes: bool) -> Iterator[core.StreamEvent]: ...
+        @overload
+        def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
+                   reconnect: float | None = core.RECONNECT_TIMEOUT,
+                   resizes: bool) -> Iterator[core.StreamEvent]: ...
 
     def stream(self, job: int, position: int = 0, *, timestamps: bool = False,
                reconnect: float | None = core.RECONNECT_TIMEOUT,
@@ -562,13 +565,14 @@ class BlockingClient:
         return self._resuming(calls.Resume(job, position, timestamps, core.Outage(within),
                                            resizes))
 
-    @overload
-    def output(self, job: int, position: int = 0, *, timestamps: bool = False,
-               resizes: Literal[False] = False) -> Iterator[p.OutputChunk | p.End]: ...
+    if TYPE_CHECKING:  # the overloads, for the type checker only (no typing at run time)
+        @overload
+        def output(self, job: int, position: int = 0, *, timestamps: bool = False,
+                   resizes: Literal[False] = False) -> Iterator[p.OutputChunk | p.End]: ...
 
-    @overload
-    def output(self, job: int, position: int = 0, *, timestamps: bool = False,
-               resizes: bool) -> Iterator[core.StreamEvent]: ...
+        @overload
+        def output(self, job: int, position: int = 0, *, timestamps: bool = False,
+                   resizes: bool) -> Iterator[core.StreamEvent]: ...
 
     def output(self, job: int, position: int = 0, *, timestamps: bool = False,
                resizes: bool = False) -> Iterator[core.StreamEvent]:
@@ -589,8 +593,9 @@ class BlockingClient:
         return self._events(calls.output(request))
 
 
-#: What ``run(stdin=...)`` takes: bytes, a binary file, or a file descriptor.
-Input = bytes | bytearray | memoryview | BinaryIO | int
+if TYPE_CHECKING:
+    #: What ``run(stdin=...)`` takes: bytes, a binary file, or a file descriptor.
+    Input = bytes | bytearray | memoryview | BinaryIO | int
 
 
 def _blocks(source: Input) -> Iterator[bytes]:

@@ -27,22 +27,29 @@ means; no call knows about sockets, ``select`` or Trio.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, NamedTuple, TypeVar
 
 import protocol as p
 
 from . import _core as core
 
-R = TypeVar("R")
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+if TYPE_CHECKING:
+    R = TypeVar("R")
 
 
-class Send(NamedTuple):
+class Send:
     """Send ``message`` to the server."""
 
-    message: p.Message
+    __slots__ = ("message",)
+
+    def __init__(self, message: p.Message) -> None:
+        self.message = message
 
 
-class Receive(NamedTuple):
+class Receive:
     """The server's next event, sent back into the call.
 
     Fields:
@@ -53,20 +60,28 @@ class Receive(NamedTuple):
         (the blocking client's ``stop`` says what it is doing).
     """
 
-    within: float | None
-    progress: Callable[[], None] | None = None
+    __slots__ = ("progress", "within")
+
+    def __init__(self, within: float | None,
+                 progress: Callable[[], None] | None = None) -> None:
+        self.within = within
+        self.progress = progress
 
 
-class Emit(NamedTuple):
+class Emit:
     """An event for the caller: an output chunk (or a resize, when the request asked
     for them), or a stream's End."""
 
-    event: p.OutputChunk | p.Resized | p.End
+    __slots__ = ("event",)
+
+    def __init__(self, event: p.OutputChunk | p.Resized | p.End) -> None:
+        self.event = event
 
 
 Op = Send | Receive | Emit
-#: A call: yields operations, gets received events back, returns its result.
-Call = Generator[Op, Any, R]
+if TYPE_CHECKING:
+    #: A call: yields operations, gets received events back, returns its result.
+    Call = Generator[Op, Any, R]
 
 
 def request(message: p.Message, kind: type[R], within: float | None = core.REQUEST_TIMEOUT,

@@ -30,8 +30,6 @@ import contextlib
 import os
 import re
 import sys
-from pathlib import Path
-from typing import Any, NoReturn
 
 from . import _core as core
 from ._commands import COMMANDS, Command, seconds
@@ -39,6 +37,10 @@ from ._context import Context
 from ._errors import ConfigError, JobctlError
 from ._text import escape
 from ._version import __version__
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 EPILOG = """\
 environment: JOBCTL_CERTIFICATE, JOBCTL_KEY, JOBCTL_CA, JOBCTL_ADDRESS,
@@ -122,16 +124,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _config_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "jobctl"
+def _config_dir() -> str:
+    # os.path, not pathlib: pathlib (with urllib.parse and ipaddress) would be
+    # imported by every run for this one path (issue 26: start-up).
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "jobctl")
 
 
 def _default_file(env: str, name: str) -> str | None:
     if os.environ.get(env):
         return os.environ[env]
-    candidate = _config_dir() / name
-    return str(candidate) if candidate.exists() else None
+    candidate = os.path.join(_config_dir(), name)
+    return candidate if os.path.exists(candidate) else None
 
 
 def _port(text: str) -> int:

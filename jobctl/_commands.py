@@ -15,7 +15,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import protocol as p
 
@@ -32,6 +31,10 @@ from ._context import (
     print_json,
 )
 from ._errors import ConfigError
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: The longest ``stop --grace`` the CLI accepts: a day between signals is
 #: already more than any program needs to shut down; beyond it is a typo.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import protocol as p
 
@@ -18,6 +17,10 @@ from . import _core as core
 from . import _text as text
 from ._blocking import BlockingClient, connect_blocking
 from ._errors import ConfigError, ConnectionFailed
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: What ``list --state`` accepts: each name and the states it stands for.
 STATES = {"running": {p.JobState.RUNNING},

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import socket
 import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
 
 import protocol as p
 from protocol._x509 import SERVER_AUTH, allows
@@ -61,8 +58,12 @@ TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{
 #: and a Trio deadline can express.
 MAX_TIMEOUT = 7 * 86400.0
 
-R = TypeVar("R")
-M = TypeVar("M", bound=p.Message)
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    R = TypeVar("R")
+    M = TypeVar("M", bound=p.Message)
 #: A command line as the clients take it: bytes, or str encoded as the OS does.
 Argv = Sequence[bytes | str]
 #: An environment as the clients take it: names and values as bytes or str.
@@ -230,7 +231,7 @@ def load_client_certificate(ctx: ssl.SSLContext, certificate: str | os.PathLike[
     """Load the client's certificate and key into ``ctx``; a clear ConfigError if
     either is missing or they do not load."""
     for what, path in (("certificate", certificate), ("key", key)):
-        if not Path(path).is_file():
+        if not os.path.isfile(path):
             raise ConfigError(f"cannot read {what} {os.fspath(path)}: no such file")
     try:
         ctx.load_cert_chain(certificate, key)
@@ -270,7 +271,7 @@ def client_context(certificate: str | os.PathLike[str], key: str | os.PathLike[s
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     # A host name is matched against subjectAltName only, never the subject's CN.
     ctx.hostname_checks_common_name = False
-    if not Path(ca).is_file():
+    if not os.path.isfile(ca):
         raise ConfigError(f"cannot read CA certificate {os.fspath(ca)}: no such file")
     load_client_certificate(ctx, certificate, key)
     try:
@@ -518,6 +519,8 @@ class Outage:
             raise ConnectionFailed(f"{exc} (gave up reconnecting after "
                                    f"{self.timeout:g}s)") from None
         self.attempts += 1
+        import random  # only a reconnect needs it (issue 26: start-up)
+
         pause = self._pause * (0.5 + random.random() / 2)
         self._pause = min(2 * self._pause, BACKOFF_MAX)
         return min(pause, left)

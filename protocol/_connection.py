@@ -50,7 +50,6 @@ frame can still send a smaller one or an error.
 from __future__ import annotations
 
 import enum
-from typing import ClassVar, Final, Literal, TypeAlias
 
 from ._base import PROTOCOL_VERSION, _Message
 from ._bounds import REQUEST_DECODE_LIMITS, DecodeLimits
@@ -71,6 +70,10 @@ from ._interactive import Input
 from ._messages import Error, Hello, Message, OutputChunk, Tick, Welcome
 from ._state import ATTACH_INPUT, TURN, ConnectionState, Conversation, IllegalMove, Role
 
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import ClassVar, Final, Literal, TypeAlias
+
 
 class Sentinel(enum.Enum):
     """The type of NEED_DATA and CLOSED."""
@@ -90,7 +93,10 @@ NEED_DATA: Final = Sentinel.NEED_DATA
 CLOSED: Final = Sentinel.CLOSED
 
 #: What next_event() returns.
-Event: TypeAlias = Message | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
+if TYPE_CHECKING:
+    Event: TypeAlias = Message | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
+else:  # the same union, without typing's Literal
+    Event = Message | Sentinel
 
 _S = ConnectionState
 

@@ -14,9 +14,13 @@ A required field that holds nil is a wrong type, as before.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+if TYPE_CHECKING:
+    T = TypeVar("T")
 
 _MISSING: Any = object()
 

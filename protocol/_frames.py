@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any
 
 import msgpack
 
@@ -29,6 +28,10 @@ from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError, clip
 from ._fields import FieldError
 from ._messages import MESSAGE_TYPES, Error, Message
 from ._status import JobStatus
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Default maximum frame payload, in bytes. Big enough for a 512 KiB output
 #: chunk with room to spare, and for a page of job statuses; small enough that

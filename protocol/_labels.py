@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from ._fields import FieldError, check
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Labels on one job (and in one list filter): a handful is the common case.
 MAX_LABELS = 32

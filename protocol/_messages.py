@@ -8,8 +8,6 @@ decoder dispatches on.
 
 from __future__ import annotations
 
-from typing import TypeAlias
-
 from ._base import PROTOCOL_MINOR, PROTOCOL_VERSION
 from ._interactive import Attach, Detach, Input, InputEof, Resize, Resized
 from ._replies import (
@@ -37,6 +35,10 @@ from ._requests import (
     Stop,
     Stream,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time (issue 26: start-up)
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
 ClientMessage: TypeAlias = (
     Hello | Start | Stop | GetStatus | ListJobs | Stream | Output | Delete | Prune

@@ -34,13 +34,20 @@ def imported(jobd: JobdProcess, *args: str) -> tuple[set[str], subprocess.Comple
 #: budget): the event loop, the async client, and the modules only jobd uses.
 NEVER = ("trio", "jobctl._async", "sqlite3", "subprocess", "asyncio", "logging",
          "dataclasses", "inspect",  # protocol/_record.py: records without them
+         "typing",  # only the type checker reads the annotations (TYPE_CHECKING = False)
+         "random",  # only a reconnect's back-off
          "protocol._pki", "cryptography", "jobd")
+#: What an installed jobctl does not import either, though an editable install's
+#: import finder (in ``site``, before jobctl runs) does.
+NOT_INSTALLED = ("pathlib", "urllib", "ipaddress", "fnmatch")
 
 
 def _assert_lean(modules: set[str]) -> None:
     assert "jobctl._cli" in modules and "protocol" in modules  # the parse works
     assert not {m for m in modules if m.split(".")[0] in NEVER or m in NEVER}
     assert not set(LAZY) & modules
+    if not any(m.startswith("__editable__") for m in modules):  # an installed wheel
+        assert not {m for m in modules if m.split(".")[0] in NOT_INSTALLED}, sorted(modules)
 
 
 def test_start_imports_neither_trio_nor_what_other_commands_need(jobd: JobdProcess) -> None:
