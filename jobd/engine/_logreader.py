@@ -17,6 +17,12 @@ Consecutive records of one fd are coalesced into one chunk of at most
 its time: :func:`_records`). A follower waits on an event the appender sets
 after each commit: no polling. Every reader has its own file descriptor, so a slow one
 slows only itself.
+
+Following from memory. A follower registers with the log (:meth:`OutputLog.follow`)
+and, at each step, first asks the log's tail of just-committed records
+(:meth:`OutputLog.chunk_from_memory`): a follower that keeps up with the job takes
+its chunks from there and never reads the file (it opens it only when it falls
+behind the tail). Both paths give the same bytes at the same record boundaries.
 """
 
 from __future__ import annotations
@@ -54,6 +60,16 @@ class ReadableLog(Protocol):
 
     async def wait_beyond(self, position: int) -> None:
         """Until the log has bytes after ``position`` or is closed."""
+        ...
+
+    def follow(self, delta: int) -> None:
+        """A follower comes (+1) or goes (-1)."""
+        ...
+
+    def chunk_from_memory(self, position: int, max_chunk: int, *, timestamps: bool = False,
+                          resizes: bool = False) -> tuple[OutputChunk | None, int] | None:
+        """The committed chunk at ``position`` and the position after it if still in
+        memory (the chunk None: only skipped size records), else None."""
         ...
 
 
@@ -126,6 +142,9 @@ async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | N
     (fd TERMINAL_FD, the 4 bytes of the size, with its time).
     """
     fd = -1  # opened once there is something to read: the first write makes the log
+    following = until is None
+    if following:
+        log.follow(1)
     try:
         while True:
             end = log.end if until is None else min(until, log.end)
@@ -134,6 +153,14 @@ async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | N
                     return
                 await log.wait_beyond(position)
                 continue
+            if following:
+                found = log.chunk_from_memory(position, max_chunk, timestamps=timestamps,
+                                              resizes=resizes)
+                if found is not None:
+                    chunk, position = found
+                    if chunk is not None:
+                        yield chunk
+                    continue
             if fd < 0:
                 try:
                     fd = log.open_for_reading()
@@ -167,6 +194,8 @@ async def chunks(log: ReadableLog, position: int, max_chunk: int, until: int | N
                 position = stop
             position = after  # past size records skipped at the end of the block
     finally:
+        if following:
+            log.follow(-1)
         if fd >= 0:
             os.close(fd)
 
