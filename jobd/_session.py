@@ -605,7 +605,12 @@ class Session:
         if route is None:
             return
         try:
-            await route.send(frame)
+            try:
+                # Room: no trip through the scheduler per frame (the reader yields at
+                # its next socket read, at most one read's worth of frames later).
+                route.send_nowait(frame)
+            except trio.WouldBlock:
+                await route.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):  # the attach ended
             self._attach_route = None
 

@@ -114,3 +114,28 @@ async def test_recent_position_is_a_record_boundary_near_the_end(manager: JobMan
     tail = data(await collect(manager.read_output(status.id, position)))
     assert everything.endswith(tail) and 0 < len(tail) <= 100
     assert manager.recent_position(status.id, 1 << 30) == 0
+
+
+async def test_frames_from_several_writers_stay_whole(manager: JobManager) -> None:
+    """Two writers at once (two typing clients): each frame reaches the job whole,
+    whether it went into the pipe at once (no lock, no wait) or had to wait for
+    room under the job's input lock, behind the other writer's frame."""
+    import re
+
+    status = await manager.start([b"cat"], "alice", stdin=True)
+    size, count = 300_000, 8
+
+    async def writer(letter: bytes) -> None:
+        for _ in range(count):
+            assert await manager.write_input(status.id, letter * size)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, b"a")
+            nursery.start_soon(writer, b"b")
+        manager.close_input(status.id)
+        assert (await manager.wait(status.id)).exit_code == 0
+    out = data(await collect(manager.read_output(status.id)))
+    assert len(out) == 2 * count * size
+    assert re.fullmatch(rb"(?:a{%d}|b{%d})+" % (size, size), out)
+    assert out.count(b"a") == out.count(b"b") == count * size

@@ -10,6 +10,7 @@ the refusal is.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import subprocess
@@ -93,6 +94,16 @@ def jobs_parent(tmp_path: Path, v2_root: Path) -> Path:
     return v2_root / f"jobd-{_instance_key(tmp_path / 'state')}"
 
 
+def owner_group(tmp_path: Path, v2_root: Path, owner: str) -> Path:
+    return jobs_parent(tmp_path, v2_root) / ("owner-" + hashlib.sha256(
+        owner.encode()).hexdigest()[:16])
+
+
+def job_cgroup(tmp_path: Path, v2_root: Path, owner: str, job_id: int) -> Path:
+    """With v2 a job's cgroup is in its owner's group (issue 22 item 11)."""
+    return owner_group(tmp_path, v2_root, owner) / f"job-{job_id}"
+
+
 async def test_v2_layout_is_reported(manager: JobManager, tmp_path: Path,
                                      v2_root: Path) -> None:
     layout = manager.cgroup_layout()
@@ -112,7 +123,7 @@ async def test_v2_placement_kill_and_removal(manager: JobManager, tmp_path: Path
     assert job.pid is not None
     escapee = int(await wait_for_output(manager, job.id, b"\n"))
     start = start_ticks(escapee)
-    cgroup = jobs_parent(tmp_path, v2_root) / f"job-{job.id}"
+    cgroup = job_cgroup(tmp_path, v2_root, "alice", job.id)
     relative = "/" + str(cgroup.relative_to(v2_root.parent))
     # Both are in the job's cgroup: the main process was placed before it ran.
     assert v2_cgroup(job.pid).endswith(relative)
@@ -135,7 +146,7 @@ async def test_v2_job_end_waits_for_the_cgroup_to_empty(manager: JobManager, tmp
         final = await manager.wait(job.id)
     assert final.describe() == "exited: 0"
     assert not alive(escapee, start)
-    assert not (jobs_parent(tmp_path, v2_root) / f"job-{job.id}").exists()
+    assert not job_cgroup(tmp_path, v2_root, "alice", job.id).exists()
     assert final.cpu_time is not None  # cpu.stat exists without the cpu controller
 
 
@@ -148,7 +159,7 @@ async def test_v2_limit_files_or_a_clear_refusal(manager: JobManager, tmp_path: 
             ("cpu", Limits(cpus=0.5), "cpu.max", "50000 100000")):
         if resource in offered:
             job = await manager.start([b"sleep", b"1000"], "alice", limits=limits)
-            cgroup = jobs_parent(tmp_path, v2_root) / f"job-{job.id}"
+            cgroup = job_cgroup(tmp_path, v2_root, "alice", job.id)
             assert (cgroup / file).read_text().strip() == value
             await manager.stop(job.id, grace=0)
         else:
@@ -167,6 +178,53 @@ async def test_v2_leftovers_are_killed_and_removed(tmp_path: Path, v2_root: Path
             with trio.fail_after(TIMEOUT):
                 assert await sleeper.wait() == -9
             assert not leftover.exists()
+    finally:
+        sleeper.kill()
+        await sleeper.wait()
+
+
+async def test_v2_each_owners_jobs_are_in_its_group(manager: JobManager, tmp_path: Path,
+                                                    v2_root: Path) -> None:
+    """Jobs without limits too: each job's (measuring) cgroup is in its owner's group,
+    all of one owner's in one, jobd outside them all. Real cgroup2, mounted here
+    without the cpu controller (this machine keeps it in v1): placement, not weight."""
+    jobs = {name: await manager.start([b"sleep", b"1000"], who)
+            for name, who in (("a1", "alice"), ("a2", "alice"), ("b", "bob"))}
+    where = {name: v2_cgroup(job.pid) for name, job in jobs.items() if job.pid is not None}
+    top = v2_root.parent
+    for name, who in (("a1", "alice"), ("a2", "alice"), ("b", "bob")):
+        expected = job_cgroup(tmp_path, v2_root, who, jobs[name].id)
+        assert where[name] == "/" + str(expected.relative_to(top)), where
+    assert "/owner-" not in v2_cgroup(os.getpid())  # jobd (this process) is outside them
+    assert manager.cgroup_layout()["owners"] == str(jobs_parent(tmp_path, v2_root))
+    with trio.fail_after(TIMEOUT):
+        for job in jobs.values():
+            assert (await manager.stop(job.id, grace=0)).state is JobState.STOPPED
+    for name, who in (("a1", "alice"), ("b", "bob")):
+        assert not job_cgroup(tmp_path, v2_root, who, jobs[name].id).exists()
+
+
+async def test_v2_owner_groups_go_at_shutdown(tmp_path: Path, v2_root: Path) -> None:
+    async with open_job_manager(config(tmp_path, cgroup_root=v2_root)) as manager:
+        job = await manager.start([b"true"], "alice")
+        with trio.fail_after(TIMEOUT):
+            await manager.wait(job.id)
+        assert owner_group(tmp_path, v2_root, "alice").is_dir()
+    assert not jobs_parent(tmp_path, v2_root).exists()
+
+
+async def test_v2_leftovers_in_owner_groups_are_killed_and_removed(tmp_path: Path,
+                                                                  v2_root: Path) -> None:
+    group = owner_group(tmp_path, v2_root, "alice")
+    leftover = group / "job-78"  # as a jobd that died left it
+    leftover.mkdir(parents=True)
+    sleeper = await trio.lowlevel.open_process(["sleep", "1000"], start_new_session=True)
+    try:
+        (leftover / "cgroup.procs").write_text(str(sleeper.pid))
+        async with open_job_manager(config(tmp_path, cgroup_root=v2_root)):
+            with trio.fail_after(TIMEOUT):
+                assert await sleeper.wait() == -9
+            assert not leftover.exists() and not group.exists()
     finally:
         sleeper.kill()
         await sleeper.wait()

@@ -70,6 +70,7 @@ def test_each_owners_jobs_share_one_cpu_group(pki: Pki, tmp_path: Path) -> None:
     import hashlib
 
     server = start_jobd(pki, tmp_path / "state")
+    daemon_dir = None
     try:
         layout = server.wait_for_log(r"info cgroups ")
         pids = {}
@@ -88,6 +89,15 @@ def test_each_owners_jobs_share_one_cpu_group(pki: Pki, tmp_path: Path) -> None:
             assert groups["a1"] == groups["a2"] and groups["a1"].endswith("/" + alice), groups
             assert groups["b"] != groups["a1"] and "/owner-" in groups["b"], groups
             assert "/owner-" not in daemon, daemon
+            # jobd's own CPU group beside the owners' weighs ten of them
+            own = re.search(r" daemon_cpu=(\S+)", layout)
+            assert own is not None, layout
+            daemon_dir = own.group(1)
+            assert daemon_dir.endswith(daemon), (daemon_dir, daemon)
+            weight = Path(daemon_dir, "cpu.shares")
+            if not weight.exists():
+                weight = Path(daemon_dir, "cpu.weight")
+            assert weight.read_text().strip() in ("10240", "1000"), weight
         else:
             assert groups["a1"] == groups["b"], groups
         for who in ("alice", "bob"):
@@ -95,3 +105,5 @@ def test_each_owners_jobs_share_one_cpu_group(pki: Pki, tmp_path: Path) -> None:
                 server.jobctl(who, "stop", "--grace", "0", line.split()[0])
     finally:
         assert server.stop() == 0
+    if daemon_dir is not None:  # jobd moved back out at its end and removed its group
+        assert not Path(daemon_dir).exists()

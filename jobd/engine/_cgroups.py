@@ -56,6 +56,12 @@ JOB_PREFIX = "job-"
 OWNER_PREFIX = "owner-"
 #: jobd's own cgroup beside the jobs' (``<root>/jobd-<key>/daemon``); see _tracking.
 DAEMON_LEAF = "daemon"
+#: jobd's CPU weight in owners: where the owner groups exist, jobd's own group beside
+#: them weighs this many of them (v1 ``cpu.shares`` 10240 against 1024, v2 ``cpu.weight``
+#: 1000 against 100), so that its event loop gets the CPU soon after it wakes however
+#: busy the owners' jobs are (issue 22 item 11). jobd uses little CPU of its own: the
+#: weight buys it latency, and takes from the jobs only what it uses.
+DAEMON_CPU_WEIGHT = 10
 #: Rounds of freeze-kill-thaw before a v1 kill gives up on a cgroup that refills.
 V1_KILL_ROUNDS = 100
 
@@ -72,9 +78,17 @@ class Usage:
 class JobCgroup(ABC):
     """One job's cgroup (in each v1 hierarchy, or one v2 directory)."""
 
-    name: str
-    #: The ``cgroup.procs`` files the spawn helper writes its pid to.
-    procs: tuple[str, ...]
+    __slots__ = ()
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """``job-<id>``."""
+
+    @property
+    @abstractmethod
+    def procs(self) -> tuple[str, ...]:
+        """The ``cgroup.procs`` files the spawn helper writes its pid to."""
 
     @abstractmethod
     def populated(self) -> bool:
@@ -151,29 +165,81 @@ class OwnerGroups:
     """One CPU cgroup per owner under the jobs' parent, all with the default (equal)
     weight; made on first use, removed at close when empty.
 
-    Placement happens at spawn (:func:`jobd.engine._job.spawn_for_owner`): with cgroup
-    v1 (``per_thread``) the spawning worker thread moves itself into the owner's group
-    (the ``tasks`` file), forks, and moves back, so the job is in its group from its
-    first instruction; with v2, where a domain cgroup holds whole processes, the job's
-    main process is moved right after it started (a child it forked in that first
-    moment stays in jobd's group).
+    Placement happens at spawn: with cgroup v1 (``per_thread``) the spawning worker
+    thread moves itself into the job's cgroup inside the owner's group (or the owner's
+    group: :func:`jobd.engine._job.spawn_for_owner`), forks, and moves back, so the job
+    is in its group from its first instruction. With v2, where a domain cgroup holds
+    whole processes, every job's own cgroup is inside its owner's group
+    (``<parent>/owner-<h>/job-<id>``): a job with limits joins it before it runs (the
+    spawn helper), one without is moved there right after it started (a child it
+    forked in that first moment stays in jobd's group). With v2 the groups exist
+    whatever the controllers; their weight needs the cpu controller.
+
+    jobd's own group beside them (:meth:`enter_daemon`) weighs DAEMON_CPU_WEIGHT owners.
     """
 
-    def __init__(self, parent: str, *, per_thread: bool, home: str) -> None:
+    def __init__(self, parent: str, *, per_thread: bool, home: str,
+                 enable: tuple[str, ...] = ()) -> None:
         self.parent = parent
         self.per_thread = per_thread
         self.home = home  # where the spawning thread returns to (v1)
-        self._made: set[str] = set()
+        self._enable = enable  # v2: the controllers a new group hands to its jobs
+        self._made: dict[str, str] = {}  # owner -> its group, made
+        self._left: str | None = None  # v1: jobd's cpu cgroup before it entered its own
+        self.daemon: str | None = None  # jobd's own CPU group, once it has its weight
+
+    def enter_daemon(self, leaf: str | None) -> str:
+        """Give jobd itself a CPU group beside the owners', ``<parent>/daemon``, weighing
+        DAEMON_CPU_WEIGHT owners (blocking; OSError if it cannot). ``leaf`` is jobd's
+        tracking leaf, if it is in one (_tracking): with v2 that is this very group,
+        and jobd must already be in it (a v2 process is in one cgroup); with v1 jobd
+        moves its whole process in, and worker threads return there after working in
+        an owner's group. Returns the group."""
+        path = f"{self.parent}/{DAEMON_LEAF}"
+        if not self.per_thread:
+            if leaf != path:
+                raise OSError(errno.ENOENT, "jobd is not in its own cgroup (job tracking by "
+                              "gate)", path)
+            write_file(f"{path}/cpu.weight", str(DAEMON_CPU_WEIGHT * 100))
+            self.daemon = path
+            return path
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.parent)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+        write_file(f"{path}/cpu.shares", str(DAEMON_CPU_WEIGHT * 1024))
+        if leaf != path:
+            write_file(f"{path}/cgroup.procs", str(os.getpid()))
+            self._left = self.home
+        self.home = self.daemon = path
+        return path
+
+    def leave_daemon(self) -> None:
+        """v1: move jobd back to the cpu cgroup it came from and remove its group
+        (blocking; at shutdown, so that the jobs' parent can go)."""
+        left, self._left = self._left, None
+        self.daemon = None
+        if left is None:
+            return
+        with contextlib.suppress(OSError):
+            write_file(f"{left}/cgroup.procs", str(os.getpid()))
+            self.home = left
+            _rmdir(f"{self.parent}/{DAEMON_LEAF}")
 
     def path(self, owner: str) -> str:
-        """The owner's group, made if need be (blocking). Raises OSError."""
-        name = OWNER_PREFIX + hashlib.sha256(
-            owner.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        path = f"{self.parent}/{name}"
-        if path not in self._made:
+        """The owner's group, made if need be (blocking). Raises OSError. One string
+        per owner: every job of the owner's refers to it."""
+        path = self._made.get(owner)
+        if path is None:
+            name = OWNER_PREFIX + hashlib.sha256(
+                owner.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            path = f"{self.parent}/{name}"
             with contextlib.suppress(FileExistsError):
                 os.makedirs(path)
-            self._made.add(path)
+            for controller in self._enable:  # v2: for its jobs' cgroups (a limit that
+                with contextlib.suppress(OSError):  # cannot be applied says so itself)
+                    write_file(f"{path}/cgroup.subtree_control", f"+{controller}")
+            self._made[owner] = path
         return path
 
     def remove_empty(self) -> None:
@@ -261,10 +327,18 @@ def _rmdir(path: str) -> None:
 
 
 class V2Job(JobCgroup):
+    __slots__ = ("path",)
+
     def __init__(self, path: str) -> None:
         self.path = path
-        self.name = os.path.basename(path)
-        self.procs = (f"{path}/cgroup.procs",)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def procs(self) -> tuple[str, ...]:
+        return (f"{self.path}/cgroup.procs",)
 
     def populated(self) -> bool:
         try:
@@ -341,7 +415,10 @@ class V2Hierarchy(Hierarchy):
 
     def create(self, job_id: int, limits: Limits, devices: Mapping[str, str], *,
                owner: str | None = None) -> JobCgroup:
-        path = f"{self.parent}/{JOB_PREFIX}{job_id}"
+        # In its owner's group, so that the owner's jobs together weigh as one (issue 22
+        # item 11): with v2 a process is in one cgroup, and this is the job's.
+        base = self.parent if owner is None else self._owner_groups().path(owner)
+        path = f"{base}/{JOB_PREFIX}{job_id}"
         os.mkdir(path)
         try:
             if limits.memory is not None:
@@ -365,16 +442,22 @@ class V2Hierarchy(Hierarchy):
         return V2Job(path)
 
     def leftovers(self) -> list[JobCgroup]:
-        # With v2 a job moved into its owner's group has left jobd's tracking leaf:
-        # the owner groups a previous jobd left are swept like job cgroups.
-        return [V2Job(f"{self.parent}/{name}")
-                for name in _job_dirs(self.parent) + _job_dirs(self.parent, OWNER_PREFIX)]
+        # Job cgroups in owner groups first, then any beside them (as jobd made them
+        # before owner groups), then the owner groups themselves, each once empty.
+        owners = [f"{self.parent}/{name}" for name in _job_dirs(self.parent, OWNER_PREFIX)]
+        nested = [f"{owner}/{name}" for owner in owners for name in _job_dirs(owner)]
+        beside = [f"{self.parent}/{name}" for name in _job_dirs(self.parent)]
+        return [V2Job(path) for path in nested + beside + owners]
 
     def owner_groups(self) -> OwnerGroups | None:
-        if "cpu" not in self.resources:
-            return None
+        # With v2 always: a job's cgroup is in its owner's group, whatever controllers
+        # there are (the layout stays one, and its placement is testable anywhere).
+        return self._owner_groups()
+
+    def _owner_groups(self) -> OwnerGroups:
         if not hasattr(self, "_owners"):
-            self._owners = OwnerGroups(self.parent, per_thread=False, home=self.parent)
+            self._owners = OwnerGroups(self.parent, per_thread=False, home=self.parent,
+                                       enable=tuple(sorted(self.resources)))
         return self._owners
 
     def daemon_leaf(self) -> tuple[str, str]:
@@ -390,15 +473,40 @@ class V2Hierarchy(Hierarchy):
 
 
 class V1Job(JobCgroup):
-    def __init__(self, name: str, dirs: Mapping[str, str]) -> None:
-        self.name = name
-        self.dirs = dict(dirs)  # controller -> directory (co-mounted ones share one)
-        unique = list(dict.fromkeys(self.dirs.values()))
-        self.procs = tuple(f"{d}/cgroup.procs" for d in unique)
-        # Where to list the job's processes: freezer first (it is what kill uses).
-        track = next((self.dirs[c] for c in ("freezer", "pids", "memory") if c in self.dirs),
-                     unique[0])
-        self._track = f"{track}/cgroup.procs"
+    """A job's cgroup in each v1 hierarchy jobd uses: ``<parent>/<name>``, or in the cpu
+    hierarchy (and those co-mounted with it) ``<owner group>/<name>`` when ``owner`` is
+    given. It keeps only its name and shared strings, and spells its directories out
+    when asked (issue 26: every running job has one)."""
+
+    __slots__ = ("_name", "_owner", "_parents")
+
+    def __init__(self, name: str, parents: Mapping[str, str], owner: str | None = None) -> None:
+        self._name = name
+        self._parents = parents  # controller -> jobs' parent directory (shared)
+        self._owner = owner  # the owner's CPU group, holding it in the cpu hierarchy
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dirs(self) -> dict[str, str]:
+        """controller -> directory (co-mounted controllers share one)."""
+        cpu = self._parents.get("cpu") if self._owner is not None else None
+        return {c: f"{self._owner}/{self.name}" if cpu is not None and p == cpu
+                else f"{p}/{self.name}" for c, p in self._parents.items()}
+
+    @property
+    def procs(self) -> tuple[str, ...]:
+        return tuple(f"{d}/cgroup.procs" for d in dict.fromkeys(self.dirs.values()))
+
+    @property
+    def _track(self) -> str:
+        """Where to list the job's processes: freezer first (it is what kill uses)."""
+        dirs = self.dirs
+        track = next((dirs[c] for c in ("freezer", "pids", "memory") if c in dirs),
+                     next(iter(dirs.values())))
+        return f"{track}/cgroup.procs"
 
     def populated(self) -> bool:
         return bool(_pids(self._track))
@@ -468,6 +576,14 @@ class V1Hierarchy(Hierarchy):
         self.parents = dict(parents)  # controller -> jobs' parent directory
         names = {"memory": "memory", "cpu": "cpu", "blkio": "io", "pids": "pids"}
         self.resources = frozenset(names[c] for c in self.parents if c in names)
+        # A job without limits gets its cgroup only to be measured and found (issue
+        # 23): the hierarchies that measure (memory, cpuacct), place (cpu) and find
+        # or kill it (freezer, else pids) suffice. blkio, and pids beside a freezer,
+        # would only cost every start a directory made, joined and removed (issue
+        # 26). Shared by those jobs' V1Job (co-mounted controllers stay together).
+        skip = {"blkio"} | ({"pids"} if "freezer" in self.parents else set())
+        kept = {p for c, p in self.parents.items() if c not in skip}
+        self._measuring = {c: p for c, p in self.parents.items() if p in kept}
 
     def describe(self) -> dict[str, str]:
         root = next(iter(self.parents.values()))
@@ -477,16 +593,13 @@ class V1Hierarchy(Hierarchy):
                owner: str | None = None) -> JobCgroup:
         name = f"{JOB_PREFIX}{job_id}"
         made: dict[str, str] = {}
-        dirs = {c: f"{p}/{name}" for c, p in self.parents.items()}
+        parents = self._measuring if limits == Limits() else self.parents
         groups = self.owner_groups() if owner is not None else None
-        if groups is not None and owner is not None:
-            # In the cpu hierarchy the job's cgroup is inside its owner's group, so
-            # that the owner's jobs together weigh as one (issue 22 item 11).
-            cpu = self.parents["cpu"]
-            for controller, parent in self.parents.items():  # co-mounted ones too
-                if parent == cpu:
-                    dirs[controller] = f"{groups.path(owner)}/{name}"
-        job = V1Job(name, dirs)
+        # In the cpu hierarchy (and those co-mounted with it) the job's cgroup is inside
+        # its owner's group, so that the owner's jobs together weigh as one (issue 22
+        # item 11).
+        job = V1Job(name, parents,
+                    groups.path(owner) if groups is not None and owner is not None else None)
         try:
             for controller, path in job.dirs.items():
                 if path not in made.values():
@@ -529,14 +642,12 @@ class V1Hierarchy(Hierarchy):
                     nested[name] = f"{cpu}/{owner}/{name}"
                     names[name] = None
         out: list[JobCgroup] = []
+        cpu_parent = self.parents.get("cpu")
         for name in names:
-            dirs = {c: f"{p}/{name}" for c, p in self.parents.items()
-                    if os.path.isdir(f"{p}/{name}")}
-            if name in nested:
-                for controller, parent in self.parents.items():
-                    if parent == self.parents["cpu"]:
-                        dirs[controller] = nested[name]
-            out.append(V1Job(name, dirs))
+            group = os.path.dirname(nested[name]) if name in nested else None
+            parents = {c: p for c, p in self.parents.items() if os.path.isdir(f"{p}/{name}")
+                       or (group is not None and p == cpu_parent)}
+            out.append(V1Job(name, parents, group))
         return out
 
     def owner_groups(self) -> OwnerGroups | None:
@@ -549,10 +660,14 @@ class V1Hierarchy(Hierarchy):
 
     def _home(self, controller: str) -> str:
         """jobd's own cgroup in ``controller``'s hierarchy, where its threads return:
-        its tracking leaf in the leaf's hierarchy (co-mounted controllers share it),
-        else the directory above the jobs' parent."""
-        leaf, leaf_controller = self.daemon_leaf()
+        in the cpu hierarchy jobd's own CPU group (OwnerGroups.home); its tracking
+        leaf in the leaf's hierarchy (co-mounted controllers share it); else the
+        directory above the jobs' parent."""
         parent = self.parents[controller]
+        owners: OwnerGroups | None = getattr(self, "_owners", None)
+        if owners is not None and parent == self.parents["cpu"]:
+            return owners.home  # jobd's own CPU group, once it is in it (enter_daemon)
+        leaf, leaf_controller = self.daemon_leaf()
         return leaf if parent == self.parents[leaf_controller] else os.path.dirname(parent)
 
     def thread_moves(self, job: JobCgroup) -> list[tuple[str, str]] | None:

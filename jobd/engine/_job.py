@@ -8,8 +8,10 @@ process in a worker thread (own session, stdin /dev/null, stdout and stderr on
 two pipes, plus a pidfd), writes the record, and then owns a nursery of its
 own holding
 
-* two pumps, one per pipe: read at most MAX_RECORD bytes, append to the
-  output log, wait for room in the log's bounded queue, read again;
+* the pump, one task for both pipes: read at most MAX_RECORD bytes from each
+  pipe with data, append to the output log, wait for room in the log's
+  bounded queue, read again; with neither ready, wait on one descriptor (the
+  pipe, or an epoll instance of the job's holding both);
 * the log's writer task, started on demand while output is queued;
 * the stop sequence ("ladder"), started by a stop request or when the main
   process exits and left processes behind.
@@ -18,8 +20,8 @@ The task itself waits for the main process's pidfd to become readable, then
 reaps it with ``waitpid`` on its pid: no SIGCHLD handler, no ``waitpid(-1)``.
 Then leftovers in the job's group get the ladder, like systemd's control-group
 kill mode. Once every process of the job is gone the job is *settled*: the
-pumps are woken (``notify_closing``), read what is still buffered without
-blocking, and close their pipes. So output ends at EOF, or right after the
+pump is woken (``notify_closing``), reads what is still buffered without
+blocking, and closes the pipes. So output ends at EOF, or right after the
 cleanup when a stray process outside the job still holds a pipe: it never
 hangs, and nothing in a pipe is lost. Then the log is flushed and closed, the
 final state set, the record written and ``done`` set (``finished`` either
@@ -59,6 +61,7 @@ import fcntl
 import functools
 import logging
 import os
+import select
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -266,7 +269,7 @@ class Job:
 
     __slots__ = (
         "_cgroup", "_ctx", "_final", "_input_lock", "_ladder", "_nursery", "_pending_grace",
-        "_pipes", "_reaped", "_settled", "_stdin_fd", "_usage",
+        "_pump_fd", "_reaped", "_settled", "_stdin_fd", "_usage",
         "argv", "created", "done", "ended", "error", "exit_code", "finished", "id", "labels",
         "limits", "log", "oom", "owner", "pid", "proc_start", "signal", "spec", "started",
         "state", "stdin", "stop_requested", "tty",
@@ -280,7 +283,7 @@ class Job:
         self.stdin = stdin or tty is not None  # its input is ours to write (attach)
         self.tty = tty  # its terminal, as it started (None: pipes)
         self._stdin_fd = -1  # the write end of its stdin while open (a terminal: the master)
-        self._input_lock = trio.StrictFIFOLock()  # one input frame at a time, whole
+        self._input_lock: trio.StrictFIFOLock | None = None  # made by the first input
         self.id = job_id
         self.owner = owner
         self.argv = argv
@@ -308,8 +311,10 @@ class Job:
         #: The job's task is over (every process gone; its end maybe not yet written).
         self.finished = trio.Event()
         self._final: JobStatus | None = None
-        self._reaped = trio.Event()
-        self._pipes: tuple[int, ...] = ()  # read ends still open (-1: closed)
+        # Set once the main process is reaped; made when first needed (issue 26: most
+        # jobs end without a stop sequence).
+        self._reaped: trio.Event | None = None
+        self._pump_fd = -1  # what the output pump waits on (a pipe, or its epoll)
         self._nursery: trio.Nursery | None = None
         self._settled = False  # every process is gone: nothing left to signal
         self._pending_grace: float | None = None
@@ -491,10 +496,8 @@ class Job:
                 spawned, self._cgroup = await trio.to_thread.run_sync(functools.partial(
                     spawn_measured, cgroups, self.id, self.owner, self.argv, cwd, env, stdio))
                 return spawned
-            else:
-                groups = cgroups.owner_groups() if cgroups is not None else None
-                spawned = await trio.to_thread.run_sync(spawn_for_owner, groups, self.owner,
-                                                        self.argv, cwd, env, stdio)
+            else:  # v2 (whole processes move): measured in its owner's group below
+                spawned = await trio.to_thread.run_sync(spawn, self.argv, cwd, env, stdio)
             if cgroups is not None:  # issue 23: measured too (a gated one before it runs)
                 await self._measure(cgroups, spawned.popen.pid)
             return spawned
@@ -580,15 +583,12 @@ class Job:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.log.attach(nursery)
-                self._pipes = tuple(fd for fd in (spawned.stdout, spawned.stderr) if fd >= 0)
-                nursery.start_soon(self._pump, spawned.stdout, 1)
-                if spawned.stderr >= 0:
-                    nursery.start_soon(self._pump, spawned.stderr, 2)
+                nursery.start_soon(self._pump, spawned.stdout, spawned.stderr)
                 if self._pending_grace is not None:
                     self._start_ladder(self._pending_grace)
                 await trio.lowlevel.wait_readable(spawned.pidfd)  # it exited
                 returncode = popen.wait()  # reap it (waitpid on its pid: it is ours)
-                self._reaped.set()
+                self._reaped_event().set()
                 if self._ladder is None and (group_may_exist(pid) or self._cgroup_populated()):
                     # Leftovers in the group: they get the stop sequence too.
                     self._start_ladder(self._ctx.config.stop_grace)
@@ -596,9 +596,8 @@ class Job:
                     await self._ladder.done.wait()
                 # Every process of the job is gone: pumps read what is buffered and stop.
                 self._settled = True
-                for fd in self._pipes:
-                    if fd >= 0:
-                        trio.lowlevel.notify_closing(fd)  # wakes a pump waiting on it
+                if self._pump_fd >= 0:
+                    trio.lowlevel.notify_closing(self._pump_fd)  # wakes the pump
         finally:
             self._nursery = None
             os.close(spawned.pidfd)
@@ -613,47 +612,74 @@ class Job:
             return popen.poll()
         return returncode
 
-    async def _pump(self, fd: int, stream: int) -> None:
-        """Copy one pipe into the log: read, append, wait for room, read again."""
+    async def _pump(self, stdout: int, stderr: int) -> None:
+        """Copy the job's pipes into the log: read each once, append, wait for room,
+        read again; wait (on one file descriptor) only when none has data.
+
+        One task for both pipes (issue 26: a task waiting costs about 3 KB, and an
+        idle job is mostly what waits): with stderr a pipe of its own, the task
+        waits on an epoll instance of the job's that holds both.
+        """
         log_ = self.log
+        streams = {stdout: 1}
+        if stderr >= 0:
+            streams[stderr] = 2
+        poller = select.epoll(2) if len(streams) > 1 else None
+        grown: set[int] = set()
         reads_after_end = 0
-        grown = False
         try:
-            while True:
+            if poller is not None:
+                for fd in streams:
+                    poller.register(fd, select.EPOLLIN)
+            self._pump_fd = stdout if poller is None else poller.fileno()
+            while streams:
                 if self._settled:
                     # Nothing of the job is left, but a stranger (setsid) may still hold
-                    # the pipe: take what is buffered, never wait for more.
+                    # a pipe: take what is buffered, never wait for more.
                     reads_after_end += 1
                     if reads_after_end > DRAIN_READS:
                         return
-                await log_.wait_room()
-                try:
-                    data = os.read(fd, MAX_RECORD)
-                except BlockingIOError:
-                    if self._settled:
-                        return
-                    with contextlib.suppress(trio.ClosedResourceError):  # _settled now
-                        await trio.lowlevel.wait_readable(fd)
+                read_any = False
+                for fd in list(streams):
+                    await log_.wait_room()
+                    try:
+                        data = os.read(fd, MAX_RECORD)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        if exc.errno != errno.EIO:  # a pty's master once no slave is open
+                            raise
+                        data = b""
+                    if not data:  # EOF: every writer closed it (or the terminal is gone)
+                        if poller is not None:
+                            poller.unregister(fd)
+                        del streams[fd]
+                        os.close(fd)
+                        continue
+                    read_any = True
+                    if len(data) >= PIPE_SIZE and fd not in grown:
+                        # A full read: the job outpaces us. A bigger pipe lets it run
+                        # ahead while the loop is busy (fewer, full records).
+                        grown.add(fd)
+                        with contextlib.suppress(OSError):  # over the user's pipe quota
+                            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BUSY_PIPE_SIZE)
+                    log_.append(streams[fd], data)
+                if read_any:
+                    # One read per pipe per turn: a busy job's pump never takes two
+                    # turns of the loop in a row while requests (or other pumps) wait
+                    # (issue 22 item 11).
+                    await trio.lowlevel.checkpoint()
                     continue
-                except OSError as exc:
-                    if exc.errno == errno.EIO:  # a pty's master once no slave is open: the end
-                        return
-                    raise
-                if not data:
-                    return  # EOF: every writer closed it
-                if len(data) >= PIPE_SIZE and not grown:
-                    # A full read: the job outpaces us. A bigger pipe lets it run
-                    # ahead while the loop is busy (fewer, full records).
-                    grown = True
-                    with contextlib.suppress(OSError):  # over the user's pipe quota: keep it
-                        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BUSY_PIPE_SIZE)
-                log_.append(stream, data)
-                # One read per turn: a busy job's pump never takes two turns of the
-                # loop in a row while requests (or other pumps) wait (issue 22 item 11).
-                await trio.lowlevel.checkpoint()
+                if self._settled or not streams:
+                    return
+                with contextlib.suppress(trio.ClosedResourceError):  # _settled now
+                    await trio.lowlevel.wait_readable(self._pump_fd)
         finally:
-            self._pipes = tuple(-1 if f == fd else f for f in self._pipes)
-            os.close(fd)
+            self._pump_fd = -1
+            for fd in streams:
+                os.close(fd)
+            if poller is not None:
+                poller.close()
 
     # -- input (interactive jobs) ---------------------------------------------------
 
@@ -664,8 +690,25 @@ class Job:
         not read holds up only its writers. Returns False, dropping the data,
         when the input is closed (eof, the job closed its stdin or ended).
         """
+        view = memoryview(data)
+        if self._input_lock is None:  # one input frame at a time, whole
+            self._input_lock = trio.StrictFIFOLock()
+        if not self._input_lock.locked():
+            # Nobody is writing: what the pipe takes at once goes without the lock and
+            # without a trip through the scheduler (bulk input: one frame is usually one
+            # write into a 1 MiB pipe). Nothing awaits in between, so no other writer
+            # can come between its bytes; the rest waits under the lock, which nobody
+            # can take before us (it is free, and acquiring a free lock is immediate).
+            try:
+                while view and self._stdin_fd >= 0:
+                    view = view[os.write(self._stdin_fd, view):]
+            except BlockingIOError:
+                pass
+            except OSError:
+                pass  # the loop below meets it again, and says what it was
+            if not view:
+                return True
         async with self._input_lock:
-            view = memoryview(data)
             while view:
                 fd = self._stdin_fd
                 if fd < 0:
@@ -743,6 +786,11 @@ class Job:
         self.stop_requested = True
         self._start_ladder(grace)
 
+    def _reaped_event(self) -> trio.Event:
+        if self._reaped is None:
+            self._reaped = trio.Event()
+        return self._reaped
+
     def _start_ladder(self, grace: float) -> None:
         if self._settled:
             return
@@ -755,7 +803,7 @@ class Job:
             return
         assert self.pid is not None
         self._ladder = StopLadder(self.id, self.pid, self.proc_start or 0, self._ctx.scanner,
-                                  self._reaped, self._cgroup, grace)
+                                  self._reaped_event(), self._cgroup, grace)
         self._nursery.start_soon(self._ladder.run)
 
 
@@ -765,32 +813,26 @@ _placement_failed = False
 def spawn_for_owner(groups: OwnerGroups | None, owner: str, argv: Sequence[bytes],
                     cwd: bytes | None, env: Mapping[bytes, bytes] | None,
                     stdio: Stdio = NO_INPUT) -> Spawned:
-    """Spawn a job without a cgroup of its own in its owner's CPU group (worker
-    thread; see :class:`OwnerGroups`). Where that fails, the job runs in jobd's
-    group, as before, and the failure is logged once."""
+    """Spawn a job that could not get a cgroup of its own in its owner's CPU group
+    (v1, worker thread; see :class:`OwnerGroups`). Where that fails, the job runs in
+    jobd's group, as before, and the failure is logged once. (With v2 a job is
+    placed only by its own cgroup, inside its owner's group.)"""
     global _placement_failed
-    if groups is None:
+    if groups is None or not groups.per_thread:
         return spawn(argv, cwd, env, stdio)
     try:
-        path = groups.path(owner)
-        if groups.per_thread:
-            join_thread(f"{path}/tasks")
+        join_thread(f"{groups.path(owner)}/tasks")
     except OSError as exc:
         if not _placement_failed:
             _placement_failed = True
             log.warning("cannot place jobs in their owner's cgroup (they share jobd's): %s",
                         exc)
         return spawn(argv, cwd, env, stdio)
-    if groups.per_thread:
-        try:
-            return spawn(argv, cwd, env, stdio)
-        finally:
-            with contextlib.suppress(OSError):
-                join_thread(f"{groups.home}/tasks")
-    spawned = spawn(argv, cwd, env, stdio)
-    with contextlib.suppress(OSError):  # gone already, or the group: it runs in jobd's
-        write_file(f"{path}/cgroup.procs", str(spawned.popen.pid))
-    return spawned
+    try:
+        return spawn(argv, cwd, env, stdio)
+    finally:
+        with contextlib.suppress(OSError):
+            join_thread(f"{groups.home}/tasks")
 
 
 def spawn_measured(cgroups: Hierarchy, job_id: int, owner: str, argv: Sequence[bytes],

@@ -23,6 +23,7 @@ import trio
 from protocol import JobState, JobStatus, Limits, Terminal
 
 from ._cgroup_layout import detect
+from ._cgroups import DAEMON_CPU_WEIGHT, OwnerGroups
 from ._db import (
     JobDB,
     Page,
@@ -224,10 +225,16 @@ class JobManager:
     def cgroup_layout(self) -> dict[str, str]:
         """What jobd found for limits and isolation, for its start-up log line:
         ``mode`` (v2, v1 or none), ``controllers``, ``root`` or ``reason``, ``isolation``,
-        ``tracking`` (cgroup with its ``leaf``, or gate with ``tracking_reason``)."""
+        ``tracking`` (cgroup with its ``leaf``, or gate with ``tracking_reason``), and
+        with owner groups ``owners`` (their parent) and ``daemon_cpu`` (jobd's group)."""
         ctx = self._ctx
         out = (ctx.cgroups.describe() if ctx.cgroups is not None
                else {"mode": "none", "reason": ctx.cgroup_reason})
+        groups = ctx.cgroups.owner_groups() if ctx.cgroups is not None else None
+        if groups is not None:
+            out["owners"] = groups.parent
+            if groups.daemon is not None:
+                out["daemon_cpu"] = groups.daemon
         out["isolation"] = ("pid,mount,net" if ctx.isolation_reason is None
                             else f"none ({ctx.isolation_reason})")
         if ctx.leaf is not None:
@@ -553,15 +560,35 @@ async def _open_with(config: EngineConfig, db: JobDB) -> AsyncIterator[JobManage
     ctx.isolation_reason = isolation_problem()
     check_policy(config.limits, ctx.cgroups, ctx.cgroup_reason)
     leaf = await _enter_leaf(ctx)  # before anything is spawned
+    # jobd's CPU weight above the owners' (with v2 owner groups exist without cpu too).
+    groups = (ctx.cgroups.owner_groups()
+              if ctx.cgroups is not None and "cpu" in ctx.cgroups.resources else None)
     try:
+        if groups is not None:
+            await _enter_daemon_group(groups, leaf)
         async with _recover_and_serve(ctx, records, highest, leaf) as manager:
             yield manager
     finally:
         with trio.CancelScope(shield=True):  # bounded: a few cgroupfs writes
+            if groups is not None:
+                await trio.to_thread.run_sync(groups.leave_daemon)
             if leaf is not None:
                 await trio.to_thread.run_sync(leaf.leave)
             if ctx.cgroups is not None:
                 await trio.to_thread.run_sync(ctx.cgroups.close)
+
+
+async def _enter_daemon_group(groups: OwnerGroups, leaf: Leaf | None) -> None:
+    """Give jobd's own CPU group its weight above the owners' (OwnerGroups.enter_daemon);
+    where it cannot, jobd competes with each owner as one task and says so once."""
+    try:
+        path = await trio.to_thread.run_sync(groups.enter_daemon,
+                                             None if leaf is None else leaf.path)
+    except OSError as exc:
+        log.warning("jobd keeps the CPU weight of one owner (no cgroup of its own above "
+                    "theirs): %s", exc.strerror or exc)
+    else:
+        log.debug("jobd's CPU group: %s (weight of %d owners)", path, DAEMON_CPU_WEIGHT)
 
 
 async def _enter_leaf(ctx: Context) -> Leaf | None:

@@ -156,7 +156,8 @@ class OutputLog:
         self._room: trio.Event | None = None
         self._idle: trio.Event | None = None
         # Shared with the writer thread, under _cond: the queue, the finished batches.
-        self._cond = threading.Condition(threading.Lock())
+        # Made by the first append: a job that writes nothing never needs it (issue 26).
+        self._cond: threading.Condition | None = None
         self._done: list[tuple[list[tuple[int, bytes, int]], int, str | None]] = []
         self._posted = False
         self._lingering = False
@@ -220,10 +221,13 @@ class OutputLog:
             if self._budget is not None:
                 self._budget.left -= len(kept) + HEADER_SIZE
             self._queued_cost += len(kept) + _RECORD_COST
-        with self._cond:
+        cond = self._cond
+        if cond is None:
+            cond = self._cond = threading.Condition(threading.Lock())
+        with cond:
             self._queue.extend(records)
             if self._lingering:
-                self._cond.notify()
+                cond.notify()
         if not self._writing:
             assert self._nursery is not None, "attach() the log before appending"
             self._writing = True
@@ -239,10 +243,11 @@ class OutputLog:
     def close(self) -> None:
         """No more appends: wake every reader so that it finishes at ``end``."""
         self.closed = True
-        with self._cond:
-            dropped, self._queue = self._queue, []
-            self._cond.notify()
-        self._drop(dropped)
+        if self._cond is not None:  # else nothing was ever queued
+            with self._cond:
+                dropped, self._queue = self._queue, []
+                self._cond.notify()
+            self._drop(dropped)
         if self._fd is not None and not self._writing:  # else the writer closes it
             os.close(self._fd)
             self._fd = None
@@ -310,15 +315,17 @@ class OutputLog:
                     join_thread(tasks[1])
 
     def _drain_slice(self) -> None:
+        cond = self._cond
+        assert cond is not None  # the writer runs only after an append
         offset = self.end
         until = time.monotonic() + SLICE
         while True:
             if time.monotonic() > until:
                 return
-            with self._cond:
+            with cond:
                 if not self._queue and not self.closed:
                     self._lingering = True
-                    self._cond.wait(LINGER)
+                    cond.wait(LINGER)
                     self._lingering = False
                 if not self._queue or self.closed:
                     return
@@ -337,7 +344,7 @@ class OutputLog:
                 offset += written
                 if error is not None:
                     self._failed = error
-            with self._cond:
+            with cond:
                 self._done.append((batch, written, error))
                 post = not self._posted
                 self._posted = True
@@ -347,6 +354,7 @@ class OutputLog:
 
     def _deliver(self) -> None:
         """Commit what the writer thread finished (in the loop)."""
+        assert self._cond is not None
         with self._cond:
             done, self._done = self._done, []
             self._posted = False
