@@ -131,7 +131,7 @@ async def test_followers_at_the_end_take_the_logs_records_from_memory(
         assert [c.position for c in follower.chunks] == ends  # one record per wake-up
     for one, other in zip(followers[0].chunks, followers[1].chunks, strict=True):
         assert one is other  # the same chunk object: its frame is encoded once
-    assert log._tail == [] and log._followers == 0  # nobody follows: nothing kept
+    assert log._tail is None and log._followers == 0  # nobody follows: nothing kept
 
 
 async def test_a_follower_behind_the_tail_reads_the_file_then_memory_again(

@@ -168,7 +168,7 @@ class OutputLog:
         # The tail: (offset, fd, data, time_ns) of the last committed records (size
         # records too), in order and contiguous up to ``end``, kept while someone
         # follows (_followers > 0).
-        self._tail: list[tuple[int, int, bytes, int]] = []
+        self._tail: list[tuple[int, int, bytes, int]] | None = None  # None: nobody follows
         self._tail_cost = 0
         self._followers = 0
         # The last chunk taken from the tail, by (position, max_chunk, timestamps,
@@ -400,7 +400,11 @@ class OutputLog:
     def _commit(self, batch: list[tuple[int, bytes, int]], written: int,
                 error: str | None) -> None:
         done = 0
-        tail = self._tail if self._followers else None
+        tail = None
+        if self._followers:
+            tail = self._tail
+            if tail is None:
+                tail = self._tail = []
         for fd, data, time_ns in batch:
             size = HEADER_SIZE + len(data)
             self._queued_cost -= len(data) + _RECORD_COST
@@ -427,6 +431,7 @@ class OutputLog:
 
     def _trim_tail(self) -> None:
         tail = self._tail
+        assert tail is not None
         cut = 0
         while self._tail_cost > TAIL_LIMIT and cut < len(tail) - 1:  # keep the newest
             self._tail_cost -= len(tail[cut][2]) + _RECORD_COST
@@ -434,7 +439,7 @@ class OutputLog:
         del tail[:cut]
 
     def _drop_tail(self) -> None:
-        self._tail = []
+        self._tail = None
         self._tail_cost = 0
         self._shared = None
 
@@ -478,6 +483,7 @@ class OutputLog:
 
     def _coalesce(self, i: int, max_chunk: int) -> tuple[OutputChunk, int]:
         tail = self._tail
+        assert tail is not None
         position, fd, data, _t = tail[i]
         after = position + HEADER_SIZE + len(data)
         parts = [data]
