@@ -576,6 +576,14 @@ class V1Hierarchy(Hierarchy):
         self.parents = dict(parents)  # controller -> jobs' parent directory
         names = {"memory": "memory", "cpu": "cpu", "blkio": "io", "pids": "pids"}
         self.resources = frozenset(names[c] for c in self.parents if c in names)
+        # A job without limits gets its cgroup only to be measured and found (issue
+        # 23): the hierarchies that measure (memory, cpuacct), place (cpu) and find
+        # or kill it (freezer, else pids) suffice. blkio, and pids beside a freezer,
+        # would only cost every start a directory made, joined and removed (issue
+        # 26). Shared by those jobs' V1Job (co-mounted controllers stay together).
+        skip = {"blkio"} | ({"pids"} if "freezer" in self.parents else set())
+        kept = {p for c, p in self.parents.items() if c not in skip}
+        self._measuring = {c: p for c, p in self.parents.items() if p in kept}
 
     def describe(self) -> dict[str, str]:
         root = next(iter(self.parents.values()))
@@ -585,11 +593,12 @@ class V1Hierarchy(Hierarchy):
                owner: str | None = None) -> JobCgroup:
         name = f"{JOB_PREFIX}{job_id}"
         made: dict[str, str] = {}
+        parents = self._measuring if limits == Limits() else self.parents
         groups = self.owner_groups() if owner is not None else None
         # In the cpu hierarchy (and those co-mounted with it) the job's cgroup is inside
         # its owner's group, so that the owner's jobs together weigh as one (issue 22
         # item 11).
-        job = V1Job(name, self.parents,
+        job = V1Job(name, parents,
                     groups.path(owner) if groups is not None and owner is not None else None)
         try:
             for controller, path in job.dirs.items():
