@@ -124,8 +124,10 @@ def encode_output_chunk(
     The server's hot loop: no dataclass, no generic packer, one copy of
     *data*. Only the checks that keep the frame valid are made (fd 1 or 2,
     position a uint64, the frame within *max_frame_size*): LocalProtocolError
-    otherwise.
+    otherwise. The frame of the last ``bytes`` *data* is kept: many followers of
+    one job send the very same chunk object, and encode it once.
     """
+    global _last_frame
     head = _CHUNK_HEADS.get(fd) if type(fd) is int else None
     if head is None:
         raise LocalProtocolError(f"fd must be 1 (stdout) or 2 (stderr), not {fd!r}")
@@ -155,7 +157,18 @@ def encode_output_chunk(
         tail = _POSITION_KEY + _U32.pack(0xCE, position)
     else:
         tail = _POSITION_KEY + _U64.pack(0xCF, position)
-    return b"".join((_HEADER.pack(length), head, bin_head, data, tail))
+    last = _last_frame
+    if last is not None and last[1] is data and last[0] == fd and last[2] == position:
+        return last[3]
+    frame = b"".join((_HEADER.pack(length), head, bin_head, data, tail))
+    if type(data) is bytes:  # immutable: the same object is the same bytes
+        _last_frame = (fd, data, position, frame)
+    return frame
+
+
+#: (fd, data, position, frame) of the last "out" frame encoded from ``bytes``: one
+#: chunk's worth of memory (at most one frame) held for the fan-out.
+_last_frame: tuple[int, bytes, int, bytes] | None = None
 
 
 _CHUNK_HEAD_SIZE = len(_CHUNK_HEADS[1])  # up to and including the key "data"

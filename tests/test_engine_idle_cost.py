@@ -42,6 +42,7 @@ async def test_an_idle_job_waits_with_one_pump_task_for_both_pipes(
         for job_id in ids:
             job = manager._ctx.jobs[job_id]
             assert job.log._cond is None  # the writer's lock comes with the first output
+            assert job.log._tail is None  # the tail in memory comes with followers
             if job._cgroup is not None:  # measured (cgroups writable): no per-job dict
                 assert not hasattr(job._cgroup, "__dict__")
     finally:

@@ -16,9 +16,11 @@ import pytest
 import trio
 import trio.testing
 
+import protocol as p
 from jobd.engine import MAX_RECORD, OutputChunk, _outputlog
 from jobd.engine._logformat import TERMINAL_FD
 from jobd.engine._outputlog import HEADER_SIZE, OutputLog, recover
+from protocol._frames import encode_frame, encode_output_chunk
 from tests.engine_helpers import TIMEOUT, collect
 
 MAX_CHUNK = 2 * MAX_RECORD
@@ -127,7 +129,9 @@ async def test_followers_at_the_end_take_the_logs_records_from_memory(
     for follower in followers:
         check_against_log(follower.chunks, from_file)
         assert [c.position for c in follower.chunks] == ends  # one record per wake-up
-    assert log._tail == [] and log._followers == 0  # nobody follows: nothing kept
+    for one, other in zip(followers[0].chunks, followers[1].chunks, strict=True):
+        assert one is other  # the same chunk object: its frame is encoded once
+    assert log._tail is None and log._followers == 0  # nobody follows: nothing kept
 
 
 async def test_a_follower_behind_the_tail_reads_the_file_then_memory_again(
@@ -298,3 +302,27 @@ async def test_a_terminals_size_records_from_memory_as_from_the_file(
     for chunk in chunks:
         log.check_position(chunk.position)
         assert (chunk.time_ns is not None) == (timestamps or chunk.fd == TERMINAL_FD)
+
+
+def test_the_frame_of_a_shared_chunk_is_encoded_once() -> None:
+    """Followers of one job send the same chunk object: its "out" frame is made
+    once (the last one is kept); equal bytes in another object, another position,
+    or a buffer that may change make their own, and every frame is the general
+    encoder's."""
+    data = os.urandom(100_000)
+    frame = encode_output_chunk(1, data, 4242)
+    assert frame == encode_frame(p.OutputChunk(1, data, 4242))
+    assert encode_output_chunk(1, data, 4242) is frame
+    copy = bytes(bytearray(data))
+    assert copy is not data
+    for fd, chunk, position in ((1, copy, 4242), (2, data, 4242), (1, data, 4243)):
+        again = encode_output_chunk(fd, chunk, position)
+        assert again is not frame
+        assert again == encode_frame(p.OutputChunk(fd, chunk, position))
+    buffer = bytearray(data)
+    first = encode_output_chunk(1, buffer, 7)
+    buffer[0] ^= 1
+    assert encode_output_chunk(1, buffer, 7) == encode_frame(p.OutputChunk(1, bytes(buffer), 7))
+    assert first == encode_frame(p.OutputChunk(1, data, 7))
+    with pytest.raises(p.LocalProtocolError):  # the limit is checked for every sender
+        encode_output_chunk(1, data, 4242, max_frame_size=1000)

@@ -120,7 +120,7 @@ class OutputLog:
     __slots__ = (
         "_accepted", "_budget", "_changed", "_cond", "_dir_fd", "_done", "_failed", "_fd",
         "_followers", "_group", "_idle", "_lingering", "_name", "_nursery", "_posted", "_queue",
-        "_queued_cost", "_resized", "_room", "_tail", "_tail_cost", "_token", "_writers",
+        "_queued_cost", "_resized", "_room", "_shared", "_tail", "_tail_cost", "_token", "_writers",
         "_writing", "cap", "closed", "dropped_bytes", "end", "output_bytes", "path",
         "terminal_size",
     )
@@ -168,9 +168,13 @@ class OutputLog:
         # The tail: (offset, fd, data, time_ns) of the last committed records (size
         # records too), in order and contiguous up to ``end``, kept while someone
         # follows (_followers > 0).
-        self._tail: list[tuple[int, int, bytes, int]] = []
+        self._tail: list[tuple[int, int, bytes, int]] | None = None  # None: nobody follows
         self._tail_cost = 0
         self._followers = 0
+        # The last chunk taken from the tail, by (position, max_chunk, timestamps,
+        # resizes): followers of one job take the same object, whose frame the
+        # protocol then encodes once (protocol._frames.encode_output_chunk).
+        self._shared: tuple[tuple[int, int, bool, bool], tuple[OutputChunk, int]] | None = None
 
     # -- appending (the job's side) ---------------------------------------
 
@@ -396,7 +400,11 @@ class OutputLog:
     def _commit(self, batch: list[tuple[int, bytes, int]], written: int,
                 error: str | None) -> None:
         done = 0
-        tail = self._tail if self._followers else None
+        tail = None
+        if self._followers:
+            tail = self._tail
+            if tail is None:
+                tail = self._tail = []
         for fd, data, time_ns in batch:
             size = HEADER_SIZE + len(data)
             self._queued_cost -= len(data) + _RECORD_COST
@@ -413,14 +421,17 @@ class OutputLog:
                 if self._budget is not None:
                     self._budget.left += len(data) + HEADER_SIZE
         self.end += written
-        if tail is not None and self._tail_cost > TAIL_LIMIT:
-            self._trim_tail()
+        if tail is not None:
+            self._shared = None  # the tail grew: a chunk cut now may coalesce more
+            if self._tail_cost > TAIL_LIMIT:
+                self._trim_tail()
         if error is not None:
             log.warning("output log %s: %s; dropping further output", self.path, error)
         self._notify()
 
     def _trim_tail(self) -> None:
         tail = self._tail
+        assert tail is not None
         cut = 0
         while self._tail_cost > TAIL_LIMIT and cut < len(tail) - 1:  # keep the newest
             self._tail_cost -= len(tail[cut][2]) + _RECORD_COST
@@ -428,8 +439,9 @@ class OutputLog:
         del tail[:cut]
 
     def _drop_tail(self) -> None:
-        self._tail = []
+        self._tail = None
         self._tail_cost = 0
+        self._shared = None
 
     # -- what the readers (_logreader.py) need of the log -------------------------
 
@@ -447,6 +459,9 @@ class OutputLog:
         Records coalesce and size records are skipped (or, with ``resizes``, given
         alone) as :func:`_logreader.chunks` does from the file; the chunk is None
         when only skipped size records were left."""
+        key = (position, max_chunk, timestamps, resizes)
+        if self._shared is not None and self._shared[0] == key:
+            return self._shared[1]  # the chunk another follower just took: the same object
         tail = self._tail
         if not tail or position < tail[0][0]:
             return None
@@ -462,6 +477,15 @@ class OutputLog:
         after = position + HEADER_SIZE + len(data)
         if timestamps or fd == TERMINAL_FD:
             return OutputChunk(fd, data, after, time_ns), after
+        found = self._coalesce(i, max_chunk)
+        self._shared = (key, found)
+        return found
+
+    def _coalesce(self, i: int, max_chunk: int) -> tuple[OutputChunk, int]:
+        tail = self._tail
+        assert tail is not None
+        position, fd, data, _t = tail[i]
+        after = position + HEADER_SIZE + len(data)
         parts = [data]
         size = len(data)
         for j in range(i + 1, len(tail)):
