@@ -52,3 +52,20 @@ def test_a_job_is_measured_from_its_first_instruction(pki: Pki, tmp_path: Path) 
             assert "/job-" not in text and "/owner-" not in text, (task, text)
     finally:
         assert server.stop() == 0
+
+
+def test_measuring_cgroups_skip_only_what_neither_measures_nor_finds() -> None:
+    """Which v1 hierarchies a job without limits gets a cgroup in: not blkio, nor
+    pids beside a freezer; but always the one jobd tracks its processes in (its
+    leaf's), and co-mounted controllers together."""
+    from jobd.engine._cgroups import V1Hierarchy
+
+    full = {"memory": "/m", "cpu": "/c", "cpuacct": "/a", "blkio": "/b", "pids": "/p",
+            "freezer": "/f"}
+    assert set(V1Hierarchy(full)._measuring) == {"memory", "cpu", "cpuacct", "freezer"}
+    no_freezer = {"memory": "/m", "cpu": "/c", "blkio": "/b", "pids": "/p"}
+    assert set(V1Hierarchy(no_freezer)._measuring) == {"memory", "cpu", "pids"}
+    only_blkio = {"blkio": "/b"}  # the leaf's hierarchy: how a restart finds the jobs
+    assert V1Hierarchy(only_blkio)._measuring == only_blkio
+    co_mounted = {"cpu": "/cc", "cpuacct": "/cc", "blkio": "/cc", "freezer": "/f"}
+    assert V1Hierarchy(co_mounted)._measuring == co_mounted

@@ -580,8 +580,11 @@ class V1Hierarchy(Hierarchy):
         # 23): the hierarchies that measure (memory, cpuacct), place (cpu) and find
         # or kill it (freezer, else pids) suffice. blkio, and pids beside a freezer,
         # would only cost every start a directory made, joined and removed (issue
-        # 26). Shared by those jobs' V1Job (co-mounted controllers stay together).
+        # 26); the hierarchy of jobd's tracking leaf stays whatever it is. Shared by
+        # those jobs' V1Job (co-mounted controllers stay together).
         skip = {"blkio"} | ({"pids"} if "freezer" in self.parents else set())
+        if self.parents:
+            skip.discard(self.daemon_leaf()[1])
         kept = {p for c, p in self.parents.items() if c not in skip}
         self._measuring = {c: p for c, p in self.parents.items() if p in kept}
 
