@@ -68,6 +68,19 @@ def python() -> str:
     return str(INSTALLED / "python") if INSTALLED is not None else sys.executable
 
 
+def _builder() -> str:
+    """A Python with pip and setuptools to build and install the wheel: this one, or
+    the repository's .venv (made from the lock, which holds both) when this one has
+    neither, as the lanes' venvs (scripts/lane.py) have only the package's ranges."""
+    for candidate in (sys.executable, str(ROOT / ".venv" / "bin" / "python")):
+        if Path(candidate).exists() and subprocess.run(
+                [candidate, "-c", "import importlib.util as u, sys; sys.exit(not all("
+                 "u.find_spec(m) for m in ('pip', 'setuptools')))"],
+                capture_output=True).returncode == 0:
+            return candidate
+    raise SystemExit("bench: building a wheel needs pip and setuptools: make .venv/.installed")
+
+
 def install(tree: Path, work: Path) -> Path:
     """What users get: build a wheel of ``tree`` (a copy of it, so that the build
     leaves nothing in the tree) and install it, not editable, into a new venv
@@ -82,13 +95,14 @@ def install(tree: Path, work: Path) -> Path:
         ".hypothesis", "state", "pki", "demo-state"))
     dist = work / "dist"
     quiet = {"stdout": subprocess.DEVNULL, "check": True}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+    builder = _builder()
+    subprocess.run([builder, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "--no-index", "-w", str(dist), str(src)], **quiet)
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], **quiet)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(venv)}))
     (site / "bench-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+    subprocess.run([builder, "-m", "pip", "--python", str(venv / "bin" / "python"),
                     "install", "--quiet", "--no-deps", "--no-index",
                     *map(str, dist.glob("*.whl"))], **quiet)
     shutil.rmtree(src)
