@@ -165,7 +165,8 @@ def _frame(wire: dict[str, object]) -> bytes:
     # an input frame one byte over the largest (the general decoder's refusal)
     (_frame({"type": "input", "data": b"z" * (p.MAX_INPUT_CHUNK + 1)}),
      p.ErrorCode.BAD_REQUEST, "exceeds the request limit"),
-])
+], ids=["length-over-frame-limit", "input-over-chunk-limit"])  # short: pytest puts the id
+# in PYTEST_CURRENT_TEST, and an id of the 256 KiB frame made every exec fail (E2BIG)
 def test_input_bounds_hold_behind_good_input_in_the_same_records(
         jobd: JobdProcess, frame: bytes, code: p.ErrorCode, fragment: str) -> None:
     """A bad frame that arrives in the same TLS records as good input (decrypted in
