@@ -104,6 +104,15 @@ _U32 = struct.Struct(">BI")
 _U64 = struct.Struct(">BQ")
 
 
+def _bin_head(size: int) -> bytes:
+    """msgpack's header of a bin of *size* bytes (bin 8, 16 or 32)."""
+    if size < 0x100:
+        return _U8.pack(0xC4, size)
+    if size < 0x10000:
+        return _U16.pack(0xC5, size)
+    return _U32.pack(0xC6, size)
+
+
 def _uint_size(value: int) -> int:
     """Bytes msgpack uses for a non-negative integer (it picks the smallest form)."""
     if value < 0x80:
@@ -134,19 +143,13 @@ def encode_output_chunk(
     if type(position) is not int or not 0 <= position < 1 << 64:
         raise LocalProtocolError(f"position must be an integer in [0, 2**64), not {position!r}")
     size = len(data) if type(data) is bytes else memoryview(data).nbytes
-    length = len(head) + (2 if size < 0x100 else 3 if size < 0x10000 else 5) + size
-    length += len(_POSITION_KEY) + _uint_size(position)
+    bin_head = _bin_head(size)
+    length = len(head) + len(bin_head) + size + len(_POSITION_KEY) + _uint_size(position)
     if length > min(max_frame_size, _MAX_PREFIX):
         raise LocalProtocolError(
             ErrorCode.LIMIT_EXCEEDED,
             f"'out' frame of {length} bytes exceeds the frame limit of {max_frame_size}",
         )
-    if size < 0x100:
-        bin_head = _U8.pack(0xC4, size)
-    elif size < 0x10000:
-        bin_head = _U16.pack(0xC5, size)
-    else:
-        bin_head = _U32.pack(0xC6, size)
     if position < 0x80:
         tail = _POSITION_KEY + bytes((position,))
     elif position < 0x100:
@@ -239,12 +242,7 @@ def encode_input(data: bytes | bytearray | memoryview, *,
     size = len(data) if type(data) is bytes else memoryview(data).nbytes
     if not 0 < size <= MAX_INPUT_BYTES:
         raise LocalProtocolError(f"input data must be 1 to {MAX_INPUT_BYTES} bytes, not {size}")
-    if size < 0x100:
-        bin_head = _U8.pack(0xC4, size)
-    elif size < 0x10000:
-        bin_head = _U16.pack(0xC5, size)
-    else:
-        bin_head = _U32.pack(0xC6, size)
+    bin_head = _bin_head(size)
     length = len(_INPUT_HEAD) + len(bin_head) + size
     if length > min(max_frame_size, _MAX_PREFIX):
         raise LocalProtocolError(
