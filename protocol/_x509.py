@@ -107,16 +107,22 @@ def _oid(raw: bytes) -> str:
     return ".".join(str(a) for a in head + arcs[1:])
 
 
-def _tbs_fields(der: bytes) -> list[tuple[int, int, int]]:
-    """The elements of the certificate's tbsCertificate."""
+def _tbs(der: bytes, what: str = "certificate",
+         tbs_name: str = "tbsCertificate") -> tuple[int, int]:
+    """Where the value of a signed structure's first field lies (a certificate's
+    tbsCertificate, a CRL's tbsCertList). Raises CertificateFormatError."""
     tag, start, end = _element(der, 0, len(der))
     if tag != _SEQUENCE:
-        raise CertificateFormatError("not a certificate")
+        raise CertificateFormatError(f"not a {what}")
     fields = _children(der, start, end)
     if not fields or fields[0][0] != _SEQUENCE:
-        raise CertificateFormatError("no tbsCertificate")
-    _, tbs_start, tbs_end = fields[0]
-    return _children(der, tbs_start, tbs_end)
+        raise CertificateFormatError(f"no {tbs_name}")
+    return fields[0][1], fields[0][2]
+
+
+def _tbs_fields(der: bytes) -> list[tuple[int, int, int]]:
+    """The elements of the certificate's tbsCertificate."""
+    return _children(der, *_tbs(der))
 
 
 def extended_key_usage(der: bytes) -> frozenset[str] | None:
@@ -169,13 +175,7 @@ def _integer(raw: bytes) -> int:
 def issuer_and_serial(der: bytes) -> tuple[bytes, int]:
     """The certificate's issuer (the DER of its Name, compared byte for byte) and
     serial number: what a CRL names it by. Raises CertificateFormatError."""
-    tag, start, end = _element(der, 0, len(der))
-    if tag != _SEQUENCE:
-        raise CertificateFormatError("not a certificate")
-    fields = _children(der, start, end)
-    if not fields or fields[0][0] != _SEQUENCE:
-        raise CertificateFormatError("no tbsCertificate")
-    tbs = _raw_children(der, fields[0][1], fields[0][2])
+    tbs = _raw_children(der, *_tbs(der))
     if tbs and tbs[0][0] == _VERSION:
         tbs = tbs[1:]
     # serial, signature, issuer
@@ -194,13 +194,7 @@ def crl_revocations(der: bytes) -> tuple[bytes, frozenset[int]]:
         revokedCertificates SEQUENCE OF SEQUENCE { userCertificate INTEGER, ... }
         OPTIONAL, [0] crlExtensions OPTIONAL }, signatureAlgorithm, signature }
     """
-    tag, start, end = _element(der, 0, len(der))
-    if tag != _SEQUENCE:
-        raise CertificateFormatError("not a CRL")
-    fields = _children(der, start, end)
-    if not fields or fields[0][0] != _SEQUENCE:
-        raise CertificateFormatError("no tbsCertList")
-    tbs = _raw_children(der, fields[0][1], fields[0][2])
+    tbs = _raw_children(der, *_tbs(der, "CRL", "tbsCertList"))
     if tbs and tbs[0][0] == _INTEGER:
         tbs = tbs[1:]
     if len(tbs) < 3 or tbs[0][0] != _SEQUENCE or tbs[1][0] != _SEQUENCE:
