@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from jobd.engine import EngineConfig, JobManager, OutputChunk, open_job_manager
+from jobd.engine import EngineConfig, JobManager, OutputChunk, _outputlog, open_job_manager
 from jobd.engine._outputlog import encode_header
 from jobd.engine._store import Record, Store
 from protocol import JobState, JobStatus
@@ -143,3 +144,19 @@ def escapee_then_exit(tmp_path: Path) -> list[bytes]:
     os.mkfifo(fifo)
     script = b"""setsid sh -c 'echo $$; echo >"$0"; exec sleep 1000' "$0" & read x <"$0" """
     return [b"sh", b"-c", script, os.fsencode(fifo)]
+
+
+def disk_that_fills(monkeypatch: pytest.MonkeyPatch, space: int) -> None:
+    """Make the output logs' writes go to a "disk" that takes *space* more bytes: a
+    short write at the limit, then ENOSPC."""
+    budget = [space]
+    real = os.pwritev
+
+    def full_disk(fd: int, buffers: list[bytes], offset: int) -> int:
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        blob = b"".join(buffers)[:budget[0]]
+        budget[0] -= len(blob)
+        return real(fd, [blob], offset)
+
+    monkeypatch.setattr(_outputlog, "_pwritev", full_disk)

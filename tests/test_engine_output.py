@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.engine_helpers import (
     collect,
     config,
     data,
+    disk_that_fills,
     log_file,
     manager,
     open_fds,
@@ -326,17 +326,7 @@ async def test_write_errors_keep_a_whole_prefix_and_drop_the_rest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         random_file: tuple[Path, bytes], space: int) -> None:
     path, content = random_file
-    budget = [space]  # bytes the "disk" takes: a short write at the limit, then ENOSPC
-    real = os.pwritev
-
-    def full_disk(fd: int, buffers: list[bytes], offset: int) -> int:
-        if budget[0] <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        blob = b"".join(buffers)[:budget[0]]
-        budget[0] -= len(blob)
-        return real(fd, [blob], offset)
-
-    monkeypatch.setattr(_outputlog, "_pwritev", full_disk)
+    disk_that_fills(monkeypatch, space)
     async with open_job_manager(config(tmp_path)) as manager:
         status = await manager.start([b"cat", os.fsencode(path)], "a")
         final = await manager.wait(status.id)

@@ -6,7 +6,6 @@ tail)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections import Counter
 from collections.abc import AsyncGenerator
@@ -21,7 +20,7 @@ from jobd.engine import MAX_RECORD, OutputChunk, _outputlog
 from jobd.engine._logformat import TERMINAL_FD
 from jobd.engine._outputlog import HEADER_SIZE, OutputLog, recover
 from protocol._frames import encode_frame, encode_output_chunk
-from tests.engine_helpers import TIMEOUT, collect
+from tests.engine_helpers import TIMEOUT, collect, disk_that_fills
 
 MAX_CHUNK = 2 * MAX_RECORD
 
@@ -213,17 +212,7 @@ async def test_on_a_full_disk_followers_get_exactly_what_the_log_kept(
     """A write that fails (a short write at the limit, then ENOSPC) seals the log:
     followers fed from memory get the kept prefix, never a byte of what was dropped,
     and end with the log."""
-    budget = [space]
-    real = os.pwritev
-
-    def full_disk(fd: int, buffers: list[bytes], offset: int) -> int:
-        if budget[0] <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        blob = b"".join(buffers)[:budget[0]]
-        budget[0] -= len(blob)
-        return real(fd, [blob], offset)
-
-    monkeypatch.setattr(_outputlog, "_pwritev", full_disk)
+    disk_that_fills(monkeypatch, space)
     path = tmp_path / "x.log"
     _outputlog.create_file(path)
     log = OutputLog(path, 1 << 40)
